@@ -1,0 +1,62 @@
+"""Backend registry: `backend=<name>` picks one; `auto` takes the first available in `AUTO_ORDER`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from backends.base import Backend, Capabilities, Sparsifier
+from backends.masked_dense import MaskedDenseBackend
+from modelzoo.errors import ConfigError
+
+BACKENDS: dict[str, type[Backend]] = {}
+# Preference order for backend=auto; a name is skipped while no backend of that name is registered.
+AUTO_ORDER = ("cerebras", "masked_dense")
+
+
+def register(cls: type[Backend]) -> type[Backend]:
+    BACKENDS[cls.name] = cls
+    return cls
+
+
+register(MaskedDenseBackend)
+
+
+def resolve_name(name: str) -> str:
+    """The concrete backend name for `name` (`auto` picks the first available)."""
+    if name == "auto":
+        return next(n for n in AUTO_ORDER if n in BACKENDS and BACKENDS[n].is_available())
+    if name not in BACKENDS:
+        raise ConfigError("backend.name", f"unknown backend {name!r}", ["auto", *BACKENDS])
+    return name
+
+
+def check_supports(name: str, *, algorithm: str | None, device: str, dtype: str, train: bool) -> None:
+    """Fail at config time if backend `name` lacks a capability, naming the backends that have it."""
+    requirements: list[tuple[str, Callable[[Capabilities], bool]]] = [
+        ("training" if train else "inference", lambda c: c.train if train else c.infer),
+        (f"sparsity algorithm {algorithm!r}", lambda c: algorithm is None or algorithm in c.algorithms),
+        (f"device {device!r}", lambda c: device in c.devices),
+        (f"dtype {dtype!r}", lambda c: dtype in c.dtypes),
+    ]
+    for what, supported in requirements:
+        if not supported(BACKENDS[name].capabilities):
+            able = [n for n, cls in BACKENDS.items() if supported(cls.capabilities)]
+            raise ConfigError("backend.name", f"backend {name!r} does not support {what}", able or ["no backend"])
+    if not BACKENDS[name].is_available():
+        raise ConfigError("backend.name", f"backend {name!r} is not installed on this machine")
+
+
+def get_backend(name: str) -> Backend:
+    return BACKENDS[resolve_name(name)]()
+
+
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "Capabilities",
+    "Sparsifier",
+    "check_supports",
+    "get_backend",
+    "register",
+    "resolve_name",
+]

@@ -1,0 +1,171 @@
+"""Hydra structured configs: the library's config dataclasses, registered in the ConfigStore, and validation.
+
+`conf/` holds the YAML options of each group; every node is typed by a dataclass here, so an unknown key
+or a wrongly typed value fails while the config is composed. `validate` then checks what types cannot
+(ranges, divisibility, a `param_filter` that selects nothing), before any data is read or model built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import torch
+from hydra import compose, initialize_config_module
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from backends import check_supports, resolve_name
+from modelzoo.data.config import FORMATS, DataConfig, TokenizerConfig
+from modelzoo.errors import ConfigError
+from modelzoo.models.gpt import ACTIVATIONS, GPT, GPTConfig
+from modelzoo.sparsity.config import SparsityConfig
+from modelzoo.sparsity.names import select_parameters
+from modelzoo.train.config import DECAYS, DEVICES, PRECISIONS, OptimConfig, TrainConfig
+
+
+@dataclass
+class BackendConfig:
+    name: str = "auto"
+
+
+@dataclass
+class ExportConfig:
+    """Export a checkpoint (default: the latest in `run_dir`) to a Hugging Face directory."""
+
+    name: str = "export"
+    checkpoint: str | None = None
+    output_dir: str | None = None
+
+
+@dataclass
+class Config:
+    model: GPTConfig = field(default_factory=GPTConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    task: Any = field(default_factory=TrainConfig)  # TrainConfig | ExportConfig, typed by the chosen task
+    seed: int = 1234
+    run_dir: str = "runs/default"
+
+
+def _package_data(relative: str) -> str:
+    """Absolute path of a file shipped inside the `modelzoo` package (`${pkg_data:samples/...}`)."""
+    return str(resources.files("modelzoo").joinpath("data", relative))
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    cs.store(group="task", name="pretrain_schema", node=TrainConfig)
+    cs.store(group="task", name="export_schema", node=ExportConfig)
+    if not OmegaConf.has_resolver("pkg_data"):
+        OmegaConf.register_new_resolver("pkg_data", _package_data)
+
+
+def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Compose the config as the CLI does (for tests and notebooks), `hydra:` interpolations included."""
+    register_configs()
+    with initialize_config_module("modelzoo.conf", version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+def to_object(cfg: DictConfig) -> Config:
+    """The composed config as library dataclasses (interpolations resolved)."""
+    return OmegaConf.to_object(cfg)
+
+
+def resolved_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def validate(cfg: Config) -> None:
+    """Reject every invalid value before any compute, naming the key and what is allowed."""
+    _validate_model(cfg.model)
+    cfg.sparsity.validate()
+    _validate_data(cfg.data, cfg.model)
+    if isinstance(cfg.task, TrainConfig):
+        _validate_train(cfg.task, cfg.optim)
+        device = resolved_device(cfg.task.device)
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("task.device", "cuda requested but no CUDA device is visible", ["auto", "cpu"])
+        check_supports(
+            resolve_name(cfg.backend.name),
+            algorithm=cfg.sparsity.algorithm if cfg.sparsity.enabled else None,
+            device=device,
+            dtype=cfg.task.precision,
+            train=True,
+        )
+    if cfg.sparsity.enabled:
+        with torch.device("meta"):
+            model = GPT(cfg.model)
+        if not select_parameters(model, cfg.sparsity.filters):
+            raise ConfigError(
+                "sparsity.param_filter",
+                f"{cfg.sparsity.filters} selects no parameter; names look like 'transformer.h.0.mlp.c_fc.weight' "
+                "or, in Cerebras spelling, '*.ffn.ffn.0.linear_layer.weight'",
+            )
+
+
+def _validate_model(m: GPTConfig) -> None:
+    for key in ("n_layer", "n_embd", "n_head", "n_inner", "n_positions", "vocab_size"):
+        if getattr(m, key) <= 0:
+            raise ConfigError(f"model.{key}", f"must be positive, got {getattr(m, key)}")
+    if m.n_embd % m.n_head:
+        raise ConfigError("model.n_head", f"n_embd={m.n_embd} is not divisible by n_head={m.n_head}")
+    if m.activation not in ACTIVATIONS:
+        raise ConfigError("model.activation", f"unknown {m.activation!r}", sorted(ACTIVATIONS))
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError("model.dropout", f"{m.dropout} is outside [0, 1)")
+
+
+def _validate_data(d: DataConfig, m: GPTConfig) -> None:
+    if d.seq_len < 2:
+        raise ConfigError("data.seq_len", f"must be at least 2, got {d.seq_len}")
+    if d.seq_len > m.n_positions:
+        raise ConfigError(
+            "data.seq_len", f"{d.seq_len} exceeds the model's positions (model.n_positions={m.n_positions})"
+        )
+    if d.format not in FORMATS:
+        raise ConfigError("data.format", f"unknown {d.format!r}", FORMATS)
+    if not d.train_files and not d.hub_name:
+        raise ConfigError("data.train_files", "no training data: give data.train_files or data.hub_name")
+
+
+def _validate_train(t: TrainConfig, o: OptimConfig) -> None:
+    for key in ("max_steps", "batch_size", "micro_batch_size", "log_every", "eval_every", "checkpoint_every"):
+        if getattr(t, key) <= 0:
+            raise ConfigError(f"task.{key}", f"must be positive, got {getattr(t, key)}")
+    if t.batch_size % t.micro_batch_size:
+        raise ConfigError(
+            "task.batch_size",
+            f"{t.batch_size} is not divisible by task.micro_batch_size={t.micro_batch_size}",
+            [n for n in range(t.micro_batch_size, 4 * t.micro_batch_size + 1, t.micro_batch_size)],
+        )
+    if t.keep_checkpoints < 1:
+        raise ConfigError("task.keep_checkpoints", f"must be at least 1, got {t.keep_checkpoints}")
+    if t.precision not in PRECISIONS:
+        raise ConfigError("task.precision", f"unknown {t.precision!r}", PRECISIONS)
+    if t.device not in DEVICES:
+        raise ConfigError("task.device", f"unknown {t.device!r}", DEVICES)
+    if o.decay not in DECAYS:
+        raise ConfigError("optim.decay", f"unknown {o.decay!r}", DECAYS)
+    if o.lr <= 0:
+        raise ConfigError("optim.lr", f"must be positive, got {o.lr}")
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        raise ConfigError("optim.betas", f"must be two numbers in [0, 1), got {list(o.betas)}")
+    if o.warmup_steps < 0:
+        raise ConfigError("optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise ConfigError("optim.min_lr_ratio", f"{o.min_lr_ratio} is outside [0, 1]")

@@ -1,0 +1,44 @@
+"""Configs for the optimizer and the pre-training loop (Hydra `optim` and `task=pretrain`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DECAYS = ("cosine", "linear", "constant")
+PRECISIONS = ("fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with Cerebras' GPT-3 defaults; linear warm-up, then decay to `min_lr_ratio` of the peak."""
+
+    name: str = "adamw"
+    lr: float = 6e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    warmup_steps: int = 100
+    decay: str = "cosine"
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    """The pre-training loop. `batch_size` sequences per optimizer step, in micro-batches of `micro_batch_size`."""
+
+    name: str = "pretrain"
+    max_steps: int = 1000
+    batch_size: int = 16
+    micro_batch_size: int = 16
+    precision: str = "fp32"
+    device: str = "auto"
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int | None = None
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    resume: bool = False
+    init_from: str | None = None
+    export: bool = True
