@@ -7,6 +7,7 @@ or a wrongly typed value fails while the config is composed. `validate` then che
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -80,8 +81,21 @@ def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
 
 
 def to_object(cfg: DictConfig) -> Config:
-    """The composed config as library dataclasses (interpolations resolved)."""
+    """The composed config as library dataclasses, refusing keys the schema lacks (even ones added with `+`)."""
+    _check_known_keys(cfg, "")
     return OmegaConf.to_object(cfg)
+
+
+def _check_known_keys(node: DictConfig, prefix: str) -> None:
+    schema = OmegaConf.get_type(node)
+    if dataclasses.is_dataclass(schema):
+        known = [f.name for f in dataclasses.fields(schema)]
+        for key in node:
+            if key not in known:
+                raise ConfigError(f"{prefix}{key}", "unknown key", known)
+    for key, value in node.items_ex(resolve=False):
+        if isinstance(value, DictConfig):
+            _check_known_keys(value, f"{prefix}{key}.")
 
 
 def resolved_device(requested: str) -> str:

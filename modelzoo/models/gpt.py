@@ -28,7 +28,7 @@ class GPTConfig:
     n_embd: int = 128
     n_head: int = 4
     n_inner: int = 512
-    n_positions: int = 256
+    n_positions: int = 128
     vocab_size: int = 4096
     activation: str = "gelu_new"
     layer_norm_epsilon: float = 1e-5
@@ -125,7 +125,7 @@ class GPT(nn.Module):
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        B, T = idx.shape
+        T = idx.shape[1]  # idx: (B, T)
         if self.config.n_positions < T:
             raise ValueError(f"sequence length {T} exceeds model n_positions={self.config.n_positions}")
         pos = torch.arange(T, device=idx.device)

@@ -1,0 +1,141 @@
+"""Helpers shared by the benchmarks: interleaved timing, environment description, `docs/benchmarks.md` sections.
+
+Every benchmark times its variants in interleaved rounds (A B C A B C ...) and reports the median per
+variant, so drift on a shared machine (another job starting, frequency changes) hits every variant alike.
+Results go to one `## <title>` section per benchmark in `docs/benchmarks.md`; writing one section leaves
+the others as they are.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+BENCHMARKS_MD = REPO / "docs" / "benchmarks.md"
+INTRO = """# Benchmarks
+
+Measured with the scripts in `bench/`; each section below is written by one script (`--write`) and
+states the command, date, software and CPU it ran on. Variants are timed in interleaved rounds and
+reported as medians, and ratios are only taken between variants measured in the same run. Numbers from
+a shared or busy machine are provisional; re-run the command to reproduce them.
+"""
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Wall-clock seconds per call of one variant, one sample per round."""
+
+    samples: tuple[float, ...]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+
+def time_interleaved(
+    fns: Mapping[str, Callable[[], object]], *, warmup: int, repeats: int, number: int = 1
+) -> dict[str, Timing]:
+    """Time each function in interleaved rounds and return seconds per call, one sample per round.
+
+    Args:
+        fns: the variants, by name; each call is one unit of work (e.g. one training step).
+        warmup: untimed calls of each variant before timing (allocator, caches, lazy init).
+        repeats: timed rounds; each round runs every variant `number` times, in turn.
+        number: calls per variant per round; the sample is their mean.
+    """
+    if repeats < 1 or number < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1, number >= 1, warmup >= 0; got {repeats=}, {number=}, {warmup=}")
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(number):
+                fn()
+            samples[name].append((time.perf_counter() - start) / number)
+    return {name: Timing(tuple(s)) for name, s in samples.items()}
+
+
+def cpu_model() -> str:
+    """The CPU's model name from `/proc/cpuinfo`, or what `platform` knows elsewhere."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict[str, str]:
+    """What a result depends on besides the code: date, versions, CPU, threads."""
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": cpu_model(),
+        "threads": f"{torch.get_num_threads()} (of {os.cpu_count()} logical CPUs)",
+    }
+
+
+def command_line() -> str:
+    """The command that is running, with the script path relative to the repository when it is inside it."""
+    script = Path(sys.argv[0]).resolve()
+    shown = script.relative_to(REPO) if script.is_relative_to(REPO) else script
+    return shlex.join(["python", str(shown), *sys.argv[1:]])
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A GitHub markdown table; cells are rendered with `str`."""
+    lines = [header, ["---"] * len(header), *rows]
+    return "\n".join("| " + " | ".join(str(cell) for cell in line) + " |" for line in lines)
+
+
+def section_body(body: str, command: str | None = None, env: Mapping[str, str] | None = None) -> str:
+    """A section's text: the command in a code block, the environment as a list, then `body`."""
+    env = environment() if env is None else env
+    lines = ["```", command or command_line(), "```", ""]
+    lines += [f"- {key}: {value}" for key, value in env.items()]
+    return "\n".join([*lines, "", body.strip()])
+
+
+def replace_section(text: str, title: str, body: str) -> str:
+    """Return `text` with the section `## title` replaced by `body`, or appended when it is absent.
+
+    A section runs from its heading to the next `## ` heading outside a fenced code block, or to the end.
+    """
+    lines = text.splitlines()
+    heading = f"## {title}"
+    start, end, in_fence = None, len(lines), False
+    for i, line in enumerate(lines):
+        if line.startswith("```"):
+            in_fence = not in_fence
+        elif not in_fence and line.startswith("## "):
+            if start is not None:
+                end = i
+                break
+            if line.rstrip() == heading:
+                start = i
+    before, after = (lines, []) if start is None else (lines[:start], lines[end:])
+    parts = ["\n".join(before).rstrip(), f"{heading}\n\n{body.strip()}", "\n".join(after).strip()]
+    return "\n\n".join(part for part in parts if part) + "\n"
+
+
+def write_section(title: str, body: str, path: Path = BENCHMARKS_MD) -> None:
+    """Write `body` as the section `## title` of `path` (created with a short intro if absent)."""
+    text = path.read_text() if path.exists() else INTRO
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(replace_section(text, title, body))

@@ -1,0 +1,227 @@
+"""Benchmark one fp32 training step on CPU: our GPT vs HF GPT-2, and masked-dense 75% sparse vs dense.
+
+What is measured is in `METHOD`, which also heads the section this writes to `docs/benchmarks.md`.
+Usage: `python bench/train_step.py [--models tiny,med2] [--write]`; see `--help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from common import REPO, Timing, environment, markdown_table, section_body, time_interleaved, write_section
+from omegaconf import OmegaConf
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from modelzoo.models.gpt import GPT, GPTConfig
+from modelzoo.sparsity.config import SparsityConfig
+from modelzoo.sparsity.plugin import MaskedSparsity
+from modelzoo.train.config import OptimConfig
+
+METHOD = """\
+A step is `zero_grad`, forward with loss, backward and an AdamW step (our default hyper-parameters, no
+gradient clipping), fp32, on the same random batch for every variant. Variants, built from the same seed:
+- HF: `transformers.GPT2LMHeadModel` of the same shape (SDPA attention, dropout 0, no KV cache), loss as
+  HF computes it, `model(input_ids=x, labels=x)`;
+- ours, dense: our `GPT`, loss as `model(x, targets)`;
+- ours, masked-dense: our `GPT` with `MaskedSparsity` at 75% (Cerebras' default parameter selection):
+  gradient hooks, optimizer-state masking before and re-pruning after each AdamW step.
+
+Both models run the network on the same T tokens per sequence. HF shifts the labels inside, so its loss
+averages over T - 1 positions per sequence (the last is ignored) where ours averages over T; logits and
+cross-entropy are computed for all T positions in both, so the work is the same. Variants are timed in
+interleaved rounds (A B C A B C ...); each sample is the mean of the round's steps, and tokens/s is taken
+from the median sample.
+"""
+SECTION = "Training step: ours vs HF GPT-2, masked-dense 75% vs dense (bench/train_step.py)"
+SPARSITY = 0.75
+VARIANTS = ("hf", "ours", "ours_masked75")
+LABELS = {
+    "hf": "HF GPT2LMHeadModel (sdpa), dense",
+    "ours": "ours, dense",
+    "ours_masked75": f"ours, masked-dense {SPARSITY:.0%} static",
+}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A model shape, the batch it is timed on, and its default number of timed steps per round."""
+
+    model: GPTConfig
+    batch: int
+    seq: int
+    steps: int
+    note: str = ""
+
+    @property
+    def tokens(self) -> int:
+        """Tokens per step."""
+        return self.batch * self.seq
+
+
+def model_size(size: str, **overrides: object) -> GPTConfig:
+    """A size from `conf/model/<size>.yaml` (the repository's one table of sizes), with `overrides`."""
+    values = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / f"{size}.yaml"))
+    return GPTConfig(**{**values, **overrides})
+
+
+SHAPES = {
+    "tiny": Shape(model_size("tiny"), batch=16, seq=128, steps=10),
+    "med2": Shape(
+        model_size("med", name="med2", n_layer=2),
+        batch=4,
+        seq=256,
+        steps=1,
+        note="GPT-3 Medium width with 2 of its 24 layers, so that a step takes seconds on a 2-core CPU. Each layer "
+        "costs what it does in GPT-3 Medium, but the tied 50257-token embedding and LM head take a much larger "
+        "share of the step than in the full-depth model.",
+    ),
+}
+
+
+def hf_config(config: GPTConfig) -> GPT2Config:
+    """The `transformers` GPT-2 config of the same network as `config`, for training (no KV cache)."""
+    return GPT2Config(
+        vocab_size=config.vocab_size,
+        n_positions=config.n_positions,
+        n_embd=config.n_embd,
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        n_inner=config.n_inner,
+        activation_function=config.activation,
+        resid_pdrop=config.dropout,
+        embd_pdrop=config.dropout,
+        attn_pdrop=config.dropout,
+        layer_norm_epsilon=config.layer_norm_epsilon,
+        initializer_range=config.init_std,
+        bos_token_id=None,
+        eos_token_id=None,
+        use_cache=False,
+        attn_implementation="sdpa",
+    )
+
+
+def _adamw(model: nn.Module) -> torch.optim.AdamW:
+    opt = OptimConfig()
+    betas = tuple(opt.betas)
+    return torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=betas, eps=opt.eps, weight_decay=opt.weight_decay)
+
+
+def _step_fn(optimizer: torch.optim.Optimizer, loss: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss().backward()
+        optimizer.step()
+
+    return step
+
+
+def training_steps(shape: Shape, seed: int = 0) -> dict[str, Callable[[], None]]:
+    """One training-step function per variant in `VARIANTS`, on one shared random batch."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(shape.model.vocab_size, (shape.batch, shape.seq + 1), generator=generator)
+    x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()  # (B, T) each
+
+    torch.manual_seed(seed)
+    hf = GPT2LMHeadModel(hf_config(shape.model)).train()
+    steps = {"hf": _step_fn(_adamw(hf), lambda: hf(input_ids=x, labels=x).loss)}
+
+    torch.manual_seed(seed)
+    ours = GPT(shape.model).train()
+    steps["ours"] = _step_fn(_adamw(ours), lambda: ours(x, y)[1])
+
+    torch.manual_seed(seed)
+    sparse = GPT(shape.model).train()
+    sparsity = MaskedSparsity(SparsityConfig(sparsity=SPARSITY), seed=seed)
+    sparsity.apply(sparse)
+    sparse_opt = _adamw(sparse)
+    sparsity.apply_optimizer(sparse_opt)
+    steps["ours_masked75"] = _step_fn(sparse_opt, lambda: sparse(x, y)[1])
+    return steps
+
+
+def measure(shape: Shape, *, steps: int, warmup: int, repeats: int, seed: int = 0) -> dict[str, Timing]:
+    """Seconds per training step of each variant: `repeats` interleaved rounds of `steps` steps, after `warmup`."""
+    return time_interleaved(training_steps(shape, seed), warmup=warmup, repeats=repeats, number=steps)
+
+
+def report(name: str, shape: Shape, timings: dict[str, Timing], steps: int) -> str:
+    """Markdown for one shape: the table of variants and the two ratios the benchmark is for."""
+    m = shape.model
+    tps = {v: shape.tokens / t.median for v, t in timings.items()}
+    rows = [
+        [
+            LABELS[v],
+            f"{t.median * 1e3:.1f}",
+            f"{min(t.samples) * 1e3:.1f}-{max(t.samples) * 1e3:.1f}",
+            f"{tps[v]:,.0f}",
+            f"{tps[v] / tps['ours']:.3f}",
+        ]
+        for v, t in timings.items()
+    ]
+    table = markdown_table(["variant", "ms/step (median)", "ms/step (min-max)", "tokens/s", "tokens/s vs ours"], rows)
+    overhead = timings["ours_masked75"].median / timings["ours"].median - 1
+    lines = [
+        f"### {name}: n_layer {m.n_layer}, n_embd {m.n_embd}, n_head {m.n_head}, n_inner {m.n_inner}, "
+        f"vocab {m.vocab_size}; batch {shape.batch} x seq {shape.seq} = {shape.tokens} tokens/step",
+        "",
+        *([shape.note, ""] if shape.note else []),
+        f"{len(next(iter(timings.values())).samples)} interleaved rounds of {steps} step(s) per variant.",
+        "",
+        table,
+        "",
+        f"- ours / HF tokens/s: **{tps['ours'] / tps['hf']:.3f}x** (target >= 1)",
+        f"- masked-dense {SPARSITY:.0%} step-time overhead vs dense: **{overhead:+.1%}** (target <= +5%)",
+    ]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--models", default="tiny,med2", help=f"comma-separated shapes out of {sorted(SHAPES)} (default: tiny,med2)"
+    )
+    parser.add_argument(
+        "--steps", type=int, help="timed steps per variant per round (default: per shape, 10 for tiny, 1 for med2)"
+    )
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant before timing (default: 2)")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved timed rounds; median taken (default: 5)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="torch.set_num_threads (default: all cores this process may use)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed for weights, masks and the batch (default: 0)")
+    parser.add_argument("--write", action="store_true", help="also write the results to docs/benchmarks.md")
+    args = parser.parse_args(argv)
+    args.models = args.models.split(",")
+    unknown = sorted(set(args.models) - set(SHAPES))
+    if unknown:
+        parser.error(f"--models: unknown {unknown}; choose from {sorted(SHAPES)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    env = environment()
+    print("\n".join(f"{key}: {value}" for key, value in env.items()), "\n", flush=True)
+    parts = [METHOD]
+    for name in args.models:
+        shape = SHAPES[name]
+        steps = args.steps or shape.steps
+        timings = measure(shape, steps=steps, warmup=args.warmup, repeats=args.repeats, seed=args.seed)
+        parts.append(report(name, shape, timings, steps))
+        print(parts[-1], "\n", flush=True)
+    if args.write:
+        write_section(SECTION, section_body("\n\n".join(parts), env=env))
+        print(f"wrote section {SECTION!r} of docs/benchmarks.md")
+
+
+if __name__ == "__main__":
+    main()

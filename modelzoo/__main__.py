@@ -1,0 +1,5 @@
+"""`python -m modelzoo <command> [overrides]`."""
+
+from modelzoo.cli import main
+
+main()

@@ -1,0 +1,122 @@
+"""`modelzoo <command> [hydra overrides]`: thin entry points that parse the config and call the library."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import hydra
+from hydra.errors import HydraException
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from modelzoo.config import ExportConfig, load_config, register_configs, to_object, validate
+from modelzoo.errors import ModelZooError
+
+USAGE = """usage: modelzoo <command> [hydra overrides]
+
+commands:
+  pretrain   pre-train a GPT and export it to Hugging Face
+             (default: tiny model, 75% static sparsity, the embedded PubMed sample)
+  export     export a run's checkpoint to a Hugging Face directory
+  info       parameter counts of a model size
+  flops      dense and sparse-effective training FLOPs of a config
+
+examples:
+  modelzoo pretrain
+  modelzoo pretrain model=med sparsity=static_50 data=pubmed_abstracts task.max_steps=5000
+  modelzoo pretrain sparsity=dense task.precision=bf16 task.device=cuda
+  modelzoo pretrain run_dir=runs/tiny-static_75 task.resume=true
+  modelzoo export run_dir=runs/tiny-static_75 task.output_dir=exported/
+  modelzoo info model=xl
+  modelzoo flops model=xl sparsity=static_75
+  modelzoo pretrain --cfg job        (print the composed config; any Hydra flag works after pretrain)
+
+config groups (conf/): model={tiny,med,large,xl} sparsity={dense,static_50,static_75}
+  backend={auto,masked_dense} data={pubmed_sample,pubmed_abstracts,hub} tokenizer={bpe,gpt2}
+  optim={adamw} task={pretrain,export}
+"""
+
+log = logging.getLogger("modelzoo")
+
+
+def _fail(error: Exception) -> None:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
+def pretrain(overrides: list[str]) -> None:
+    """Run as a Hydra application: the run directory gets `.hydra/` (composed config) and a log file."""
+    from modelzoo.train.trainer import Trainer
+
+    register_configs()
+
+    @hydra.main(config_path="pkg://modelzoo.conf", config_name="config", version_base="1.3")
+    def run(cfg: DictConfig) -> None:
+        try:
+            config = to_object(cfg)
+            validate(config)
+            Trainer(config).fit()
+        except (ModelZooError, OmegaConfBaseException) as e:
+            _fail(e)
+
+    sys.argv = ["modelzoo pretrain", "task=pretrain", *overrides]
+    run()
+
+
+def export(overrides: list[str]) -> None:
+    from modelzoo.export.hf import export_hf
+    from modelzoo.train.checkpoint import latest_checkpoint, restore_model
+
+    cfg = to_object(load_config(["task=export", *overrides]))
+    task: ExportConfig = cfg.task
+    path = Path(task.checkpoint) if task.checkpoint else latest_checkpoint(cfg.run_dir)
+    if path is None:
+        raise ModelZooError(f"{cfg.run_dir} holds no checkpoint; give run_dir=<run> or task.checkpoint=<dir>")
+    model, saved, tokenizer = restore_model(path)
+    output = Path(task.output_dir) if task.output_dir else path.parent.parent / "hf"
+    info = {"algorithm": saved.sparsity.algorithm, "target_sparsity": saved.sparsity.sparsity, "checkpoint": str(path)}
+    print(f"exported {path} -> {export_hf(model, output, tokenizer, info)}")
+
+
+def info(overrides: list[str]) -> None:
+    from modelzoo.report import format_model_info
+
+    cfg = to_object(load_config(overrides))
+    validate(cfg)
+    print(format_model_info(cfg.model, cfg.sparsity))
+
+
+def flops(overrides: list[str]) -> None:
+    from modelzoo.flops import flop_report, format_report
+
+    cfg = to_object(load_config(overrides))
+    validate(cfg)
+    tokens = cfg.task.max_steps * cfg.task.batch_size * cfg.data.seq_len
+    print(format_report(flop_report(cfg.model, cfg.data.seq_len, cfg.sparsity), tokens=tokens))
+
+
+COMMANDS: dict[str, Callable[[list[str]], None]] = {
+    "pretrain": pretrain,
+    "export": export,
+    "info": info,
+    "flops": flops,
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return
+    command, overrides = args[0], args[1:]
+    if command not in COMMANDS:
+        print(f"error: unknown command {command!r}; choose one of {', '.join(COMMANDS)}\n\n{USAGE}", file=sys.stderr)
+        sys.exit(2)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        COMMANDS[command](overrides)
+    except (ModelZooError, OmegaConfBaseException, HydraException) as e:
+        _fail(e)

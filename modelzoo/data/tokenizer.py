@@ -1,0 +1,115 @@
+"""Tokenizers: a byte-level BPE trained on the corpus (cached by a fingerprint), or a pretrained one by path.
+
+The trained tokenizer follows GPT-2: byte-level pre-tokenisation without a prefix space, so any text
+round-trips, and a single special token `<|endoftext|>` (id 0) serving as EOS, BOS, UNK and padding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import uuid
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from modelzoo.data.config import DataConfig, TokenizerConfig
+from modelzoo.data.corpus import describe_error, iter_documents, split_key
+from modelzoo.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# Bump when the trained tokenizer's recipe changes, so old caches are not reused.
+FORMAT_VERSION = 1
+EOS = "<|endoftext|>"
+MIN_VOCAB = len(pre_tokenizers.ByteLevel.alphabet()) + 1  # 256 bytes + EOS
+
+
+def build_tokenizer(cfg: TokenizerConfig, data: DataConfig) -> PreTrainedTokenizerFast:
+    """The tokenizer of a run: trained on `data`'s training split when `cfg.path` is None, else loaded.
+
+    Args:
+        cfg: `path` (None, a local directory or a hub name), `vocab_size` and `min_frequency` for training.
+        data: the corpus to train on (its `train` split) and the `cache_dir` holding trained tokenizers.
+
+    Raises:
+        ConfigError: a vocabulary too small for the byte alphabet, or a `tokenizer.path` that cannot be loaded.
+        DataError: bad training data, named by file and line.
+    """
+    if cfg.path is not None:
+        return load_pretrained(cfg.path)
+    path = Path(data.cache_dir) / "tokenizers" / training_fingerprint(cfg, data) / "tokenizer.json"
+    if path.is_file():
+        log.info("tokenizer: cache hit %s", path)
+    else:
+        _write_atomic(path, train_bpe(cfg, data).to_str())
+        log.info("tokenizer: trained a %d-token BPE, saved to %s", cfg.vocab_size, path)
+    return PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token=EOS, bos_token=EOS, unk_token=EOS, pad_token=EOS)
+
+
+def training_fingerprint(cfg: TokenizerConfig, data: DataConfig) -> str:
+    """sha256 of what a trained tokenizer depends on: the training documents, vocab size, min frequency."""
+    key = {
+        "version": FORMAT_VERSION,
+        "data": split_key(data, "train"),
+        "vocab_size": cfg.vocab_size,
+        "min_frequency": cfg.min_frequency,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def train_bpe(cfg: TokenizerConfig, data: DataConfig) -> Tokenizer:
+    """A byte-level BPE with `<|endoftext|>` as id 0, trained on the documents of `data`'s train split."""
+    if cfg.vocab_size < MIN_VOCAB:
+        raise ConfigError(
+            "tokenizer.vocab_size", f"{cfg.vocab_size} is below {MIN_VOCAB} (256 byte tokens + {EOS}); use 4096 or more"
+        )
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size,
+        min_frequency=cfg.min_frequency,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(iter_documents(data, "train"), trainer=trainer)
+    return tokenizer
+
+
+def load_pretrained(path: str) -> PreTrainedTokenizerFast:
+    """`AutoTokenizer.from_pretrained(path)`, a local directory or a hub name; pad falls back to EOS.
+
+    Raises:
+        ConfigError: `tokenizer.path` cannot be loaded (offline, only local directories work), is not a fast
+            tokenizer, or has no EOS token.
+    """
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            "tokenizer.path",
+            f"cannot load {path!r} ({describe_error(exc)}); offline (HF_HUB_OFFLINE=1) a local directory "
+            "written by save_pretrained works, or tokenizer.path=null trains a BPE on the corpus",
+        ) from exc
+    if not isinstance(tokenizer, PreTrainedTokenizerFast):
+        raise ConfigError("tokenizer.path", f"{path!r} is a {type(tokenizer).__name__}; a fast tokenizer is needed")
+    if tokenizer.eos_token is None:
+        raise ConfigError("tokenizer.path", f"{path!r} has no EOS token, which separates documents")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write `text` to a unique temporary file beside `path`, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,46 @@
+"""Human-readable model facts for `modelzoo info`."""
+
+from __future__ import annotations
+
+import torch
+
+from modelzoo.models.gpt import GPT, GPTConfig
+from modelzoo.sparsity.config import SparsityConfig
+from modelzoo.sparsity.names import select_parameters
+
+
+def parameter_counts(config: GPTConfig) -> dict[str, int]:
+    """Counts by kind, from a model built on the meta device (no memory, no compute)."""
+    with torch.device("meta"):
+        model = GPT(config)
+    embeddings = {"transformer.wte.weight", "transformer.wpe.weight"}
+    counts = {"block matrices": 0, "biases and norms": 0, "embeddings": 0}
+    for name, p in model.named_parameters():
+        kind = "embeddings" if name in embeddings else "block matrices" if p.ndim == 2 else "biases and norms"
+        counts[kind] += p.numel()
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def format_model_info(config: GPTConfig, sparsity: SparsityConfig) -> str:
+    c = parameter_counts(config)
+    lines = [
+        f"model {config.name}: {config.n_layer} layers, d_model {config.n_embd}, {config.n_head} heads, "
+        f"ffn {config.n_inner}, context {config.n_positions}, vocab {config.vocab_size}",
+        f"  non-embedding weight matrices (12·L·d², the papers' count) {c['block matrices'] / 1e6:>12,.1f}M",
+        f"  biases and LayerNorm parameters                            {c['biases and norms'] / 1e6:>12,.1f}M",
+        f"  embeddings (token, tied with the LM head; positions)       {c['embeddings'] / 1e6:>12,.1f}M",
+        f"  total                                                      {c['total'] / 1e6:>12,.1f}M",
+    ]
+    if sparsity.enabled:
+        with torch.device("meta"):
+            model = GPT(config)
+        names = select_parameters(model, sparsity.filters)
+        params = dict(model.named_parameters())
+        targeted = sum(params[n].numel() for n in names)
+        kept = targeted - sum(round(float(sparsity.sparsity) * params[n].numel()) for n in names)
+        lines.append(
+            f"sparsity {float(sparsity.sparsity):.0%} ({sparsity.algorithm}): {len(names)} tensors, "
+            f"{targeted / 1e6:,.1f}M weights -> {kept / 1e6:,.1f}M nonzero"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,211 @@
+"""Atomic, verifiable training checkpoints.
+
+Layout of one checkpoint, `<run_dir>/checkpoints/step_000100/`:
+    model.safetensors   weights and `<param>_mask` buffers (tied weights stored once)
+    optimizer.pt        optimizer state
+    trainer.pt          step, scheduler, data position, sparsity state, RNG states
+    config.yaml         the resolved run config
+    manifest.json       format version, step, sha256 and size of every file above (written last)
+`checkpoints/latest` names the newest complete checkpoint.
+
+A checkpoint is written into a temporary directory, every file fsynced, then renamed into place, and only
+then is `latest` switched (write + rename) and older checkpoints pruned: a crash at any moment leaves the
+previous good checkpoint untouched and never a half-written one that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from modelzoo.errors import CheckpointError
+
+FORMAT_VERSION = 1
+MODEL_FILE, OPTIMIZER_FILE, TRAINER_FILE, CONFIG_FILE, MANIFEST_FILE = (
+    "model.safetensors",
+    "optimizer.pt",
+    "trainer.pt",
+    "config.yaml",
+    "manifest.json",
+)
+LATEST = "latest"
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, write: Callable[[Path], None]) -> None:
+    write(path)
+    _fsync(path)
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+    config_yaml: str,
+    keep: int,
+) -> Path:
+    """Write checkpoint `step` atomically, point `latest` at it and keep the newest `keep` checkpoints."""
+    root = checkpoint_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:06d}"
+    tmp = root / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    _write_file(tmp / MODEL_FILE, lambda p: save_model(model, str(p)))
+    _write_file(tmp / OPTIMIZER_FILE, lambda p: torch.save(optimizer.state_dict(), p))
+    _write_file(tmp / TRAINER_FILE, lambda p: torch.save(trainer_state, p))
+    _write_file(tmp / CONFIG_FILE, lambda p: p.write_text(config_yaml))
+    files = {n: {"sha256": _sha256(tmp / n), "bytes": (tmp / n).stat().st_size} for n in sorted(os.listdir(tmp))}
+    manifest = {"format_version": FORMAT_VERSION, "step": step, "files": files}
+    _write_file(tmp / MANIFEST_FILE, lambda p: p.write_text(json.dumps(manifest, indent=2)))
+    _fsync(tmp)
+    if final.exists():  # re-saving a step (e.g. after resume): swap, never delete the old one first
+        old = root / f".{final.name}.old-{os.getpid()}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+    _fsync(root)
+    latest_tmp = root / f".{LATEST}.tmp-{os.getpid()}"
+    _write_file(latest_tmp, lambda p: p.write_text(final.name + "\n"))
+    os.replace(latest_tmp, root / LATEST)
+    _fsync(root)
+    _prune(root, keep, protect=final.name)
+    return final
+
+
+def _prune(root: Path, keep: int, protect: str) -> None:
+    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
+    for old in steps[:-keep]:
+        if old.name != protect:
+            shutil.rmtree(old)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None if it has none."""
+    root = checkpoint_dir(run_dir)
+    pointer = root / LATEST
+    if not pointer.exists():
+        return None
+    path = root / pointer.read_text().strip()
+    if not path.is_dir():
+        raise CheckpointError(f"{pointer} names {path.name}, which does not exist; delete {pointer} to start over")
+    return path
+
+
+def verify_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Check that every file is present with its recorded size and sha256; return the manifest."""
+    path = Path(path)
+    manifest_path = path / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint: {MANIFEST_FILE} is missing")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise CheckpointError(f"{manifest_path} is corrupted ({e})") from e
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format version {manifest.get('format_version')}, expected {FORMAT_VERSION}")
+    for name, meta in files.items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{f} is missing")
+        if f.stat().st_size != meta["bytes"]:
+            raise CheckpointError(
+                f"{f} is truncated or changed: {f.stat().st_size} bytes, manifest says {meta['bytes']}"
+            )
+        if _sha256(f) != meta["sha256"]:
+            raise CheckpointError(f"{f} is corrupted: its sha256 does not match the manifest")
+    return manifest
+
+
+def read_config(path: str | Path) -> str:
+    return (Path(path) / CONFIG_FILE).read_text()
+
+
+def load_model_weights(path: str | Path, model: nn.Module, mask_names: list[str]) -> None:
+    """Load weights and masks into `model`, refusing a checkpoint that lacks a mask the config needs."""
+    file = Path(path) / MODEL_FILE
+    with safe_open(str(file), framework="pt") as f:
+        keys = set(f.keys())
+    missing_masks = [m for m in mask_names if m not in keys]
+    if missing_masks:
+        raise CheckpointError(
+            f"{file} has no masks for {len(missing_masks)} sparse parameters (e.g. {missing_masks[0]}) but the config "
+            "is sparse: resuming would silently change which weights are pruned. Resume with the sparsity config "
+            "the checkpoint was trained with."
+        )
+    unexpected_masks = sorted(k for k in keys if k.endswith("_mask") and k not in mask_names)
+    if unexpected_masks:
+        raise CheckpointError(
+            f"{file} holds masks (e.g. {unexpected_masks[0]}) that this config does not create: it was trained "
+            "with a different sparsity config"
+        )
+    missing, unexpected = load_model(model, str(file), strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{file} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+def load_training_state(path: str | Path) -> tuple[dict, dict]:
+    """(optimizer state, trainer state) of a verified checkpoint."""
+    path = Path(path)
+    optimizer_state = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=False)
+    trainer_state = torch.load(path / TRAINER_FILE, map_location="cpu", weights_only=False)
+    return optimizer_state, trainer_state
+
+
+def restore_model(path: str | Path) -> tuple[nn.Module, Any, Any]:
+    """(model with weights and masks, the run's config, its tokenizer or None) from a verified checkpoint."""
+    from omegaconf import OmegaConf
+    from transformers import AutoTokenizer
+
+    from modelzoo.config import Config
+    from modelzoo.models.gpt import GPT
+    from modelzoo.sparsity.plugin import MaskedSparsity
+
+    path = Path(path)
+    verify_checkpoint(path)
+    saved = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(read_config(path)))
+    cfg = OmegaConf.to_object(saved)
+    model = GPT(cfg.model)
+    masks: list[str] = []
+    if cfg.sparsity.enabled:
+        sparsity = MaskedSparsity(cfg.sparsity, cfg.seed)
+        sparsity.apply(model)
+        masks = sparsity.mask_names()
+    load_model_weights(path, model, masks)
+    tokenizer_dir = path.parent.parent / "tokenizer"
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir.is_dir() else None
+    return model, cfg, tokenizer

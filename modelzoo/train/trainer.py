@@ -1,0 +1,346 @@
+"""The pre-training loop: data, model, backend, sparsity, AdamW, checkpoints, metrics, export.
+
+One optimizer step is `_train_step`: `batch_size / micro_batch_size` micro-batches of forward+backward
+(gradients accumulate), grad-norm clipping, optimizer step, schedule step. The backend may wrap it
+(`Backend.wrap_step`; the Cerebras backend traces it). Sparsity acts through hooks the plug-in put on the
+model and optimizer, so the step itself knows nothing of masks. Distribution would wrap the model and
+shard the loader (`BlockLoader` takes rank / world_size); the model is never touched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from backends import get_backend, resolve_name
+from modelzoo.config import Config, resolved_device
+from modelzoo.data.corpus import load_corpus, unigram_loss
+from modelzoo.data.loader import BlockLoader, iter_eval
+from modelzoo.data.tokenizer import build_tokenizer
+from modelzoo.errors import CheckpointError, ConfigError
+from modelzoo.export.hf import export_hf, load_hf
+from modelzoo.flops import flop_report, format_flops
+from modelzoo.models.gpt import GPT, GPTConfig
+from modelzoo.train import checkpoint as ckpt
+from modelzoo.train.config import TrainConfig
+from modelzoo.train.metrics import MetricsLogger
+from modelzoo.train.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+# Keys a resumed run must share with the checkpoint: anything else changes what the saved state means.
+RESUME_KEYS = ("model", "sparsity", "tokenizer", "data.seq_len", "task.batch_size", "seed")
+
+
+@dataclass
+class RunSummary:
+    steps: int
+    tokens: int
+    seconds: float
+    tokens_per_s: float
+    val_loss: float
+    val_ppl: float
+    unigram_loss: float
+    sparsity: float | None
+    sparsity_per_param: dict[str, float]
+    dense_flops: float
+    sparse_flops: float
+    checkpoint: str
+    export_dir: str | None
+
+
+class Trainer:
+    """Builds every part from a validated `Config` and runs `fit()`."""
+
+    def __init__(self, cfg: Config, run_dir: str | Path | None = None) -> None:
+        self.cfg = cfg
+        self.task: TrainConfig = cfg.task
+        self.run_dir = Path(run_dir or cfg.run_dir)
+        self.device = torch.device(resolved_device(self.task.device))
+        self._check_fresh_or_resumable()
+
+        self.tokenizer = build_tokenizer(cfg.tokenizer, cfg.data)
+        if len(self.tokenizer) > cfg.model.vocab_size:
+            raise ConfigError(
+                "model.vocab_size",
+                f"{cfg.model.vocab_size} is smaller than the tokenizer's {len(self.tokenizer)} tokens; "
+                f"set model.vocab_size={len(self.tokenizer)}",
+            )
+        self.tokenizer.save_pretrained(self.run_dir / "tokenizer")
+        self.corpus = load_corpus(cfg.data, self.tokenizer)
+        self.unigram_loss = unigram_loss(self.corpus.train, self.corpus.validation, cfg.model.vocab_size)
+
+        torch.manual_seed(cfg.seed)
+        self.model = self._build_model().to(self.device)
+        self.backend = get_backend(cfg.backend.name)
+        self.sparsifier = self.backend.sparsifier(cfg.sparsity, cfg.seed) if cfg.sparsity.enabled else None
+        if self.sparsifier:
+            self.sparsifier.apply(self.model)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        if self.sparsifier:
+            self.sparsifier.apply_optimizer(self.optimizer)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.task.max_steps)
+        self.loader = BlockLoader(
+            self.corpus.train, self.task.micro_batch_size, seed=cfg.seed, source=", ".join(cfg.data.train_files)
+        )
+        self.accumulation = self.task.batch_size // self.task.micro_batch_size
+        self.tokens_per_step = self.task.batch_size * cfg.data.seq_len
+        self.autocast = (
+            torch.autocast(self.device.type, dtype=torch.bfloat16) if self.task.precision == "bf16" else nullcontext()
+        )
+        self.flops = flop_report(cfg.model, cfg.data.seq_len, cfg.sparsity)
+        self.step = 0
+        self.train_seconds = 0.0
+        self.train_step = self.backend.wrap_step(self._train_step)
+        if self.task.resume:
+            self._resume()
+        self.metrics = MetricsLogger(self.run_dir, resume_step=self.step if self.task.resume else None)
+
+    # ---- construction -------------------------------------------------------------------------------
+    def _check_fresh_or_resumable(self) -> None:
+        existing = ckpt.latest_checkpoint(self.run_dir)
+        if self.task.resume and existing is None:
+            raise CheckpointError(
+                f"task.resume=true but {ckpt.checkpoint_dir(self.run_dir)} holds no checkpoint; "
+                "start without task.resume to begin a new run"
+            )
+        if not self.task.resume and existing is not None:
+            raise CheckpointError(
+                f"{self.run_dir} already holds checkpoint {existing.name}; pass task.resume=true to continue it "
+                "or run_dir=<new dir> to start a new run (nothing was overwritten)"
+            )
+
+    def _build_model(self) -> GPT:
+        if not self.task.init_from:
+            return GPT(self.cfg.model)
+        model = load_hf(self.task.init_from)
+        for key, value in asdict(self.cfg.model).items():
+            if key not in ("name", "dropout", "init_std") and getattr(model.config, key) != value:
+                raise ConfigError(
+                    f"model.{key}",
+                    f"{value} differs from {getattr(model.config, key)} in task.init_from={self.task.init_from}",
+                )
+        return model
+
+    # ---- one optimizer step -------------------------------------------------------------------------
+    def _train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward/backward over the micro-batches of one batch, clip, step. Returns (mean loss, grad norm)."""
+        self.model.train()
+        total = torch.zeros((), device=self.device)
+        for _ in range(self.accumulation):
+            x, y = (t.to(self.device, non_blocking=True) for t in self.loader.next_batch())
+            with self.autocast:
+                _, loss = self.model(x, y)
+            (loss / self.accumulation).backward()
+            total += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total / self.accumulation, grad_norm
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation loss (nats/token) over `task.eval_batches` batches (all if unset)."""
+        self.model.eval()
+        total, count = 0.0, 0
+        for x, y in iter_eval(self.corpus.validation, self.task.micro_batch_size, self.task.eval_batches):
+            with self.autocast:
+                _, loss = self.model(x.to(self.device), y.to(self.device))
+            total += float(loss) * y.numel()
+            count += y.numel()
+        return total / count
+
+    def sparsity(self) -> tuple[float | None, dict[str, float]]:
+        if not self.sparsifier:
+            return None, {}
+        stats = self.sparsifier.stats()
+        return stats.global_sparsity, stats.per_param
+
+    # ---- the loop -----------------------------------------------------------------------------------
+    def fit(self) -> RunSummary:
+        t = self.task
+        self._log_header()
+        val_loss = math.nan
+        window_start, window_steps = time.perf_counter(), 0
+        with tqdm(total=t.max_steps, initial=self.step, desc="pretrain", unit="step", dynamic_ncols=True) as bar:
+            while self.step < t.max_steps:
+                loss, grad_norm = self.train_step()
+                self.step += 1
+                window_steps += 1
+                bar.update(1)
+                row: dict[str, float] = {}
+                if self.step % t.log_every == 0 or self.step == t.max_steps:
+                    elapsed = time.perf_counter() - window_start
+                    self.train_seconds += elapsed
+                    sparsity, _ = self.sparsity()
+                    row.update(
+                        train_loss=float(loss),
+                        lr=self.scheduler.get_last_lr()[0],
+                        grad_norm=float(grad_norm),
+                        tokens_per_s=window_steps * self.tokens_per_step / elapsed,
+                    )
+                    if sparsity is not None:
+                        row["sparsity"] = sparsity
+                    bar.set_postfix(
+                        loss=f"{row['train_loss']:.3f}",
+                        tok_s=f"{row['tokens_per_s']:,.0f}",
+                        **({"sparsity": f"{sparsity:.1%}"} if sparsity is not None else {}),
+                    )
+                if self.step % t.eval_every == 0 or self.step == t.max_steps:
+                    val_loss = self.evaluate()
+                    row.update(val_loss=val_loss, val_ppl=math.exp(val_loss))
+                    bar.write(f"step {self.step}: val loss {val_loss:.4f}, ppl {math.exp(val_loss):.2f}")
+                    self.metrics.log_scalars(self.step, "sparsity", self.sparsity()[1])
+                if row:
+                    self.metrics.log(self.step, tokens=self.step * self.tokens_per_step, **row)
+                if self.step % t.checkpoint_every == 0 or self.step == t.max_steps:
+                    self.save()
+                if "train_loss" in row:
+                    window_start, window_steps = time.perf_counter(), 0
+        self.metrics.close()
+        return self._finish(val_loss)
+
+    # ---- checkpoints --------------------------------------------------------------------------------
+    def trainer_state(self) -> dict:
+        return {
+            "step": self.step,
+            "train_seconds": self.train_seconds,
+            "scheduler": self.scheduler.state_dict(),
+            "loader": self.loader.state_dict(),
+            "sparsity": self.sparsifier.state_dict() if self.sparsifier else None,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+            },
+        }
+
+    def save(self) -> Path:
+        config_yaml = OmegaConf.to_yaml(OmegaConf.structured(self.cfg))
+        return ckpt.save_checkpoint(
+            self.run_dir,
+            self.step,
+            self.model,
+            self.optimizer,
+            self.trainer_state(),
+            config_yaml,
+            keep=self.task.keep_checkpoints,
+        )
+
+    def _resume(self) -> None:
+        path = ckpt.latest_checkpoint(self.run_dir)
+        ckpt.verify_checkpoint(path)
+        self._check_same_config(path)
+        ckpt.load_model_weights(path, self.model, self.sparsifier.mask_names() if self.sparsifier else [])
+        optimizer_state, state = ckpt.load_training_state(path)
+        self.optimizer.load_state_dict(optimizer_state)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.loader.load_state_dict(state["loader"])
+        if self.sparsifier:
+            self.sparsifier.load_state_dict(state["sparsity"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        self.step = state["step"]
+        self.train_seconds = state["train_seconds"]
+        log.info("resumed from %s at step %d", path, self.step)
+
+    def _check_same_config(self, path: Path) -> None:
+        saved = OmegaConf.create(ckpt.read_config(path))
+        current = OmegaConf.structured(self.cfg)
+        for key in RESUME_KEYS:
+            a, b = OmegaConf.select(saved, key), OmegaConf.select(current, key)
+            if a != b:
+                raise CheckpointError(
+                    f"{path} was trained with {key}={_plain(a)} but the config has {key}={_plain(b)}; "
+                    "resume with the original value or start a new run_dir"
+                )
+
+    # ---- reporting ----------------------------------------------------------------------------------
+    def _log_header(self) -> None:
+        m: GPTConfig = self.cfg.model
+        n_sparse = len(self.sparsifier.mask_names()) if self.sparsifier else 0
+        log.info(
+            "model %s: %d layers, d_model %d, %.2fM parameters (%.2fM non-embedding); %d sparse weight tensors",
+            m.name,
+            m.n_layer,
+            m.n_embd,
+            self.model.num_params(non_embedding=False) / 1e6,
+            self.model.num_params() / 1e6,
+            n_sparse,
+        )
+        log.info(
+            "backend %s on %s (%s); data %s: %d train / %d validation blocks of %d tokens; %d tokens per step",
+            resolve_name(self.cfg.backend.name),
+            self.device,
+            self.task.precision,
+            self.cfg.data.name,
+            len(self.corpus.train),
+            len(self.corpus.validation),
+            self.cfg.data.seq_len,
+            self.tokens_per_step,
+        )
+
+    def _finish(self, val_loss: float) -> RunSummary:
+        tokens = self.step * self.tokens_per_step
+        sparsity, per_param = self.sparsity()
+        export_dir = None
+        if self.task.export:
+            info = {"algorithm": self.cfg.sparsity.algorithm, "target_sparsity": self.cfg.sparsity.sparsity}
+            export_dir = str(export_hf(self.model, self.run_dir / "hf", self.tokenizer, {**info, "step": self.step}))
+        summary = RunSummary(
+            steps=self.step,
+            tokens=tokens,
+            seconds=self.train_seconds,
+            tokens_per_s=tokens / max(self.train_seconds, 1e-9),
+            val_loss=val_loss,
+            val_ppl=math.exp(val_loss),
+            unigram_loss=self.unigram_loss,
+            sparsity=sparsity,
+            sparsity_per_param=per_param,
+            dense_flops=self.flops.dense_per_token * tokens,
+            sparse_flops=self.flops.sparse_per_token * tokens,
+            checkpoint=str(ckpt.latest_checkpoint(self.run_dir)),
+            export_dir=export_dir,
+        )
+        (self.run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
+        log.info("\n%s", format_summary(summary))
+        return summary
+
+
+def _plain(value: object) -> object:
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+
+
+def format_summary(s: RunSummary) -> str:
+    sparsity = "dense" if s.sparsity is None else f"{s.sparsity:.1%} of targeted weights are zero"
+    lines = [
+        "=" * 72,
+        f"steps            {s.steps:,}  ({s.tokens:,} tokens, {s.seconds:.0f} s training, {s.tokens_per_s:,.0f} tok/s)",
+        f"validation       loss {s.val_loss:.4f}, perplexity {s.val_ppl:.2f}  (unigram baseline: loss "
+        f"{s.unigram_loss:.4f}, perplexity {math.exp(s.unigram_loss):.1f})",
+        f"sparsity         {sparsity}",
+        f"training FLOPs   dense {format_flops(s.dense_flops)}, sparse-effective {format_flops(s.sparse_flops)} "
+        f"({s.dense_flops / s.sparse_flops:.2f}x fewer)",
+        f"checkpoint       {s.checkpoint}",
+    ]
+    if s.export_dir:
+        lines.append(f"hugging face     {s.export_dir}  (AutoModelForCausalLM.from_pretrained loads it)")
+    lines.append("=" * 72)
+    return "\n".join(lines)

@@ -1,0 +1,73 @@
+"""The benchmark harness: a training-step measurement on a tiny shape, interleaving, and the docs section writer."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from transformers import GPT2LMHeadModel
+
+from modelzoo.models.gpt import GPT, GPTConfig
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+MICRO = GPTConfig(name="micro", n_layer=1, n_embd=32, n_head=2, n_inner=64, n_positions=16, vocab_size=64)
+
+
+@pytest.fixture
+def common(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    monkeypatch.syspath_prepend(str(BENCH))  # the scripts import their sibling `common` as scripts do
+    return importlib.import_module("common")
+
+
+@pytest.fixture
+def train_step(common: ModuleType) -> ModuleType:
+    return importlib.import_module("train_step")
+
+
+def test_train_step_measures_every_variant(train_step: ModuleType) -> None:
+    shape = train_step.Shape(MICRO, batch=2, seq=8, steps=1)
+    timings = train_step.measure(shape, steps=1, warmup=0, repeats=1)
+    assert set(timings) == set(train_step.VARIANTS)
+    assert all(shape.tokens / t.median > 0 and len(t.samples) == 1 for t in timings.values())
+    text = train_step.report("micro", shape, timings, steps=1)
+    assert "ours / HF tokens/s" in text and "overhead" in text
+
+
+def test_hf_config_builds_the_same_network(train_step: ModuleType) -> None:
+    ours, hf = GPT(MICRO), GPT2LMHeadModel(train_step.hf_config(MICRO))
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in hf.parameters())
+
+
+def test_parse_args_rejects_unknown_model(train_step: ModuleType) -> None:
+    assert train_step.parse_args(["--models", "tiny"]).models == ["tiny"]
+    with pytest.raises(SystemExit):
+        train_step.parse_args(["--models", "tiny,huge"])
+
+
+def test_time_interleaved_alternates_variants(common: ModuleType) -> None:
+    calls: list[str] = []
+    timings = common.time_interleaved(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, warmup=1, repeats=2, number=2
+    )
+    assert calls == ["a", "b", *(["a", "a", "b", "b"] * 2)]
+    assert all(len(t.samples) == 2 for t in timings.values())
+
+
+def test_write_section_replaces_only_its_own_section(common: ModuleType, tmp_path: Path) -> None:
+    path = tmp_path / "docs" / "benchmarks.md"
+    common.write_section("Mine", "first", path)
+    assert path.read_text().startswith(common.INTRO) and "## Mine\n\nfirst\n" in path.read_text()
+
+    other = "## Other\n\n```\n## a fenced line, not a heading\n```\n\n| a |\n"
+    path.write_text(path.read_text() + "\n" + other)
+    common.write_section("Mine", "second\n\n### sub", path)
+    common.write_section("Mine", "second\n\n### sub", path)  # idempotent
+    text = path.read_text()
+    assert "first" not in text and text.count("## Mine") == 1 and "## Mine\n\nsecond\n\n### sub\n\n## Other" in text
+    assert text.endswith(other)
+
+    common.write_section("Other", "replaced", path)
+    text = path.read_text()
+    assert "fenced" not in text and text.endswith("## Other\n\nreplaced\n") and "second" in text

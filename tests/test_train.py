@@ -1,0 +1,130 @@
+"""The pre-training loop end to end on the shipped PubMed sample: summary, export, exact resume, refusals."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from modelzoo.config import Config, load_config, to_object, validate
+from modelzoo.errors import CheckpointError
+from modelzoo.train import checkpoint as ckpt
+from modelzoo.train.trainer import Trainer
+
+SMALL = [
+    "model.n_layer=2",
+    "model.n_embd=64",
+    "model.n_head=2",
+    "model.n_inner=256",
+    "model.n_positions=64",
+    "model.vocab_size=1024",
+    "task.batch_size=8",
+    "task.micro_batch_size=4",
+    "task.eval_batches=4",
+    "optim.warmup_steps=2",
+    "optim.lr=3e-3",
+]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def make_config(run_dir: Path, cache_dir: Path, *overrides: str) -> Config:
+    cfg = to_object(load_config([*SMALL, f"run_dir={run_dir}", f"data.cache_dir={cache_dir}", *overrides]))
+    validate(cfg)
+    return cfg
+
+
+def train_losses(run_dir: Path) -> list[tuple[str, str]]:
+    with (run_dir / "metrics.csv").open() as f:
+        return [(row["step"], row["train_loss"]) for row in csv.DictReader(f) if row["train_loss"]]
+
+
+def test_pretrain_summary_checkpoint_and_export(tmp_path: Path, cache_dir: Path) -> None:
+    cfg = make_config(tmp_path / "run", cache_dir, "task.max_steps=6", "task.eval_every=3", "task.log_every=2")
+    trainer = Trainer(cfg)
+    summary = trainer.fit()
+    assert summary.steps == 6
+    assert summary.tokens == 6 * 8 * 64
+    assert summary.sparsity == pytest.approx(0.75, abs=1e-4)
+    assert all(v == pytest.approx(0.75, abs=1e-3) for v in summary.sparsity_per_param.values())
+    assert len(summary.sparsity_per_param) == 4 * 2
+    assert math.isfinite(summary.val_loss)
+    assert summary.dense_flops / summary.sparse_flops > 1.5
+    assert [step for step, _ in train_losses(tmp_path / "run")] == ["2", "4", "6"]
+    assert (tmp_path / "run" / "summary.json").is_file()
+    assert list((tmp_path / "run" / "tensorboard").iterdir())
+    assert ckpt.latest_checkpoint(tmp_path / "run").name == "step_000006"
+
+    hf = AutoModelForCausalLM.from_pretrained(summary.export_dir).eval()
+    x = torch.from_numpy(trainer.corpus.validation[:2, :-1].astype("int64"))
+    trainer.model.eval()
+    with torch.no_grad():
+        ours, _ = trainer.model(x)
+        theirs = hf(x).logits
+    assert (ours - theirs).abs().max().item() <= 1e-5
+
+
+def test_dense_run_has_no_masks(tmp_path: Path, cache_dir: Path) -> None:
+    cfg = make_config(tmp_path / "run", cache_dir, "sparsity=dense", "task.max_steps=2", "task.export=false")
+    trainer = Trainer(cfg)
+    summary = trainer.fit()
+    assert summary.sparsity is None
+    assert summary.dense_flops == summary.sparse_flops
+    assert not any(key.endswith("_mask") for key in trainer.model.state_dict())
+
+
+def test_resume_after_crash_is_exact(tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    steps = [
+        "task.max_steps=8",
+        "task.checkpoint_every=4",
+        "task.log_every=1",
+        "task.eval_every=4",
+        "task.export=false",
+    ]
+    Trainer(make_config(tmp_path / "full", cache_dir, *steps)).fit()
+
+    original = Trainer._train_step
+    calls = {"n": 0}
+
+    def crash_at_step_6(self: Trainer):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt("killed")
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "_train_step", crash_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(make_config(tmp_path / "crashed", cache_dir, *steps)).fit()
+    monkeypatch.setattr(Trainer, "_train_step", original)
+    assert ckpt.latest_checkpoint(tmp_path / "crashed").name == "step_000004"
+
+    resumed = Trainer(make_config(tmp_path / "crashed", cache_dir, *steps, "task.resume=true"))
+    assert resumed.step == 4
+    resumed.fit()
+    assert train_losses(tmp_path / "crashed") == train_losses(tmp_path / "full")  # bit for bit
+    full = ckpt.checkpoint_dir(tmp_path / "full") / "step_000008" / ckpt.MODEL_FILE
+    again = ckpt.checkpoint_dir(tmp_path / "crashed") / "step_000008" / ckpt.MODEL_FILE
+    assert full.read_bytes() == again.read_bytes()
+
+
+def test_refuses_to_overwrite_and_to_resume_nothing(tmp_path: Path, cache_dir: Path) -> None:
+    run = tmp_path / "run"
+    with pytest.raises(CheckpointError, match="holds no checkpoint"):
+        Trainer(make_config(run, cache_dir, "task.resume=true"))
+    Trainer(make_config(run, cache_dir, "task.max_steps=1", "task.export=false")).fit()
+    with pytest.raises(CheckpointError, match=r"task\.resume=true"):
+        Trainer(make_config(run, cache_dir, "task.max_steps=1"))
+
+
+def test_resume_with_other_sparsity_is_refused(tmp_path: Path, cache_dir: Path) -> None:
+    run = tmp_path / "run"
+    Trainer(make_config(run, cache_dir, "sparsity=dense", "task.max_steps=1", "task.export=false")).fit()
+    with pytest.raises(CheckpointError, match="was trained with sparsity="):
+        Trainer(make_config(run, cache_dir, "sparsity=static_75", "task.max_steps=2", "task.resume=true"))
