@@ -14,19 +14,21 @@ from dataclasses import dataclass
 import torch
 from common import REPO, Timing, environment, markdown_table, section_body, time_interleaved, write_section
 from omegaconf import OmegaConf
-from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 
+from modelzoo.export.hf import to_hf_config
 from modelzoo.models.gpt import GPT, GPTConfig
 from modelzoo.sparsity.config import SparsityConfig
 from modelzoo.sparsity.plugin import MaskedSparsity
 from modelzoo.train.config import OptimConfig
+from modelzoo.train.optim import build_optimizer
 
 METHOD = """\
-A step is `zero_grad`, forward with loss, backward and an AdamW step (our default hyper-parameters, no
-gradient clipping), fp32, on the same random batch for every variant. Variants, built from the same seed:
-- HF: `transformers.GPT2LMHeadModel` of the same shape (SDPA attention, dropout 0, no KV cache), loss as
-  HF computes it, `model(input_ids=x, labels=x)`;
+A step is `zero_grad`, forward with loss, backward and an AdamW step (the trainer's `build_optimizer` with
+the default `OptimConfig`; no gradient clipping), fp32, on the same random batch for every variant.
+Variants, built from the same seed:
+- HF: `transformers.GPT2LMHeadModel` of the same shape (`to_hf_config`, SDPA attention), loss as HF
+  computes it, `model(input_ids=x, labels=x, use_cache=False)`;
 - ours, dense: our `GPT`, loss as `model(x, targets)`;
 - ours, masked-dense: our `GPT` with `MaskedSparsity` at 75% (Cerebras' default parameter selection):
   gradient hooks, optimizer-state masking before and re-pruning after each AdamW step.
@@ -39,6 +41,7 @@ from the median sample.
 """
 SECTION = "Training step: ours vs HF GPT-2, masked-dense 75% vs dense (bench/train_step.py)"
 SPARSITY = 0.75
+OPTIM = OptimConfig()
 VARIANTS = ("hf", "ours", "ours_masked75")
 LABELS = {
     "hf": "HF GPT2LMHeadModel (sdpa), dense",
@@ -83,34 +86,6 @@ SHAPES = {
 }
 
 
-def hf_config(config: GPTConfig) -> GPT2Config:
-    """The `transformers` GPT-2 config of the same network as `config`, for training (no KV cache)."""
-    return GPT2Config(
-        vocab_size=config.vocab_size,
-        n_positions=config.n_positions,
-        n_embd=config.n_embd,
-        n_layer=config.n_layer,
-        n_head=config.n_head,
-        n_inner=config.n_inner,
-        activation_function=config.activation,
-        resid_pdrop=config.dropout,
-        embd_pdrop=config.dropout,
-        attn_pdrop=config.dropout,
-        layer_norm_epsilon=config.layer_norm_epsilon,
-        initializer_range=config.init_std,
-        bos_token_id=None,
-        eos_token_id=None,
-        use_cache=False,
-        attn_implementation="sdpa",
-    )
-
-
-def _adamw(model: nn.Module) -> torch.optim.AdamW:
-    opt = OptimConfig()
-    betas = tuple(opt.betas)
-    return torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=betas, eps=opt.eps, weight_decay=opt.weight_decay)
-
-
 def _step_fn(optimizer: torch.optim.Optimizer, loss: Callable[[], torch.Tensor]) -> Callable[[], None]:
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -127,18 +102,19 @@ def training_steps(shape: Shape, seed: int = 0) -> dict[str, Callable[[], None]]
     x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()  # (B, T) each
 
     torch.manual_seed(seed)
-    hf = GPT2LMHeadModel(hf_config(shape.model)).train()
-    steps = {"hf": _step_fn(_adamw(hf), lambda: hf(input_ids=x, labels=x).loss)}
+    hf = GPT2LMHeadModel(to_hf_config(shape.model)).train()
+    hf.set_attn_implementation("sdpa")
+    steps = {"hf": _step_fn(build_optimizer(hf, OPTIM), lambda: hf(input_ids=x, labels=x, use_cache=False).loss)}
 
     torch.manual_seed(seed)
     ours = GPT(shape.model).train()
-    steps["ours"] = _step_fn(_adamw(ours), lambda: ours(x, y)[1])
+    steps["ours"] = _step_fn(build_optimizer(ours, OPTIM), lambda: ours(x, y)[1])
 
     torch.manual_seed(seed)
     sparse = GPT(shape.model).train()
     sparsity = MaskedSparsity(SparsityConfig(sparsity=SPARSITY), seed=seed)
     sparsity.apply(sparse)
-    sparse_opt = _adamw(sparse)
+    sparse_opt = build_optimizer(sparse, OPTIM)
     sparsity.apply_optimizer(sparse_opt)
     steps["ours_masked75"] = _step_fn(sparse_opt, lambda: sparse(x, y)[1])
     return steps
@@ -165,6 +141,7 @@ def report(name: str, shape: Shape, timings: dict[str, Timing], steps: int) -> s
     ]
     table = markdown_table(["variant", "ms/step (median)", "ms/step (min-max)", "tokens/s", "tokens/s vs ours"], rows)
     overhead = timings["ours_masked75"].median / timings["ours"].median - 1
+    spread = max(max(t.samples) / min(t.samples) - 1 for t in timings.values())
     lines = [
         f"### {name}: n_layer {m.n_layer}, n_embd {m.n_embd}, n_head {m.n_head}, n_inner {m.n_inner}, "
         f"vocab {m.vocab_size}; batch {shape.batch} x seq {shape.seq} = {shape.tokens} tokens/step",
@@ -176,6 +153,8 @@ def report(name: str, shape: Shape, timings: dict[str, Timing], steps: int) -> s
         "",
         f"- ours / HF tokens/s: **{tps['ours'] / tps['hf']:.3f}x** (target >= 1)",
         f"- masked-dense {SPARSITY:.0%} step-time overhead vs dense: **{overhead:+.1%}** (target <= +5%)",
+        f"- largest spread of one variant's samples (max/min - 1): {spread:.1%}; differences smaller than this "
+        "are noise",
     ]
     return "\n".join(lines)
 
@@ -211,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     env = environment()
     print("\n".join(f"{key}: {value}" for key, value in env.items()), "\n", flush=True)
-    parts = [METHOD]
+    parts = [METHOD.strip()]
     for name in args.models:
         shape = SHAPES[name]
         steps = args.steps or shape.steps

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import pytest
 import torch
 
+from modelzoo.config import Config, load_config, to_object, validate
 from modelzoo.models.gpt import GPT, GPTConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,3 +26,35 @@ def tiny_config() -> GPTConfig:
 def tiny_model(tiny_config: GPTConfig) -> GPT:
     torch.manual_seed(0)
     return GPT(tiny_config)
+
+
+# A model and batch small enough for a few training steps per test on 2 CPU cores.
+SMALL = [
+    "model.n_layer=2",
+    "model.n_embd=64",
+    "model.n_head=2",
+    "model.n_inner=256",
+    "model.n_positions=64",
+    "model.vocab_size=1024",
+    "task.batch_size=8",
+    "task.micro_batch_size=4",
+    "task.eval_batches=4",
+    "optim.warmup_steps=2",
+    "optim.lr=3e-3",
+]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def make_config(run_dir: Path, cache_dir: Path, *overrides: str) -> Config:
+    cfg = to_object(load_config([*SMALL, f"run_dir={run_dir}", f"data.cache_dir={cache_dir}", *overrides]))
+    validate(cfg)
+    return cfg
+
+
+def train_losses(run_dir: Path) -> list[tuple[str, str]]:
+    with (run_dir / "metrics.csv").open() as f:
+        return [(row["step"], row["train_loss"]) for row in csv.DictReader(f) if row["train_loss"]]

@@ -111,3 +111,19 @@ def test_masks_follow_the_model_to_another_device_or_dtype(tiny_model: GPT) -> N
     tiny_model(x, x)[1].backward()
     sp = plugin.params[0]
     assert torch.all(sp.param.grad[~sp.mask] == 0)
+
+
+def test_new_masks_loaded_in_place_take_effect(tiny_model: GPT) -> None:
+    """The cached float multiplier follows a mask refilled by `load_state_dict` (e.g. on resume)."""
+    plugin = MaskedSparsity(SparsityConfig(sparsity=0.5), seed=0)
+    plugin.apply(tiny_model)
+    x = torch.randint(0, tiny_model.config.vocab_size, (2, 8))
+    tiny_model(x, x)[1].backward()  # builds the multiplier cache for the old masks
+    state = tiny_model.state_dict()
+    new_masks = {sp.name + "_mask": ~state[sp.name + "_mask"] for sp in plugin.params}
+    tiny_model.load_state_dict({**state, **new_masks})
+    tiny_model.zero_grad()
+    tiny_model(x, x)[1].backward()
+    for sp in plugin.params:
+        assert torch.equal(sp.mask, new_masks[sp.name + "_mask"])
+        assert torch.all(sp.param.grad[~sp.mask] == 0)

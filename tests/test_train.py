@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 
@@ -10,40 +9,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from modelzoo.config import Config, load_config, to_object, validate
 from modelzoo.errors import CheckpointError
 from modelzoo.train import checkpoint as ckpt
 from modelzoo.train.trainer import Trainer
-
-SMALL = [
-    "model.n_layer=2",
-    "model.n_embd=64",
-    "model.n_head=2",
-    "model.n_inner=256",
-    "model.n_positions=64",
-    "model.vocab_size=1024",
-    "task.batch_size=8",
-    "task.micro_batch_size=4",
-    "task.eval_batches=4",
-    "optim.warmup_steps=2",
-    "optim.lr=3e-3",
-]
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("cache")
-
-
-def make_config(run_dir: Path, cache_dir: Path, *overrides: str) -> Config:
-    cfg = to_object(load_config([*SMALL, f"run_dir={run_dir}", f"data.cache_dir={cache_dir}", *overrides]))
-    validate(cfg)
-    return cfg
-
-
-def train_losses(run_dir: Path) -> list[tuple[str, str]]:
-    with (run_dir / "metrics.csv").open() as f:
-        return [(row["step"], row["train_loss"]) for row in csv.DictReader(f) if row["train_loss"]]
+from tests.conftest import make_config, train_losses
 
 
 def test_pretrain_summary_checkpoint_and_export(tmp_path: Path, cache_dir: Path) -> None:

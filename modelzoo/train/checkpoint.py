@@ -79,8 +79,9 @@ def save_checkpoint(
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
+    for stale in root.glob(".step_*.tmp-*"):  # left by a run killed while writing
+        shutil.rmtree(stale)
     tmp = root / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     _write_file(tmp / MODEL_FILE, lambda p: save_model(model, str(p)))
     _write_file(tmp / OPTIMIZER_FILE, lambda p: torch.save(optimizer.state_dict(), p))

@@ -14,12 +14,12 @@ class OptimConfig:
     """AdamW with Cerebras' GPT-3 defaults; linear warm-up, then decay to `min_lr_ratio` of the peak."""
 
     name: str = "adamw"
-    lr: float = 6e-4
+    lr: float = 2e-3
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    warmup_steps: int = 100
+    warmup_steps: int = 40
     decay: str = "cosine"
     min_lr_ratio: float = 0.1
 
@@ -29,7 +29,7 @@ class TrainConfig:
     """The pre-training loop. `batch_size` sequences per optimizer step, in micro-batches of `micro_batch_size`."""
 
     name: str = "pretrain"
-    max_steps: int = 1000
+    max_steps: int = 400
     batch_size: int = 16
     micro_batch_size: int = 16
     precision: str = "fp32"

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import random
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -174,7 +175,9 @@ class Trainer:
         self._log_header()
         val_loss = math.nan
         window_start, window_steps = time.perf_counter(), 0
-        with tqdm(total=t.max_steps, initial=self.step, desc="pretrain", unit="step", dynamic_ncols=True) as bar:
+        # In a log file (no terminal) refresh the bar every 30 s instead of many times a second.
+        refresh = 0.1 if sys.stderr.isatty() else 30.0
+        with tqdm(total=t.max_steps, initial=self.step, desc="pretrain", unit="step", mininterval=refresh) as bar:
             while self.step < t.max_steps:
                 loss, grad_norm = self.train_step()
                 self.step += 1
@@ -194,6 +197,7 @@ class Trainer:
                     if sparsity is not None:
                         row["sparsity"] = sparsity
                     bar.set_postfix(
+                        refresh=False,
                         loss=f"{row['train_loss']:.3f}",
                         tok_s=f"{row['tokens_per_s']:,.0f}",
                         **({"sparsity": f"{sparsity:.1%}"} if sparsity is not None else {}),

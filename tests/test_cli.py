@@ -1,0 +1,55 @@
+"""The `modelzoo` command: info, flops, export, and HF import through task.init_from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from modelzoo.cli import main
+from modelzoo.export.hf import load_hf
+from modelzoo.train.trainer import Trainer
+from tests.conftest import make_config
+
+
+def test_info_prints_the_papers_parameter_counts(capsys: pytest.CaptureFixture[str]) -> None:
+    main(["info", "model=xl"])
+    out = capsys.readouterr().out
+    assert "1,208.0M" in out
+    assert "96 tensors, 1,208.0M weights -> 302.0M nonzero" in out
+
+
+def test_flops_prints_the_reduction(capsys: pytest.CaptureFixture[str]) -> None:
+    main(["flops", "model=xl", "sparsity=static_75"])
+    assert "2.49x fewer FLOPs" in capsys.readouterr().out
+
+
+def test_unknown_command_and_bad_override_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["train"])
+    assert info.value.code == 2
+    with pytest.raises(SystemExit) as info:
+        main(["flops", "sparsity.sparsity=2"])
+    assert info.value.code == 2
+    assert "sparsity.sparsity: 2" in capsys.readouterr().err
+
+
+def test_export_command_and_init_from(tmp_path: Path, cache_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cache = cache_dir
+    run = tmp_path / "run"
+    trainer = Trainer(make_config(run, cache, "task.max_steps=2", "task.export=false"))
+    trainer.fit()
+    main(["export", f"run_dir={run}", f"task.output_dir={tmp_path / 'hf'}"])
+    assert "exported" in capsys.readouterr().out
+    imported = load_hf(tmp_path / "hf")
+    for name, masked in trainer.model.state_dict().items():
+        if name.endswith("_mask"):
+            continue
+        mask = trainer.model.state_dict().get(name + "_mask")
+        expected = masked * mask if mask is not None else masked
+        assert torch.equal(imported.state_dict()[name], expected), name
+
+    # continue training from the HF directory: same weights at step 0
+    cont = Trainer(make_config(tmp_path / "cont", cache, f"task.init_from={tmp_path / 'hf'}", "sparsity=dense"))
+    assert all(torch.equal(cont.model.state_dict()[k], v) for k, v in imported.state_dict().items())
