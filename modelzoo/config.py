@@ -16,7 +16,7 @@ import torch
 from hydra import compose, initialize_config_module
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
 from backends import check_supports, resolve_name
 from modelzoo.data.config import FORMATS, DataConfig, TokenizerConfig
@@ -49,7 +49,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    task: Any = field(default_factory=TrainConfig)  # TrainConfig | ExportConfig, typed by the chosen task
+    task: Any = MISSING  # TrainConfig | ExportConfig: typed by the chosen task option
     seed: int = 1234
     run_dir: str = "runs/default"
 
