@@ -97,3 +97,23 @@ def test_resume_with_other_sparsity_is_refused(tmp_path: Path, cache_dir: Path) 
     Trainer(make_config(run, cache_dir, "sparsity=dense", "task.max_steps=1", "task.export=false")).fit()
     with pytest.raises(CheckpointError, match="was trained with sparsity="):
         Trainer(make_config(run, cache_dir, "sparsity=static_75", "task.max_steps=2", "task.resume=true"))
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path, cache_dir: Path) -> None:
+    """8 sequences as 2 micro-batches of 4 give the same update as one micro-batch of 8 (same data order)."""
+    common = ["task.max_steps=2", "task.export=false", "task.batch_size=8"]
+    accumulated = Trainer(make_config(tmp_path / "a", cache_dir, *common, "task.micro_batch_size=4"))
+    single = Trainer(make_config(tmp_path / "b", cache_dir, *common, "task.micro_batch_size=8"))
+    assert accumulated.accumulation == 2 and single.accumulation == 1
+    accumulated.fit()
+    single.fit()
+    for (name, a), b in zip(accumulated.model.state_dict().items(), single.model.state_dict().values(), strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6), name
+
+
+def test_bf16_autocast_trains_and_keeps_masks(tmp_path: Path, cache_dir: Path) -> None:
+    trainer = Trainer(make_config(tmp_path / "run", cache_dir, "task.precision=bf16", "task.max_steps=3"))
+    summary = trainer.fit()
+    assert math.isfinite(summary.val_loss)
+    assert summary.sparsity == pytest.approx(0.75, abs=1e-4)
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # autocast, fp32 master weights

@@ -11,14 +11,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
 
+from modelzoo.atomic import atomic_directory
 from modelzoo.errors import CheckpointError, ConfigError
 from modelzoo.models.gpt import ACTIVATIONS, GPT, GPTConfig
 from modelzoo.sparsity.plugin import MASK_SUFFIX
@@ -173,29 +171,6 @@ def _build_hf_model(
     return hf_model.eval()
 
 
-def _write_atomically(output_dir: Path, write: Callable[[Path], None]) -> None:
-    """Run `write` on a fresh sibling directory, then swap it in; on failure `output_dir` is left as it was."""
-    if output_dir.exists() and not output_dir.is_dir():
-        raise FileExistsError(f"{output_dir} exists and is not a directory; choose another output_dir")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    try:
-        write(tmp)
-        if not output_dir.exists():
-            os.replace(tmp, output_dir)
-            return
-        old = tmp.with_name(tmp.name + "-old")
-        os.replace(output_dir, old)
-        try:
-            os.replace(tmp, output_dir)
-        except BaseException:
-            os.replace(old, output_dir)
-            raise
-        shutil.rmtree(old)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def export_hf(
     model: GPT,
     output_dir: str | os.PathLike,
@@ -220,13 +195,11 @@ def export_hf(
     report = sparsity_report(hf_state, masked, sparsity_info)
     hf_model = _build_hf_model(model.config, hf_state, tokenizer)
 
-    def write(directory: Path) -> None:
+    with atomic_directory(output_dir) as directory:
         hf_model.save_pretrained(directory, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)
         (directory / SPARSITY_FILE).write_text(json.dumps(report, indent=2) + "\n")
-
-    _write_atomically(output_dir, write)
     return output_dir
 
 

@@ -10,16 +10,14 @@ Layout of one checkpoint, `<run_dir>/checkpoints/step_000100/`:
 
 A checkpoint is written into a temporary directory, every file fsynced, then renamed into place, and only
 then is `latest` switched (write + rename) and older checkpoints pruned: a crash at any moment leaves the
-previous good checkpoint untouched and never a half-written one that looks complete.
+previous good checkpoint untouched and never a half-written one that looks complete (`modelzoo.atomic`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from modelzoo.atomic import atomic_directory, write_text_atomically
 from modelzoo.errors import CheckpointError
 
 FORMAT_VERSION = 1
@@ -53,19 +52,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_file(path: Path, write: Callable[[Path], None]) -> None:
-    write(path)
-    _fsync(path)
-
-
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -77,32 +63,16 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint `step` atomically, point `latest` at it and keep the newest `keep` checkpoints."""
     root = checkpoint_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
-    for stale in root.glob(".step_*.tmp-*"):  # left by a run killed while writing
-        shutil.rmtree(stale)
-    tmp = root / f".{final.name}.tmp-{os.getpid()}"
-    tmp.mkdir()
-    _write_file(tmp / MODEL_FILE, lambda p: save_model(model, str(p)))
-    _write_file(tmp / OPTIMIZER_FILE, lambda p: torch.save(optimizer.state_dict(), p))
-    _write_file(tmp / TRAINER_FILE, lambda p: torch.save(trainer_state, p))
-    _write_file(tmp / CONFIG_FILE, lambda p: p.write_text(config_yaml))
-    files = {n: {"sha256": _sha256(tmp / n), "bytes": (tmp / n).stat().st_size} for n in sorted(os.listdir(tmp))}
-    manifest = {"format_version": FORMAT_VERSION, "step": step, "files": files}
-    _write_file(tmp / MANIFEST_FILE, lambda p: p.write_text(json.dumps(manifest, indent=2)))
-    _fsync(tmp)
-    if final.exists():  # re-saving a step (e.g. after resume): swap, never delete the old one first
-        old = root / f".{final.name}.old-{os.getpid()}"
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
-    _fsync(root)
-    latest_tmp = root / f".{LATEST}.tmp-{os.getpid()}"
-    _write_file(latest_tmp, lambda p: p.write_text(final.name + "\n"))
-    os.replace(latest_tmp, root / LATEST)
-    _fsync(root)
+    with atomic_directory(final) as tmp:
+        save_model(model, str(tmp / MODEL_FILE))
+        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        torch.save(trainer_state, tmp / TRAINER_FILE)
+        (tmp / CONFIG_FILE).write_text(config_yaml)
+        files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
+        manifest = {"format_version": FORMAT_VERSION, "step": step, "files": files}
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+    write_text_atomically(root / LATEST, final.name + "\n")
     _prune(root, keep, protect=final.name)
     return final
 
