@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from backends.base import Backend, Capabilities, Sparsifier
 from backends.masked_dense import MaskedDenseBackend
+from backends.torch_sparse import TorchSparseBackend
 from modelzoo.errors import ConfigError
 
 BACKENDS: dict[str, type[Backend]] = {}
@@ -19,6 +20,7 @@ def register(cls: type[Backend]) -> type[Backend]:
 
 
 register(MaskedDenseBackend)
+register(TorchSparseBackend)
 
 
 def resolve_name(name: str) -> str:

@@ -54,3 +54,10 @@ class Backend(ABC):
     def wrap_step(self, step: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         """Wrap one training step (the Cerebras backend traces it); identity by default."""
         return step
+
+    def prepare_inference(self, model: nn.Module, tokens: int) -> nn.Module:
+        """`model` made ready for forward-only calls of about `tokens` tokens each.
+
+        The default leaves it as it is: a masked model's pruned weights are already exact zeros.
+        """
+        return model

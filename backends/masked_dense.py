@@ -12,7 +12,7 @@ class MaskedDenseBackend(Backend):
     capabilities = Capabilities(
         train=True,
         infer=True,
-        algorithms=frozenset({"static"}),
+        algorithms=frozenset({"static", "gmp", "set", "rigl"}),
         devices=frozenset({"cpu", "cuda"}),
         dtypes=frozenset({"fp32", "bf16"}),
     )

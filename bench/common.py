@@ -81,14 +81,20 @@ def cpu_model() -> str:
 
 
 def environment() -> dict[str, str]:
-    """What a result depends on besides the code: date, versions, CPU, threads."""
+    """What a result depends on besides the code: date, versions, CPU, threads, and how busy the machine was."""
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cpu": cpu_model(),
         "threads": f"{torch.get_num_threads()} (of {os.cpu_count()} logical CPUs)",
+        "load average at start (1, 5, 15 min)": load_average(),
     }
+
+
+def load_average() -> str:
+    """The machine's 1, 5 and 15 minute load averages: above ~0.5 on an idle run, other jobs shared the CPU."""
+    return ", ".join(f"{load:.2f}" for load in os.getloadavg())
 
 
 def command_line() -> str:

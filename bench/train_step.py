@@ -1,4 +1,4 @@
-"""Benchmark one fp32 training step on CPU: our GPT vs HF GPT-2, and masked-dense 75% sparse vs dense.
+"""Benchmark one fp32 training step on CPU: our GPT vs HF GPT-2, masked-dense 75% vs dense, and each algorithm.
 
 What is measured is in `METHOD`, which also heads the section this writes to `docs/benchmarks.md`.
 Usage: `python bench/train_step.py [--models tiny,med2] [--write]`; see `--help`.
@@ -31,7 +31,11 @@ Variants, built from the same seed:
   computes it, `model(input_ids=x, labels=x, use_cache=False)`;
 - ours, dense: our `GPT`, loss as `model(x, targets)`;
 - ours, masked-dense: our `GPT` with `MaskedSparsity` at 75% (Cerebras' default parameter selection):
-  gradient hooks, optimizer-state masking before and re-pruning after each AdamW step.
+  gradient hooks, optimizer-state masking before and re-pruning after each AdamW step;
+- ours, GMP / SET / RigL: the same at 75% (GMP pruning on from 75% toward 80%), each timed twice: on steps
+  that update no mask, and with every step a mask-update step (SET and RigL: drop fraction 0.3; RigL also
+  keeps the step's dense gradient). Their step time at an update frequency F is the amortised
+  `other + (update - other) / F`, reported for F = 100 (Cerebras' GPT-3 RigL recipe).
 
 Both models run the network on the same T tokens per sequence. HF shifts the labels inside, so its loss
 averages over T - 1 positions per sequence (the last is ignored) where ours averages over T; logits and
@@ -42,11 +46,22 @@ from the median sample.
 SECTION = "Training step: ours vs HF GPT-2, masked-dense 75% vs dense (bench/train_step.py)"
 SPARSITY = 0.75
 OPTIM = OptimConfig()
-VARIANTS = ("hf", "ours", "ours_masked75")
+UPDATE_FREQ = 100  # mask updates amortised at Cerebras' GPT-3 125M RigL recipe frequency
+# Each dynamic algorithm's sparsity keys but `update`: timed with updates on no step and on every step.
+DYNAMIC = {
+    "gmp": {"sparsity": {"type": "exp", "init": SPARSITY, "gamma": -1e-3, "final": 0.8}, "algorithm": "gmp"},
+    "set": {"sparsity": SPARSITY, "algorithm": "set"},
+    "rigl": {"sparsity": SPARSITY, "algorithm": "rigl"},
+}
+NAMES = {"gmp": "GMP", "set": "SET", "rigl": "RigL"}
+NO_UPDATES, EVERY_STEP = {"steps": [0]}, {"freq": 1}  # step 0 only (the initial masks), or every step
+VARIANTS = ("hf", "ours", "ours_masked75", *(f"{a}{u}" for a in DYNAMIC for u in ("", "_update")))
 LABELS = {
     "hf": "HF GPT2LMHeadModel (sdpa), dense",
     "ours": "ours, dense",
     "ours_masked75": f"ours, masked-dense {SPARSITY:.0%} static",
+    **{a: f"ours, {NAMES[a]}, a step without mask update" for a in DYNAMIC},
+    **{f"{a}_update": f"ours, {NAMES[a]}, a mask-update step" for a in DYNAMIC},
 }
 
 
@@ -110,14 +125,30 @@ def training_steps(shape: Shape, seed: int = 0) -> dict[str, Callable[[], None]]
     ours = GPT(shape.model).train()
     steps["ours"] = _step_fn(build_optimizer(ours, OPTIM), lambda: ours(x, y)[1])
 
-    torch.manual_seed(seed)
-    sparse = GPT(shape.model).train()
-    sparsity = MaskedSparsity(SparsityConfig(sparsity=SPARSITY), seed=seed)
-    sparsity.apply(sparse)
-    sparse_opt = build_optimizer(sparse, OPTIM)
-    sparsity.apply_optimizer(sparse_opt)
-    steps["ours_masked75"] = _step_fn(sparse_opt, lambda: sparse(x, y)[1])
+    steps["ours_masked75"] = _sparse_step_fn(shape.model, SparsityConfig(sparsity=SPARSITY), x, y, seed)
+    for name, keys in DYNAMIC.items():
+        for suffix, update in (("", NO_UPDATES), ("_update", EVERY_STEP)):
+            steps[name + suffix] = _sparse_step_fn(shape.model, SparsityConfig(**keys, update=update), x, y, seed)
     return steps
+
+
+def _sparse_step_fn(
+    config: GPTConfig, sparsity: SparsityConfig, x: torch.Tensor, y: torch.Tensor, seed: int
+) -> Callable[[], None]:
+    """A training step of our `GPT` with `MaskedSparsity(sparsity)` on its model and AdamW."""
+    torch.manual_seed(seed)
+    model = GPT(config).train()
+    plugin = MaskedSparsity(sparsity, seed=seed)
+    plugin.apply(model)
+    optimizer = build_optimizer(model, OPTIM)
+    plugin.apply_optimizer(optimizer)
+    return _step_fn(optimizer, lambda: model(x, y)[1])
+
+
+def amortised(timings: dict[str, Timing], algorithm: str, freq: int = UPDATE_FREQ) -> float:
+    """Seconds per step of `algorithm` when one step in `freq` updates masks (medians of both kinds of step)."""
+    other, update = timings[algorithm].median, timings[f"{algorithm}_update"].median
+    return other + (update - other) / freq
 
 
 def measure(shape: Shape, *, steps: int, warmup: int, repeats: int, seed: int = 0) -> dict[str, Timing]:
@@ -142,6 +173,27 @@ def report(name: str, shape: Shape, timings: dict[str, Timing], steps: int) -> s
     table = markdown_table(["variant", "ms/step (median)", "ms/step (min-max)", "tokens/s", "tokens/s vs ours"], rows)
     overhead = timings["ours_masked75"].median / timings["ours"].median - 1
     spread = max(max(t.samples) / min(t.samples) - 1 for t in timings.values())
+    dense = timings["ours"].median
+    dynamic_rows = [
+        [
+            NAMES[a],
+            f"{timings[a].median * 1e3:.1f}",
+            f"{timings[f'{a}_update'].median * 1e3:.1f}",
+            f"{amortised(timings, a) * 1e3:.1f}",
+            f"{amortised(timings, a) / dense - 1:+.1%}",
+        ]
+        for a in DYNAMIC
+    ]
+    dynamic_table = markdown_table(
+        [
+            "algorithm",
+            "ms/step without update",
+            "ms/step with update",
+            f"ms/step at update.freq {UPDATE_FREQ}",
+            "overhead vs dense",
+        ],
+        dynamic_rows,
+    )
     lines = [
         f"### {name}: n_layer {m.n_layer}, n_embd {m.n_embd}, n_head {m.n_head}, n_inner {m.n_inner}, "
         f"vocab {m.vocab_size}; batch {shape.batch} x seq {shape.seq} = {shape.tokens} tokens/step",
@@ -153,8 +205,14 @@ def report(name: str, shape: Shape, timings: dict[str, Timing], steps: int) -> s
         "",
         f"- ours / HF tokens/s: **{tps['ours'] / tps['hf']:.3f}x** (target >= 1)",
         f"- masked-dense {SPARSITY:.0%} step-time overhead vs dense: **{overhead:+.1%}** (target <= +5%)",
+        f"- RigL step-time overhead vs dense at update.freq {UPDATE_FREQ}: "
+        f"**{amortised(timings, 'rigl') / dense - 1:+.1%}** (target <= +10%)",
         f"- largest spread of one variant's samples (max/min - 1): {spread:.1%}; differences smaller than this "
         "are noise",
+        "",
+        f"Dynamic algorithms at {SPARSITY:.0%}, mask updates amortised at update.freq {UPDATE_FREQ}:",
+        "",
+        dynamic_table,
     ]
     return "\n".join(lines)
 

@@ -21,6 +21,8 @@ commands:
   pretrain   pre-train a GPT and export it to Hugging Face
              (default: tiny model, 75% static sparsity, the embedded PubMed sample)
   export     export a run's checkpoint to a Hugging Face directory
+  generate   continue a prompt with a run's model (greedy or sampled, KV cache), print tokens/s
+  prune      one-shot pruning (SparseGPT, Wanda, magnitude) of a run or an HF directory to a sparse HF directory
   info       parameter counts of a model size
   flops      dense and sparse-effective training FLOPs of a config
 
@@ -30,13 +32,18 @@ examples:
   modelzoo pretrain sparsity=dense task.precision=bf16 task.device=cuda
   modelzoo pretrain run_dir=runs/tiny-static_75 task.resume=true
   modelzoo export run_dir=runs/tiny-static_75 task.output_dir=exported/
+  modelzoo generate run_dir=runs/tiny-static_75 'task.prompt="The patient"' backend=torch_sparse
+  modelzoo generate task.hf_dir=exported/ task.prompt=Aspirin task.temperature=0.8 task.top_p=0.95 seed=7
+  modelzoo prune run_dir=runs/tiny-dense task.method=sparsegpt task.sparsity=0.5
+  modelzoo prune task.hf_dir=DIR task.method=wanda task.n_m=[2,4] task.output_dir=pruned/
   modelzoo info model=xl
   modelzoo flops model=xl sparsity=static_75
   modelzoo pretrain --cfg job        (print the composed config; any Hydra flag works after pretrain)
 
-config groups (conf/): model={tiny,med,large,xl} sparsity={dense,static_50,static_75}
-  backend={auto,masked_dense} data={pubmed_sample,pubmed_abstracts,hub} tokenizer={bpe,gpt2}
-  optim={adamw} task={pretrain,export}
+config groups (conf/): model={tiny,med,large,xl}
+  sparsity={dense,static_50,static_75,gmp_75,set_75,rigl_75,nm_2_4,cerebras_gpt3_125m_rigl75}
+  backend={auto,masked_dense,torch_sparse} data={pubmed_sample,pubmed_abstracts,hub} tokenizer={bpe,gpt2}
+  optim={adamw} task={pretrain,export,generate,prune}
 """
 
 log = logging.getLogger("modelzoo")
@@ -48,9 +55,18 @@ def _fail(error: Exception) -> None:
 
 
 def pretrain(overrides: list[str]) -> None:
-    """Run as a Hydra application: the run directory gets `.hydra/` (composed config) and a log file."""
+    """Run as a Hydra application: the run directory gets `.hydra/` (composed config) and a log file.
+
+    Plain overrides are validated (and the run directory checked) before Hydra creates anything; with
+    Hydra flags (`--cfg`, `--multirun`, ...) Hydra composes on its own.
+    """
+    from modelzoo.train.checkpoint import check_run_dir
     from modelzoo.train.trainer import Trainer
 
+    if not any(arg.startswith("-") for arg in overrides):
+        config = to_object(load_config(["task=pretrain", *overrides]))
+        validate(config)
+        check_run_dir(config.run_dir, resume=config.task.resume)
     register_configs()
 
     @hydra.main(config_path="pkg://modelzoo.conf", config_name="config", version_base="1.3")
@@ -68,17 +84,30 @@ def pretrain(overrides: list[str]) -> None:
 
 def export(overrides: list[str]) -> None:
     from modelzoo.export.hf import export_hf
-    from modelzoo.train.checkpoint import latest_checkpoint, restore_model
+    from modelzoo.train.checkpoint import resolve_checkpoint, restore_model
 
     cfg = to_object(load_config(["task=export", *overrides]))
     task: ExportConfig = cfg.task
-    path = Path(task.checkpoint) if task.checkpoint else latest_checkpoint(cfg.run_dir)
-    if path is None:
-        raise ModelZooError(f"{cfg.run_dir} holds no checkpoint; give run_dir=<run> or task.checkpoint=<dir>")
+    path = resolve_checkpoint(task.checkpoint, cfg.run_dir)
     model, saved, tokenizer = restore_model(path)
     output = Path(task.output_dir) if task.output_dir else path.parent.parent / "hf"
-    info = {"algorithm": saved.sparsity.algorithm, "target_sparsity": saved.sparsity.sparsity, "checkpoint": str(path)}
+    info = {**(saved.sparsity.summary() if saved.sparsity.enabled else {}), "checkpoint": str(path)}
     print(f"exported {path} -> {export_hf(model, output, tokenizer, info)}")
+
+
+def generate(overrides: list[str]) -> None:
+    from modelzoo.generate import format_speed, run
+
+    text, result = run(to_object(load_config(["task=generate", *overrides])))
+    print(text)
+    print(format_speed(result))
+
+
+def prune(overrides: list[str]) -> None:
+    from modelzoo.prune.task import run
+
+    cfg = to_object(load_config(["task=prune", *overrides]))
+    print(run(cfg).format(cfg.task))
 
 
 def info(overrides: list[str]) -> None:
@@ -101,6 +130,8 @@ def flops(overrides: list[str]) -> None:
 COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "pretrain": pretrain,
     "export": export,
+    "generate": generate,
+    "prune": prune,
     "info": info,
     "flops": flops,
 }

@@ -16,14 +16,15 @@ import torch
 from hydra import compose, initialize_config_module
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, open_dict
 
 from backends import check_supports, resolve_name
 from modelzoo.data.config import FORMATS, DataConfig, TokenizerConfig
 from modelzoo.errors import ConfigError
 from modelzoo.models.gpt import ACTIVATIONS, GPT, GPTConfig
+from modelzoo.prune.config import PruneConfig
 from modelzoo.sparsity.config import SparsityConfig
-from modelzoo.sparsity.names import select_parameters
+from modelzoo.sparsity.plan import plan_groups
 from modelzoo.train.config import DECAYS, DEVICES, PRECISIONS, OptimConfig, TrainConfig
 
 
@@ -42,6 +43,27 @@ class ExportConfig:
 
 
 @dataclass
+class GenerateConfig:
+    """Generate text from a checkpoint (default: the latest in `run_dir`) or a Hugging Face directory `hf_dir`.
+
+    `temperature` 0 decodes greedily; above 0 it samples, after `top_k` (0: off) and `top_p` (1.0: off)
+    filtering, seeded by the root `seed`. An empty `prompt` starts from the tokenizer's BOS token.
+    """
+
+    name: str = "generate"
+    checkpoint: str | None = None
+    hf_dir: str | None = None
+    prompt: str = ""
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    use_cache: bool = True
+    device: str = "auto"
+    precision: str = "fp32"
+
+
+@dataclass
 class Config:
     model: GPTConfig = field(default_factory=GPTConfig)
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
@@ -49,7 +71,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    task: Any = MISSING  # TrainConfig | ExportConfig: typed by the chosen task option
+    task: Any = MISSING  # TrainConfig | ExportConfig | GenerateConfig: typed by the chosen task option
     seed: int = 1234
     run_dir: str = "runs/default"
 
@@ -64,6 +86,8 @@ def register_configs() -> None:
     cs.store(name="base_config", node=Config)
     cs.store(group="task", name="pretrain_schema", node=TrainConfig)
     cs.store(group="task", name="export_schema", node=ExportConfig)
+    cs.store(group="task", name="generate_schema", node=GenerateConfig)
+    cs.store(group="task", name="prune_schema", node=PruneConfig)
     if not OmegaConf.has_resolver("pkg_data"):
         OmegaConf.register_new_resolver("pkg_data", _package_data)
 
@@ -94,8 +118,14 @@ def _check_known_keys(node: DictConfig, prefix: str) -> None:
             if key not in known:
                 raise ConfigError(f"{prefix}{key}", "unknown key", known)
     for key, value in node.items_ex(resolve=False):
+        if not isinstance(value, (DictConfig, ListConfig)) or node[key] is None:  # e.g. sparsity.groups: None
+            continue
         if isinstance(value, DictConfig):
             _check_known_keys(value, f"{prefix}{key}.")
+        elif isinstance(value, ListConfig):  # e.g. sparsity.groups, a list of typed blocks
+            for i, item in enumerate(value):
+                if isinstance(item, DictConfig):
+                    _check_known_keys(item, f"{prefix}{key}[{i}].")
 
 
 def resolved_device(requested: str) -> str:
@@ -114,22 +144,17 @@ def validate(cfg: Config) -> None:
         device = resolved_device(cfg.task.device)
         if device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("task.device", "cuda requested but no CUDA device is visible", ["auto", "cpu"])
-        check_supports(
-            resolve_name(cfg.backend.name),
-            algorithm=cfg.sparsity.algorithm if cfg.sparsity.enabled else None,
-            device=device,
-            dtype=cfg.task.precision,
-            train=True,
-        )
+        for algorithm in cfg.sparsity.algorithms or [None]:
+            check_supports(
+                resolve_name(cfg.backend.name),
+                algorithm=algorithm,
+                device=device,
+                dtype=cfg.task.precision,
+                train=True,
+            )
     if cfg.sparsity.enabled:
         with torch.device("meta"):
-            model = GPT(cfg.model)
-        if not select_parameters(model, cfg.sparsity.filters):
-            raise ConfigError(
-                "sparsity.param_filter",
-                f"{cfg.sparsity.filters} selects no parameter; names look like 'transformer.h.0.mlp.c_fc.weight' "
-                "or, in Cerebras spelling, '*.ffn.ffn.0.linear_layer.weight'",
-            )
+            plan_groups(cfg.sparsity, GPT(cfg.model))
 
 
 def _validate_model(m: GPTConfig) -> None:

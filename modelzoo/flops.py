@@ -7,6 +7,10 @@ scaled by its density when sparse; attention scores (Q K^T) and the weighted sum
 Training is 3x forward (the backward pass computes input and weight gradients, each as costly as the
 forward; sparse hardware such as the CS-2 skips the zeros in both). Norms, softmax, GELU and the
 embedding lookup are left out (well under 1% at these sizes).
+
+Sparse weights are charged at their group's target level (`SparsityGroupConfig.final_level`): a constant
+as given; a schedule at its last mask update (the level the model trains at from then on); an N:M pattern at
+density N/M; with `distribution: erk`, at each tensor's own level.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import torch
 
 from modelzoo.models.gpt import GPT, GPTConfig
 from modelzoo.sparsity.config import SparsityConfig
-from modelzoo.sparsity.names import select_parameters
+from modelzoo.sparsity.plan import target_levels
 
 TRAIN_MULTIPLIER = 3  # forward + backward (2x forward)
 COMPONENTS = {
@@ -39,10 +43,14 @@ class FlopTerm:
 
 @dataclass(frozen=True)
 class FlopReport:
+    """`sparsity`: fraction of zeros over all sparse weights at their target levels; `scheduled`: whether
+    some level comes from a schedule (and so holds only after its last mask update)."""
+
     model: str
     seq_len: int
     sparsity: float
     terms: tuple[FlopTerm, ...]
+    scheduled: bool = False
 
     @property
     def dense_per_token(self) -> float:
@@ -61,29 +69,32 @@ class FlopReport:
 
 
 def flop_report(config: GPTConfig, seq_len: int, sparsity: SparsityConfig | None = None) -> FlopReport:
-    """Forward FLOPs per token by component, for the weights `sparsity.param_filter` selects."""
-    level = float(sparsity.sparsity) if sparsity is not None and sparsity.enabled else 0.0
+    """Forward FLOPs per token by component, each sparse weight at its group's target level."""
+    enabled = sparsity is not None and sparsity.enabled
     with torch.device("meta"):
         model = GPT(config)
-    sparse_names = set(select_parameters(model, sparsity.filters)) if level > 0 else set()
+    levels = target_levels(sparsity, model) if enabled else {}
+    params = dict(model.named_parameters())
     groups: dict[str, list[float]] = {}
-    for name, p in model.named_parameters():
+    for name, p in params.items():
         component = next((c for suffix, c in COMPONENTS.items() if name.endswith(suffix)), None)
         if component is None:
             continue
         dense = 2.0 * p.numel()
         acc = groups.setdefault(component, [0.0, 0.0])
         acc[0] += dense
-        acc[1] += dense * (1.0 - level) if name in sparse_names else dense
+        acc[1] += dense * (1.0 - levels.get(name, 0.0))
     attention = 2 * 2.0 * config.n_layer * seq_len * config.n_embd  # Q K^T and A V, dense
-    head = 2.0 * config.n_embd * config.vocab_size  # tied LM head, dense
-    wte_sparse = "transformer.wte.weight" in sparse_names
+    head = 2.0 * config.n_embd * config.vocab_size  # tied LM head, dense unless the embedding is sparse
     terms = (
         *(FlopTerm(k, v[0], v[1]) for k, v in groups.items()),
         FlopTerm("attention scores", attention, attention),
-        FlopTerm("lm head", head, head * (1.0 - level) if wte_sparse else head),
+        FlopTerm("lm head", head, head * (1.0 - levels.get("transformer.wte.weight", 0.0))),
     )
-    return FlopReport(config.name, seq_len, level, terms)
+    numel = sum(params[n].numel() for n in levels)
+    overall = sum(level * params[n].numel() for n, level in levels.items()) / numel if numel else 0.0
+    scheduled = enabled and any(not isinstance(g.sparsity_spec, (int, float)) for _, g in sparsity.group_configs())
+    return FlopReport(config.name, seq_len, overall, terms, scheduled)
 
 
 def format_flops(x: float) -> str:
@@ -97,7 +108,8 @@ def format_flops(x: float) -> str:
 def format_report(report: FlopReport, tokens: int | None = None) -> str:
     """A plain-text table of training FLOPs per token (and in total for `tokens`)."""
     lines = [
-        f"training FLOPs, model={report.model} seq_len={report.seq_len} sparsity={report.sparsity:.0%}",
+        f"training FLOPs, model={report.model} seq_len={report.seq_len} sparsity={report.sparsity:.0%}"
+        + (" (scheduled: the level after the last mask update)" if report.scheduled else ""),
         f"{'component':<18}{'dense/token':>14}{'sparse/token':>14}",
     ]
     for t in report.terms:

@@ -6,7 +6,8 @@ import torch
 
 from modelzoo.models.gpt import GPT, GPTConfig
 from modelzoo.sparsity.config import SparsityConfig
-from modelzoo.sparsity.names import select_parameters
+from modelzoo.sparsity.masks import num_kept
+from modelzoo.sparsity.plan import plan_groups, target_levels
 
 
 def parameter_counts(config: GPTConfig) -> dict[str, int]:
@@ -35,12 +36,16 @@ def format_model_info(config: GPTConfig, sparsity: SparsityConfig) -> str:
     if sparsity.enabled:
         with torch.device("meta"):
             model = GPT(config)
-        names = select_parameters(model, sparsity.filters)
         params = dict(model.named_parameters())
-        targeted = sum(params[n].numel() for n in names)
-        kept = targeted - sum(round(float(sparsity.sparsity) * params[n].numel()) for n in names)
-        lines.append(
-            f"sparsity {float(sparsity.sparsity):.0%} ({sparsity.algorithm}): {len(names)} tensors, "
-            f"{targeted / 1e6:,.1f}M weights -> {kept / 1e6:,.1f}M nonzero"
-        )
+        levels = target_levels(sparsity, model)
+        for plan in plan_groups(sparsity, model):
+            group = plan.config
+            targeted = sum(params[n].numel() for n in plan.names)
+            kept = sum(num_kept(params[n].numel(), levels[n]) for n in plan.names)
+            where = "" if sparsity.groups is None else f"{plan.key} "
+            nm = "" if group.pattern is None else f" {group.pattern.n}:{group.pattern.m}"
+            lines.append(
+                f"{where}sparsity {group.final_level():.0%}{nm} ({group.algorithm}, {group.distribution}): "
+                f"{len(plan.names)} tensors, {targeted / 1e6:,.1f}M weights -> {kept / 1e6:,.1f}M nonzero"
+            )
     return "\n".join(lines)

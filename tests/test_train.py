@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from modelzoo.errors import CheckpointError
@@ -49,15 +51,35 @@ def test_dense_run_has_no_masks(tmp_path: Path, cache_dir: Path) -> None:
     assert not any(key.endswith("_mask") for key in trainer.model.state_dict())
 
 
-def test_resume_after_crash_is_exact(tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+# Masks update at steps 3 and 6: the crashed run below dies between the two and resumes across the second.
+ALGORITHMS = {
+    "static": [],
+    "gmp": ["sparsity=gmp_75", "sparsity.update.freq=3", "sparsity.sparsity.half_period=8", "sparsity.update.stop=9"],
+    "set": ["sparsity=set_75", "sparsity.update.freq=3"],
+    "rigl": ["sparsity=rigl_75", "sparsity.update.freq=3"],
+}
+
+
+def masks_at(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    weights = load_file(ckpt.checkpoint_dir(run_dir) / f"step_{step:06d}" / ckpt.MODEL_FILE)
+    return {k: v for k, v in weights.items() if k.endswith("_mask")}
+
+
+@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+def test_resume_after_crash_is_exact(
+    tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch, algorithm: str
+) -> None:
     steps = [
         "task.max_steps=8",
         "task.checkpoint_every=4",
         "task.log_every=1",
         "task.eval_every=4",
         "task.export=false",
+        *ALGORITHMS[algorithm],
     ]
     Trainer(make_config(tmp_path / "full", cache_dir, *steps)).fit()
+    before, after = masks_at(tmp_path / "full", 4), masks_at(tmp_path / "full", 8)
+    assert any(not torch.equal(v, after[k]) for k, v in before.items()) == (algorithm != "static")
 
     original = Trainer._train_step
     calls = {"n": 0}
@@ -111,9 +133,61 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path, cache_dir: 
         assert torch.allclose(a.float(), b.float(), atol=1e-6), name
 
 
+def test_rigl_with_accumulation_matches_one_big_batch(tmp_path: Path, cache_dir: Path) -> None:
+    """RigL regrows from the dense gradient accumulated over the micro-batches of a step: the masks after
+    updates with accumulation 2 equal those with one micro-batch of the same 8 sequences."""
+    common = [
+        "task.max_steps=2",
+        "task.export=false",
+        "task.batch_size=8",
+        "sparsity=rigl_75",
+        "sparsity.update.freq=1",
+    ]
+    accumulated = Trainer(make_config(tmp_path / "a", cache_dir, *common, "task.micro_batch_size=4"))
+    single = Trainer(make_config(tmp_path / "b", cache_dir, *common, "task.micro_batch_size=8"))
+    initial = {k: v.clone() for k, v in single.model.state_dict().items() if k.endswith("_mask")}
+    accumulated.fit()
+    single.fit()
+    final = single.model.state_dict()
+    assert all(not torch.equal(final[k], v) for k, v in initial.items())  # masks moved at both steps
+    for (name, a), b in zip(accumulated.model.state_dict().items(), final.values(), strict=True):
+        if name.endswith("_mask"):
+            assert torch.equal(a, b), name
+        else:
+            assert torch.allclose(a.float(), b.float(), atol=1e-6), name
+
+
+def test_nm_run_exports_its_pattern(tmp_path: Path, cache_dir: Path) -> None:
+    trainer = Trainer(make_config(tmp_path / "run", cache_dir, "sparsity=nm_2_4", "task.max_steps=2"))
+    summary = trainer.fit()
+    assert summary.sparsity == pytest.approx(0.5, abs=1e-4)
+    sidecar = json.loads((Path(summary.export_dir) / "sparsity.json").read_text())
+    assert (sidecar["pattern"], sidecar["algorithm"], sidecar["target_sparsity"]) == ("2:4", "static", 0.5)
+    for sp in trainer.sparsifier.params:
+        rows, cols = sp.param.shape
+        assert torch.all((sp.param != 0).reshape(rows, cols // 4, 4).sum(-1) == 2), sp.name
+
+
 def test_bf16_autocast_trains_and_keeps_masks(tmp_path: Path, cache_dir: Path) -> None:
     trainer = Trainer(make_config(tmp_path / "run", cache_dir, "task.precision=bf16", "task.max_steps=3"))
     summary = trainer.fit()
     assert math.isfinite(summary.val_loss)
     assert summary.sparsity == pytest.approx(0.75, abs=1e-4)
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # autocast, fp32 master weights
+
+
+def test_bf16_autocast_with_rigl_updates_masks(tmp_path: Path, cache_dir: Path) -> None:
+    overrides = [
+        "task.precision=bf16",
+        "task.max_steps=2",
+        "task.export=false",
+        "sparsity=rigl_75",
+        "sparsity.update.freq=1",
+    ]
+    trainer = Trainer(make_config(tmp_path / "run", cache_dir, *overrides))
+    initial = [sp.mask.clone() for sp in trainer.sparsifier.params]
+    trainer.fit()
+    for sp, mask in zip(trainer.sparsifier.params, initial, strict=True):
+        assert not torch.equal(sp.mask, mask)
+        assert int(sp.mask.sum()) == int(mask.sum())  # 75% held
+        assert torch.all(sp.param[~sp.mask] == 0) and sp.param.dtype == torch.float32

@@ -223,3 +223,18 @@ def load_hf(directory: str | os.PathLike) -> GPT:
     model = GPT(config)
     model.load_state_dict(from_hf_state_dict(hf_model.state_dict()))
     return model
+
+
+def restore_masks(model: GPT, directory: str | os.PathLike) -> list[str]:
+    """Re-create the `<param>_mask` buffers of the tensors `sparsity.json` in `directory` lists; return their names.
+
+    The export baked each mask into exact zeros, so a mask is recovered as `weight != 0`: a kept weight that was
+    exactly 0.0 comes back pruned, which changes no output. A directory without `sparsity.json` gives no masks.
+    """
+    report = Path(directory) / SPARSITY_FILE
+    names = list(json.loads(report.read_text())["per_tensor"]) if report.is_file() else []
+    for name in names:
+        module_name, _, leaf = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        module.register_buffer(leaf + MASK_SUFFIX, getattr(module, leaf).detach() != 0, persistent=True)
+    return names

@@ -4,7 +4,7 @@ Pre-LayerNorm blocks, learned absolute positions, GELU MLP, tied input/output em
 scaled-dot-product attention: the network of `transformers.GPT2LMHeadModel`, which is also what
 Cerebras' GPT-3 models convert to. Module names follow HF GPT-2 so export is a rename table; the
 only layout difference is that HF stores the four projections as `Conv1D` (in, out) while we use
-`nn.Linear` (out, in).
+`nn.Linear` (out, in). An optional `KVCache` lets decoding feed one new token per step.
 
 The module is plain PyTorch: it knows nothing of sparsity, configs files, devices or distribution.
 """
@@ -42,22 +42,63 @@ ACTIVATIONS = {
 }
 
 
+class KVCache:
+    """Keys and values of the positions seen so far, preallocated for `max_len` positions and filled in place.
+
+    `GPT.forward(idx, cache=cache)` reads `length` as the position of `idx[:, 0]`, stores the new keys and
+    values of every layer behind the cached ones, and advances `length` by `idx.shape[1]`.
+    """
+
+    def __init__(
+        self,
+        config: GPTConfig,
+        batch_size: int,
+        max_len: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if not 0 < max_len <= config.n_positions:
+            raise ValueError(f"max_len={max_len} must be in [1, n_positions={config.n_positions}]")
+        shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, nh, max_len, hs)
+        self.v = torch.zeros_like(self.k)
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store `k`, `v` (B, nh, T, hs) behind the cached positions; return all of them, (B, nh, length + T, hs)."""
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, layer: int = 0) -> None:
         super().__init__()
+        self.layer = layer  # index into a KVCache
         self.n_head = config.n_head
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # fused q, k, v
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
         # (B, T, C) -> (B, nh, T, hs)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        past = 0 if cache is None else cache.length
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, nh, past + T, hs)
+        # Without past positions the plain causal mask applies; with them, query i sees keys 0..past + i
+        # (no mask at all for a single new token).
+        mask = None if past == 0 or T == 1 else torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
         y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=past == 0
         )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -76,20 +117,24 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, layer: int = 0) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache)
         return x + self.mlp(self.ln_2(x))
 
 
 class GPT(nn.Module):
-    """GPT language model; `forward` returns logits (B, T, vocab) and, given targets, the mean CE loss."""
+    """GPT language model; `forward` returns logits (B, T, vocab) and, given targets, the mean CE loss.
+
+    With a `KVCache`, `idx` holds only the tokens after the cached positions (the whole prompt first, then
+    one token per decoding step) and the cache is extended in place.
+    """
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -101,7 +146,7 @@ class GPT(nn.Module):
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
                 wpe=nn.Embedding(config.n_positions, config.n_embd),
                 drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+                h=nn.ModuleList(Block(config, layer) for layer in range(config.n_layer)),
                 ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
             )
         )
@@ -123,15 +168,20 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         T = idx.shape[1]  # idx: (B, T)
-        if self.config.n_positions < T:
-            raise ValueError(f"sequence length {T} exceeds model n_positions={self.config.n_positions}")
-        pos = torch.arange(T, device=idx.device)
+        start = 0 if cache is None else cache.length
+        if self.config.n_positions < start + T:
+            raise ValueError(f"sequence length {start + T} exceeds model n_positions={self.config.n_positions}")
+        if cache is not None and cache.max_len < start + T:
+            raise ValueError(f"sequence length {start + T} exceeds the cache's max_len={cache.max_len}")
+        pos = torch.arange(start, start + T, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
-            x = block(x)
+            x = block(x, cache)
+        if cache is not None:
+            cache.length += T
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab)
         if targets is None:
             return logits, None

@@ -5,20 +5,28 @@ What `cerebras.pytorch.sparse` does, emulated on any device:
 - pruned weights are kept at exact zero in place (no mask multiply in the forward pass);
 - gradients are zeroed at pruned positions by a gradient hook, before clipping and accumulation;
 - optimizer state tensors of the parameter's shape are masked before each step, and the weights are
-  re-pruned after it.
+  re-pruned after it;
+- then, once per optimizer step, dynamic algorithms (GMP, SET, RigL) update their masks on the update steps
+  of their schedule whose gradients are all finite. Weights and optimizer state are zeroed wherever a mask
+  changed, so regrown connections start at exactly zero with fresh optimizer state.
+
+RigL regrows where the dense gradient is largest, which the masked gradient no longer shows. Only during the
+backward passes of an update step, each RigL weight's gradient hook adds the unmasked gradient to a buffer
+before masking it; over the micro-batches of a step this is the accumulated dense gradient. The buffers are
+freed once the masks are updated, so other steps cost nothing extra.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from modelzoo.errors import ConfigError
+from modelzoo.sparsity.algorithms import Algorithm, make_algorithm
 from modelzoo.sparsity.config import SparsityConfig
-from modelzoo.sparsity.init import init_mask
-from modelzoo.sparsity.names import select_parameters
+from modelzoo.sparsity.plan import plan_groups
 
 MASK_SUFFIX = "_mask"
 
@@ -45,7 +53,7 @@ class SparseParam:
 
         Multiplying by it is several times faster on CPU than by the bool mask (which converts on every
         use); the bool buffer stays the checkpointed truth. `_version` counts in-place writes such as
-        `load_state_dict`'s copy.
+        `load_state_dict`'s copy or a mask update.
         """
         mask, param = self.mask, self.param
         key = (mask.data_ptr(), mask._version, param.dtype, param.device)
@@ -66,36 +74,75 @@ class SparsityStats:
         return self.sparse_zeros / max(self.sparse_numel, 1)
 
 
+@dataclass
+class SparseGroup:
+    """One config group at run time: its algorithm and the parameters it sparsifies (in model order)."""
+
+    key: str
+    algorithm: Algorithm
+    params: list[SparseParam] = field(default_factory=list)
+
+
 class MaskedSparsity:
-    """Attaches static masks to the parameters selected by `config.param_filter`."""
+    """Attaches masks to the parameters each group of `config` selects and updates them as its algorithm says.
+
+    `seed` seeds the plug-in's generator, which draws the `random` initial masks (parameter by parameter in
+    model order) and then SET's regrowth scores; its state is part of `state_dict`.
+    """
 
     def __init__(self, config: SparsityConfig, seed: int) -> None:
         self.config = config
         self.seed = seed
         self.params: list[SparseParam] = []
+        self.groups: list[SparseGroup] = []
+        self.step = 0  # optimizer steps taken
+        self.generator = torch.Generator().manual_seed(seed)
+        self._dense_grads: dict[str, torch.Tensor] = {}
+        self._capture = False  # whether gradient hooks keep RigL's dense gradients (during an update step)
 
     def apply(self, model: nn.Module) -> None:
         """Create masks (deterministic in `seed`), zero the pruned weights and register gradient hooks."""
-        names = select_parameters(model, self.config.filters)
-        if not names:
-            raise ConfigError("sparsity.param_filter", f"{self.config.filters} selects no parameter of the model")
-        generator = torch.Generator().manual_seed(self.seed)
-        for name in names:
+        owner: dict[str, tuple[SparseGroup, float]] = {}
+        for plan in plan_groups(self.config, model):
+            group = SparseGroup(plan.key, make_algorithm(plan.config, plan.key))
+            self.groups.append(group)
+            levels = group.algorithm.levels(0, [tuple(model.get_parameter(n).shape) for n in plan.names])
+            owner.update({name: (group, level) for name, level in zip(plan.names, levels, strict=True)})
+        for name, weight in model.named_parameters():
+            if name not in owner:
+                continue
+            group, level = owner[name]
             module_name, _, leaf = name.rpartition(".")
             module = model.get_submodule(module_name)
-            weight = getattr(module, leaf)
-            mask = init_mask(weight, float(self.config.sparsity), self.config.init_method, generator)
+            mask = group.algorithm.initial_mask(weight, level, self.generator)
             module.register_buffer(leaf + MASK_SUFFIX, mask, persistent=True)
             sp = SparseParam(name, module, leaf)
             with torch.no_grad():
                 weight.mul_(mask)
-            weight.register_hook(lambda grad, sp=sp: grad * sp.multiplier())
+            weight.register_hook(
+                self._dense_grad_hook(sp)
+                if group.algorithm.needs_dense_grad
+                else lambda grad, sp=sp: grad * sp.multiplier()
+            )
             self.params.append(sp)
+            group.params.append(sp)
+        for group in self.groups:
+            group.algorithm.start()
+        self._capture = self._captures_at(self.step + 1)
+
+    def _dense_grad_hook(self, sp: SparseParam) -> Callable[[torch.Tensor], torch.Tensor]:
+        def hook(grad: torch.Tensor) -> torch.Tensor:
+            if self._capture:
+                held = self._dense_grads.get(sp.name)
+                self._dense_grads[sp.name] = grad.clone() if held is None else held.add_(grad)
+            return grad * sp.multiplier()
+
+        return hook
 
     def apply_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """Mask optimizer state before each step and re-prune the weights after it."""
+        """Mask optimizer state before each step; after it, re-prune the weights and update dynamic masks."""
         optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._prune_state(opt))
-        optimizer.register_step_post_hook(lambda opt, args, kwargs: self.prune_weights())
+        optimizer.register_step_post_hook(lambda opt, args, kwargs: self._after_step(opt))
 
     @torch.no_grad()
     def prune_weights(self) -> None:
@@ -113,6 +160,50 @@ class MaskedSparsity:
             torch._foreach_mul_(states, multipliers)
 
     @torch.no_grad()
+    def _after_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """The optimizer step post-hook: re-prune, count the step and, on update steps, update masks."""
+        self.prune_weights()
+        self.step += 1
+        dynamic = [g for g in self.groups if g.algorithm.dynamic]
+        if not dynamic:
+            return
+        due = [g.algorithm.is_update_step(self.step) for g in dynamic]
+        finite = not any(due) or self._grads_finite(optimizer)
+        for group, is_due in zip(dynamic, due, strict=True):
+            if is_due and finite:
+                self._update_masks(group, optimizer)
+            group.algorithm.advance(is_due and finite)
+        self._dense_grads.clear()
+        self._capture = self._captures_at(self.step + 1)
+
+    def _grads_finite(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether every gradient of the step (and every kept dense gradient) is finite, in one device sync."""
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        grads += self._dense_grads.values()
+        return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+    def _update_masks(self, group: SparseGroup, optimizer: torch.optim.Optimizer) -> None:
+        """New masks for `group`; weights and optimizer state are zeroed where a mask changed."""
+        algorithm = group.algorithm
+        levels = algorithm.levels(self.step, [tuple(sp.param.shape) for sp in group.params])
+        for sp, level in zip(group.params, levels, strict=True):
+            if sp.param.grad is None:  # as cstorch: a weight that did not train this step keeps its mask
+                continue
+            mask = sp.mask
+            new = algorithm.update_mask(
+                sp.param.detach(), mask, level, self.step, self.generator, self._dense_grads.get(sp.name)
+            )
+            unchanged_kept = (new & mask).to(sp.param.dtype)
+            sp.param.mul_(unchanged_kept)
+            for value in optimizer.state.get(sp.param, {}).values():
+                if torch.is_tensor(value) and value.shape == sp.param.shape:
+                    value.mul_(unchanged_kept.to(value.dtype))
+            mask.copy_(new)
+
+    def _captures_at(self, step: int) -> bool:
+        return any(g.algorithm.needs_dense_grad and g.algorithm.is_update_step(step) for g in self.groups)
+
+    @torch.no_grad()
     def stats(self) -> SparsityStats:
         """Achieved sparsity: fraction of exact zeros in each targeted weight and over all of them."""
         per_param, zeros, numel = {}, 0, 0
@@ -127,10 +218,23 @@ class MaskedSparsity:
         return [sp.name + MASK_SUFFIX for sp in self.params]
 
     def state_dict(self) -> dict:
-        return {"algorithm": self.config.algorithm, "seed": self.seed}
+        """Algorithm state (masks live in the model's state dict): step, generator, schedules of each group."""
+        return {
+            "step": self.step,
+            "generator": self.generator.get_state(),
+            "groups": [g.algorithm.state_dict() for g in self.groups],
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("algorithm") != self.config.algorithm:
+        groups = state.get("groups")
+        if groups is None or len(groups) != len(self.groups):
             raise ValueError(
-                f"sparsity state is for algorithm {state.get('algorithm')!r}, not {self.config.algorithm!r}"
+                f"sparsity state holds {'no' if groups is None else len(groups)} groups but the config has "
+                f"{len(self.groups)}: it was written by another sparsity config or version"
             )
+        for group, group_state in zip(self.groups, groups, strict=True):
+            group.algorithm.load_state_dict(group_state)
+        self.step = int(state["step"])
+        self.generator.set_state(state["generator"])
+        self._dense_grads.clear()
+        self._capture = self._captures_at(self.step + 1)

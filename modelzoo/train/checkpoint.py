@@ -96,6 +96,29 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return path
 
 
+def resolve_checkpoint(checkpoint: str | None, run_dir: str | Path) -> Path:
+    """`checkpoint` when given (`task.checkpoint`), else the newest checkpoint of `run_dir`."""
+    path = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
+    if path is None:
+        raise CheckpointError(f"{run_dir} holds no checkpoint; give run_dir=<run> or task.checkpoint=<dir>")
+    return path
+
+
+def check_run_dir(run_dir: str | Path, resume: bool) -> None:
+    """Refuse to start over an existing run, or to resume one that has no checkpoint (nothing is touched)."""
+    existing = latest_checkpoint(run_dir)
+    if resume and existing is None:
+        raise CheckpointError(
+            f"task.resume=true but {checkpoint_dir(run_dir)} holds no checkpoint; "
+            "start without task.resume to begin a new run"
+        )
+    if not resume and existing is not None:
+        raise CheckpointError(
+            f"{run_dir} already holds checkpoint {existing.name}; pass task.resume=true to continue it "
+            "or run_dir=<new dir> to start a new run (nothing was overwritten)"
+        )
+
+
 def verify_checkpoint(path: str | Path) -> dict[str, Any]:
     """Check that every file is present with its recorded size and sha256; return the manifest."""
     path = Path(path)

@@ -69,7 +69,7 @@ class Trainer:
         self.task: TrainConfig = cfg.task
         self.run_dir = Path(run_dir or cfg.run_dir)
         self.device = torch.device(resolved_device(self.task.device))
-        self._check_fresh_or_resumable()
+        ckpt.check_run_dir(self.run_dir, resume=self.task.resume)
 
         self.tokenizer = build_tokenizer(cfg.tokenizer, cfg.data)
         if len(self.tokenizer) > cfg.model.vocab_size:
@@ -109,19 +109,6 @@ class Trainer:
         self.metrics = MetricsLogger(self.run_dir, resume_step=self.step if self.task.resume else None)
 
     # ---- construction -------------------------------------------------------------------------------
-    def _check_fresh_or_resumable(self) -> None:
-        existing = ckpt.latest_checkpoint(self.run_dir)
-        if self.task.resume and existing is None:
-            raise CheckpointError(
-                f"task.resume=true but {ckpt.checkpoint_dir(self.run_dir)} holds no checkpoint; "
-                "start without task.resume to begin a new run"
-            )
-        if not self.task.resume and existing is not None:
-            raise CheckpointError(
-                f"{self.run_dir} already holds checkpoint {existing.name}; pass task.resume=true to continue it "
-                "or run_dir=<new dir> to start a new run (nothing was overwritten)"
-            )
-
     def _build_model(self) -> GPT:
         if not self.task.init_from:
             return GPT(self.cfg.model)
@@ -306,7 +293,7 @@ class Trainer:
         sparsity, per_param = self.sparsity()
         export_dir = None
         if self.task.export:
-            info = {"algorithm": self.cfg.sparsity.algorithm, "target_sparsity": self.cfg.sparsity.sparsity}
+            info = self.cfg.sparsity.summary() if self.cfg.sparsity.enabled else {}
             export_dir = str(export_hf(self.model, self.run_dir / "hf", self.tokenizer, {**info, "step": self.step}))
         summary = RunSummary(
             steps=self.step,
