@@ -8,6 +8,7 @@ the others as they are.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import platform
@@ -145,3 +146,48 @@ def write_section(title: str, body: str, path: Path = BENCHMARKS_MD) -> None:
     text = path.read_text() if path.exists() else INTRO
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(replace_section(text, title, body))
+
+
+def add_common_arguments(
+    parser: argparse.ArgumentParser, *, repeats: int | None = None, seeded: str | None = None
+) -> None:
+    """The options every benchmark shares: `--repeats` (when it times rounds), `--threads`, `--seed` (when
+    `seeded` names what the seed draws) and `--write`."""
+    if repeats is not None:
+        parser.add_argument(
+            "--repeats", type=int, default=repeats, help=f"interleaved timed rounds; median taken (default: {repeats})"
+        )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="torch.set_num_threads (default: all cores this process may use)",
+    )
+    if seeded is not None:
+        parser.add_argument("--seed", type=int, default=0, help=f"seed for {seeded} (default: 0)")
+    parser.add_argument("--write", action="store_true", help="also write the results to docs/benchmarks.md")
+
+
+def split_choices(parser: argparse.ArgumentParser, option: str, value: str, known: Sequence[str]) -> list[str]:
+    """A comma-separated option's values; an unknown one is a usage error naming the choices."""
+    chosen = value.split(",")
+    unknown = sorted(set(chosen) - set(known))
+    if unknown:
+        parser.error(f"{option}: unknown {unknown}; choose from {sorted(known)}")
+    return chosen
+
+
+def begin(threads: int) -> dict[str, str]:
+    """Set torch's thread count, then print and return the environment the benchmark runs in."""
+    torch.set_num_threads(threads)
+    env = environment()
+    print("\n".join(f"{key}: {value}" for key, value in env.items()), "\n", flush=True)
+    return env
+
+
+def publish(section: str, text: str, env: dict[str, str], write: bool) -> None:
+    """Record the load average at the end and, with `write`, put `text` in its section of docs/benchmarks.md."""
+    env["load average at end (1, 5, 15 min)"] = load_average()
+    if write:
+        write_section(section, section_body(text, env=env))
+        print(f"wrote section {section!r} of docs/benchmarks.md")

@@ -8,22 +8,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import statistics
 import time
 from collections import defaultdict
 
 import torch
-from common import (
-    REPO,
-    Timing,
-    environment,
-    load_average,
-    markdown_table,
-    section_body,
-    time_interleaved,
-    write_section,
-)
+from common import REPO, Timing, add_common_arguments, begin, markdown_table, publish, time_interleaved
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -228,15 +218,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sparsity", type=float, default=0.75, help="fraction of zeros (default: 0.75)")
     parser.add_argument("--prompt-tokens", type=int, default=8, help="random prompt length (default: 8)")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per call (default: 32)")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds; median taken (default: 3)")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=len(os.sched_getaffinity(0)),
-        help="torch.set_num_threads (default: all cores this process may use)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed for weights, masks and prompt (default: 0)")
-    parser.add_argument("--write", action="store_true", help="also write the results to docs/benchmarks.md")
+    add_common_arguments(parser, repeats=3, seeded="weights, masks and prompt")
     args = parser.parse_args(argv)
     if not 0 < args.sparsity < 1:
         parser.error(f"--sparsity: must be in (0, 1), got {args.sparsity}")
@@ -247,9 +229,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    env = environment()
-    print("\n".join(f"{key}: {value}" for key, value in env.items()), "\n", flush=True)
+    env = begin(args.threads)
     config = med_config(args.layers)
     models, args.kernels = build_models(config, args.sparsity, args.seed)
     print(f"built {config.name}; torch_sparse: {args.kernels}", flush=True)
@@ -260,10 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     text += f"\n- masked-dense and torch_sparse decode the same tokens: {'yes' if same else 'no'}"
     text = f"{METHOD.strip()}\n\n{text}"
     print(text)
-    env["load average at end (1, 5, 15 min)"] = load_average()
-    if args.write:
-        write_section(SECTION, section_body(text, env=env))
-        print(f"wrote section {SECTION!r} of docs/benchmarks.md")
+    publish(SECTION, text, env, args.write)
 
 
 if __name__ == "__main__":

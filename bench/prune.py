@@ -15,7 +15,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import torch
-from common import environment, markdown_table, section_body, write_section
+from common import add_common_arguments, begin, markdown_table, publish, split_choices
 from train_step import model_size
 
 from modelzoo.models.gpt import GPT, GPTConfig
@@ -134,32 +134,22 @@ def report(name: str, shape: Shape, results: dict[str, Measurement]) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default="tiny,med2", help=f"comma-separated, out of {sorted(SHAPES)}")
-    parser.add_argument(
-        "--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (default: all usable cores)"
-    )
-    parser.add_argument("--write", action="store_true", help="also write the results to docs/benchmarks.md")
+    add_common_arguments(parser)
     args = parser.parse_args(argv)
-    args.shapes = args.shapes.split(",")
-    unknown = sorted(set(args.shapes) - set(SHAPES))
-    if unknown:
-        parser.error(f"--shapes: unknown {unknown}; choose from {sorted(SHAPES)}")
+    args.shapes = split_choices(parser, "--shapes", args.shapes, list(SHAPES))
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    env = environment()
-    env["threads"] = f"{args.threads} (of {os.cpu_count()} logical CPUs)"
-    print("\n".join(f"{key}: {value}" for key, value in env.items()), "\n", flush=True)
+    env = begin(args.threads)  # each case runs in a fresh process with the same thread count
     parts = [METHOD.strip()]
     for name in args.shapes:
         shape = SHAPES[name]
         results = {method: measure_in_subprocess(shape, method, args.threads) for method in shape.methods}
         parts.append(report(name, shape, results))
         print(parts[-1], "\n", flush=True)
-    if args.write:
-        write_section(SECTION, section_body("\n\n".join(parts), env=env))
-        print(f"wrote section {SECTION!r} of docs/benchmarks.md")
+    publish(SECTION, "\n\n".join(parts), env, args.write)
 
 
 if __name__ == "__main__":

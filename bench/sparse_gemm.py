@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -16,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from common import Timing, environment, load_average, markdown_table, section_body, time_interleaved, write_section
+from common import Timing, add_common_arguments, begin, markdown_table, publish, split_choices, time_interleaved
 
 from backends.torch_sparse import SparseLinear, bsr_from_mask, csr_from_mask
 
@@ -204,20 +203,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=STREAM_BYTES >> 20,
         help=f"MiB of dense weights each kernel cycles through; 0: one hot matrix (default: {STREAM_BYTES >> 20})",
     )
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds; median taken (default: 3)")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=len(os.sched_getaffinity(0)),
-        help="torch.set_num_threads (default: all cores this process may use)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed for weights, masks and inputs (default: 0)")
-    parser.add_argument("--write", action="store_true", help="also write the results to docs/benchmarks.md")
+    add_common_arguments(parser, repeats=3, seeded="weights, masks and inputs")
     args = parser.parse_args(argv)
-    args.models = args.models.split(",")
-    unknown = sorted(set(args.models) - set(WIDTHS))
-    if unknown:
-        parser.error(f"--models: unknown {unknown}; choose from {sorted(WIDTHS)}")
+    args.models = split_choices(parser, "--models", args.models, list(WIDTHS))
     if not all(0 <= s < 1 for s in args.sparsity):
         parser.error(f"--sparsity: every value must be in [0, 1), got {args.sparsity}")
     if not all(m >= 1 for m in args.tokens):
@@ -227,9 +215,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    env = environment()
-    print("\n".join(f"{key}: {value}" for key, value in env.items()), "\n", flush=True)
+    env = begin(args.threads)
     results = {}
     for case in cases(args.models, args.tokens):
         results[case] = measure(
@@ -242,10 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     parts.append("\n".join(line for line in lines if line))
     text = "\n\n".join(parts)
     print(text)
-    env["load average at end (1, 5, 15 min)"] = load_average()
-    if args.write:
-        write_section(SECTION, section_body(text, env=env))
-        print(f"wrote section {SECTION!r} of docs/benchmarks.md")
+    publish(SECTION, text, env, args.write)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,11 @@ Usage: `python bench/train_step.py [--models tiny,med2] [--write]`; see `--help`
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from common import REPO, Timing, environment, markdown_table, section_body, time_interleaved, write_section
+from common import REPO, Timing, add_common_arguments, begin, markdown_table, publish, split_choices, time_interleaved
 from omegaconf import OmegaConf
 from transformers import GPT2LMHeadModel
 
@@ -226,28 +225,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--steps", type=int, help="timed steps per variant per round (default: per shape, 10 for tiny, 1 for med2)"
     )
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant before timing (default: 2)")
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved timed rounds; median taken (default: 5)")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=len(os.sched_getaffinity(0)),
-        help="torch.set_num_threads (default: all cores this process may use)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed for weights, masks and the batch (default: 0)")
-    parser.add_argument("--write", action="store_true", help="also write the results to docs/benchmarks.md")
+    add_common_arguments(parser, repeats=5, seeded="weights, masks and the batch")
     args = parser.parse_args(argv)
-    args.models = args.models.split(",")
-    unknown = sorted(set(args.models) - set(SHAPES))
-    if unknown:
-        parser.error(f"--models: unknown {unknown}; choose from {sorted(SHAPES)}")
+    args.models = split_choices(parser, "--models", args.models, list(SHAPES))
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    env = environment()
-    print("\n".join(f"{key}: {value}" for key, value in env.items()), "\n", flush=True)
+    env = begin(args.threads)
     parts = [METHOD.strip()]
     for name in args.models:
         shape = SHAPES[name]
@@ -255,9 +241,7 @@ def main(argv: list[str] | None = None) -> None:
         timings = measure(shape, steps=steps, warmup=args.warmup, repeats=args.repeats, seed=args.seed)
         parts.append(report(name, shape, timings, steps))
         print(parts[-1], "\n", flush=True)
-    if args.write:
-        write_section(SECTION, section_body("\n\n".join(parts), env=env))
-        print(f"wrote section {SECTION!r} of docs/benchmarks.md")
+    publish(SECTION, "\n\n".join(parts), env, args.write)
 
 
 if __name__ == "__main__":

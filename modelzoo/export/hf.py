@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel, PreTrainedModel, PreTrainedTokenizerBase
 
 from modelzoo.atomic import atomic_directory
 from modelzoo.errors import CheckpointError, ConfigError
@@ -194,7 +194,17 @@ def export_hf(
     masked = [key.removesuffix(MASK_SUFFIX) for key in state if key.endswith(MASK_SUFFIX)]
     report = sparsity_report(hf_state, masked, sparsity_info)
     hf_model = _build_hf_model(model.config, hf_state, tokenizer)
+    return save_hf_directory(hf_model, output_dir, tokenizer, report)
 
+
+def save_hf_directory(
+    hf_model: PreTrainedModel,
+    output_dir: str | os.PathLike,
+    tokenizer: PreTrainedTokenizerBase | None,
+    report: dict,
+) -> Path:
+    """`save_pretrained` of the model and tokenizer plus `sparsity.json`, replacing `output_dir` atomically."""
+    output_dir = Path(output_dir)
     with atomic_directory(output_dir) as directory:
         hf_model.save_pretrained(directory, safe_serialization=True)
         if tokenizer is not None:

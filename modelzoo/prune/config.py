@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from modelzoo.errors import ConfigError
+from modelzoo.sparsity.names import as_globs
 
 METHODS = ("sparsegpt", "wanda", "magnitude")
 
@@ -71,9 +72,7 @@ class PruneConfig:
 
     @property
     def filters(self) -> list[str] | None:
-        if self.param_filter is None:
-            return None
-        return [self.param_filter] if isinstance(self.param_filter, str) else list(self.param_filter)
+        return as_globs(self.param_filter)
 
     @property
     def tag(self) -> str:

@@ -9,7 +9,6 @@ are the nonzeros of the listed tensors. Sparse continued pre-training reads it w
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,11 +16,10 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from modelzoo.atomic import atomic_directory
 from modelzoo.data.config import TokenizerConfig
 from modelzoo.data.tokenizer import load_pretrained
 from modelzoo.errors import CheckpointError, ConfigError
-from modelzoo.export.hf import SPARSITY_FILE, export_hf, sparsity_report
+from modelzoo.export.hf import export_hf, save_hf_directory, sparsity_report
 from modelzoo.models.gpt import GPT
 from modelzoo.prune.config import PruneConfig
 from modelzoo.prune.layers import attach_masks
@@ -89,10 +87,4 @@ def save_pruned(
     if isinstance(model, GPT):
         attach_masks(model, masks)
         return export_hf(model, output_dir, tokenizer, info)
-    report = sparsity_report(model.state_dict(), list(masks), info)
-    with atomic_directory(output_dir) as directory:
-        model.save_pretrained(directory, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(directory)
-        (directory / SPARSITY_FILE).write_text(json.dumps(report, indent=2) + "\n")
-    return output_dir
+    return save_hf_directory(model, output_dir, tokenizer, sparsity_report(model.state_dict(), list(masks), info))

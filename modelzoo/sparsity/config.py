@@ -25,6 +25,7 @@ from typing import Any
 from modelzoo.errors import ConfigError
 from modelzoo.sparsity.distribution import DISTRIBUTIONS
 from modelzoo.sparsity.init import INIT_METHODS
+from modelzoo.sparsity.names import as_globs
 from modelzoo.sparsity.schedules import Constant, make_schedule, make_update_schedule
 
 ALGORITHMS = ("static", "gmp", "set", "rigl")
@@ -64,9 +65,7 @@ class SparsityGroupConfig:
 
     @property
     def filters(self) -> list[str] | None:
-        if self.param_filter is None:
-            return None
-        return [self.param_filter] if isinstance(self.param_filter, str) else list(self.param_filter)
+        return as_globs(self.param_filter)
 
     @property
     def dynamic(self) -> bool:

@@ -52,6 +52,13 @@ def is_default_sparse(name: str, ndim: int) -> bool:
     return ndim > 1 and not any(word in s for s in spellings for word in CEREBRAS_DEFAULT_EXCLUDE)
 
 
+def as_globs(param_filter: str | list[str] | None) -> list[str] | None:
+    """A `param_filter` as a list of globs (one glob may be given alone); None stays None (the default)."""
+    if param_filter is None:
+        return None
+    return [param_filter] if isinstance(param_filter, str) else list(param_filter)
+
+
 def matches(name: str, globs: list[str]) -> bool:
     """True if any glob matches our name or one of its Cerebras spellings."""
     spellings = (name, *cerebras_names(name))
