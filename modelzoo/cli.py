@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -58,8 +59,10 @@ def pretrain(overrides: list[str]) -> None:
     """Run as a Hydra application: the run directory gets `.hydra/` (composed config) and a log file.
 
     Plain overrides are validated (and the run directory checked) before Hydra creates anything; with
-    Hydra flags (`--cfg`, `--multirun`, ...) Hydra composes on its own.
+    Hydra flags (`--cfg`, `--multirun`, ...) Hydra composes on its own. Under torchrun only rank 0 writes
+    Hydra's files and log.
     """
+    from modelzoo.distributed import shutdown
     from modelzoo.train.checkpoint import check_run_dir
     from modelzoo.train.trainer import Trainer
 
@@ -77,8 +80,11 @@ def pretrain(overrides: list[str]) -> None:
             Trainer(config).fit()
         except (ModelZooError, OmegaConfBaseException) as e:
             _fail(e)
+        finally:
+            shutdown()
 
-    sys.argv = ["modelzoo pretrain", "task=pretrain", *overrides]
+    quiet = ["hydra.output_subdir=null", "hydra/job_logging=none"] if int(os.environ.get("RANK", "0")) else []
+    sys.argv = ["modelzoo pretrain", "task=pretrain", *overrides, *quiet]
     run()
 
 

@@ -20,6 +20,7 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, open_dict
 
 from backends import check_supports, resolve_name
 from modelzoo.data.config import FORMATS, DataConfig, TokenizerConfig
+from modelzoo.distributed import world_size
 from modelzoo.errors import ConfigError
 from modelzoo.models.gpt import ACTIVATIONS, GPT, GPTConfig
 from modelzoo.prune.config import PruneConfig
@@ -186,11 +187,13 @@ def _validate_train(t: TrainConfig, o: OptimConfig) -> None:
     for key in ("max_steps", "batch_size", "micro_batch_size", "log_every", "eval_every", "checkpoint_every"):
         if getattr(t, key) <= 0:
             raise ConfigError(f"task.{key}", f"must be positive, got {getattr(t, key)}")
-    if t.batch_size % t.micro_batch_size:
+    per_step = t.micro_batch_size * world_size()  # one micro-batch on each torchrun rank
+    if t.batch_size % per_step:
+        ranks = f" x {world_size()} ranks" if world_size() > 1 else ""
         raise ConfigError(
             "task.batch_size",
-            f"{t.batch_size} is not divisible by task.micro_batch_size={t.micro_batch_size}",
-            [n for n in range(t.micro_batch_size, 4 * t.micro_batch_size + 1, t.micro_batch_size)],
+            f"{t.batch_size} is not divisible by task.micro_batch_size={t.micro_batch_size}{ranks}",
+            [n for n in range(per_step, 4 * per_step + 1, per_step)],
         )
     if t.keep_checkpoints < 1:
         raise ConfigError("task.keep_checkpoints", f"must be at least 1, got {t.keep_checkpoints}")

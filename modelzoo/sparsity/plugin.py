@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from modelzoo.distributed import average_across_ranks
 from modelzoo.sparsity.algorithms import Algorithm, make_algorithm
 from modelzoo.sparsity.config import SparsityConfig
 from modelzoo.sparsity.plan import plan_groups
@@ -168,6 +169,9 @@ class MaskedSparsity:
         if not dynamic:
             return
         due = [g.algorithm.is_update_step(self.step) for g in dynamic]
+        # Under DDP each rank holds the dense gradient of its own micro-batches; the mean over ranks is the
+        # batch's, and every rank then picks the same regrowth.
+        average_across_ranks(list(self._dense_grads.values()))
         finite = not any(due) or self._grads_finite(optimizer)
         for group, is_due in zip(dynamic, due, strict=True):
             if is_due and finite:

@@ -4,7 +4,8 @@ One optimizer step is `_train_step`: `batch_size / micro_batch_size` micro-batch
 (gradients accumulate), grad-norm clipping, optimizer step, schedule step. The backend may wrap it
 (`Backend.wrap_step`; the Cerebras backend traces it). Sparsity acts through hooks the plug-in put on the
 model and optimizer, so the step itself knows nothing of masks. Distribution would wrap the model and
-shard the loader (`BlockLoader` takes rank / world_size); the model is never touched.
+shard the loader (`BlockLoader` takes rank / world_size); the model is never touched. Under `torchrun` the
+model is wrapped in `DistributedDataParallel` and rank 0 alone writes (`modelzoo.distributed`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from backends import get_backend, resolve_name
@@ -29,6 +31,7 @@ from modelzoo.config import Config, resolved_device
 from modelzoo.data.corpus import load_corpus, unigram_loss
 from modelzoo.data.loader import BlockLoader, iter_eval
 from modelzoo.data.tokenizer import build_tokenizer
+from modelzoo.distributed import init_distributed
 from modelzoo.errors import CheckpointError, ConfigError
 from modelzoo.export.hf import export_hf, load_hf
 from modelzoo.flops import flop_report, format_flops
@@ -68,18 +71,25 @@ class Trainer:
         self.cfg = cfg
         self.task: TrainConfig = cfg.task
         self.run_dir = Path(run_dir or cfg.run_dir)
-        self.device = torch.device(resolved_device(self.task.device))
+        device_type = resolved_device(self.task.device)
+        self.dist = init_distributed(device_type)
+        self.accumulation = self.task.batch_size // (self.task.micro_batch_size * self.dist.world_size)
+        self.device = torch.device(f"cuda:{self.dist.local_rank}" if device_type == "cuda" else device_type)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         ckpt.check_run_dir(self.run_dir, resume=self.task.resume)
 
-        self.tokenizer = build_tokenizer(cfg.tokenizer, cfg.data)
-        if len(self.tokenizer) > cfg.model.vocab_size:
-            raise ConfigError(
-                "model.vocab_size",
-                f"{cfg.model.vocab_size} is smaller than the tokenizer's {len(self.tokenizer)} tokens; "
-                f"set model.vocab_size={len(self.tokenizer)}",
-            )
-        self.tokenizer.save_pretrained(self.run_dir / "tokenizer")
-        self.corpus = load_corpus(cfg.data, self.tokenizer)
+        with self.dist.main_first():  # rank 0 trains the tokenizer and fills the data cache; the others read them
+            self.tokenizer = build_tokenizer(cfg.tokenizer, cfg.data)
+            if len(self.tokenizer) > cfg.model.vocab_size:
+                raise ConfigError(
+                    "model.vocab_size",
+                    f"{cfg.model.vocab_size} is smaller than the tokenizer's {len(self.tokenizer)} tokens; "
+                    f"set model.vocab_size={len(self.tokenizer)}",
+                )
+            if self.dist.is_main:
+                self.tokenizer.save_pretrained(self.run_dir / "tokenizer")
+            self.corpus = load_corpus(cfg.data, self.tokenizer)
         self.unigram_loss = unigram_loss(self.corpus.train, self.corpus.validation, cfg.model.vocab_size)
 
         torch.manual_seed(cfg.seed)
@@ -93,9 +103,15 @@ class Trainer:
             self.sparsifier.apply_optimizer(self.optimizer)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.task.max_steps)
         self.loader = BlockLoader(
-            self.corpus.train, self.task.micro_batch_size, seed=cfg.seed, source=", ".join(cfg.data.train_files)
+            self.corpus.train,
+            self.task.micro_batch_size,
+            seed=cfg.seed,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            source=", ".join(cfg.data.train_files),
         )
-        self.accumulation = self.task.batch_size // self.task.micro_batch_size
+        # Gradients are averaged over ranks by DDP; masks are buffers that every rank updates identically.
+        self.replica = DistributedDataParallel(self.model, broadcast_buffers=False) if self.dist.enabled else None
         self.tokens_per_step = self.task.batch_size * cfg.data.seq_len
         self.autocast = (
             torch.autocast(self.device.type, dtype=torch.bfloat16) if self.task.precision == "bf16" else nullcontext()
@@ -106,7 +122,11 @@ class Trainer:
         self.train_step = self.backend.wrap_step(self._train_step)
         if self.task.resume:
             self._resume()
-        self.metrics = MetricsLogger(self.run_dir, resume_step=self.step if self.task.resume else None)
+        self.metrics = (
+            MetricsLogger(self.run_dir, resume_step=self.step if self.task.resume else None)
+            if self.dist.is_main
+            else None
+        )
 
     # ---- construction -------------------------------------------------------------------------------
     def _build_model(self) -> GPT:
@@ -126,10 +146,12 @@ class Trainer:
         """Forward/backward over the micro-batches of one batch, clip, step. Returns (mean loss, grad norm)."""
         self.model.train()
         total = torch.zeros((), device=self.device)
-        for _ in range(self.accumulation):
+        for i in range(self.accumulation):
             x, y = (t.to(self.device, non_blocking=True) for t in self.loader.next_batch())
-            with self.autocast:
-                _, loss = self.model(x, y)
+            # DDP all-reduces the gradients once, on the last micro-batch of the step.
+            last = i == self.accumulation - 1
+            with self.autocast, nullcontext() if self.replica is None or last else self.replica.no_sync():
+                _, loss = (self.replica or self.model)(x, y)
             (loss / self.accumulation).backward()
             total += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
@@ -140,14 +162,17 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean validation loss (nats/token) over `task.eval_batches` batches (all if unset)."""
+        """Mean validation loss (nats/token) over `task.eval_batches` batches (all if unset), shared among ranks."""
         self.model.eval()
-        total, count = 0.0, 0
-        for x, y in iter_eval(self.corpus.validation, self.task.micro_batch_size, self.task.eval_batches):
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss x tokens, tokens
+        batches = iter_eval(self.corpus.validation, self.task.micro_batch_size, self.task.eval_batches)
+        for i, (x, y) in enumerate(batches):
+            if i % self.dist.world_size != self.dist.rank:
+                continue
             with self.autocast:
                 _, loss = self.model(x.to(self.device), y.to(self.device))
-            total += float(loss) * y.numel()
-            count += y.numel()
+            sums += torch.tensor([float(loss) * y.numel(), y.numel()], dtype=torch.float64, device=self.device)
+        total, count = self.dist.sum(sums).tolist()
         return total / count
 
     def sparsity(self) -> tuple[float | None, dict[str, float]]:
@@ -164,7 +189,15 @@ class Trainer:
         window_start, window_steps = time.perf_counter(), 0
         # In a log file (no terminal) refresh the bar every 30 s instead of many times a second.
         refresh = 0.1 if sys.stderr.isatty() else 30.0
-        with tqdm(total=t.max_steps, initial=self.step, desc="pretrain", unit="step", mininterval=refresh) as bar:
+        bar = tqdm(
+            total=t.max_steps,
+            initial=self.step,
+            desc="pretrain",
+            unit="step",
+            mininterval=refresh,
+            disable=not self.dist.is_main,
+        )
+        with bar:
             while self.step < t.max_steps:
                 loss, grad_norm = self.train_step()
                 self.step += 1
@@ -176,7 +209,7 @@ class Trainer:
                     self.train_seconds += elapsed
                     sparsity, _ = self.sparsity()
                     row.update(
-                        train_loss=float(loss),
+                        train_loss=float(self.dist.mean(loss)),
                         lr=self.scheduler.get_last_lr()[0],
                         grad_norm=float(grad_norm),
                         tokens_per_s=window_steps * self.tokens_per_step / elapsed,
@@ -192,15 +225,18 @@ class Trainer:
                 if self.step % t.eval_every == 0 or self.step == t.max_steps:
                     val_loss = self.evaluate()
                     row.update(val_loss=val_loss, val_ppl=math.exp(val_loss))
-                    bar.write(f"step {self.step}: val loss {val_loss:.4f}, ppl {math.exp(val_loss):.2f}")
-                    self.metrics.log_scalars(self.step, "sparsity", self.sparsity()[1])
-                if row:
+                    if self.metrics:
+                        bar.write(f"step {self.step}: val loss {val_loss:.4f}, ppl {math.exp(val_loss):.2f}")
+                        self.metrics.log_scalars(self.step, "sparsity", self.sparsity()[1])
+                if row and self.metrics:
                     self.metrics.log(self.step, tokens=self.step * self.tokens_per_step, **row)
-                if self.step % t.checkpoint_every == 0 or self.step == t.max_steps:
+                if self.dist.is_main and (self.step % t.checkpoint_every == 0 or self.step == t.max_steps):
                     self.save()
                 if "train_loss" in row:
                     window_start, window_steps = time.perf_counter(), 0
-        self.metrics.close()
+        if self.metrics:
+            self.metrics.close()
+        self.dist.barrier()  # the last checkpoint is complete before any rank reads `latest`
         return self._finish(val_loss)
 
     # ---- checkpoints --------------------------------------------------------------------------------
@@ -292,7 +328,7 @@ class Trainer:
         tokens = self.step * self.tokens_per_step
         sparsity, per_param = self.sparsity()
         export_dir = None
-        if self.task.export:
+        if self.task.export and self.dist.is_main:
             info = self.cfg.sparsity.summary() if self.cfg.sparsity.enabled else {}
             export_dir = str(export_hf(self.model, self.run_dir / "hf", self.tokenizer, {**info, "step": self.step}))
         summary = RunSummary(
@@ -310,8 +346,9 @@ class Trainer:
             checkpoint=str(ckpt.latest_checkpoint(self.run_dir)),
             export_dir=export_dir,
         )
-        (self.run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
-        log.info("\n%s", format_summary(summary))
+        if self.dist.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
+            log.info("\n%s", format_summary(summary))
         return summary
 
 

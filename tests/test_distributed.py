@@ -1,0 +1,66 @@
+"""Data parallelism under torchrun (2 CPU processes, gloo) against one process on the same global batch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from modelzoo.errors import ConfigError
+from tests.conftest import SMALL, make_config, train_losses
+
+# RigL with a mask update every 2 steps: the update reads the dense gradient, which DDP does not average.
+RUN = [
+    *SMALL,
+    "task.micro_batch_size=2",
+    "task.max_steps=6",
+    "task.log_every=1",
+    "task.eval_every=3",
+    "task.checkpoint_every=3",
+    "task.export=false",
+    "data.seq_len=64",
+    "sparsity=rigl_75",
+    "sparsity.update.freq=2",
+]
+
+
+def _pretrain(run_dir: Path, cache_dir: Path, ranks: int) -> None:
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks > 1 else []
+    command = [sys.executable, *launcher, "-m", "modelzoo", "pretrain", *RUN]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [*command, f"run_dir={run_dir}", f"data.cache_dir={cache_dir}"], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "checkpoints" / f"step_{step:06d}" / "model.safetensors")
+
+
+def test_two_ranks_train_like_one_process_on_the_same_global_batch(tmp_path: Path, cache_dir: Path) -> None:
+    _pretrain(tmp_path / "single", cache_dir, ranks=1)  # also fills the data cache both runs share
+    _pretrain(tmp_path / "ddp", cache_dir, ranks=2)
+
+    single, ddp = train_losses(tmp_path / "single"), train_losses(tmp_path / "ddp")
+    assert [step for step, _ in ddp] == [str(s) for s in range(1, 7)]
+    for (_, a), (_, b) in zip(single, ddp, strict=True):
+        assert float(a) == pytest.approx(float(b), abs=1e-5)
+    one, two = _weights(tmp_path / "single", 6), _weights(tmp_path / "ddp", 6)
+    masks = [key for key in one if key.endswith("_mask")]
+    assert masks and all(torch.equal(one[key], two[key]) for key in masks)
+    assert any(not torch.equal(_weights(tmp_path / "ddp", 3)[key], two[key]) for key in masks)  # RigL moved them
+    for key in one:
+        torch.testing.assert_close(one[key], two[key], atol=1e-5, rtol=0)
+    assert (tmp_path / "ddp" / "cli.log").read_text().count("model tiny:") == 1  # rank 0 alone logs
+
+
+def test_global_batch_must_split_over_the_ranks(tmp_path: Path, cache_dir: Path, monkeypatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"task.batch_size.*x 2 ranks"):
+        make_config(tmp_path, cache_dir, "task.batch_size=12", "task.micro_batch_size=4")
