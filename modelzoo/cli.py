@@ -23,6 +23,8 @@ commands:
              (default: tiny model, 75% static sparsity, the embedded PubMed sample)
   export     export a run's checkpoint to a Hugging Face directory
   generate   continue a prompt with a run's model (greedy or sampled, KV cache), print tokens/s
+  finetune   fine-tune a pre-trained run on PubMedQA or HoC, densely (masks dropped) or keeping its sparsity
+  prompt_tune  soft prompting of a frozen pre-trained run (PEFT prompt-tuning adapter)
   prune      one-shot pruning (SparseGPT, Wanda, magnitude) of a run or an HF directory to a sparse HF directory
   info       parameter counts of a model size
   flops      dense and sparse-effective training FLOPs of a config
@@ -35,6 +37,8 @@ examples:
   modelzoo export run_dir=runs/tiny-static_75 task.output_dir=exported/
   modelzoo generate run_dir=runs/tiny-static_75 'task.prompt="The patient"' backend=torch_sparse
   modelzoo generate task.hf_dir=exported/ task.prompt=Aspirin task.temperature=0.8 task.top_p=0.95 seed=7
+  modelzoo finetune task.pretrained=runs/tiny-static_75 task.sparsity=dense task.dataset=pubmedqa
+  modelzoo prompt_tune task.pretrained=runs/tiny-static_75 task.dataset=hoc task.num_virtual_tokens=20
   modelzoo prune run_dir=runs/tiny-dense task.method=sparsegpt task.sparsity=0.5
   modelzoo prune task.hf_dir=DIR task.method=wanda task.n_m=[2,4] task.output_dir=pruned/
   modelzoo info model=xl
@@ -44,7 +48,7 @@ examples:
 config groups (conf/): model={tiny,med,large,xl}
   sparsity={dense,static_50,static_75,gmp_75,set_75,rigl_75,nm_2_4,cerebras_gpt3_125m_rigl75}
   backend={auto,masked_dense,torch_sparse} data={pubmed_sample,pubmed_abstracts,hub} tokenizer={bpe,gpt2}
-  optim={adamw} task={pretrain,export,generate,prune}
+  optim={adamw} task={pretrain,export,generate,prune,finetune,prompt_tune}
 """
 
 log = logging.getLogger("modelzoo")
@@ -116,6 +120,22 @@ def prune(overrides: list[str]) -> None:
     print(run(cfg).format(cfg.task))
 
 
+def _adapt(task: str, overrides: list[str]) -> None:
+    from modelzoo.finetune.task import format_summary, run
+
+    cfg = to_object(load_config([f"task={task}", *overrides]))
+    validate(cfg)
+    print(format_summary(run(cfg)))
+
+
+def finetune(overrides: list[str]) -> None:
+    _adapt("finetune", overrides)
+
+
+def prompt_tune(overrides: list[str]) -> None:
+    _adapt("prompt_tune", overrides)
+
+
 def info(overrides: list[str]) -> None:
     from modelzoo.report import format_model_info
 
@@ -138,6 +158,8 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "export": export,
     "generate": generate,
     "prune": prune,
+    "finetune": finetune,
+    "prompt_tune": prompt_tune,
     "info": info,
     "flops": flops,
 }

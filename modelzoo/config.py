@@ -22,6 +22,7 @@ from backends import check_supports, resolve_name
 from modelzoo.data.config import FORMATS, DataConfig, TokenizerConfig
 from modelzoo.distributed import world_size
 from modelzoo.errors import ConfigError
+from modelzoo.finetune.config import FinetuneConfig, PromptTuneConfig, validate_finetune
 from modelzoo.models.gpt import ACTIVATIONS, GPT, GPTConfig
 from modelzoo.prune.config import PruneConfig
 from modelzoo.sparsity.config import SparsityConfig
@@ -89,6 +90,8 @@ def register_configs() -> None:
     cs.store(group="task", name="export_schema", node=ExportConfig)
     cs.store(group="task", name="generate_schema", node=GenerateConfig)
     cs.store(group="task", name="prune_schema", node=PruneConfig)
+    cs.store(group="task", name="finetune_schema", node=FinetuneConfig)
+    cs.store(group="task", name="prompt_tune_schema", node=PromptTuneConfig)
     if not OmegaConf.has_resolver("pkg_data"):
         OmegaConf.register_new_resolver("pkg_data", _package_data)
 
@@ -153,6 +156,9 @@ def validate(cfg: Config) -> None:
                 dtype=cfg.task.precision,
                 train=True,
             )
+    if isinstance(cfg.task, FinetuneConfig):  # the model and its sparsity come from task.pretrained
+        validate_finetune(cfg.task)
+        return
     if cfg.sparsity.enabled:
         with torch.device("meta"):
             plan_groups(cfg.sparsity, GPT(cfg.model))

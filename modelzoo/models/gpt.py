@@ -167,22 +167,43 @@ class GPT(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
-    def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        T = idx.shape[1]  # idx: (B, T)
+    def hidden(
+        self, idx: torch.Tensor, cache: KVCache | None = None, prefix: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Final-LayerNorm hidden states (B, P + T, C) of `idx` (B, T) behind `prefix` embeddings (B, P, C).
+
+        A `prefix` (e.g. soft-prompt virtual tokens) takes positions 0..P-1 like tokens would, as PEFT's prompt
+        tuning does with HF GPT-2; the returned states include those P positions.
+        """
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if prefix is not None:
+            x = torch.cat([prefix.to(x.dtype), x], dim=1)  # (B, P + T, C)
+        T = x.shape[1]
         start = 0 if cache is None else cache.length
         if self.config.n_positions < start + T:
             raise ValueError(f"sequence length {start + T} exceeds model n_positions={self.config.n_positions}")
         if cache is not None and cache.max_len < start + T:
             raise ValueError(f"sequence length {start + T} exceeds the cache's max_len={cache.max_len}")
         pos = torch.arange(start, start + T, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        x = self.transformer.drop(x + self.transformer.wpe(pos))
         for block in self.transformer.h:
             x = block(x, cache)
         if cache is not None:
             cache.length += T
-        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab)
+        return self.transformer.ln_f(x)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        prefix: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, P + T, vocab) of `idx` (B, T) behind optional `prefix` embeddings (B, P, C).
+
+        With `targets` (B, P + T; -100 where no loss is taken), also the mean cross-entropy loss.
+        """
+        logits = self.lm_head(self.hidden(idx, cache, prefix))  # (B, P + T, vocab)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))

@@ -13,12 +13,13 @@ COLUMNS = ("step", "tokens", "train_loss", "lr", "grad_norm", "tokens_per_s", "s
 class MetricsLogger:
     """Appends one CSV row per logged step to `<run_dir>/metrics.csv` and mirrors scalars to TensorBoard."""
 
-    def __init__(self, run_dir: str | Path, resume_step: int | None = None) -> None:
+    def __init__(self, run_dir: str | Path, resume_step: int | None = None, columns: tuple[str, ...] = COLUMNS) -> None:
+        self.columns = columns
         self.path = Path(run_dir) / "metrics.csv"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         rows = self._rows_until(resume_step) if resume_step is not None and self.path.exists() else []
         with self.path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, COLUMNS)
+            writer = csv.DictWriter(f, columns)
             writer.writeheader()
             writer.writerows(rows)
         self.tensorboard = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step)
@@ -28,11 +29,11 @@ class MetricsLogger:
             return [row for row in csv.DictReader(f) if int(row["step"]) <= step]
 
     def log(self, step: int, **values: float) -> None:
-        unknown = set(values) - set(COLUMNS)
+        unknown = set(values) - set(self.columns)
         if unknown:
-            raise KeyError(f"unknown metric columns {sorted(unknown)}; known: {COLUMNS}")
+            raise KeyError(f"unknown metric columns {sorted(unknown)}; known: {self.columns}")
         with self.path.open("a", newline="") as f:
-            csv.DictWriter(f, COLUMNS).writerow({"step": step, **{k: repr(float(v)) for k, v in values.items()}})
+            csv.DictWriter(f, self.columns).writerow({"step": step, **{k: repr(float(v)) for k, v in values.items()}})
         for key, value in values.items():
             if key != "tokens":
                 self.tensorboard.add_scalar(key, value, step)

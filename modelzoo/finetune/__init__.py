@@ -1,0 +1,1 @@
+"""Downstream adaptation of a pre-trained checkpoint: dense or sparse fine-tuning and soft prompting."""
