@@ -3,11 +3,12 @@
 For each (context, choice) request lm-eval (`HFLM`, 0.4.x) scores the continuation `target_delimiter + choice`
 (delimiter " ") after the context:
 1. trailing whitespace of the context moves to the front of the continuation;
-2. context and continuation are encoded together and the context alone, without special tokens; the
-   continuation's tokens are the whole encoding after the context's tokens;
+2. context and continuation are encoded together and the context alone (with the tokenizer's default special
+   tokens, as lm-eval 0.4.13's `tok_encode`; GPT-2-style tokenizers add none); the continuation's tokens are
+   the whole encoding after the context's tokens;
 3. the model input is `(context + continuation tokens)[-(max_length + 1):][:-1]` (left-truncated to the model's
    window), and the score is the sum of the log-softmax at the continuation's positions.
-An empty context starts from the EOS token. Requests with the same input (e.g. every one-token choice of one
+An empty context starts from the BOS (else EOS) token. Requests with the same input (e.g. every one-token choice of one
 context) share one forward pass.
 """
 
@@ -23,13 +24,30 @@ LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (B, T) ids, (
 TARGET_DELIMITER = " "
 
 
+def prefix_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The token an empty context starts from: BOS, else EOS (lm-eval's `prefix_token_id`)."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """lm-eval's `tok_encode`: the tokenizer's own special tokens, unless `text` already starts with the prefix."""
+    prefix = tokenizer.decode(prefix_token_id(tokenizer))
+    return tokenizer(text, add_special_tokens=not (prefix and text.startswith(prefix)))["input_ids"]
+
+
 def encode_pair(tokenizer: PreTrainedTokenizerBase, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """Context and continuation tokens as lm-eval's `_encode_pair` splits them."""
+    """Context and continuation tokens as lm-eval's `loglikelihood` / `_encode_pair` split them."""
+    if not context:
+        continuation_ids = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        prefix = prefix_token_id(tokenizer)
+        if continuation_ids and continuation_ids[0] == prefix:
+            return continuation_ids[:1], continuation_ids[1:]
+        return [prefix], continuation_ids
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
-    context_ids = tokenizer(context, add_special_tokens=False)["input_ids"] if context else []
+    whole = encode(tokenizer, context + continuation)
+    context_ids = encode(tokenizer, context)
     return context_ids, whole[len(context_ids) :]
 
 
@@ -38,8 +56,6 @@ def request_tokens(
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(model input, continuation tokens) of one request; the input ends one token before the continuation does."""
     context_ids, continuation_ids = encode_pair(tokenizer, context, continuation)
-    if not context:
-        context_ids = [tokenizer.eos_token_id]
     if not continuation_ids:
         raise ValueError(f"choice {continuation!r} encodes to no tokens after the context")
     tokens = context_ids + continuation_ids
