@@ -1,0 +1,1 @@
+"""Downstream tasks of the MediSwift recipe: PubMedQA and HoC data, prompts, scoring and metrics."""
