@@ -1,159 +1,161 @@
-"""The two downstream tasks as training heads: what trains, its loss on a batch, its dev/test metrics, its export.
+"""The two downstream tasks as training heads: what trains, its loss on a batch, dev and test metrics, export.
 
 - PubMedQA (`LMHead`): generative; loss on the answer tokens after lm-eval's prompt; scored as lm-eval scores
-  it, the choice (yes/no/maybe) of highest log-likelihood; selection by dev accuracy; accuracy and macro-F1.
-- HoC (`HoCHead`): a 10-way multi-label head on the last token, BCE loss; the decision threshold is chosen
-  on dev (the one maximising the HoC F1) and applied unchanged to test.
+  it (`choice_loglikelihoods`: the choice yes/no/maybe of highest log-likelihood); model selection by dev
+  accuracy; test accuracy and macro-F1 over the three classes.
+- HoC (`HoCHead`): a 10-way multi-label head on the last non-pad token with BCE loss; `evaluate_hoc` chooses
+  the decision threshold on dev (the best BLURB F1) and scores test with it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelzoo.downstream.hoc import HALLMARKS, hoc_f1, load_hoc
+from modelzoo.downstream.hoc import HALLMARKS, evaluate_hoc, load_hoc
 from modelzoo.downstream.pubmedqa import CHOICES, load_pubmedqa, pubmedqa_prompt
 from modelzoo.downstream.scoring import choice_loglikelihoods
 from modelzoo.export.hf import export_hf
 from modelzoo.export.peft import save_prompt_adapter
 from modelzoo.export.seq_cls import export_seq_cls
 from modelzoo.finetune.config import FinetuneConfig, PromptTuneConfig
-from modelzoo.finetune.data import encode_answer, encode_text, multi_hot, pad
+from modelzoo.finetune.data import IGNORE, encode_answer, encode_text, pad
 from modelzoo.finetune.pretrained import Pretrained
 from modelzoo.models.classifier import GPTClassifier
 from modelzoo.models.soft_prompt import PromptedLM, SoftPrompt
 
-THRESHOLDS = tuple(i / 100 for i in range(5, 100, 5))
 
-
-def macro_f1(predicted: torch.Tensor, gold: torch.Tensor, num_classes: int) -> float:
-    """Unweighted mean over classes of the per-class F1 (a class never predicted nor gold scores 0)."""
+def macro_f1(gold: list[int], predicted: list[int], n_classes: int = len(CHOICES)) -> float:
+    """Unweighted mean over classes of each class's F1 (0 for a class neither gold nor predicted)."""
     scores = []
-    for c in range(num_classes):
-        tp = int(((predicted == c) & (gold == c)).sum())
-        denominator = int((predicted == c).sum()) + int((gold == c).sum())
+    for c in range(n_classes):
+        tp = sum(g == c and p == c for g, p in zip(gold, predicted, strict=True))
+        denominator = predicted.count(c) + gold.count(c)
         scores.append(2 * tp / denominator if denominator else 0.0)
-    return sum(scores) / num_classes
+    return sum(scores) / n_classes
 
 
-@dataclass
-class LMHead:
-    """PubMedQA fine-tuning or soft prompting of a causal LM."""
+class Head:
+    """What a downstream task gives the loop: `model`, `train_size`, `loss`, `dev`, `test`, `export`."""
 
-    task: FinetuneConfig
-    pre: Pretrained
-    seq_len: int
-    prompt: SoftPrompt | None = None
-    splits: dict = field(default_factory=dict)
+    model: nn.Module
+    train_size: int
 
-    def __post_init__(self) -> None:
-        source = self.task.data_dir
-        self.splits = {s: load_pubmedqa(source, s) for s in ("train", "dev", "test")}
-        tok = self.pre.tokenizer
+    def __init__(self, task: FinetuneConfig, pre: Pretrained, seq_len: int, prompt: SoftPrompt | None) -> None:
+        self.task, self.pre, self.seq_len, self.prompt = task, pre, seq_len, prompt
+        self.pad_id = pre.tokenizer.pad_token_id
+
+    def _adapter(self, run_dir: Path, base: Path, task_type: str, score: torch.Tensor | None) -> dict[str, str]:
+        if not isinstance(self.task, PromptTuneConfig) or self.prompt is None:
+            return {}
+        path = save_prompt_adapter(
+            self.prompt, run_dir / "adapter", self.pre.model.config, task_type, base,
+            self.task.init, self.task.init_text, score,
+        )  # fmt: skip
+        return {"adapter": str(path)}
+
+
+class LMHead(Head):
+    """PubMedQA fine-tuning or soft prompting of the causal LM."""
+
+    def __init__(self, task: FinetuneConfig, pre: Pretrained, seq_len: int, prompt: SoftPrompt | None) -> None:
+        super().__init__(task, pre, seq_len, prompt)
+        self.splits = {s: load_pubmedqa(task.data_dir, s) for s in ("train", "dev", "test")}
         self.train = [
-            encode_answer(tok, pubmedqa_prompt(e, self.task.with_long_answer), e.label, self.seq_len)
+            encode_answer(pre.tokenizer, pubmedqa_prompt(e, task.with_long_answer), e.label, seq_len)
             for e in self.splits["train"]
         ]
-        self.model: nn.Module = PromptedLM(self.pre.model, self.prompt) if self.prompt else self.pre.model
+        self.train_size = len(self.train)
+        self.model = PromptedLM(pre.model, prompt) if prompt is not None else pre.model
 
     def loss(self, batch: list[int], device: torch.device) -> tuple[torch.Tensor, int]:
-        """Mean loss over the answer tokens of the examples `batch`, and the number of input tokens."""
+        """Mean loss over the answer tokens of the examples in `batch`, and how many input tokens they hold."""
         examples = [self.train[i] for i in batch]
-        x = pad([e.ids for e in examples], self.pre.tokenizer.pad_token_id).to(device)
-        y = pad([e.targets for e in examples], -100).to(device)
+        x = pad([e.ids for e in examples], self.pad_id).to(device)
+        y = pad([e.targets for e in examples], IGNORE).to(device)
         _, loss = self.model(x, y)
         return loss, sum(len(e.ids) for e in examples)
 
     @torch.no_grad()
-    def evaluate(self, split: str, device: torch.device) -> dict[str, float]:
+    def _scores(self, split: str, device: torch.device) -> dict[str, float]:
         self.model.eval()
         examples = self.splits[split]
-        contexts = [pubmedqa_prompt(e, self.task.with_long_answer) for e in examples]
-
-        def logits_fn(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-            return self.model(input_ids.to(device))[0]
-
         scores = choice_loglikelihoods(
-            logits_fn, self.pre.tokenizer, contexts, CHOICES, batch_size=self.task.eval_batch_size, progress=False
+            lambda ids, mask: self.model(ids)[0],
+            self.pre.tokenizer,
+            [pubmedqa_prompt(e, self.task.with_long_answer) for e in examples],
+            CHOICES,
+            batch_size=self.task.eval_batch_size,
+            progress=False,
+            max_length=self.seq_len,
+            device=device,
         )
-        predicted = scores.argmax(-1).cpu()
-        gold = torch.tensor([CHOICES.index(e.label) for e in examples])
-        accuracy = float((predicted == gold).float().mean())
-        return {"score": accuracy, "accuracy": accuracy, "macro_f1": macro_f1(predicted, gold, len(CHOICES))}
+        predicted = scores.argmax(-1).tolist()
+        gold = [e.label_index for e in examples]
+        accuracy = sum(p == g for p, g in zip(predicted, gold, strict=True)) / len(gold)
+        return {"accuracy": accuracy, "macro_f1": macro_f1(gold, predicted)}
+
+    def dev(self, device: torch.device) -> tuple[float, dict[str, float]]:
+        """(selection score, metrics) on fold-0 dev: accuracy."""
+        metrics = self._scores("dev", device)
+        return metrics["accuracy"], metrics
+
+    def test(self, device: torch.device) -> dict[str, float]:
+        return self._scores("test", device)
 
     def export(self, run_dir: Path, info: dict) -> dict[str, str]:
         hf = export_hf(self.pre.model, run_dir / "hf", self.pre.tokenizer, info)
-        out = {"hf": str(hf)}
-        if self.prompt is not None:
-            out["adapter"] = str(_save_adapter(self.task, self.prompt, self.pre, run_dir, hf, "causal_lm", None))
-        return out
+        return {"hf": str(hf), **self._adapter(run_dir, hf, "causal_lm", None)}
 
 
-@dataclass
-class HoCHead:
+class HoCHead(Head):
     """HoC multi-label classification: a head (and optionally a soft prompt) on the last non-pad token."""
 
-    task: FinetuneConfig
-    pre: Pretrained
-    seq_len: int
-    prompt: SoftPrompt | None = None
-    threshold: float = 0.5
-
-    def __post_init__(self) -> None:
-        source = self.task.data_dir
-        self.splits = {s: load_hoc(source, s) for s in ("train", "dev", "test")}
-        tok = self.pre.tokenizer
-        self.inputs = {s: [encode_text(tok, e.text, self.seq_len) for e in ex] for s, ex in self.splits.items()}
-        self.targets = {s: multi_hot([e.labels for e in ex], len(HALLMARKS)) for s, ex in self.splits.items()}
-        self.model = GPTClassifier(self.pre.model, len(HALLMARKS), tok.pad_token_id, self.prompt)
+    def __init__(self, task: FinetuneConfig, pre: Pretrained, seq_len: int, prompt: SoftPrompt | None) -> None:
+        super().__init__(task, pre, seq_len, prompt)
+        self.splits = {s: load_hoc(task.data_dir, s) for s in ("train", "dev", "test")}
+        self.inputs = {s: [encode_text(pre.tokenizer, e.text, seq_len) for e in ex] for s, ex in self.splits.items()}
+        self.targets = torch.stack([e.label_vector() for e in self.splits["train"]])
+        self.train_size = len(self.splits["train"])
+        self.model = GPTClassifier(pre.model, len(HALLMARKS), self.pad_id, prompt)
+        self.threshold: float | None = None
 
     def _logits(self, split: str, batch: list[int] | range, device: torch.device) -> torch.Tensor:
-        x = pad([self.inputs[split][i] for i in batch], self.pre.tokenizer.pad_token_id).to(device)
-        return self.model(x)
+        return self.model(pad([self.inputs[split][i] for i in batch], self.pad_id).to(device))
 
     def loss(self, batch: list[int], device: torch.device) -> tuple[torch.Tensor, int]:
         logits = self._logits("train", batch, device)
-        loss = F.binary_cross_entropy_with_logits(logits.float(), self.targets["train"][batch].to(device))
+        loss = F.binary_cross_entropy_with_logits(logits.float(), self.targets[batch].to(device))
         return loss, sum(len(self.inputs["train"][i]) for i in batch)
 
     @torch.no_grad()
     def probabilities(self, split: str, device: torch.device) -> torch.Tensor:
+        """(documents, 10) sigmoid probabilities of `split`."""
         self.model.eval()
         n, size = len(self.inputs[split]), self.task.eval_batch_size
         rows = [self._logits(split, range(i, min(n, i + size)), device) for i in range(0, n, size)]
         return torch.sigmoid(torch.cat(rows).float()).cpu()
 
-    def evaluate(self, split: str, device: torch.device) -> dict[str, float]:
-        probs = self.probabilities(split, device)
-        gold = self.targets[split].bool()
-        if split == "dev":  # the threshold is a dev-set choice, then held for test
-            self.threshold = max(THRESHOLDS, key=lambda t: hoc_f1(probs >= t, gold))
-        f1 = hoc_f1(probs >= self.threshold, gold)
-        return {"score": f1, "f1": f1, "threshold": self.threshold}
+    def dev(self, device: torch.device) -> tuple[float, dict[str, float]]:
+        """(selection score, metrics) on dev: the BLURB F1 at the best threshold."""
+        probs, dev = self.probabilities("dev", device), self.splits["dev"]
+        result = evaluate_hoc(probs, dev, probs, dev)
+        return result.dev_f1, {"f1": result.dev_f1, "threshold": result.threshold}
+
+    def test(self, device: torch.device) -> dict[str, float]:
+        """BLURB F1 (and micro F1) on test at the threshold chosen on dev."""
+        result = evaluate_hoc(
+            self.probabilities("dev", device),
+            self.splits["dev"],
+            self.probabilities("test", device),
+            self.splits["test"],
+        )
+        self.threshold = result.threshold
+        return {"f1": result.test_f1, "micro_f1": result.test_micro_f1, "threshold": result.threshold}
 
     def export(self, run_dir: Path, info: dict) -> dict[str, str]:
         hf = export_seq_cls(self.model, run_dir / "hf", list(HALLMARKS), self.pre.tokenizer, info=info)
-        out = {"hf": str(hf)}
-        if self.prompt is not None:
-            score = self.model.score.weight
-            out["adapter"] = str(_save_adapter(self.task, self.prompt, self.pre, run_dir, hf, "seq_cls", score))
-        return out
-
-
-def _save_adapter(
-    task: FinetuneConfig,
-    prompt: SoftPrompt,
-    pre: Pretrained,
-    run_dir: Path,
-    base: Path,
-    task_type: str,
-    score: torch.Tensor | None,
-) -> Path:
-    assert isinstance(task, PromptTuneConfig)
-    return save_prompt_adapter(
-        prompt, run_dir / "adapter", pre.model.config, task_type, base, task.init, task.init_text, score
-    )
+        return {"hf": str(hf), **self._adapter(run_dir, hf, "seq_cls", self.model.score.weight)}

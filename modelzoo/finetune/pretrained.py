@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from modelzoo.errors import CheckpointError
-from modelzoo.export.hf import TIED_KEY
+from modelzoo.export.hf import TIED_KEY, TIED_SOURCE
 from modelzoo.models.gpt import GPT
 from modelzoo.sparsity.config import SparsityConfig
 from modelzoo.sparsity.plugin import MASK_SUFFIX, MaskedSparsity
@@ -70,7 +70,7 @@ def load_pretrained(checkpoint: Path, keep_masks: bool, seed: int) -> Pretrained
     else:
         state = {k: v for k, v in load_file(str(checkpoint / ckpt.MODEL_FILE)).items() if not k.endswith(MASK_SUFFIX)}
         result = model.load_state_dict(state, strict=False)
-        missing = sorted(set(result.missing_keys) - {TIED_KEY})
+        missing = sorted(set(result.missing_keys) - {TIED_KEY, TIED_SOURCE})  # tied: one of the two is stored
         if missing or result.unexpected_keys:
             raise CheckpointError(
                 f"{checkpoint / ckpt.MODEL_FILE} does not match the model: missing {missing[:3]}, "

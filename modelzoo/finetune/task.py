@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from modelzoo.config import Config, resolved_device
 from modelzoo.finetune.config import PromptTuneConfig, default_data_dir, output_dir, pretrained_config
 from modelzoo.finetune.data import shuffled_batches
-from modelzoo.finetune.heads import HoCHead, LMHead
+from modelzoo.finetune.heads import Head, HoCHead, LMHead
 from modelzoo.finetune.pretrained import Pretrained, load_pretrained
 from modelzoo.flops import flop_report, format_flops
 from modelzoo.models.soft_prompt import SoftPrompt, freeze
@@ -110,9 +110,7 @@ def run(cfg: Config) -> FinetuneSummary:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if task.precision == "bf16" else nullcontext()
     accumulation = task.batch_size // task.micro_batch_size
-    batches = shuffled_batches(
-        len(head.train if task.dataset == "pubmedqa" else head.inputs["train"]), task.micro_batch_size, cfg.seed
-    )
+    batches = shuffled_batches(head.train_size, task.micro_batch_size, cfg.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     pre.tokenizer.save_pretrained(run_dir / "tokenizer")
     metrics = MetricsLogger(run_dir, columns=COLUMNS)
@@ -126,7 +124,7 @@ def run(cfg: Config) -> FinetuneSummary:
         seq_len,
     )
 
-    best = (-math.inf, 0, None, head_state(head))
+    best: tuple[float, int, dict, dict] = (-math.inf, 0, {}, {})
     tokens = 0
     train_seconds = 0.0
     refresh = 0.1 if sys.stderr.isatty() else 30.0
@@ -139,7 +137,7 @@ def run(cfg: Config) -> FinetuneSummary:
                 with autocast:
                     loss, n_tokens = head.loss(next(batches), device)
                 (loss / accumulation).backward()
-                total += float(loss) / accumulation
+                total += float(loss.detach()) / accumulation
                 tokens += n_tokens
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 [p for p in model.parameters() if p.requires_grad], optim.grad_clip
@@ -161,18 +159,18 @@ def run(cfg: Config) -> FinetuneSummary:
                     row["sparsity"] = pre.sparsifier.stats().global_sparsity
                 bar.set_postfix(refresh=False, loss=f"{total:.3f}")
             if step % task.eval_every == 0 or step == task.max_steps:
-                dev = head.evaluate("dev", device)
-                row["dev_score"] = dev["score"]
+                score, dev = head.dev(device)
+                row["dev_score"] = score
                 bar.write(f"step {step}: dev {_format(dev)}")
-                if dev["score"] > best[0]:
-                    best = (dev["score"], step, dev, head_state(head))
+                if score > best[0]:
+                    best = (score, step, dev, head_state(head))
             if row:
                 metrics.log(step, examples=step * task.batch_size, **row)
     metrics.close()
 
     _, best_step, dev, state = best
     load_head_state(head, state)
-    test = head.evaluate("test", device)
+    test = head.test(device)
     log.info("best dev at step %d: %s; test: %s", best_step, _format(dev), _format(test))
     saved_cfg = dataclasses.replace(
         cfg,
@@ -187,7 +185,7 @@ def run(cfg: Config) -> FinetuneSummary:
         best_step,
         model,
         optimizer,
-        {"step": best_step, "head": head_extra(head)},
+        {"step": best_step, "test": test},
         OmegaConf.to_yaml(OmegaConf.structured(saved_cfg)),
         keep=1,
     )
@@ -215,22 +213,16 @@ def run(cfg: Config) -> FinetuneSummary:
     return summary
 
 
-def head_state(head: LMHead | HoCHead) -> dict[str, torch.Tensor]:
+def head_state(head: Head) -> dict[str, torch.Tensor]:
     """A copy of the trainable weights (what model selection keeps)."""
     return {k: v.detach().clone() for k, v in head.model.named_parameters() if v.requires_grad}
 
 
-def load_head_state(head: LMHead | HoCHead, state: dict[str, torch.Tensor]) -> None:
+def load_head_state(head: Head, state: dict[str, torch.Tensor]) -> None:
     params = dict(head.model.named_parameters())
     with torch.no_grad():
         for key, value in state.items():
             params[key].copy_(value)
-    if isinstance(head, HoCHead):
-        head.evaluate("dev", next(head.model.parameters()).device)  # the threshold of the restored head
-
-
-def head_extra(head: LMHead | HoCHead) -> dict:
-    return {"threshold": head.threshold} if isinstance(head, HoCHead) else {}
 
 
 def _pretrain_flops(checkpoint: Path) -> float | None:
@@ -246,7 +238,7 @@ def _finetune_flops(pre: Pretrained, task, tokens: int) -> float:
 
 
 def _format(metrics: dict[str, float]) -> str:
-    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "score")
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
 
 
 def format_summary(s: FinetuneSummary) -> str:

@@ -1,0 +1,129 @@
+"""Fine-tuning and soft prompting from a sparse pre-trained tiny run, on the real PubMedQA and HoC files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification, GPT2LMHeadModel
+
+from modelzoo.config import load_config, to_object, validate
+from modelzoo.errors import ConfigError
+from modelzoo.export.seq_cls import export_seq_cls
+from modelzoo.finetune.pretrained import checkpoint_masks
+from modelzoo.finetune.task import FinetuneSummary, run
+from modelzoo.models.classifier import GPTClassifier
+from modelzoo.models.gpt import GPT
+from modelzoo.train.checkpoint import MODEL_FILE, latest_checkpoint
+from modelzoo.train.trainer import Trainer
+from tests.conftest import SHARED, make_config, needs_shared
+
+# A few steps of everything: enough to move weights, small enough for 2 cores.
+FAST = ["task.max_steps=3", "task.eval_every=3", "task.batch_size=4", "task.micro_batch_size=4", "task.seq_len=48"]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
+    """A tiny 75% static-sparse pre-training run of 4 steps."""
+    run_dir = tmp_path_factory.mktemp("pretrain") / "run"
+    overrides = ["task.max_steps=4", "task.eval_every=4", "task.checkpoint_every=4", "task.export=false"]
+    Trainer(make_config(run_dir, cache_dir, *overrides)).fit()
+    return run_dir
+
+
+def adapt(task: str, pretrained: Path, out: Path, *overrides: str) -> FinetuneSummary:
+    data = SHARED / "data"
+    dataset = next((o.split("=")[1] for o in overrides if o.startswith("task.dataset=")), "pubmedqa")
+    cfg = to_object(
+        load_config(
+            [f"task={task}", f"task.pretrained={pretrained}", f"task.output_dir={out}",
+             f"task.data_dir={data / dataset}", *FAST, *overrides]
+        )
+    )  # fmt: skip
+    validate(cfg)
+    return run(cfg)
+
+
+def masked_weights(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    path = latest_checkpoint(run_dir)
+    return load_file(str(path / MODEL_FILE)), checkpoint_masks(path)
+
+
+@needs_shared
+def test_dense_finetuning_unfreezes_pruned_weights(pretrained: Path, tmp_path: Path) -> None:
+    summary = adapt("finetune", pretrained, tmp_path / "ft", "task.sparsity=dense")
+    weights, masks = masked_weights(tmp_path / "ft")
+    _, pre_masks = masked_weights(pretrained)
+    assert not masks and pre_masks  # the masks were dropped
+    for key, mask in pre_masks.items():
+        pruned = weights[key.removesuffix("_mask")][~mask]
+        assert (pruned != 0).float().mean() > 0.5, key  # pruned entries learned again
+    assert summary.nonzero_fraction > 0.5
+    assert set(summary.test) == {"accuracy", "macro_f1"} and 0 <= summary.test["accuracy"] <= 1
+    assert GPT2LMHeadModel.from_pretrained(summary.exports["hf"]).config.n_positions == 64
+
+
+@needs_shared
+def test_keep_holds_the_masks(pretrained: Path, tmp_path: Path) -> None:
+    summary = adapt("finetune", pretrained, tmp_path / "ft", "task.sparsity=keep", "task.dataset=hoc")
+    weights, masks = masked_weights(tmp_path / "ft")
+    pre_weights, pre_masks = masked_weights(pretrained)
+    assert masks.keys() == {f"backbone.{key}" for key in pre_masks}  # the classifier holds the backbone
+    for key, mask in pre_masks.items():
+        name = key.removesuffix("_mask")
+        assert torch.equal(masks[f"backbone.{key}"], mask)
+        assert torch.all(weights[f"backbone.{name}"][~mask] == 0), name
+        assert not torch.equal(weights[f"backbone.{name}"], pre_weights[name])  # the kept weights trained
+    assert summary.nonzero_fraction == 0.0
+    assert set(summary.test) == {"f1", "micro_f1", "threshold"}
+
+
+@needs_shared
+@pytest.mark.parametrize("dataset", ["pubmedqa", "hoc"])
+def test_prompt_tuning_changes_only_the_prompt(pretrained: Path, tmp_path: Path, dataset: str) -> None:
+    extra = ["task.num_virtual_tokens=8", "task.init=text", f"task.dataset={dataset}"]
+    summary = adapt("prompt_tune", pretrained, tmp_path / "pt", *extra)
+    weights, _ = masked_weights(tmp_path / "pt")
+    pre_weights, _ = masked_weights(pretrained)
+    for name, value in pre_weights.items():
+        if not name.endswith("_mask"):
+            assert torch.equal(weights[f"backbone.{name}"], value), name
+    trained = {"prompt.embedding"} | ({"score.weight"} if dataset == "hoc" else set())
+    assert {k for k in weights if not k.startswith("backbone.")} == trained
+    assert summary.trainable_params == 8 * 64 + (10 * 64 if dataset == "hoc" else 0)
+    assert {p.name for p in Path(summary.exports["adapter"]).iterdir()} == {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    }
+
+
+def test_sequence_classification_export_parity(tiny_model: GPT, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    classifier = GPTClassifier(tiny_model, 10, pad_token_id=0).eval()
+    export_seq_cls(classifier, tmp_path / "hf", [f"h{i}" for i in range(10)])
+    hf_model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    assert type(hf_model).__name__ == "GPT2ForSequenceClassification"
+    assert hf_model.config.problem_type == "multi_label_classification" and hf_model.config.pad_token_id == 0
+    ids = torch.randint(1, 300, (3, 20), generator=torch.Generator().manual_seed(1))
+    ids[0, 12:], ids[1, 5:] = 0, 0  # right padding of different lengths
+    with torch.no_grad():
+        torch.testing.assert_close(classifier(ids), hf_model(input_ids=ids).logits, atol=1e-5, rtol=1e-4)
+
+
+@needs_shared
+def test_config_errors_name_the_key(pretrained: Path) -> None:
+    def check(key: str, *overrides: str) -> None:
+        cfg = to_object(load_config([f"task.pretrained={pretrained}", *overrides]))
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            validate(cfg)
+
+    # n_positions is 64: 60 virtual tokens leave no room for 48 tokens of text.
+    check("task.num_virtual_tokens", "task=prompt_tune", "task.num_virtual_tokens=60", "task.seq_len=48")
+    check("task.num_virtual_tokens", "task=prompt_tune", "task.num_virtual_tokens=64")
+    check("task.seq_len", "task=finetune", "task.seq_len=65")
+    check("task.sparsity", "task=finetune", "task.sparsity=sparse")
+    check("task.dataset", "task=finetune", "task.dataset=medqa")
+    check("task.init", "task=prompt_tune", "task.init=zeros")
+    check("task.pretrained", "task=finetune", "task.pretrained=/nonexistent/run")
