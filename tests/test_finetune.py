@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import pytest
@@ -15,10 +16,10 @@ from modelzoo.export.seq_cls import export_seq_cls
 from modelzoo.finetune.pretrained import checkpoint_masks
 from modelzoo.finetune.task import FinetuneSummary, run
 from modelzoo.models.classifier import GPTClassifier
-from modelzoo.models.gpt import GPT
+from modelzoo.models.gpt import GPT, GPTConfig
 from modelzoo.train.checkpoint import MODEL_FILE, latest_checkpoint
 from modelzoo.train.trainer import Trainer
-from tests.conftest import SHARED, make_config, needs_shared
+from tests.conftest import REPO, SHARED, make_config, needs_shared
 
 # A few steps of everything: enough to move weights, small enough for 2 cores.
 FAST = ["task.max_steps=3", "task.eval_every=3", "task.batch_size=4", "task.micro_batch_size=4", "task.seq_len=48"]
@@ -127,3 +128,12 @@ def test_config_errors_name_the_key(pretrained: Path) -> None:
     check("task.dataset", "task=finetune", "task.dataset=medqa")
     check("task.init", "task=prompt_tune", "task.init=zeros")
     check("task.pretrained", "task=finetune", "task.pretrained=/nonexistent/run")
+
+
+def test_finetune_benchmark_times_every_variant(tiny_config: GPTConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    bench = importlib.import_module("finetune")
+    shape = bench.Shape(tiny_config, batch=2, seq=bench.VIRTUAL + 8, steps=1)
+    timings = bench.measure(shape, steps=1, warmup=0, repeats=1)
+    assert set(timings) == {f"{task}/{impl}" for task in bench.TASKS for impl in ("ours", "hf")}
+    assert "PubMedQA soft prompting" in bench.report("test", shape, timings, 1)
