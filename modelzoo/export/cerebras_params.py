@@ -94,7 +94,11 @@ class CerebrasRecipe:
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    seq_len: int = 2048
+    seq_len: int | None = None  # None: the model's context length
+
+    def __post_init__(self) -> None:
+        if self.seq_len is None:
+            self.seq_len = self.model.n_positions
 
 
 @dataclass
