@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from modelzoo.cli import main
+from modelzoo.config import load_config, to_object, validate
 from modelzoo.errors import CheckpointError
 from modelzoo.export.cerebras_checkpoint import (
     from_cerebras_state_dict,
@@ -14,8 +16,8 @@ from modelzoo.export.cerebras_checkpoint import (
     load_cerebras_state_dict,
     to_cerebras_state_dict,
 )
-from modelzoo.export.cerebras_params import CerebrasRecipe, write_params
-from modelzoo.export.hf import to_hf_state_dict
+from modelzoo.export.cerebras_params import CerebrasRecipe, read_params, write_params
+from modelzoo.export.hf import load_hf, to_hf_state_dict
 from modelzoo.models.gpt import GPT, GPTConfig
 from modelzoo.sparsity.config import SparsityConfig
 from modelzoo.sparsity.plugin import MaskedSparsity
@@ -135,3 +137,37 @@ def test_refuses_untied_heads_unknown_tensors_and_hdf5(tmp_path: Path, tiny_conf
     (tmp_path / "c.mdl").write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(64))
     with pytest.raises(CheckpointError, match=r"cstorch\.save HDF5 file"):
         load_cerebras_state_dict(tmp_path / "c.mdl")
+
+
+def test_import_cerebras_command_writes_config_options_that_compose(tmp_path: Path, capsys) -> None:
+    params = Path(__file__).parent / "data" / "cerebras_modelzoo" / "gpt3_125m_rigl75_v22.yaml"
+    main(["import-cerebras", str(params), str(tmp_path / "out")])
+    command = capsys.readouterr().out.splitlines()[1].split()
+    assert command[:2] == ["modelzoo", "pretrain"]
+    cfg = to_object(load_config(["task=pretrain", *command[2:]]))
+    validate(cfg)
+    recipe = read_params(params)
+    assert (cfg.model, cfg.sparsity, cfg.optim, cfg.data.seq_len) == (
+        recipe.model,
+        recipe.sparsity,
+        recipe.optim,
+        2048,
+    )
+    assert (cfg.task.max_steps, cfg.task.batch_size) == (4778, 256)
+
+
+def test_checkpoint_round_trip_through_both_commands(tmp_path: Path, tiny_config: GPTConfig, capsys) -> None:
+    model = sparse_model(tiny_config)
+    theirs = to_cerebras_state_dict(model.state_dict())
+    torch.save(theirs, tmp_path / "model.pt")
+    params = write_params(CerebrasRecipe(model=tiny_config, sparsity=STATIC), tmp_path / "params.yaml")
+    run = tmp_path / "run"
+    main(["import-cerebras", str(params), str(run), str(tmp_path / "model.pt")])
+    main(["export", f"run_dir={run}", f"task.output_dir={tmp_path / 'hf'}"])
+    idx = torch.randint(0, tiny_config.vocab_size, (2, 16))
+    torch.testing.assert_close(load_hf(tmp_path / "hf")(idx)[0], model(idx)[0], rtol=0, atol=1e-6)
+    main(["export-cerebras", f"run_dir={run}", f"task.output_dir={tmp_path / 'cs'}"])
+    assert "exported" in capsys.readouterr().out
+    again = load_cerebras_state_dict(tmp_path / "cs" / "model.mdl")
+    assert again.keys() == theirs.keys() and all(torch.equal(again[k], v) for k, v in theirs.items())
+    assert read_params(tmp_path / "cs" / "params.yaml").sparsity == read_params(params).sparsity

@@ -17,20 +17,23 @@ Cerebras venv with `torch.save(cstorch.load(path)["model"], "model.pt")` first.
 from __future__ import annotations
 
 import pickle
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
+from modelzoo.atomic import atomic_directory
 from modelzoo.config import Config
 from modelzoo.data.config import DataConfig
 from modelzoo.errors import CheckpointError
-from modelzoo.export.cerebras_params import read_params
+from modelzoo.export.cerebras_params import CerebrasRecipe, read_params, write_params
 from modelzoo.models.gpt import GPT, GPTConfig
 from modelzoo.sparsity.names import cerebras_names
 from modelzoo.sparsity.plugin import MASK_SUFFIX, MaskedSparsity
-from modelzoo.train.checkpoint import check_run_dir, save_weights
+from modelzoo.train.checkpoint import check_run_dir, restore_model, save_weights
+from modelzoo.train.config import TrainConfig
 
 TIED = ("lm_head.weight", "transformer.wte.weight")
 # Other spellings of a Cerebras name in some releases (2.1+ position embeddings, 1.7's copy of the final norm).
@@ -184,3 +187,18 @@ def import_cerebras(params: str | Path, checkpoint: str | Path, run_dir: str | P
         state[name] = state[name].masked_fill(~mask, 0)
     model.load_state_dict(state, strict=True)
     return save_weights(run_dir, 0, model, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+
+
+def export_cerebras(checkpoint: str | Path, output_dir: str | Path) -> tuple[Path, Path]:
+    """One of our checkpoints as a Cerebras Model Zoo `params.yaml` and `model.mdl` (`{"model": state_dict}`)."""
+    model, cfg, _ = restore_model(checkpoint)
+    task = asdict(cfg.task) if is_dataclass(cfg.task) else dict(cfg.task)
+    train = TrainConfig(**{k: task[k] for k in ("max_steps", "batch_size", "micro_batch_size")})
+    recipe = CerebrasRecipe(
+        model=cfg.model, sparsity=cfg.sparsity, optim=cfg.optim, train=train, seq_len=cfg.data.seq_len
+    )
+    output_dir = Path(output_dir)
+    with atomic_directory(output_dir) as directory:
+        write_params(recipe, directory / "params.yaml")
+        torch.save({"model": to_cerebras_state_dict(model.state_dict())}, directory / "model.mdl")
+    return output_dir / "params.yaml", output_dir / "model.mdl"

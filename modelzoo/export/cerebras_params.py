@@ -595,3 +595,29 @@ def write_params(recipe: CerebrasRecipe, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(to_params(recipe), sort_keys=False))
     return path
+
+
+def write_hydra_options(recipe: CerebrasRecipe, conf_dir: str | Path) -> list[str]:
+    """Write `recipe` as options of our `model`, `sparsity` and `optim` config groups under `conf_dir`.
+
+    Returns the overrides that select them (with `hydra.searchpath`) and set the loop and sequence length, e.g.
+    `modelzoo pretrain <overrides>`.
+    """
+    from omegaconf import OmegaConf
+
+    conf_dir = Path(conf_dir).resolve()
+    name = recipe.model.name
+    for group, node in (("model", recipe.model), ("sparsity", recipe.sparsity), ("optim", recipe.optim)):
+        (conf_dir / group).mkdir(parents=True, exist_ok=True)
+        (conf_dir / group / f"{name}.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(node)))
+    t = recipe.train
+    return [
+        f"hydra.searchpath=[file://{conf_dir}]",
+        f"model={name}",
+        f"sparsity={name}",
+        f"optim={name}",
+        f"task.max_steps={t.max_steps}",
+        f"task.batch_size={t.batch_size}",
+        f"task.micro_batch_size={t.micro_batch_size}",
+        f"data.seq_len={recipe.seq_len}",
+    ]
