@@ -175,3 +175,62 @@ def test_writing_refuses_what_cerebras_cannot_express() -> None:
     recipe.sparsity = SparsityConfig(sparsity=0.75, distribution="erk")
     with pytest.raises(ConfigError, match=r"sparsity\.distribution: 'erk' has no Cerebras Model Zoo equivalent"):
         to_params(recipe)
+
+
+ATTN = tuple(f"transformer.h.{i}.attn.c_attn.weight" for i in range(12))
+MLP = tuple(f"transformer.h.{i}.mlp.{k}.weight" for i in range(12) for k in ("c_fc", "c_proj"))
+
+
+@pytest.mark.parametrize(
+    ("block", "expected"),
+    [
+        (  # 2.0 GMP: sparsity_schedule [[step, level], ...] -> update steps and levels, one per update
+            {
+                "type": "gmp",
+                "sparsity_schedule": [[1, 0.3], [6, 0.5], [8, 0.7]],
+                "param_name_patterns": r"linear_layer\.weight",
+            },
+            [(MLP, {"algorithm": "gmp", "update": {"steps": [1, 6, 8]}, "sparsity": [0.3, 0.5, 0.7]})],
+        ),
+        (  # 2.2+: a list of groups, glob filters, `schedule` as an alias of `sparsity`
+            [
+                {"param_filter": "*proj_[qkv]_dense_layer.weight", "sparsity": 0.5},
+                {
+                    "algorithm": "gmp",
+                    "schedule": {"type": "linear", "init": 0.0, "slope": 0.001},
+                    "update": {"freq": 10},
+                },
+            ],
+            [
+                (ATTN, {"sparsity": 0.5}),
+                (  # the second group has the default filter minus what the first took
+                    tuple(
+                        f"transformer.h.{i}.{k}.weight"
+                        for i in range(12)
+                        for k in ("attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+                    ),
+                    {"algorithm": "gmp", "sparsity": {"type": "linear", "init": 0.0, "slope": 0.001}},
+                ),
+            ],
+        ),
+        (  # pydantic-style {groups: [...]} with `params` sub-blocks
+            {"groups": [{"params": {"sparsity": 0.9, "param_filter": "*ffn.ffn.*.linear_layer.weight"}}]},
+            [(MLP, {"sparsity": 0.9})],
+        ),
+        (  # 1.x sideband: static, the mask comes from the checkpoint's NaN weights
+            {"type": "sideband", "sparsity": 0.5},
+            [(block_matrices(12), {"algorithm": "static", "init_method": "from_zeros"})],
+        ),
+    ],
+)
+def test_more_sparsity_dialects(tmp_path: Path, block, expected) -> None:
+    def edit(raw: dict) -> None:
+        raw["sparsity"] = block
+
+    recipe = read_params(edited(tmp_path, "gpt3_125m_static75_v20.yaml", edit))
+    groups = [g for _, g in recipe.sparsity.group_configs()]
+    plans = planned(recipe.sparsity, recipe.model)
+    assert len(plans) == len(expected)
+    for plan, group, (names, fields) in zip(plans, groups, expected, strict=True):
+        assert sorted(plan) == sorted(names)
+        assert {k: getattr(group, k) for k in fields} == fields

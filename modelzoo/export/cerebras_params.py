@@ -372,7 +372,8 @@ def _blocks(r: _Reader, key: str, spec: Any) -> list[tuple[str, dict]]:
         if block:
             raise r.error(f"{key}.{next(iter(block))}", "set it in each of groups[i]")
         groups = groups if isinstance(groups, list) else [groups]
-        return [(f"{key}.groups[{i}]", {**g, **(g.pop("params", None) or {})}) for i, g in enumerate(groups)]
+        flat = [{k: v for k, v in g.items() if k != "params"} | (g.get("params") or {}) for g in groups]
+        return [(f"{key}.groups[{i}]", g) for i, g in enumerate(flat)]
     patterns = block.get("param_name_patterns")
     if isinstance(patterns, Mapping):  # 2.0: {regex: overrides or None}, one group per pattern
         base = {k: v for k, v in block.items() if k != "param_name_patterns"}
