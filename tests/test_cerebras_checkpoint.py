@@ -82,13 +82,14 @@ def test_names_match_the_cerebras_layout_and_qkv_split_follows_their_converter(t
 def test_import_gives_the_same_weights_masks_and_logits(tiny_config: GPTConfig, old_format: bool) -> None:
     model = sparse_model(tiny_config)
     theirs = to_cerebras_state_dict(model.state_dict())
-    if old_format:  # 1.x: `model.` prefix, 2.0 position name, pruned weights as NaN and no mask buffers
+    if old_format:  # 1.x: `model.` prefix, 2.0 position name, 1.7's ln_f copy, pruned weights as NaN, no masks
         masks = {k.removesuffix("_mask"): theirs.pop(k) for k in [k for k in theirs if k.endswith("_mask")]}
         for name, mask in masks.items():
             theirs[name] = theirs[name].masked_fill(~mask, float("nan"))
         theirs["embedding_layer.position_embeddings.weight"] = theirs.pop(
             "embedding_layer.position_embeddings.embed.weight"
         )
+        theirs["ln_f.weight"] = theirs["transformer_decoder.norm.weight"].clone()
         theirs = {f"model.{k}": v for k, v in theirs.items()}
     state, masks = from_cerebras_state_dict(theirs, tiny_config)
     ours = model.state_dict()

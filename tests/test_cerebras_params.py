@@ -59,6 +59,17 @@ def test_gpt3_xl_maps_to_our_xl_size_and_recipe(name: str) -> None:
     assert not recipe.sparsity.enabled
 
 
+def test_gpt2_small_linear_decay_to_zero_and_dropout() -> None:
+    recipe = read_params(DATA / "gpt2_small_runconfig.yaml")
+    assert {k: getattr(recipe.model, k) for k in SHAPE} == dict(
+        n_layer=12, n_embd=768, n_head=12, n_inner=3072, n_positions=2048, vocab_size=50257
+    )
+    assert recipe.model.dropout == 0.1
+    o = recipe.optim
+    assert (o.lr, o.warmup_steps, o.decay, o.min_lr_ratio, o.weight_decay) == (6e-4, 1600, "linear", 0.0, 0.01)
+    assert (recipe.train.max_steps, recipe.train.batch_size) == (151600, 112)
+
+
 @pytest.mark.parametrize("name", SPARSE_125M)
 def test_every_sparsity_dialect_selects_the_attention_and_mlp_matrices(name: str) -> None:
     recipe = read_params(DATA / name)
