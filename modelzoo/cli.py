@@ -28,6 +28,11 @@ commands:
   prune      one-shot pruning (SparseGPT, Wanda, magnitude) of a run or an HF directory to a sparse HF directory
   info       parameter counts of a model size
   flops      dense and sparse-effective training FLOPs of a config
+  import-cerebras PARAMS.yaml OUT_DIR [CHECKPOINT]
+             a Cerebras Model Zoo GPT params file as our config options (OUT_DIR/conf), and its checkpoint
+             (torch.save or safetensors, *_mask buffers or NaN-pruned weights) as run OUT_DIR's step 0
+  export-cerebras
+             a run's checkpoint as a Cerebras Model Zoo params.yaml and model.mdl (task.output_dir)
 
 examples:
   modelzoo pretrain
@@ -43,6 +48,8 @@ examples:
   modelzoo prune task.hf_dir=DIR task.method=wanda task.n_m=[2,4] task.output_dir=pruned/
   modelzoo info model=xl
   modelzoo flops model=xl sparsity=static_75
+  modelzoo import-cerebras params_gpt3_xl.yaml imported/ model.mdl
+  modelzoo export-cerebras run_dir=runs/tiny-static_75 task.output_dir=cerebras/
   modelzoo pretrain --cfg job        (print the composed config; any Hydra flag works after pretrain)
 
 config groups (conf/): model={tiny,med,large,xl}
@@ -153,6 +160,32 @@ def flops(overrides: list[str]) -> None:
     print(format_report(flop_report(cfg.model, cfg.data.seq_len, cfg.sparsity), tokens=tokens))
 
 
+def import_cerebras(args: list[str]) -> None:
+    from modelzoo.export.cerebras_checkpoint import import_cerebras as import_checkpoint
+    from modelzoo.export.cerebras_params import read_params, write_hydra_options
+
+    if len(args) not in (2, 3) or any("=" in a for a in args):
+        raise ModelZooError("usage: modelzoo import-cerebras PARAMS.yaml OUT_DIR [CHECKPOINT]")
+    params, out_dir = args[0], Path(args[1])
+    overrides = write_hydra_options(read_params(params), out_dir / "conf")
+    print(f"wrote the config options of {params} to {out_dir / 'conf'}; train with them:")
+    print("  modelzoo pretrain " + " ".join(overrides))
+    if len(args) == 3:
+        path = import_checkpoint(params, args[2], out_dir)
+        print(f"imported {args[2]} -> {path}; then: modelzoo export run_dir={out_dir}")
+
+
+def export_cerebras(overrides: list[str]) -> None:
+    from modelzoo.export.cerebras_checkpoint import export_cerebras as export_checkpoint
+    from modelzoo.train.checkpoint import resolve_checkpoint
+
+    cfg = to_object(load_config(["task=export", *overrides]))
+    path = resolve_checkpoint(cfg.task.checkpoint, cfg.run_dir)
+    output = Path(cfg.task.output_dir) if cfg.task.output_dir else path.parent.parent / "cerebras"
+    params, weights = export_checkpoint(path, output)
+    print(f"exported {path} -> {params}, {weights}")
+
+
 COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "pretrain": pretrain,
     "export": export,
@@ -162,6 +195,8 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "prompt_tune": prompt_tune,
     "info": info,
     "flops": flops,
+    "import-cerebras": import_cerebras,
+    "export-cerebras": export_cerebras,
 }
 
 

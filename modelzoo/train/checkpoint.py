@@ -69,12 +69,31 @@ def save_checkpoint(
         torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
         torch.save(trainer_state, tmp / TRAINER_FILE)
         (tmp / CONFIG_FILE).write_text(config_yaml)
-        files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
-        manifest = {"format_version": FORMAT_VERSION, "step": step, "files": files}
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+        _write_manifest(tmp, step)
     write_text_atomically(root / LATEST, final.name + "\n")
     _prune(root, keep, protect=final.name)
     return final
+
+
+def save_weights(run_dir: str | Path, step: int, model: nn.Module, config_yaml: str) -> Path:
+    """Write a checkpoint of weights, masks and config only (e.g. imported from elsewhere) and point `latest` at it.
+
+    It has no optimizer or trainer state, so `export`, `generate` and `prune` read it but `task.resume` does not.
+    """
+    final = checkpoint_dir(run_dir) / f"step_{step:06d}"
+    with atomic_directory(final) as tmp:
+        save_model(model, str(tmp / MODEL_FILE))
+        (tmp / CONFIG_FILE).write_text(config_yaml)
+        _write_manifest(tmp, step)
+    write_text_atomically(checkpoint_dir(run_dir) / LATEST, final.name + "\n")
+    return final
+
+
+def _write_manifest(directory: Path, step: int) -> None:
+    """The manifest (sha256 and size of every file in `directory`), written last."""
+    files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in sorted(directory.iterdir())}
+    manifest = {"format_version": FORMAT_VERSION, "step": step, "files": files}
+    (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
 
 
 def _prune(root: Path, keep: int, protect: str) -> None:
@@ -175,6 +194,11 @@ def load_model_weights(path: str | Path, model: nn.Module, mask_names: list[str]
 def load_training_state(path: str | Path) -> tuple[dict, dict]:
     """(optimizer state, trainer state) of a verified checkpoint."""
     path = Path(path)
+    if not (path / OPTIMIZER_FILE).is_file():
+        raise CheckpointError(
+            f"{path} holds weights only (no optimizer or trainer state), so it cannot be resumed; export it "
+            "(modelzoo export) and start a new run from it with task.init_from=<the export>"
+        )
     optimizer_state = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=False)
     trainer_state = torch.load(path / TRAINER_FILE, map_location="cpu", weights_only=False)
     return optimizer_state, trainer_state

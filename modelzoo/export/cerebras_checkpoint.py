@@ -1,0 +1,204 @@
+"""Cerebras Model Zoo GPT-2/GPT-3 checkpoints <-> our model and checkpoint format, sparsity masks included.
+
+Names follow the Cerebras Model Zoo's own HF <-> CS GPT-2 converter (`modelzoo.sparsity.names`): q, k and v are
+separate `proj_{q,k,v}_dense_layer`s there and one fused `c_attn` here (concatenated along the output dimension);
+both sides store linear weights as `nn.Linear` (out, in), so nothing is transposed. Differences between releases,
+all read: 1.7-1.9 prefix every key with `model.`; 1.7 keeps a copy of the final norm as `ln_f`; 2.1+ moved the
+position embeddings to `embedding_layer.position_embeddings.embed.weight`; `lm_head.weight` is the tied token
+embedding. Sparsity comes as cstorch's `<name>_mask` bool buffers or, from 1.x sideband training, as NaN at
+every pruned weight (what Cerebras' `finalize_cs2_sparsity` turns into zeros). Written back in the 2.1+ layout
+with `*_mask` buffers and the pruned weights at exact zero.
+
+Files: a `torch.save` dict (the state dict, or `{"model": state_dict, ...}` as Model Zoo checkpoints hold it)
+or safetensors. `cstorch.save` writes HDF5, which only `cstorch.load` reads: convert such a file in the
+Cerebras venv with `torch.save(cstorch.load(path)["model"], "model.pt")` first.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from modelzoo.atomic import atomic_directory
+from modelzoo.config import Config
+from modelzoo.data.config import DataConfig
+from modelzoo.errors import CheckpointError
+from modelzoo.export.cerebras_params import CerebrasRecipe, read_params, write_params
+from modelzoo.models.gpt import GPT, GPTConfig
+from modelzoo.sparsity.names import cerebras_names
+from modelzoo.sparsity.plugin import MASK_SUFFIX, MaskedSparsity
+from modelzoo.train.checkpoint import check_run_dir, restore_model, save_weights
+from modelzoo.train.config import TrainConfig
+
+TIED = ("lm_head.weight", "transformer.wte.weight")
+# Other spellings of a Cerebras name in some releases (2.1+ position embeddings, 1.7's copy of the final norm).
+ALIASES = {
+    "embedding_layer.position_embeddings.weight": ("embedding_layer.position_embeddings.embed.weight",),
+    "transformer_decoder.norm.weight": ("ln_f.weight",),
+    "transformer_decoder.norm.bias": ("ln_f.bias",),
+}
+WRITTEN = {"embedding_layer.position_embeddings.weight": "embedding_layer.position_embeddings.embed.weight"}
+
+
+def load_cerebras_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The model state dict in a Cerebras checkpoint file (`torch.save` or safetensors)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    if path.read_bytes()[:4] == b"\x89HDF":
+        raise CheckpointError(
+            f"{path} is a cstorch.save HDF5 file, which only cstorch.load reads; in the Cerebras venv run "
+            f"torch.save(cstorch.load('{path}')['model'], 'model.pt') and import model.pt"
+        )
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise CheckpointError(f"{path} is not a torch.save checkpoint ({e})") from e
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} holds no state dict of tensors (nor one under 'model')")
+    return obj
+
+
+def from_cerebras_state_dict(
+    state: dict[str, torch.Tensor], config: GPTConfig
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(our state dict, masks by our parameter name) from a Cerebras GPT state dict.
+
+    Pruned weights come back as exact zeros. A mask of c_attn is the concatenation of q, k and v's masks (True
+    where one of them has none). Keys left over, missing weights and an untied `lm_head` raise `CheckpointError`.
+    """
+    if state and all(k.startswith("model.") for k in state):
+        state = {k.removeprefix("model."): v for k, v in state.items()}
+    masks = {k.removesuffix(MASK_SUFFIX): v.bool() for k, v in state.items() if k.endswith(MASK_SUFFIX)}
+    values: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.endswith(MASK_SUFFIX):
+            continue
+        if value.is_floating_point() and value.isnan().any():  # 1.x sideband: NaN marks a pruned weight
+            masks[key] = masks.get(key, torch.ones_like(value, dtype=torch.bool)) & ~value.isnan()
+            value = value.nan_to_num(nan=0.0)
+        values[key] = value
+    used: set[str] = set()
+
+    def take(name: str) -> str:
+        present = [n for n in (name, *ALIASES.get(name, ())) if n in values]
+        if not present:
+            raise CheckpointError(f"the Cerebras state dict has no {name} (needed for our {ours})")
+        for other in present[1:]:
+            if not torch.equal(values[other], values[present[0]]):
+                raise CheckpointError(f"{present[0]} and {other} differ; the checkpoint is inconsistent")
+        used.update(present)
+        return present[0]
+
+    with torch.device("meta"):
+        names = [n for n, _ in GPT(config).named_parameters()]
+    ours_state, ours_masks = {}, {}
+    for ours in names:
+        keys = [take(n) for n in cerebras_names(ours)]
+        ours_state[ours] = torch.cat([values[k] for k in keys]) if len(keys) > 1 else values[keys[0]]
+        parts = [masks.get(k) for k in keys]
+        if any(p is not None for p in parts):
+            ones = [
+                torch.ones_like(values[k], dtype=torch.bool) if p is None else p
+                for k, p in zip(keys, parts, strict=True)
+            ]
+            ours_masks[ours] = torch.cat(ones) if len(ones) > 1 else ones[0]
+            used.update(k for k in keys if k in masks)
+    head = values.get(TIED[0])
+    if head is not None:
+        if not torch.equal(head, ours_state[TIED[1]]):
+            raise CheckpointError(f"{TIED[0]} differs from the word embeddings: untied heads cannot be imported")
+        used.add(TIED[0])
+    ours_state[TIED[0]] = ours_state[TIED[1]]
+    left = sorted(set(values) - used) + sorted(f"{k}{MASK_SUFFIX}" for k in set(masks) - used - set(values))
+    if left:
+        raise CheckpointError(
+            f"the Cerebras state dict holds {len(left)} tensors this GPT has no place for: {left[:5]}"
+        )
+    return ours_state, ours_masks
+
+
+def to_cerebras_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our state dict (with `<param>_mask` buffers) in Cerebras Model Zoo 2.1+ names, pruned weights at zero."""
+    out: dict[str, torch.Tensor] = {}
+    for ours, value in state.items():
+        if ours.endswith(MASK_SUFFIX) or ours == TIED[0]:
+            continue
+        mask = state.get(ours + MASK_SUFFIX)
+        if mask is not None:
+            value = value.masked_fill(~mask, 0)
+        theirs = [WRITTEN.get(n, n) for n in cerebras_names(ours)]
+        if not theirs:
+            raise CheckpointError(f"{ours} has no Cerebras Model Zoo name")
+        for name, part, part_mask in zip(
+            theirs,
+            value.chunk(len(theirs)),
+            mask.chunk(len(theirs)) if mask is not None else [None] * len(theirs),
+            strict=True,
+        ):
+            out[name] = part.clone()
+            if part_mask is not None:
+                out[name + MASK_SUFFIX] = part_mask.clone()
+    out[TIED[0]] = out[cerebras_names(TIED[1])[0]]
+    return out
+
+
+def import_cerebras(params: str | Path, checkpoint: str | Path, run_dir: str | Path, seed: int = 1234) -> Path:
+    """Write a Cerebras GPT checkpoint (with its params YAML) as checkpoint `step_000000` of our run `run_dir`.
+
+    The params file decides which weights are sparse; the checkpoint must hold a mask (or NaN entries) for
+    exactly those, unless the params are dense, in which case its masks are baked in as zeros. The result holds
+    weights, masks and config (no optimizer state): `modelzoo export`, `generate` and `prune` read it, and
+    `modelzoo pretrain task.init_from=<its export>` continues training from it.
+    """
+    recipe = read_params(params)
+    check_run_dir(run_dir, resume=False)
+    weights, masks = from_cerebras_state_dict(load_cerebras_state_dict(checkpoint), recipe.model)
+    cfg = Config(
+        model=recipe.model,
+        sparsity=recipe.sparsity,
+        optim=recipe.optim,
+        data=DataConfig(seq_len=recipe.seq_len),
+        task=recipe.train,
+        seed=seed,
+        run_dir=str(run_dir),
+    )
+    model = GPT(cfg.model)
+    sparse: list[str] = []
+    if cfg.sparsity.enabled:
+        sparsity = MaskedSparsity(cfg.sparsity, seed)
+        sparsity.apply(model)
+        sparse = [n.removesuffix(MASK_SUFFIX) for n in sparsity.mask_names()]
+        for names, why in ((set(masks) - set(sparse), "masks"), (set(sparse) - set(masks), "no masks")):
+            if names:
+                raise CheckpointError(
+                    f"{checkpoint} has {why} for {sorted(names)[:3]} but {params} makes sparse exactly "
+                    f"{sparse[:3]}...; import it with the params file it was trained with"
+                )
+    state = {**weights, **{f"{n}{MASK_SUFFIX}": masks[n] for n in sparse}}
+    for name, mask in masks.items():  # pruned weights are exact zeros, sparse config or not
+        state[name] = state[name].masked_fill(~mask, 0)
+    model.load_state_dict(state, strict=True)
+    return save_weights(run_dir, 0, model, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+
+
+def export_cerebras(checkpoint: str | Path, output_dir: str | Path) -> tuple[Path, Path]:
+    """One of our checkpoints as a Cerebras Model Zoo `params.yaml` and `model.mdl` (`{"model": state_dict}`)."""
+    model, cfg, _ = restore_model(checkpoint)
+    task = asdict(cfg.task) if is_dataclass(cfg.task) else dict(cfg.task)
+    train = TrainConfig(**{k: task[k] for k in ("max_steps", "batch_size", "micro_batch_size")})
+    recipe = CerebrasRecipe(
+        model=cfg.model, sparsity=cfg.sparsity, optim=cfg.optim, train=train, seq_len=cfg.data.seq_len
+    )
+    output_dir = Path(output_dir)
+    with atomic_directory(output_dir) as directory:
+        write_params(recipe, directory / "params.yaml")
+        torch.save({"model": to_cerebras_state_dict(model.state_dict())}, directory / "model.mdl")
+    return output_dir / "params.yaml", output_dir / "model.mdl"
