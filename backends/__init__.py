@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from backends.base import Backend, Capabilities, Sparsifier
+from backends.cerebras import CerebrasBackend
 from backends.masked_dense import MaskedDenseBackend
 from backends.torch_sparse import TorchSparseBackend
 from modelzoo.errors import ConfigError
@@ -19,6 +20,7 @@ def register(cls: type[Backend]) -> type[Backend]:
     return cls
 
 
+register(CerebrasBackend)
 register(MaskedDenseBackend)
 register(TorchSparseBackend)
 
@@ -44,8 +46,9 @@ def check_supports(name: str, *, algorithm: str | None, device: str, dtype: str,
         if not supported(BACKENDS[name].capabilities):
             able = [n for n, cls in BACKENDS.items() if supported(cls.capabilities)]
             raise ConfigError("backend.name", f"backend {name!r} does not support {what}", able or ["no backend"])
-    if not BACKENDS[name].is_available():
-        raise ConfigError("backend.name", f"backend {name!r} is not installed on this machine")
+    reason = BACKENDS[name].unavailable_reason()
+    if reason:
+        raise ConfigError("backend.name", reason)
 
 
 def get_backend(name: str) -> Backend:

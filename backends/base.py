@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar, Protocol
 
 import torch
 from torch import nn
 
+from modelzoo.cluster import ClusterConfig
 from modelzoo.sparsity.config import SparsityConfig
 from modelzoo.sparsity.plugin import SparsityStats
 
@@ -43,17 +46,63 @@ class Backend(ABC):
     capabilities: ClassVar[Capabilities]
 
     @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """Why this backend cannot run here, as one sentence with a fix; None when it can."""
+        return None
+
+    @classmethod
     def is_available(cls) -> bool:
         """Whether this backend's libraries import on this machine."""
-        return True
+        return cls.unavailable_reason() is None
+
+    @classmethod
+    def check_config(cls, sparsity: SparsityConfig, cluster: ClusterConfig, device: str) -> None:
+        """Refuse, before any compute, config values this backend cannot honour (a `ConfigError`)."""
 
     @abstractmethod
     def sparsifier(self, config: SparsityConfig, seed: int) -> Sparsifier:
         """The sparsity plug-in for `config` (only called when sparsity is enabled)."""
 
-    def wrap_step(self, step: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        """Wrap one training step (the Cerebras backend traces it); identity by default."""
-        return step
+    def optimizer_class(self) -> type[torch.optim.Optimizer]:
+        """The AdamW implementation the trainer builds (cstorch needs its own)."""
+        return torch.optim.AdamW
+
+    def start(
+        self,
+        cluster: ClusterConfig,
+        device: torch.device,
+        artifact_dir: Path,
+        *,
+        compile_only: bool = False,
+        validate_only: bool = False,
+    ) -> None:
+        """Set up the runtime before the model, sparsity and optimizer are built; nothing by default.
+
+        `compile_only` / `validate_only` (CS-2 only, refused earlier for other backends) stop after lowering.
+        """
+
+    def compile(self, model: nn.Module) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+        """The callable the training step runs the model through; the model itself by default."""
+        return model
+
+    def batches(self, batches: Iterable[tuple[torch.Tensor, ...]], steps: int) -> Iterator[tuple[torch.Tensor, ...]]:
+        """The next `steps` batches (one per optimizer step); the Cerebras backend drives a `DataExecutor`."""
+        return itertools.islice(batches, steps)
+
+    def wrap_step(
+        self,
+        step: Callable[..., tuple[torch.Tensor, ...]],
+        end_step: Callable[..., None],
+    ) -> Callable[..., None]:
+        """One training step: run `step(batch)`, then `end_step(*its results)` (logging, evaluation, saving).
+
+        The Cerebras backend traces `step` and hands its results to `end_step` through a step closure.
+        """
+
+        def run(*batch: torch.Tensor) -> None:
+            end_step(*step(*batch))
+
+        return run
 
     def prepare_inference(self, model: nn.Module, tokens: int) -> nn.Module:
         """`model` made ready for forward-only calls of about `tokens` tokens each.

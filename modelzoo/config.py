@@ -18,7 +18,8 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, open_dict
 
-from backends import check_supports, resolve_name
+from backends import BACKENDS, check_supports, resolve_name
+from modelzoo.cluster import ClusterConfig
 from modelzoo.data.config import FORMATS, DataConfig, TokenizerConfig
 from modelzoo.distributed import world_size
 from modelzoo.errors import ConfigError
@@ -73,9 +74,13 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     task: Any = MISSING  # TrainConfig | ExportConfig | GenerateConfig: typed by the chosen task option
     seed: int = 1234
     run_dir: str = "runs/default"
+    # backend=cerebras cluster=cs2 only: lower the model locally, then stop at the remote compile (or validate).
+    compile_only: bool = False
+    validate_only: bool = False
 
 
 def _package_data(relative: str) -> str:
@@ -148,20 +153,41 @@ def validate(cfg: Config) -> None:
         device = resolved_device(cfg.task.device)
         if device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("task.device", "cuda requested but no CUDA device is visible", ["auto", "cpu"])
+        backend = resolve_name(cfg.backend.name)
         for algorithm in cfg.sparsity.algorithms or [None]:
-            check_supports(
-                resolve_name(cfg.backend.name),
-                algorithm=algorithm,
-                device=device,
-                dtype=cfg.task.precision,
-                train=True,
-            )
+            check_supports(backend, algorithm=algorithm, device=device, dtype=cfg.task.precision, train=True)
+        _validate_cluster(cfg, backend, device)
+        BACKENDS[backend].check_config(cfg.sparsity, cfg.cluster, device)
+    elif cfg.compile_only or cfg.validate_only:
+        raise ConfigError("compile_only" if cfg.compile_only else "validate_only", "applies to pretrain only")
     if isinstance(cfg.task, FinetuneConfig):  # the model and its sparsity come from task.pretrained
         validate_finetune(cfg.task)
         return
     if cfg.sparsity.enabled:
         with torch.device("meta"):
             plan_groups(cfg.sparsity, GPT(cfg.model))
+
+
+def _validate_cluster(cfg: Config, backend: str, device: str) -> None:
+    """The `cluster` node, and the CS-2 modes: they need backend=cerebras on a CSX cluster."""
+    cfg.cluster.validate(device)
+    target = cfg.cluster.resolved_target(device)
+    if backend != "cerebras" and cfg.cluster.target != "auto":
+        raise ConfigError(
+            "cluster.target", f"{target} is a cstorch backend: use backend=cerebras, or cluster=local with {backend}"
+        )
+    if cfg.compile_only and cfg.validate_only:
+        raise ConfigError("validate_only", "compile_only already validates; set one of the two")
+    lowering = "compile_only" if cfg.compile_only else "validate_only" if cfg.validate_only else None
+    if lowering and (backend != "cerebras" or target != "CSX"):
+        raise ConfigError(lowering, "lowers for a CS-2: it needs backend=cerebras cluster=cs2")
+    missing = cfg.cluster.missing_for_submission()
+    if target == "CSX" and not lowering and missing:
+        raise ConfigError(
+            missing[0].split("=")[0],
+            f"a CS-2 run needs {' and '.join(missing)}; compile_only=true or validate_only=true lower the model "
+            "offline without them",
+        )
 
 
 def _validate_model(m: GPTConfig) -> None:

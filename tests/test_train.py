@@ -84,11 +84,11 @@ def test_resume_after_crash_is_exact(
     original = Trainer._train_step
     calls = {"n": 0}
 
-    def crash_at_step_6(self: Trainer):
+    def crash_at_step_6(self: Trainer, *batch: torch.Tensor):
         calls["n"] += 1
         if calls["n"] == 6:
             raise KeyboardInterrupt("killed")
-        return original(self)
+        return original(self, *batch)
 
     monkeypatch.setattr(Trainer, "_train_step", crash_at_step_6)
     with pytest.raises(KeyboardInterrupt):

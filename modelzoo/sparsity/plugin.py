@@ -75,6 +75,17 @@ class SparsityStats:
         return self.sparse_zeros / max(self.sparse_numel, 1)
 
 
+@torch.no_grad()
+def sparsity_stats(params: list[tuple[str, torch.Tensor]]) -> SparsityStats:
+    """Fraction of exact zeros in each of the named weights and over all of them."""
+    per_param, zeros, numel = {}, 0, 0
+    for name, weight in params:
+        z = int((weight == 0).sum())
+        per_param[name] = z / weight.numel()
+        zeros, numel = zeros + z, numel + weight.numel()
+    return SparsityStats(per_param, zeros, numel)
+
+
 @dataclass
 class SparseGroup:
     """One config group at run time: its algorithm and the parameters it sparsifies (in model order)."""
@@ -103,19 +114,12 @@ class MaskedSparsity:
 
     def apply(self, model: nn.Module) -> None:
         """Create masks (deterministic in `seed`), zero the pruned weights and register gradient hooks."""
-        owner: dict[str, tuple[SparseGroup, float]] = {}
-        for plan in plan_groups(self.config, model):
-            group = SparseGroup(plan.key, make_algorithm(plan.config, plan.key))
-            self.groups.append(group)
-            levels = group.algorithm.levels(0, [tuple(model.get_parameter(n).shape) for n in plan.names])
-            owner.update({name: (group, level) for name, level in zip(plan.names, levels, strict=True)})
-        for name, weight in model.named_parameters():
-            if name not in owner:
-                continue
-            group, level = owner[name]
+        owner = self._assign(model)
+        for name, mask in self._draw_masks(model, owner).items():
+            group = owner[name][0]
+            weight = model.get_parameter(name)
             module_name, _, leaf = name.rpartition(".")
             module = model.get_submodule(module_name)
-            mask = group.algorithm.initial_mask(weight, level, self.generator)
             module.register_buffer(leaf + MASK_SUFFIX, mask, persistent=True)
             sp = SparseParam(name, module, leaf)
             with torch.no_grad():
@@ -130,6 +134,33 @@ class MaskedSparsity:
         for group in self.groups:
             group.algorithm.start()
         self._capture = self._captures_at(self.step + 1)
+
+    def initial_masks(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The masks `apply` would attach (same seed, same draws) by parameter name, leaving `model` untouched.
+
+        Other backends (cerebras) start from these, so a seed gives the same masks everywhere.
+        """
+        return self._draw_masks(model, self._assign(model))
+
+    def _assign(self, model: nn.Module) -> dict[str, tuple[SparseGroup, float]]:
+        """Build the groups; each sparse parameter's name -> (its group, its initial level)."""
+        owner: dict[str, tuple[SparseGroup, float]] = {}
+        for plan in plan_groups(self.config, model):
+            group = SparseGroup(plan.key, make_algorithm(plan.config, plan.key))
+            self.groups.append(group)
+            levels = group.algorithm.levels(0, [tuple(model.get_parameter(n).shape) for n in plan.names])
+            owner.update({name: (group, level) for name, level in zip(plan.names, levels, strict=True)})
+        return owner
+
+    def _draw_masks(
+        self, model: nn.Module, owner: dict[str, tuple[SparseGroup, float]]
+    ) -> dict[str, torch.Tensor]:
+        """Initial masks in model order (the order the generator is drawn in)."""
+        return {
+            name: owner[name][0].algorithm.initial_mask(weight, owner[name][1], self.generator)
+            for name, weight in model.named_parameters()
+            if name in owner
+        }
 
     def _dense_grad_hook(self, sp: SparseParam) -> Callable[[torch.Tensor], torch.Tensor]:
         def hook(grad: torch.Tensor) -> torch.Tensor:
@@ -207,15 +238,9 @@ class MaskedSparsity:
     def _captures_at(self, step: int) -> bool:
         return any(g.algorithm.needs_dense_grad and g.algorithm.is_update_step(step) for g in self.groups)
 
-    @torch.no_grad()
     def stats(self) -> SparsityStats:
         """Achieved sparsity: fraction of exact zeros in each targeted weight and over all of them."""
-        per_param, zeros, numel = {}, 0, 0
-        for sp in self.params:
-            z = int((sp.param == 0).sum())
-            per_param[sp.name] = z / sp.param.numel()
-            zeros, numel = zeros + z, numel + sp.param.numel()
-        return SparsityStats(per_param, zeros, numel)
+        return sparsity_stats([(sp.name, sp.param) for sp in self.params])
 
     def mask_names(self) -> list[str]:
         """State-dict keys of the masks."""

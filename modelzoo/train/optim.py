@@ -10,14 +10,17 @@ from torch import nn
 from modelzoo.train.config import OptimConfig
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on biases, norms' gains or 1-D parameters)."""
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig, adamw: type[torch.optim.Optimizer] = torch.optim.AdamW
+) -> torch.optim.Optimizer:
+    """AdamW (`adamw`: torch's or cstorch's) with weight decay on matrices only (not on biases, norms' gains or
+    1-D parameters)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    return adamw(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
 def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:

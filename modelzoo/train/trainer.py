@@ -18,6 +18,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -92,13 +93,22 @@ class Trainer:
             self.corpus = load_corpus(cfg.data, self.tokenizer)
         self.unigram_loss = unigram_loss(self.corpus.train, self.corpus.validation, cfg.model.vocab_size)
 
+        # The backend's runtime comes first: cstorch needs it before any sparsity object or optimizer exists.
+        self.backend = get_backend(cfg.backend.name)
+        self.backend.start(
+            cfg.cluster,
+            self.device,
+            self.run_dir / "cerebras",
+            compile_only=cfg.compile_only,
+            validate_only=cfg.validate_only,
+        )
         torch.manual_seed(cfg.seed)
         self.model = self._build_model().to(self.device)
-        self.backend = get_backend(cfg.backend.name)
+        self.forward = self.backend.compile(self.model)
         self.sparsifier = self.backend.sparsifier(cfg.sparsity, cfg.seed) if cfg.sparsity.enabled else None
         if self.sparsifier:
             self.sparsifier.apply(self.model)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.backend.optimizer_class())
         if self.sparsifier:
             self.sparsifier.apply_optimizer(self.optimizer)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.task.max_steps)
@@ -119,7 +129,7 @@ class Trainer:
         self.flops = flop_report(cfg.model, cfg.data.seq_len, cfg.sparsity)
         self.step = 0
         self.train_seconds = 0.0
-        self.train_step = self.backend.wrap_step(self._train_step)
+        self.train_step = self.backend.wrap_step(self._train_step, self._end_step)
         if self.task.resume:
             self._resume()
         self.metrics = (
@@ -142,16 +152,22 @@ class Trainer:
         return model
 
     # ---- one optimizer step -------------------------------------------------------------------------
-    def _train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _step_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches of optimizer steps, endlessly: inputs and targets of shape (accumulation, micro_batch, seq_len)."""
+        while True:
+            micro = [self.loader.next_batch() for _ in range(self.accumulation)]
+            yield torch.stack([x for x, _ in micro]), torch.stack([y for _, y in micro])
+
+    def _train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward/backward over the micro-batches of one batch, clip, step. Returns (mean loss, grad norm)."""
         self.model.train()
         total = torch.zeros((), device=self.device)
         for i in range(self.accumulation):
-            x, y = (t.to(self.device, non_blocking=True) for t in self.loader.next_batch())
+            x, y = inputs[i].to(self.device, non_blocking=True), targets[i].to(self.device, non_blocking=True)
             # DDP all-reduces the gradients once, on the last micro-batch of the step.
             last = i == self.accumulation - 1
             with self.autocast, nullcontext() if self.replica is None or last else self.replica.no_sync():
-                _, loss = (self.replica or self.model)(x, y)
+                _, loss = (self.replica or self.forward)(x, y)
             (loss / self.accumulation).backward()
             total += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
@@ -185,11 +201,11 @@ class Trainer:
     def fit(self) -> RunSummary:
         t = self.task
         self._log_header()
-        val_loss = math.nan
-        window_start, window_steps = time.perf_counter(), 0
+        self._val_loss = math.nan
+        self._window_start, self._window_steps = time.perf_counter(), 0
         # In a log file (no terminal) refresh the bar every 30 s instead of many times a second.
         refresh = 0.1 if sys.stderr.isatty() else 30.0
-        bar = tqdm(
+        self._bar = tqdm(
             total=t.max_steps,
             initial=self.step,
             desc="pretrain",
@@ -197,47 +213,51 @@ class Trainer:
             mininterval=refresh,
             disable=not self.dist.is_main,
         )
-        with bar:
-            while self.step < t.max_steps:
-                loss, grad_norm = self.train_step()
-                self.step += 1
-                window_steps += 1
-                bar.update(1)
-                row: dict[str, float] = {}
-                if self.step % t.log_every == 0 or self.step == t.max_steps:
-                    elapsed = time.perf_counter() - window_start
-                    self.train_seconds += elapsed
-                    sparsity, _ = self.sparsity()
-                    row.update(
-                        train_loss=float(self.dist.mean(loss)),
-                        lr=self.scheduler.get_last_lr()[0],
-                        grad_norm=float(grad_norm),
-                        tokens_per_s=window_steps * self.tokens_per_step / elapsed,
-                    )
-                    if sparsity is not None:
-                        row["sparsity"] = sparsity
-                    bar.set_postfix(
-                        refresh=False,
-                        loss=f"{row['train_loss']:.3f}",
-                        tok_s=f"{row['tokens_per_s']:,.0f}",
-                        **({"sparsity": f"{sparsity:.1%}"} if sparsity is not None else {}),
-                    )
-                if self.step % t.eval_every == 0 or self.step == t.max_steps:
-                    val_loss = self.evaluate()
-                    row.update(val_loss=val_loss, val_ppl=math.exp(val_loss))
-                    if self.metrics:
-                        bar.write(f"step {self.step}: val loss {val_loss:.4f}, ppl {math.exp(val_loss):.2f}")
-                        self.metrics.log_scalars(self.step, "sparsity", self.sparsity()[1])
-                if row and self.metrics:
-                    self.metrics.log(self.step, tokens=self.step * self.tokens_per_step, **row)
-                if self.dist.is_main and (self.step % t.checkpoint_every == 0 or self.step == t.max_steps):
-                    self.save()
-                if "train_loss" in row:
-                    window_start, window_steps = time.perf_counter(), 0
+        with self._bar:
+            for batch in self.backend.batches(self._step_batches(), t.max_steps - self.step):
+                self.train_step(*batch)
         if self.metrics:
             self.metrics.close()
         self.dist.barrier()  # the last checkpoint is complete before any rank reads `latest`
-        return self._finish(val_loss)
+        return self._finish(self._val_loss)
+
+    def _end_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """After each optimizer step (the Cerebras backend calls it from a step closure): log, evaluate, save."""
+        t = self.task
+        self.step += 1
+        self._window_steps += 1
+        self._bar.update(1)
+        row: dict[str, float] = {}
+        if self.step % t.log_every == 0 or self.step == t.max_steps:
+            elapsed = time.perf_counter() - self._window_start
+            self.train_seconds += elapsed
+            sparsity, _ = self.sparsity()
+            row.update(
+                train_loss=float(self.dist.mean(loss)),
+                lr=self.scheduler.get_last_lr()[0],
+                grad_norm=float(grad_norm),
+                tokens_per_s=self._window_steps * self.tokens_per_step / elapsed,
+            )
+            if sparsity is not None:
+                row["sparsity"] = sparsity
+            self._bar.set_postfix(
+                refresh=False,
+                loss=f"{row['train_loss']:.3f}",
+                tok_s=f"{row['tokens_per_s']:,.0f}",
+                **({"sparsity": f"{sparsity:.1%}"} if sparsity is not None else {}),
+            )
+        if self.step % t.eval_every == 0 or self.step == t.max_steps:
+            self._val_loss = self.evaluate()
+            row.update(val_loss=self._val_loss, val_ppl=math.exp(self._val_loss))
+            if self.metrics:
+                self._bar.write(f"step {self.step}: val loss {self._val_loss:.4f}, ppl {math.exp(self._val_loss):.2f}")
+                self.metrics.log_scalars(self.step, "sparsity", self.sparsity()[1])
+        if row and self.metrics:
+            self.metrics.log(self.step, tokens=self.step * self.tokens_per_step, **row)
+        if self.dist.is_main and (self.step % t.checkpoint_every == 0 or self.step == t.max_steps):
+            self.save()
+        if "train_loss" in row:
+            self._window_start, self._window_steps = time.perf_counter(), 0
 
     # ---- checkpoints --------------------------------------------------------------------------------
     def trainer_state(self) -> dict:

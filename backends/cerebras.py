@@ -1,0 +1,309 @@
+"""cerebras.pytorch (cstorch) backend: our training loop on cstorch's CPU, GPU or CSX (CS-2) backend.
+
+What each piece of the trainer becomes (cerebras-pytorch 2.10.0, facts in DESIGN.md section 2):
+- `start`: `cstorch.backend(target, artifact_dir=...)`; for CSX also `compile_only` / `validate_only` and a
+  `cstorch.distributed.ClusterConfig` built from the `cluster` node. cstorch allows one backend per process,
+  so a later run in the same process reuses it (same target only).
+- `compile`: `cstorch.compile(model, backend)`, which also makes `model.apply(sparsity)` work.
+- `CerebrasSparsity`: `cstorch.sparse.configure(...)` built from the same `sparsity` node as masked_dense,
+  applied with `model.apply` / `optimizer.apply`. Each group's `param_filter` is resolved by our name
+  matching (which also understands Cerebras Model Zoo names) into the exact parameter names, and the
+  initial masks are the ones masked_dense draws from the same seed (passed as cstorch's `init_method`
+  callable), so both backends start from identical masks; cstorch's own algorithms then update them.
+- `optimizer_class`: `cstorch.optim.AdamW` (GMP, SET and RigL need a cstorch optimizer).
+- `batches`: `cstorch.utils.data.DataLoader` + `DataExecutor`; `wrap_step`: the step under `@cstorch.trace`,
+  its loss and gradient norm handed to the trainer's bookkeeping through a `step_closure`.
+- checkpoints: `save_cstorch` / `load_cstorch` (`cstorch.save`, HDF5) and conversion to and from our
+  checkpoint directories (weights and `<param>_mask` buffers carry the same names on both sides).
+
+`import cerebras.pytorch` happens only when this backend is used: it needs Python 3.11 and torch 2.4.0,
+which live in their own venv (`bash scripts/make_cerebras_venv.sh .venv-cerebras`).
+"""
+
+import functools
+import importlib.util
+import sys
+import typing
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import nn
+
+from backends.base import Backend, Capabilities
+from modelzoo.cluster import ClusterConfig
+from modelzoo.errors import ConfigError, ModelZooError
+from modelzoo.sparsity.config import DROP_ALGORITHMS, SparsityConfig, SparsityGroupConfig
+from modelzoo.sparsity.plan import plan_groups
+from modelzoo.sparsity.plugin import MASK_SUFFIX, MaskedSparsity, SparsityStats, sparsity_stats
+
+CSTORCH_VERSION = "2.10.0"
+TORCH_VERSION = "2.4.0"
+PYTHON_VERSION = (3, 11)
+VENV_FIX = "make its venv with `bash scripts/make_cerebras_venv.sh .venv-cerebras` and run from it"
+# Our algorithm names -> the cstorch.sparse classes that implement them.
+CSTORCH_ALGORITHMS = {"static": "Static", "gmp": "GMP", "set": "SET", "rigl": "RigL"}
+
+
+class CerebrasError(ModelZooError, RuntimeError):
+    """cerebras.pytorch cannot do what was asked (missing, wrong version, or the appliance is unreachable)."""
+
+
+@functools.cache
+def _unavailable_reason() -> str | None:
+    found = sys.version_info[:2]
+    if found != PYTHON_VERSION:
+        return (
+            f"backend=cerebras needs Python 3.11 (cerebras-pytorch {CSTORCH_VERSION} ships cp311 wheels only) but "
+            f"this is Python {found[0]}.{found[1]}: {VENV_FIX}"
+        )
+    if importlib.util.find_spec("cerebras") is None or importlib.util.find_spec("cerebras.pytorch") is None:
+        return f"backend=cerebras needs cerebras.pytorch, which is not installed: {VENV_FIX}"
+    if torch.__version__.split("+")[0] != TORCH_VERSION:
+        return (
+            f"cerebras-pytorch {CSTORCH_VERSION} needs torch {TORCH_VERSION} exactly but torch {torch.__version__} "
+            f"is installed: {VENV_FIX}"
+        )
+    try:
+        import cerebras.pytorch  # noqa: F401
+    except Exception as e:  # an undefined symbol, a missing dependency: anything that stops the import
+        first = str(e).splitlines()[0] if str(e) else ""
+        return f"cerebras.pytorch fails to import ({type(e).__name__}: {first}): {VENV_FIX}"
+    return None
+
+
+def import_cstorch() -> ModuleType:
+    """`cerebras.pytorch`, or a `CerebrasError` saying in one sentence why not and how to fix it."""
+    reason = _unavailable_reason()
+    if reason:
+        raise CerebrasError(reason)
+    import cerebras.pytorch as cstorch
+
+    return cstorch
+
+
+def cluster_config(cluster: ClusterConfig, python_path: Path) -> Any:
+    """Our `cluster` node as `cstorch.distributed.ClusterConfig`; `python_path` (this checkout) is added."""
+    cstorch = import_cstorch()
+    return cstorch.distributed.ClusterConfig(
+        mgmt_address=cluster.mgmt_address,
+        mgmt_namespace=cluster.mgmt_namespace,
+        credentials_path=cluster.credentials_path,
+        num_csx=cluster.num_csx,
+        max_wgt_servers=cluster.max_wgt_servers,
+        max_act_per_csx=cluster.max_act_per_csx,
+        num_workers_per_csx=cluster.num_workers_per_csx,
+        job_labels=list(cluster.job_labels),
+        job_priority=cluster.job_priority,
+        job_time_sec=cluster.job_time_sec,
+        mount_dirs=list(cluster.mount_dirs),
+        python_paths=[*cluster.python_paths, str(python_path)],
+        disable_version_check=cluster.disable_version_check,
+    )
+
+
+def _plain(value: Any) -> Any:
+    """A schedule or update spec as cstorch reads it: numbers, lists and dicts (copied, never shared)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _init_method(masks: dict[int, torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """A cstorch `init_method` that returns the precomputed mask of each parameter (looked up by identity)."""
+
+    def init_method(p, sparsity, score_shaper=None, device=None):
+        return masks[id(p)].to(device or p.device)
+
+    # cstorch checks the callable's annotations against its `InitMethodCallable` hint, so use exactly those.
+    cstorch = import_cstorch()
+    arg_types, return_type = typing.get_args(cstorch.sparse.init.InitMethodCallable)
+    names = ("p", "sparsity", "score_shaper", "device")
+    init_method.__annotations__ = {**dict(zip(names, arg_types, strict=True)), "return": return_type}
+    return init_method
+
+
+def group_spec(group: SparsityGroupConfig, names: Iterable[str], init_method: Any) -> dict[str, Any]:
+    """One `cstorch.sparse.configure` dict for a group of ours, selecting exactly `names`."""
+    spec: dict[str, Any] = {
+        "algorithm": group.algorithm,
+        "sparsity": _plain(group.sparsity_spec),
+        "init_method": init_method,
+        "param_filter": list(names),
+    }
+    if group.dynamic and group.update is not None:
+        spec["update"] = _plain(group.update)
+    if group.algorithm in DROP_ALGORITHMS:
+        spec["drop_fraction"] = _plain(group.drop_fraction_spec)
+    return spec
+
+
+class CerebrasSparsity:
+    """The sparsity plug-in on cstorch: a `cstorch.sparse.Group` built from our `sparsity` node."""
+
+    def __init__(self, config: SparsityConfig, seed: int) -> None:
+        self.config = config
+        self.seed = seed
+        self.group: Any = None
+        self.names: list[str] = []
+        self._params: list[tuple[str, nn.Parameter]] = []
+
+    def apply(self, model: nn.Module) -> None:
+        """Configure cstorch's algorithms for the parameters each group selects and attach them.
+
+        `model` must have been through `cstorch.compile` (the backend's `compile`), which makes
+        `model.apply(sparsity)` cstorch's.
+        """
+        cstorch = import_cstorch()
+        plans = plan_groups(self.config, model)
+        by_name = MaskedSparsity(self.config, self.seed).initial_masks(model)
+        params = dict(model.named_parameters())
+        init = _init_method({id(params[n]): mask for n, mask in by_name.items()})
+        self.group = cstorch.sparse.configure([group_spec(p.config, p.names, init) for p in plans])
+        model.apply(self.group)
+        self.names = [n for n in params if n in by_name]
+        self._params = [(n, params[n]) for n in self.names]
+
+    def apply_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """`optimizer.apply(sparsity)`, then the masks are initialised (cstorch leaves them all-True until then)."""
+        optimizer.apply(self.group)
+        self.group.initialize()
+
+    def mask_names(self) -> list[str]:
+        return [n + MASK_SUFFIX for n in self.names]
+
+    def stats(self) -> SparsityStats:
+        return sparsity_stats(self._params)
+
+    def state_dict(self) -> dict:
+        return self.group.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.group.load_state_dict(state)
+
+
+class CerebrasBackend(Backend):
+    name = "cerebras"
+    capabilities = Capabilities(
+        train=True,
+        infer=False,
+        algorithms=frozenset(CSTORCH_ALGORITHMS),
+        devices=frozenset({"cpu", "cuda"}),
+        dtypes=frozenset({"fp32"}),
+    )
+
+    def __init__(self) -> None:
+        self.cs_backend: Any = None
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        return _unavailable_reason()
+
+    @classmethod
+    def check_config(cls, sparsity: SparsityConfig, cluster: ClusterConfig, device: str) -> None:
+        """Refuse what cstorch cannot run: N:M patterns, ERK, an algorithm the installed version lacks."""
+        cstorch = import_cstorch()
+        if not sparsity.enabled:
+            return
+        for key, group in sparsity.group_configs():
+            if group.pattern is not None:
+                raise ConfigError(f"{key}.pattern", "N:M masks are no cstorch algorithm; train them with", ["masked_dense"])
+            if group.distribution != "uniform":
+                raise ConfigError(
+                    f"{key}.distribution", f"{group.distribution!r} is ours, not cstorch's; use uniform or", ["masked_dense"]
+                )
+            cls_name = CSTORCH_ALGORITHMS[group.algorithm]
+            if not hasattr(cstorch.sparse, cls_name):
+                raise ConfigError(
+                    f"{key}.algorithm",
+                    f"cerebras-pytorch {cstorch.__version__} has no {cls_name}: install {CSTORCH_VERSION} "
+                    f"(bash scripts/make_cerebras_venv.sh) or choose",
+                    [a for a, c in CSTORCH_ALGORITHMS.items() if hasattr(cstorch.sparse, c)],
+                )
+
+    def optimizer_class(self) -> type[torch.optim.Optimizer]:
+        return import_cstorch().optim.AdamW
+
+    def start(
+        self,
+        cluster: ClusterConfig,
+        device: torch.device,
+        artifact_dir: Path,
+        *,
+        compile_only: bool = False,
+        validate_only: bool = False,
+    ) -> None:
+        cstorch = import_cstorch()
+        target = cluster.resolved_target(device.type)
+        existing = cstorch.current_backend(raise_exception=False, raise_warning=False)
+        if existing is not None:
+            if existing.backend_type.name != target:
+                raise CerebrasError(
+                    f"this process already runs cstorch's {existing.backend_type.name} backend and cstorch allows one "
+                    f"per process: run the {target} job in a new process"
+                )
+            existing.artifact_dir = str(artifact_dir)
+            self.cs_backend = existing
+            return
+        options: dict[str, Any] = {"artifact_dir": str(artifact_dir)}
+        if target == "CSX":
+            options.update(
+                compile_only=compile_only,
+                validate_only=validate_only,
+                compile_dir=str(artifact_dir / "compile"),
+                cluster_config=cluster_config(cluster, Path(__file__).resolve().parents[1]),
+            )
+        self.cs_backend = cstorch.backend(target, **options)
+
+    def compile(self, model: nn.Module) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+        return import_cstorch().compile(model, self.cs_backend)
+
+    def sparsifier(self, config: SparsityConfig, seed: int) -> CerebrasSparsity:
+        return CerebrasSparsity(config, seed)
+
+    def batches(self, batches: Iterable[tuple[torch.Tensor, ...]], steps: int) -> Iterator[tuple[torch.Tensor, ...]]:
+        data = import_cstorch().utils.data
+        return iter(data.DataExecutor(data.DataLoader(lambda: batches), num_steps=steps))
+
+    def wrap_step(
+        self,
+        step: Callable[..., tuple[torch.Tensor, ...]],
+        end_step: Callable[..., None],
+    ) -> Callable[..., None]:
+        cstorch = import_cstorch()
+        closure = cstorch.step_closure(end_step)
+
+        @cstorch.trace
+        def traced(*batch: torch.Tensor) -> None:
+            closure(*step(*batch))
+
+        return traced
+
+
+# ---- checkpoints ----------------------------------------------------------------------------------------
+
+
+def save_cstorch(path: str | Path, state: dict[str, Any]) -> Path:
+    """Write `state` (`model`, `optimizer`, `global_step`, `config`, ...) with `cstorch.save` (HDF5)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    import_cstorch().save(state, str(path))
+    return path
+
+
+def load_cstorch(path: str | Path) -> dict[str, Any]:
+    """A `cstorch.save` file as plain tensors (cstorch hands out deferred tensors; they are read here)."""
+    state = import_cstorch().load(str(path), map_location="cpu")
+
+    def materialise(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: materialise(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [materialise(v) for v in value]
+        return torch.as_tensor(value).clone() if torch.is_tensor(value) else value
+
+    return materialise(state)
