@@ -87,7 +87,8 @@ def from_cerebras_state_dict(
         values[key] = value
     used: set[str] = set()
 
-    def take(name: str) -> str:
+    def take(name: str, ours: str) -> str:
+        """The key `name` (or an alias of it) has in `values`, marked used; aliases present must agree."""
         present = [n for n in (name, *ALIASES.get(name, ())) if n in values]
         if not present:
             raise CheckpointError(f"the Cerebras state dict has no {name} (needed for our {ours})")
@@ -101,7 +102,7 @@ def from_cerebras_state_dict(
         names = [n for n, _ in GPT(config).named_parameters()]
     ours_state, ours_masks = {}, {}
     for ours in names:
-        keys = [take(n) for n in cerebras_names(ours)]
+        keys = [take(n, ours) for n in cerebras_names(ours)]
         ours_state[ours] = torch.cat([values[k] for k in keys]) if len(keys) > 1 else values[keys[0]]
         parts = [masks.get(k) for k in keys]
         if any(p is not None for p in parts):
