@@ -1,4 +1,4 @@
-"""Written Cerebras params, configured by the real `cerebras.pytorch`, sparsify exactly the tensors our plan does.
+"""Against the real `cerebras.pytorch`: written params sparsify exactly our planned tensors; cstorch.save files import.
 
 Runs only where `cerebras.pytorch` imports (the Cerebras venv, `scripts/make_cerebras_venv.sh`); skipped elsewhere.
 """
@@ -12,12 +12,17 @@ import pytest
 import torch
 from torch import nn
 
-from modelzoo.export.cerebras_checkpoint import to_cerebras_state_dict
+from modelzoo.export.cerebras_checkpoint import (
+    from_cerebras_state_dict,
+    load_cerebras_state_dict,
+    to_cerebras_state_dict,
+)
 from modelzoo.export.cerebras_params import CerebrasRecipe, read_params, to_params
 from modelzoo.models.gpt import GPT, GPTConfig
 from modelzoo.sparsity.config import SparsityConfig, SparsityGroupConfig
 from modelzoo.sparsity.names import cerebras_names
 from modelzoo.sparsity.plan import plan_groups
+from modelzoo.sparsity.plugin import MaskedSparsity
 
 cstorch = pytest.importorskip("cerebras.pytorch")
 
@@ -77,3 +82,15 @@ def test_our_name_globs_and_groups_written_back_select_the_same_tensors_in_cstor
     )
     spec = to_params(CerebrasRecipe(model=SMALL, sparsity=sparsity))["sparsity"]
     assert sparsified_by_cstorch(spec, SMALL) == planned_in_cerebras_names(sparsity, SMALL)
+
+
+def test_a_cstorch_save_checkpoint_imports_with_its_masks(backend, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = GPT(SMALL)
+    MaskedSparsity(SparsityConfig(sparsity=0.75), seed=1).apply(model)
+    cstorch.save({"model": to_cerebras_state_dict(model.state_dict()), "global_step": 3}, str(tmp_path / "c.mdl"))
+    state, masks = from_cerebras_state_dict(load_cerebras_state_dict(tmp_path / "c.mdl"), SMALL)
+    ours = model.state_dict()
+    assert sorted(f"{n}_mask" for n in masks) == sorted(k for k in ours if k.endswith("_mask"))
+    assert all(torch.equal(masks[n], ours[f"{n}_mask"]) for n in masks)
+    assert all(torch.equal(state[k], ours[k]) for k in state)
