@@ -22,6 +22,8 @@ from modelzoo.models.gpt import GPT, GPTConfig
 from modelzoo.sparsity.config import SparsityConfig
 from modelzoo.sparsity.plugin import MaskedSparsity
 from modelzoo.train.checkpoint import load_training_state, restore_model
+from modelzoo.train.trainer import Trainer
+from tests.conftest import make_config
 
 # Layer 0 and the model-level keys of a Cerebras Model Zoo 2.1+ GPT-2/GPT-3 state dict (its HF <-> CS converter).
 LAYER = "transformer_decoder.layers.0."
@@ -172,3 +174,29 @@ def test_checkpoint_round_trip_through_both_commands(tmp_path: Path, tiny_config
     again = load_cerebras_state_dict(tmp_path / "cs" / "model.mdl")
     assert again.keys() == theirs.keys() and all(torch.equal(again[k], v) for k, v in theirs.items())
     assert read_params(tmp_path / "cs" / "params.yaml").sparsity == read_params(params).sparsity
+
+
+def test_an_imported_checkpoint_continues_training_with_its_masks(tmp_path: Path, cache_dir: Path) -> None:
+    config = GPTConfig(name="small", n_layer=2, n_embd=64, n_head=2, n_inner=256, n_positions=64, vocab_size=1024)
+    model = sparse_model(config)
+    torch.save(to_cerebras_state_dict(model.state_dict()), tmp_path / "model.pt")
+    params = write_params(CerebrasRecipe(model=config, sparsity=STATIC), tmp_path / "params.yaml")
+    import_cerebras(params, tmp_path / "model.pt", tmp_path / "imported")
+    main(["export", f"run_dir={tmp_path / 'imported'}"])
+    trainer = Trainer(
+        make_config(
+            tmp_path / "continued",
+            cache_dir,
+            f"task.init_from={tmp_path / 'imported' / 'hf'}",
+            "sparsity.init_method=from_weights",
+            "sparsity.param_filter=['*proj_[qkv]_dense_layer.weight','*linear_layer.weight']",
+            "task.max_steps=2",
+            "task.export=false",
+        )
+    )
+    masks = {k: v for k, v in model.state_dict().items() if k.endswith("_mask")}
+    assert {k: v for k, v in trainer.model.state_dict().items() if k.endswith("_mask")}.keys() == masks.keys()
+    trainer.fit()
+    for key, mask in masks.items():
+        assert torch.equal(trainer.model.get_buffer(key), mask)
+        assert (trainer.model.get_parameter(key.removesuffix("_mask"))[~mask] == 0).all()

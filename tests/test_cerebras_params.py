@@ -245,3 +245,19 @@ def test_more_sparsity_dialects(tmp_path: Path, block, expected) -> None:
     for plan, group, (names, fields) in zip(plans, groups, expected, strict=True):
         assert sorted(plan) == sorted(names)
         assert {k: getattr(group, k) for k in fields} == fields
+
+
+def test_a_group_after_a_default_filter_group_gets_only_what_is_left(tmp_path: Path) -> None:
+    def edit(raw: dict) -> None:
+        raw["sparsity"] = [{"sparsity": 0.5}, {"sparsity": 0.9, "param_filter": ["*linear_layer.weight", "*norm1.*"]}]
+
+    recipe = read_params(edited(tmp_path, "gpt3_125m_rigl75_v22.yaml", edit))
+    ln_1 = tuple(f"transformer.h.{i}.ln_1.{p}" for i in range(12) for p in ("weight", "bias"))
+    assert planned(recipe.sparsity, recipe.model) == [block_matrices(12), ln_1]
+    assert recipe.sparsity.groups[1].param_filter == ["transformer.h.*.ln_1.weight", "transformer.h.*.ln_1.bias"]
+
+    def edit(raw: dict) -> None:
+        raw["sparsity"] = [{"sparsity": 0.5}, {"sparsity": 0.9, "param_filter": "*linear_layer.weight"}]
+
+    with pytest.raises(ConfigError, match="selects no parameter of this model that an earlier group has not taken"):
+        read_params(edited(tmp_path, "gpt3_125m_rigl75_v22.yaml", edit))

@@ -9,9 +9,8 @@ embedding. Sparsity comes as cstorch's `<name>_mask` bool buffers or, from 1.x s
 every pruned weight (what Cerebras' `finalize_cs2_sparsity` turns into zeros). Written back in the 2.1+ layout
 with `*_mask` buffers and the pruned weights at exact zero.
 
-Files: a `torch.save` dict (the state dict, or `{"model": state_dict, ...}` as Model Zoo checkpoints hold it)
-or safetensors. `cstorch.save` writes HDF5, which only `cstorch.load` reads: convert such a file in the
-Cerebras venv with `torch.save(cstorch.load(path)["model"], "model.pt")` first.
+Files: a `torch.save` dict (the state dict, or `{"model": state_dict, ...}` as Model Zoo checkpoints hold it),
+safetensors, or a `cstorch.save` HDF5 file, which only `cstorch.load` reads (so only in the Cerebras venv).
 """
 
 from __future__ import annotations
@@ -46,24 +45,40 @@ WRITTEN = {"embedding_layer.position_embeddings.weight": "embedding_layer.positi
 
 
 def load_cerebras_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The model state dict in a Cerebras checkpoint file (`torch.save` or safetensors)."""
+    """The model state dict in a Cerebras checkpoint file (`torch.save`, safetensors, or `cstorch.save`)."""
     path = Path(path)
     if path.suffix == ".safetensors":
         return load_file(str(path))
-    if path.read_bytes()[:4] == b"\x89HDF":
-        raise CheckpointError(
-            f"{path} is a cstorch.save HDF5 file, which only cstorch.load reads; in the Cerebras venv run "
-            f"torch.save(cstorch.load('{path}')['model'], 'model.pt') and import model.pt"
-        )
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        raise CheckpointError(f"{path} is not a torch.save checkpoint ({e})") from e
+    with path.open("rb") as f:
+        hdf5 = f.read(4) == b"\x89HDF"
+    if hdf5:
+        obj = _cstorch_load(path)
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+            raise CheckpointError(f"{path} is not a torch.save checkpoint ({e})") from e
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} holds no state dict of tensors (nor one under 'model')")
     return obj
+
+
+def _cstorch_load(path: Path) -> object:
+    """A `cstorch.save` (HDF5) file, read with `cstorch.load` where `cerebras.pytorch` is installed."""
+    try:
+        import cerebras.pytorch as cstorch
+    except ImportError as e:
+        raise CheckpointError(
+            f"{path} is a cstorch.save HDF5 file, which only cstorch.load reads: run this in the Cerebras venv "
+            f"(scripts/make_cerebras_venv.sh), or there torch.save(cstorch.load('{path}')['model'], 'model.pt') "
+            "and import model.pt"
+        ) from e
+    try:
+        return cstorch.load(str(path), map_location="cpu")
+    except Exception as e:  # cstorch raises assorted h5py and runtime errors for damaged files
+        raise CheckpointError(f"{path} looks like a cstorch.save HDF5 file but cstorch.load failed: {e}") from e
 
 
 def from_cerebras_state_dict(
@@ -87,7 +102,8 @@ def from_cerebras_state_dict(
         values[key] = value
     used: set[str] = set()
 
-    def take(name: str) -> str:
+    def take(name: str, ours: str) -> str:
+        """The key `name` (or an alias of it) has in `values`, marked used; aliases present must agree."""
         present = [n for n in (name, *ALIASES.get(name, ())) if n in values]
         if not present:
             raise CheckpointError(f"the Cerebras state dict has no {name} (needed for our {ours})")
@@ -101,7 +117,7 @@ def from_cerebras_state_dict(
         names = [n for n, _ in GPT(config).named_parameters()]
     ours_state, ours_masks = {}, {}
     for ours in names:
-        keys = [take(n) for n in cerebras_names(ours)]
+        keys = [take(n, ours) for n in cerebras_names(ours)]
         ours_state[ours] = torch.cat([values[k] for k in keys]) if len(keys) > 1 else values[keys[0]]
         parts = [masks.get(k) for k in keys]
         if any(p is not None for p in parts):

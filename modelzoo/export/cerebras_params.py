@@ -453,12 +453,15 @@ def _read_sparsity(r: _Reader, key: str, spec: Any, model: GPTConfig) -> Sparsit
     groups, taken = [], set()
     for at, block in _blocks(r, key, spec):
         out, selects, filter_key = _group(r, at, block)
-        if selects is not None:
+        if selects is None:  # the default filter; later groups get what it leaves
+            taken.update(select_parameters(gpt, None))
+        else:
             picked = [n for n in names if n not in taken and any(selects(s) for s in _spellings(n))]
             if not picked:
+                earlier = " that an earlier group has not taken" if taken else ""
                 raise r.error(
                     filter_key,
-                    "selects no parameter of this model (Cerebras names such as "
+                    f"selects no parameter of this model{earlier} (Cerebras names such as "
                     "'transformer_decoder.layers.0.ffn.ffn.0.linear_layer.weight')",
                 )
             _check_fused_qkv(r, filter_key, picked, selects)
@@ -510,7 +513,13 @@ def to_params(recipe: CerebrasRecipe) -> dict:
         dropout_rate=m.dropout,
         layer_norm_epsilon=m.layer_norm_epsilon,
         nonlinearity=m.activation,
-        initializer={"name": "truncated_normal", "mean": 0.0, "std": m.init_std},
+        initializer={
+            "name": "truncated_normal",
+            "mean": 0.0,
+            "std": m.init_std,
+            "a": -2 * m.init_std,
+            "b": 2 * m.init_std,
+        },
     )
     optimizer: dict[str, Any] = {
         "optimizer_type": "AdamW",

@@ -1,0 +1,96 @@
+"""Against the real `cerebras.pytorch`: written params sparsify exactly our planned tensors; cstorch.save files import.
+
+Runs only where `cerebras.pytorch` imports (the Cerebras venv, `scripts/make_cerebras_venv.sh`); skipped elsewhere.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from modelzoo.export.cerebras_checkpoint import (
+    from_cerebras_state_dict,
+    load_cerebras_state_dict,
+    to_cerebras_state_dict,
+)
+from modelzoo.export.cerebras_params import CerebrasRecipe, read_params, to_params
+from modelzoo.models.gpt import GPT, GPTConfig
+from modelzoo.sparsity.config import SparsityConfig, SparsityGroupConfig
+from modelzoo.sparsity.names import cerebras_names
+from modelzoo.sparsity.plan import plan_groups
+from modelzoo.sparsity.plugin import MaskedSparsity
+
+cstorch = pytest.importorskip("cerebras.pytorch")
+
+DATA = Path(__file__).parent / "data" / "cerebras_modelzoo"
+SMALL = GPTConfig(name="small", n_layer=2, n_embd=64, n_head=2, n_inner=128, n_positions=32, vocab_size=100)
+
+
+@pytest.fixture(scope="module")
+def backend():
+    """The process's one cstorch backend (a CPU one unless another test made one first)."""
+    return cstorch.current_backend(raise_exception=False, raise_warning=False) or cstorch.backend(
+        "CPU", artifact_dir=tempfile.mkdtemp()
+    )
+
+
+def cerebras_named_module(config: GPTConfig) -> nn.Module:
+    """A module tree with the parameter names and shapes of the Cerebras Model Zoo GPT of `config`."""
+    root = nn.Module()
+    for name, value in to_cerebras_state_dict(GPT(config).state_dict()).items():
+        if name == "lm_head.weight":  # tied to the word embeddings
+            continue
+        *path, leaf = name.split(".")
+        module = root
+        for part in path:
+            if not hasattr(module, part):
+                module.add_module(part, nn.Module())
+            module = getattr(module, part)
+        module.register_parameter(leaf, nn.Parameter(torch.zeros_like(value)))
+    return root
+
+
+def sparsified_by_cstorch(spec: object, config: GPTConfig) -> list[str]:
+    module = cerebras_named_module(config)
+    cstorch.sparse.configure(spec).apply(module)
+    return sorted(n.removesuffix("_mask") for n, _ in module.named_buffers() if n.endswith("_mask"))
+
+
+def planned_in_cerebras_names(sparsity: SparsityConfig, config: GPTConfig) -> list[str]:
+    with torch.device("meta"):
+        plans = plan_groups(sparsity, GPT(config))
+    return sorted(s for plan in plans for name in plan.names for s in cerebras_names(name))
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in DATA.glob("gpt3_125m_*.yaml")))
+def test_real_recipes_written_back_select_the_same_tensors_in_cstorch(backend, name: str) -> None:
+    sparsity = read_params(DATA / name).sparsity
+    spec = to_params(CerebrasRecipe(model=SMALL, sparsity=sparsity))["sparsity"]
+    assert sparsified_by_cstorch(spec, SMALL) == planned_in_cerebras_names(sparsity, SMALL)
+
+
+def test_our_name_globs_and_groups_written_back_select_the_same_tensors_in_cstorch(backend) -> None:
+    sparsity = SparsityConfig(
+        groups=[
+            SparsityGroupConfig(sparsity=0.5, param_filter=["transformer.h.1.attn.c_attn.weight"]),
+            SparsityGroupConfig(sparsity=0.9, param_filter=["*mlp.c_fc.weight"]),
+        ]
+    )
+    spec = to_params(CerebrasRecipe(model=SMALL, sparsity=sparsity))["sparsity"]
+    assert sparsified_by_cstorch(spec, SMALL) == planned_in_cerebras_names(sparsity, SMALL)
+
+
+def test_a_cstorch_save_checkpoint_imports_with_its_masks(backend, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = GPT(SMALL)
+    MaskedSparsity(SparsityConfig(sparsity=0.75), seed=1).apply(model)
+    cstorch.save({"model": to_cerebras_state_dict(model.state_dict()), "global_step": 3}, str(tmp_path / "c.mdl"))
+    state, masks = from_cerebras_state_dict(load_cerebras_state_dict(tmp_path / "c.mdl"), SMALL)
+    ours = model.state_dict()
+    assert sorted(f"{n}_mask" for n in masks) == sorted(k for k in ours if k.endswith("_mask"))
+    assert all(torch.equal(masks[n], ours[f"{n}_mask"]) for n in masks)
+    assert all(torch.equal(state[k], ours[k]) for k in state)
