@@ -24,6 +24,7 @@ commands:
   export     export a run's checkpoint to a Hugging Face directory
   generate   continue a prompt with a run's model (greedy or sampled, KV cache), print tokens/s
   prune      one-shot pruning (SparseGPT, Wanda, magnitude) of a run or an HF directory to a sparse HF directory
+  evaluate   zero-shot PubMedQA accuracy / macro-F1 of checkpoints and HF directories: table, JSON, plot
   info       parameter counts of a model size
   flops      dense and sparse-effective training FLOPs of a config
 
@@ -37,6 +38,7 @@ examples:
   modelzoo generate task.hf_dir=exported/ task.prompt=Aspirin task.temperature=0.8 task.top_p=0.95 seed=7
   modelzoo prune run_dir=runs/tiny-dense task.method=sparsegpt task.sparsity=0.5
   modelzoo prune task.hf_dir=DIR task.method=wanda task.n_m=[2,4] task.output_dir=pruned/
+  modelzoo evaluate task.checkpoints=[runs/tiny-dense,runs/tiny-static_75] task.hf_dirs=[exported/]
   modelzoo info model=xl
   modelzoo flops model=xl sparsity=static_75
   modelzoo pretrain --cfg job        (print the composed config; any Hydra flag works after pretrain)
@@ -44,7 +46,7 @@ examples:
 config groups (conf/): model={tiny,med,large,xl}
   sparsity={dense,static_50,static_75,gmp_75,set_75,rigl_75,nm_2_4,cerebras_gpt3_125m_rigl75}
   backend={auto,masked_dense,torch_sparse} data={pubmed_sample,pubmed_abstracts,hub} tokenizer={bpe,gpt2}
-  optim={adamw} task={pretrain,export,generate,prune}
+  optim={adamw} task={pretrain,export,generate,prune,evaluate}
 """
 
 log = logging.getLogger("modelzoo")
@@ -116,6 +118,17 @@ def prune(overrides: list[str]) -> None:
     print(run(cfg).format(cfg.task))
 
 
+def evaluate(overrides: list[str]) -> None:
+    from modelzoo.downstream.evaluate import run
+    from modelzoo.downstream.results import markdown_table, write_results
+
+    cfg = to_object(load_config(["task=evaluate", *overrides]))
+    results = run(cfg)
+    print(markdown_table(results))
+    for what, path in write_results(results, cfg.task.output_dir).items():
+        print(f"{what}: {path}")
+
+
 def info(overrides: list[str]) -> None:
     from modelzoo.report import format_model_info
 
@@ -138,6 +151,7 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "export": export,
     "generate": generate,
     "prune": prune,
+    "evaluate": evaluate,
     "info": info,
     "flops": flops,
 }
