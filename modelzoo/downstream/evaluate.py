@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -107,6 +107,7 @@ class PubMedQAResult:
     parameters: int
     seconds: float
     examples_per_s: float
+    questions: list[dict] = field(default_factory=list, repr=False)  # per question: pubid, label, scores, predicted
 
 
 def macro_f1(gold: list[int], predicted: list[int], n_classes: int = len(CHOICES)) -> float:
@@ -283,6 +284,15 @@ def evaluate_pubmedqa(
         parameters=model.parameters,
         seconds=seconds,
         examples_per_s=len(examples) / seconds,
+        questions=[
+            {
+                "pubid": e.pubid,
+                "label": e.label,
+                "scores": dict(zip(CHOICES, row, strict=True)),
+                "predicted": CHOICES[p],
+            }
+            for e, row, p in zip(examples, scores.tolist(), predicted, strict=True)
+        ],
     )
 
 

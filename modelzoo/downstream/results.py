@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -12,7 +13,7 @@ from matplotlib.figure import Figure
 from modelzoo.downstream.evaluate import PubMedQAResult
 from modelzoo.flops import format_flops
 
-RESULTS_JSON, RESULTS_MD, PLOT = "results.json", "results.md", "accuracy_vs_flops.png"
+RESULTS_JSON, RESULTS_MD, PLOT, PREDICTIONS = "results.json", "results.md", "accuracy_vs_flops.png", "predictions"
 
 
 def markdown_table(results: Sequence[PubMedQAResult]) -> str:
@@ -61,12 +62,18 @@ def plot_accuracy_vs_flops(results: Sequence[PubMedQAResult], path: Path) -> Pat
 
 
 def write_results(results: Sequence[PubMedQAResult], output_dir: str | Path) -> dict[str, Path]:
-    """results.md, results.json and (when FLOPs are known) accuracy_vs_flops.png in `output_dir`."""
+    """results.md, results.json, predictions/<i>-<model>.jsonl (per question: pubid, label, the three
+    log-likelihoods, the prediction) and, when FLOPs are known, accuracy_vs_flops.png in `output_dir`."""
     output = Path(output_dir)
-    output.mkdir(parents=True, exist_ok=True)
+    (output / PREDICTIONS).mkdir(parents=True, exist_ok=True)
     written = {"markdown": output / RESULTS_MD, "json": output / RESULTS_JSON}
     written["markdown"].write_text(markdown_table(results))
-    written["json"].write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
+    summaries = [{k: v for k, v in asdict(r).items() if k != "questions"} for r in results]
+    written["json"].write_text(json.dumps(summaries, indent=2) + "\n")
+    for i, r in enumerate(results):
+        path = output / PREDICTIONS / f"{i}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', r.model)}.jsonl"
+        path.write_text("".join(json.dumps(q) + "\n" for q in r.questions))
+        written[f"predictions {r.model}"] = path
     plot = plot_accuracy_vs_flops(results, output / PLOT)
     if plot:
         written["plot"] = plot
