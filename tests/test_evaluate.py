@@ -19,6 +19,7 @@ from modelzoo.downstream.evaluate import (
     run,
     validate,
 )
+from modelzoo.downstream.lm_eval_parity import compare, lm_eval_scores
 from modelzoo.downstream.pubmedqa import load_pubmedqa
 from modelzoo.downstream.results import write_results
 from modelzoo.errors import ConfigError
@@ -125,3 +126,32 @@ def test_run_defaults_to_latest_checkpoint_of_run_dir(trained_run: Path, tmp_pat
     assert result.kind == "checkpoint" and result.source.endswith("step_000003") and result.n == 3
     written = write_results([result], tmp_path)
     assert "plot" in written  # FLOPs are known, so the plot is drawn
+
+
+@needs_shared
+@pytest.mark.slow
+def test_accuracy_equals_lm_eval_harness(trained_run: Path, tmp_path: Path) -> None:
+    """lm-eval's `pubmedqa` task (the local copy reading our JSONL files) on the export gives our log-likelihoods."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    task_dir = tmp_path / "tasks"
+    task_dir.mkdir()
+    yaml = (PQA / "lm_eval" / "pubmedqa_local.yaml").read_text()
+    (task_dir / "pubmedqa_local.yaml").write_text(yaml.replace("../shared/data/pubmedqa/", f"{PQA}/"))
+    out = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={trained_run / 'hf'},dtype=float32",
+        tasks=["pubmedqa_local"],
+        task_manager=TaskManager(include_path=str(task_dir)),
+        device="cpu",
+        batch_size=4,
+        limit=LIMIT,
+        log_samples=True,
+    )
+    theirs = lm_eval_scores(enumerate(out["samples"]["pubmedqa_local"], start=1))
+    (ours,) = run(evaluate_config(trained_run, f"task.limit={LIMIT}", f"task.checkpoints=[{trained_run}]"))
+    parity = compare(ours.questions, theirs)
+    assert parity.n == LIMIT and parity.same_predictions == LIMIT
+    assert parity.max_abs_diff < 1e-4
+    assert ours.accuracy == parity.their_accuracy == out["results"]["pubmedqa_local"]["acc,none"]

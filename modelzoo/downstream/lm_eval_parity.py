@@ -7,7 +7,7 @@ questions to ours by PMID (`predictions/*.jsonl` of `modelzoo evaluate`, or `Pub
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,13 +37,19 @@ class Parity:
 def read_lm_eval_samples(path: str | Path) -> dict[str, list[float]]:
     """PMID -> lm-eval's log-likelihoods of yes / no / maybe, from a `samples_*.jsonl` file."""
     path = Path(path)
+    return lm_eval_scores(read_jsonl(path), path)
+
+
+def lm_eval_scores(samples: Iterable[tuple[int, dict]], where: str | Path = "samples") -> dict[str, list[float]]:
+    """PMID -> log-likelihoods of lm-eval samples given as (line or index, sample); also takes the `samples`
+    that `lm_eval.simple_evaluate(..., log_samples=True)` returns."""
     scores = {}
-    for line, record in read_jsonl(path):
-        doc = field(record, "doc", dict, path, line)
-        responses = field(record, "filtered_resps", list, path, line)
+    for line, record in samples:
+        doc = field(record, "doc", dict, where, line)
+        responses = field(record, "filtered_resps", list, where, line)
         if len(responses) != len(CHOICES):
-            raise DataError(path, f"{len(responses)} responses, expected one per choice {CHOICES}", line)
-        scores[str(field(doc, "pubid", (str, int), path, line))] = [float(r[0]) for r in responses]
+            raise DataError(where, f"{len(responses)} responses, expected one per choice {CHOICES}", line)
+        scores[str(field(doc, "pubid", (str, int), where, line))] = [float(r[0]) for r in responses]
     return scores
 
 
