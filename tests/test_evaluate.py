@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM
 from modelzoo.cli import main
 from modelzoo.config import load_config, to_object
 from modelzoo.downstream.evaluate import (
-    _hf_logits,
     evaluate_pubmedqa,
+    hf_logits,
     load_checkpoint_model,
     load_hf_model,
     macro_f1,
@@ -80,7 +80,7 @@ def test_checkpoint_export_and_transformers_agree(trained_run: Path, tmp_path: P
     from_checkpoint = evaluate_pubmedqa(load_checkpoint_model(str(trained_run), cfg), examples, "test", progress=False)
     exported = load_hf_model(str(trained_run / "hf"), cfg)
     from_export = evaluate_pubmedqa(exported, examples, "test", progress=False)
-    exported.logits_fn = _hf_logits(AutoModelForCausalLM.from_pretrained(trained_run / "hf").eval())
+    exported.logits_fn = hf_logits(AutoModelForCausalLM.from_pretrained(trained_run / "hf").eval())
     through_transformers = evaluate_pubmedqa(exported, examples, "test", batch_size=5, progress=False)
     for other in (from_export, through_transformers):
         for a, b in zip(from_checkpoint.questions, other.questions, strict=True):

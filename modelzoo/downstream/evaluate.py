@@ -150,14 +150,14 @@ def checkpoint_step(checkpoint: Path) -> int:
     return json.loads((checkpoint / MANIFEST_FILE).read_text())["step"]
 
 
-def _our_logits(model: torch.nn.Module) -> LogitsFn:
+def our_logits(model: torch.nn.Module) -> LogitsFn:
     def logits_fn(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return model(ids)[0]  # causal: right padding changes no real position's logits
 
     return logits_fn
 
 
-def _hf_logits(model: torch.nn.Module) -> LogitsFn:
+def hf_logits(model: torch.nn.Module) -> LogitsFn:
     def logits_fn(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids, attention_mask=mask).logits
 
@@ -190,7 +190,7 @@ def load_checkpoint_model(path: str, cfg: Config) -> LoadedModel:
         name=checkpoint.parent.parent.name,
         source=str(checkpoint),
         kind="checkpoint",
-        logits_fn=_our_logits(model),
+        logits_fn=our_logits(model),
         tokenizer=tokenizer,
         max_length=run_cfg.model.n_positions,
         parameters=sum(p.numel() for p in model.parameters()),
@@ -211,11 +211,11 @@ def load_hf_model(path: str, cfg: Config) -> LoadedModel:
         model = load_hf(directory)
         restore_masks(model, directory)
         model = _prepare(model, cfg)
-        logits_fn, kind = _our_logits(model), "hf (ours)"
+        logits_fn, kind = our_logits(model), "hf (ours)"
     else:
         model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=DTYPES[task.precision])
         model = model.to(resolved_device(task.device)).eval()
-        logits_fn, kind = _hf_logits(model), "hf (transformers)"
+        logits_fn, kind = hf_logits(model), "hf (transformers)"
     run = latest_checkpoint(directory.resolve().parent)  # an export inside its run directory: `<run>/hf`
     flops = export_flops(directory)
     return LoadedModel(
