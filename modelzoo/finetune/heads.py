@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modelzoo.downstream.evaluate import macro_f1
 from modelzoo.downstream.hoc import HALLMARKS, evaluate_hoc, load_hoc
 from modelzoo.downstream.pubmedqa import CHOICES, load_pubmedqa, pubmedqa_prompt
 from modelzoo.downstream.scoring import choice_loglikelihoods
@@ -26,16 +27,6 @@ from modelzoo.finetune.data import IGNORE, encode_answer, encode_text, pad
 from modelzoo.finetune.pretrained import Pretrained
 from modelzoo.models.classifier import GPTClassifier
 from modelzoo.models.soft_prompt import PromptedLM, SoftPrompt
-
-
-def macro_f1(gold: list[int], predicted: list[int], n_classes: int = len(CHOICES)) -> float:
-    """Unweighted mean over classes of each class's F1 (0 for a class neither gold nor predicted)."""
-    scores = []
-    for c in range(n_classes):
-        tp = sum(g == c and p == c for g, p in zip(gold, predicted, strict=True))
-        denominator = predicted.count(c) + gold.count(c)
-        scores.append(2 * tp / denominator if denominator else 0.0)
-    return sum(scores) / n_classes
 
 
 class Head:
