@@ -54,7 +54,7 @@ class LMHead(Head):
 
     def __init__(self, task: FinetuneConfig, pre: Pretrained, seq_len: int, prompt: SoftPrompt | None) -> None:
         super().__init__(task, pre, seq_len, prompt)
-        self.splits = {s: load_pubmedqa(task.data_dir, s) for s in ("train", "dev", "test")}
+        self.splits = {s: load_pubmedqa(task.data_dir, s)[: task.limit or None] for s in ("train", "dev", "test")}
         self.train = [
             encode_answer(pre.tokenizer, pubmedqa_prompt(e, task.with_long_answer), e.label, seq_len)
             for e in self.splits["train"]
@@ -107,7 +107,7 @@ class HoCHead(Head):
 
     def __init__(self, task: FinetuneConfig, pre: Pretrained, seq_len: int, prompt: SoftPrompt | None) -> None:
         super().__init__(task, pre, seq_len, prompt)
-        self.splits = {s: load_hoc(task.data_dir, s) for s in ("train", "dev", "test")}
+        self.splits = {s: load_hoc(task.data_dir, s)[: task.limit or None] for s in ("train", "dev", "test")}
         self.inputs = {s: [encode_text(pre.tokenizer, e.text, seq_len) for e in ex] for s, ex in self.splits.items()}
         self.targets = torch.stack([e.label_vector() for e in self.splits["train"]])
         self.train_size = len(self.splits["train"])
