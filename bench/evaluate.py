@@ -19,8 +19,8 @@ from modelzoo.downstream.pubmedqa import PubMedQAExample, load_pubmedqa
 METHOD = """\
 `modelzoo evaluate`'s PubMedQA scoring (`evaluate_pubmedqa`: lm-eval's prompt, three choices per question
 scored by log-likelihood, left-truncated to the model's window, requests with equal inputs sharing one
-forward pass, right-padded batches) of the first `questions` test questions, fp32 on CPU, for two loadings
-of one Hugging Face export:
+forward pass, right-padded batches) of `questions` test questions (evenly spaced through the test file,
+which is sorted by label), fp32 on CPU, for two loadings of one Hugging Face export:
 - ours: `load_hf_model`, i.e. the export imported into our `GPT` (masks from `sparsity.json`, backend
   `masked_dense`), what `modelzoo evaluate task.hf_dirs=[...]` runs;
 - transformers: `AutoModelForCausalLM.from_pretrained` on the same directory (`GPT2LMHeadModel`, default
@@ -93,7 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--hf-dir", type=Path, default=DEFAULT_HF_DIR, help="a GPT-2 export (default: `modelzoo pretrain`'s)"
     )
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "pubmedqa", help="PubMedQA dir")
-    parser.add_argument("--questions", type=int, default=200, help="first N test questions (default: 200)")
+    parser.add_argument("--questions", type=int, default=200, help="N test questions, evenly spaced (default: 200)")
     parser.add_argument("--batch-size", type=int, default=8, help="forward passes per batch (default: 8)")
     add_common_arguments(parser, repeats=3)
     args = parser.parse_args(argv)
@@ -107,7 +107,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     env = begin(args.threads)
-    examples = load_pubmedqa(args.data, "test")[: args.questions]
+    examples = load_pubmedqa(args.data, "test")
+    examples = examples[:: max(1, len(examples) // args.questions)][: args.questions]  # the file is sorted by label
     variants = load_variants(args.hf_dir)
     timings, results = measure(variants, examples, args.batch_size, args.repeats)
     window = variants["ours"].max_length

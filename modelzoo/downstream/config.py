@@ -10,8 +10,10 @@ class EvaluateConfig:
     """Evaluate `checkpoints` (run or checkpoint directories) and `hf_dirs` (local Hugging Face causal LMs).
 
     With neither, the latest checkpoint of `run_dir`. `split` "test" is the official 500 questions;
-    `with_long_answer` false is the reasoning-required setting; `limit` keeps the first N questions (0: all).
-    Results (results.md, results.json, accuracy_vs_flops.png) go to `output_dir`.
+    `with_long_answer` false is the reasoning-required setting. `limit` keeps the first N questions (0: all),
+    as lm-eval's `--limit` does; the test file is sorted by label (276 yes, then 169 no, then 55 maybe), so a
+    limited run is a smoke test, not an estimate. Results (results.md, results.json, predictions/,
+    accuracy_vs_flops.png) go to `output_dir`.
     """
 
     name: str = "evaluate"

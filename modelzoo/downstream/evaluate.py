@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, PreTrainedTokenizerBase
 
-from backends import check_supports, get_backend, resolve_name
+from backends import get_backend
 from modelzoo.config import Config, resolved_device
 from modelzoo.downstream.config import EvaluateConfig
 from modelzoo.downstream.pubmedqa import CHOICES, SPLITS, load_pubmedqa, majority_baseline, pubmedqa_prompt
@@ -30,13 +30,12 @@ from modelzoo.downstream.scoring import LogitsFn, choice_loglikelihoods
 from modelzoo.errors import CheckpointError, ConfigError
 from modelzoo.export.hf import load_hf, restore_masks
 from modelzoo.flops import flop_report
+from modelzoo.generate import DTYPES, check_inference
 from modelzoo.models.gpt import GPT
 from modelzoo.train.checkpoint import MANIFEST_FILE, latest_checkpoint, read_config, restore_model
-from modelzoo.train.config import DEVICES, PRECISIONS
 
 log = logging.getLogger(__name__)
 TASKS = ("pubmedqa",)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LM_EVAL_DEFAULT_MAX_LENGTH = 2048  # lm-eval's window when neither config nor tokenizer gives one
 TOKENIZER_INFINITY = 1e29  # `model_max_length` of tokenizers that set none
 
@@ -53,14 +52,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("task.batch_size", f"must be at least 1, got {task.batch_size}")
     if task.limit < 0:
         raise ConfigError("task.limit", f"must be >= 0 (0: every question), got {task.limit}")
-    if task.device not in DEVICES:
-        raise ConfigError("task.device", f"unknown {task.device!r}", DEVICES)
-    if task.precision not in PRECISIONS:
-        raise ConfigError("task.precision", f"unknown {task.precision!r}", PRECISIONS)
-    device = resolved_device(task.device)
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("task.device", "cuda requested but no CUDA device is visible", ["auto", "cpu"])
-    check_supports(resolve_name(cfg.backend.name), algorithm=None, device=device, dtype=task.precision, train=False)
+    check_inference(task.device, task.precision, cfg.backend.name)
     for key, paths in (("task.checkpoints", task.checkpoints), ("task.hf_dirs", task.hf_dirs)):
         for path in paths:
             if not Path(path).is_dir():
@@ -213,8 +205,8 @@ def load_hf_model(path: str, cfg: Config) -> LoadedModel:
         model = _prepare(model, cfg)
         logits_fn, kind = our_logits(model), "hf (ours)"
     else:
-        model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=DTYPES[task.precision])
-        model = model.to(resolved_device(task.device)).eval()
+        model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True)
+        model = model.to(resolved_device(task.device), DTYPES[task.precision]).eval()
         logits_fn, kind = hf_logits(model), "hf (transformers)"
     run = latest_checkpoint(directory.resolve().parent)  # an export inside its run directory: `<run>/hf`
     flops = export_flops(directory)

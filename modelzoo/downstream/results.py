@@ -54,7 +54,7 @@ def plot_accuracy_vs_flops(results: Sequence[PubMedQAResult], path: Path) -> Pat
     ax.set_xscale("log")
     ax.set_xlabel("training FLOPs (sparse-effective)")
     ax.set_ylabel(f"PubMedQA {known[0].split} accuracy (%)")
-    ax.legend(loc="lower right")
+    ax.legend(loc="best")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
