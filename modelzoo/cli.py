@@ -26,6 +26,7 @@ commands:
   finetune   fine-tune a pre-trained run on PubMedQA or HoC, densely (masks dropped) or keeping its sparsity
   prompt_tune  soft prompting of a frozen pre-trained run (PEFT prompt-tuning adapter)
   prune      one-shot pruning (SparseGPT, Wanda, magnitude) of a run or an HF directory to a sparse HF directory
+  evaluate   zero-shot PubMedQA accuracy / macro-F1 of checkpoints and HF directories: table, JSON, plot
   info       parameter counts of a model size
   flops      dense and sparse-effective training FLOPs of a config
   import-cerebras PARAMS.yaml OUT_DIR [CHECKPOINT]
@@ -46,6 +47,7 @@ examples:
   modelzoo prompt_tune task.pretrained=runs/tiny-static_75 task.dataset=hoc task.num_virtual_tokens=20
   modelzoo prune run_dir=runs/tiny-dense task.method=sparsegpt task.sparsity=0.5
   modelzoo prune task.hf_dir=DIR task.method=wanda task.n_m=[2,4] task.output_dir=pruned/
+  modelzoo evaluate task.checkpoints=[runs/tiny-dense,runs/tiny-static_75] task.hf_dirs=[exported/]
   modelzoo info model=xl
   modelzoo flops model=xl sparsity=static_75
   modelzoo import-cerebras params_gpt3_xl.yaml imported/ model.mdl
@@ -55,7 +57,7 @@ examples:
 config groups (conf/): model={tiny,med,large,xl}
   sparsity={dense,static_50,static_75,gmp_75,set_75,rigl_75,nm_2_4,cerebras_gpt3_125m_rigl75}
   backend={auto,masked_dense,torch_sparse} data={pubmed_sample,pubmed_abstracts,hub} tokenizer={bpe,gpt2}
-  optim={adamw} task={pretrain,export,generate,prune,finetune,prompt_tune}
+  optim={adamw} task={pretrain,export,generate,prune,evaluate,finetune,prompt_tune}
 """
 
 log = logging.getLogger("modelzoo")
@@ -127,6 +129,17 @@ def prune(overrides: list[str]) -> None:
     print(run(cfg).format(cfg.task))
 
 
+def evaluate(overrides: list[str]) -> None:
+    from modelzoo.downstream.evaluate import run
+    from modelzoo.downstream.results import markdown_table, write_results
+
+    cfg = to_object(load_config(["task=evaluate", *overrides]))
+    results = run(cfg)
+    print(markdown_table(results))
+    for what, path in write_results(results, cfg.task.output_dir).items():
+        print(f"{what}: {path}")
+
+
 def _adapt(task: str, overrides: list[str]) -> None:
     from modelzoo.finetune.task import format_summary, run
 
@@ -193,6 +206,7 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "prune": prune,
     "finetune": finetune,
     "prompt_tune": prompt_tune,
+    "evaluate": evaluate,
     "info": info,
     "flops": flops,
     "import-cerebras": import_cerebras,

@@ -22,6 +22,7 @@ from backends import BACKENDS, check_supports, resolve_name
 from modelzoo.cluster import ClusterConfig
 from modelzoo.data.config import FORMATS, DataConfig, TokenizerConfig
 from modelzoo.distributed import world_size
+from modelzoo.downstream.config import EvaluateConfig
 from modelzoo.errors import ConfigError
 from modelzoo.finetune.config import FinetuneConfig, PromptTuneConfig, validate_finetune
 from modelzoo.models.gpt import ACTIVATIONS, GPT, GPTConfig
@@ -97,6 +98,7 @@ def register_configs() -> None:
     cs.store(group="task", name="prune_schema", node=PruneConfig)
     cs.store(group="task", name="finetune_schema", node=FinetuneConfig)
     cs.store(group="task", name="prompt_tune_schema", node=PromptTuneConfig)
+    cs.store(group="task", name="evaluate_schema", node=EvaluateConfig)
     if not OmegaConf.has_resolver("pkg_data"):
         OmegaConf.register_new_resolver("pkg_data", _package_data)
 

@@ -139,14 +139,20 @@ def validate(cfg: Config) -> None:
         raise ConfigError("task.top_k", f"must be >= 0 (0 is off), got {task.top_k}")
     if not 0 < task.top_p <= 1:
         raise ConfigError("task.top_p", f"{task.top_p} is outside (0, 1] (1 is off)")
-    if task.device not in DEVICES:
-        raise ConfigError("task.device", f"unknown {task.device!r}", DEVICES)
-    if task.precision not in PRECISIONS:
-        raise ConfigError("task.precision", f"unknown {task.precision!r}", PRECISIONS)
-    device = resolved_device(task.device)
+    check_inference(task.device, task.precision, cfg.backend.name)
+
+
+def check_inference(device: str, precision: str, backend: str) -> None:
+    """Reject an unknown `task.device` / `task.precision`, an absent CUDA device, or a backend that cannot run
+    inference there."""
+    if device not in DEVICES:
+        raise ConfigError("task.device", f"unknown {device!r}", DEVICES)
+    if precision not in PRECISIONS:
+        raise ConfigError("task.precision", f"unknown {precision!r}", PRECISIONS)
+    device = resolved_device(device)
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("task.device", "cuda requested but no CUDA device is visible", ["auto", "cpu"])
-    check_supports(resolve_name(cfg.backend.name), algorithm=None, device=device, dtype=task.precision, train=False)
+    check_supports(resolve_name(backend), algorithm=None, device=device, dtype=precision, train=False)
 
 
 def load_generator(cfg: Config) -> tuple[GPT, PreTrainedTokenizerBase]:

@@ -168,6 +168,8 @@ def test_hoc_f1_is_the_mean_of_per_hallmark_f1() -> None:
     assert micro_f1(gold, predicted) == pytest.approx(0.5)  # pooled: TP 2, FP 2, FN 2
     everything = [set(range(10))] * 4
     assert hoc_f1(everything, everything) == 1.0
+    with pytest.raises(ValueError, match="0/1"):
+        hoc_f1(gold, torch.full((4, 10), 0.7))  # probabilities, not decisions
 
 
 def test_evaluate_hoc_picks_threshold_on_dev() -> None:

@@ -22,7 +22,14 @@ from modelzoo.train.trainer import Trainer
 from tests.conftest import REPO, SHARED, make_config, needs_shared
 
 # A few steps of everything: enough to move weights, small enough for 2 cores.
-FAST = ["task.max_steps=3", "task.eval_every=3", "task.batch_size=4", "task.micro_batch_size=4", "task.seq_len=48"]
+FAST = [
+    "task.limit=24",
+    "task.max_steps=3",
+    "task.eval_every=3",
+    "task.batch_size=4",
+    "task.micro_batch_size=4",
+    "task.seq_len=48",
+]
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +134,7 @@ def test_config_errors_name_the_key(pretrained: Path) -> None:
     check("task.sparsity", "task=finetune", "task.sparsity=sparse")
     check("task.dataset", "task=finetune", "task.dataset=medqa")
     check("task.init", "task=prompt_tune", "task.init=zeros")
+    check("task.limit", "task=finetune", "task.limit=-1")
     check("task.pretrained", "task=finetune", "task.pretrained=/nonexistent/run")
 
 

@@ -169,7 +169,11 @@ def label_matrix(label_sets: Sequence[Collection[int]]) -> torch.Tensor:
 
 
 def _as_matrix(labels: Labels) -> torch.Tensor:
-    return labels.bool() if isinstance(labels, torch.Tensor) else label_matrix(labels)
+    if not isinstance(labels, torch.Tensor):
+        return label_matrix(labels)
+    if not ((labels == 0) | (labels == 1)).all():
+        raise ValueError("label tensors must hold 0/1; threshold probabilities first, or call evaluate_hoc")
+    return labels.bool()
 
 
 def per_hallmark_f1(gold: Labels, predicted: Labels) -> torch.Tensor:
@@ -230,6 +234,7 @@ def evaluate_hoc(
     for probs, gold, name in ((dev_probs, dev_gold, "dev"), (test_probs, test_gold, "test")):
         if tuple(probs.shape) != (len(gold), len(HALLMARKS)):
             raise ValueError(f"{name}_probs has shape {tuple(probs.shape)}, expected ({len(gold)}, {len(HALLMARKS)})")
+    dev_probs, test_probs = dev_probs.detach().cpu(), test_probs.detach().cpu()
     dev_y = label_matrix([e.labels for e in dev_gold])
     test_y = label_matrix([e.labels for e in test_gold])
     scores = [hoc_f1(dev_y, dev_probs >= t) for t in thresholds]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import bisect
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -50,8 +52,10 @@ def read_json_object(path: Path) -> Iterator[tuple[int, str, Any]]:
             raise DataError(path, f"expected {char!r} at column {pos - text.rfind(chr(10), 0, pos)}", line_of(pos))
         return skip(pos + 1)
 
+    newlines = [m.start() for m in re.finditer("\n", text)]
+
     def line_of(pos: int) -> int:
-        return text.count("\n", 0, pos) + 1
+        return bisect.bisect_left(newlines, pos) + 1
 
     pos = expect(skip(0), "{")
     while not text.startswith("}", pos):

@@ -86,6 +86,7 @@ def choice_loglikelihoods(
         batch_size: forward passes per call of `logits_fn`.
         progress: show a tqdm bar over the forward passes.
         max_length: the model's context window (lm-eval: `n_positions`); longer inputs lose their oldest tokens.
+            A soft-prompted model that prepends N virtual tokens inside `logits_fn` has `n_positions - N` left.
         device: where input tensors are put.
     """
     requests = [

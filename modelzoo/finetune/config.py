@@ -27,6 +27,7 @@ class FinetuneConfig:
     `seq_len` (tokens per example, context cut from the left for PubMedQA, text from the right for HoC)
     defaults to the model's positions minus any virtual tokens; `lr` overrides `optim.lr`. The run writes to
     `output_dir` (default `<pretrained>/<name>-<dataset>-<sparsity>`), never into the pre-training run itself.
+    `limit` keeps the first N examples of every split (0: all), for smoke runs; its numbers are not comparable.
     """
 
     name: str = "finetune"
@@ -36,6 +37,7 @@ class FinetuneConfig:
     data_dir: str | None = None
     sparsity: str = "dense"
     with_long_answer: bool = False
+    limit: int = 0
     max_steps: int = 200
     batch_size: int = 8
     micro_batch_size: int = 8
@@ -90,6 +92,8 @@ def validate_finetune(task: FinetuneConfig) -> None:
         raise ConfigError("task.dataset", f"unknown {task.dataset!r}", DATASETS)
     if task.sparsity not in SPARSITY_MODES:
         raise ConfigError("task.sparsity", f"unknown {task.sparsity!r}", SPARSITY_MODES)
+    if task.limit < 0:
+        raise ConfigError("task.limit", f"must be >= 0 (0: every example), got {task.limit}")
     for key in ("max_steps", "batch_size", "micro_batch_size", "eval_batch_size", "eval_every", "log_every"):
         if getattr(task, key) <= 0:
             raise ConfigError(f"task.{key}", f"must be positive, got {getattr(task, key)}")

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modelzoo.downstream.evaluate import macro_f1
 from modelzoo.downstream.hoc import HALLMARKS, evaluate_hoc, load_hoc
 from modelzoo.downstream.pubmedqa import CHOICES, load_pubmedqa, pubmedqa_prompt
 from modelzoo.downstream.scoring import choice_loglikelihoods
@@ -26,16 +27,6 @@ from modelzoo.finetune.data import IGNORE, encode_answer, encode_text, pad
 from modelzoo.finetune.pretrained import Pretrained
 from modelzoo.models.classifier import GPTClassifier
 from modelzoo.models.soft_prompt import PromptedLM, SoftPrompt
-
-
-def macro_f1(gold: list[int], predicted: list[int], n_classes: int = len(CHOICES)) -> float:
-    """Unweighted mean over classes of each class's F1 (0 for a class neither gold nor predicted)."""
-    scores = []
-    for c in range(n_classes):
-        tp = sum(g == c and p == c for g, p in zip(gold, predicted, strict=True))
-        denominator = predicted.count(c) + gold.count(c)
-        scores.append(2 * tp / denominator if denominator else 0.0)
-    return sum(scores) / n_classes
 
 
 class Head:
@@ -63,7 +54,7 @@ class LMHead(Head):
 
     def __init__(self, task: FinetuneConfig, pre: Pretrained, seq_len: int, prompt: SoftPrompt | None) -> None:
         super().__init__(task, pre, seq_len, prompt)
-        self.splits = {s: load_pubmedqa(task.data_dir, s) for s in ("train", "dev", "test")}
+        self.splits = {s: load_pubmedqa(task.data_dir, s)[: task.limit or None] for s in ("train", "dev", "test")}
         self.train = [
             encode_answer(pre.tokenizer, pubmedqa_prompt(e, task.with_long_answer), e.label, seq_len)
             for e in self.splits["train"]
@@ -116,7 +107,7 @@ class HoCHead(Head):
 
     def __init__(self, task: FinetuneConfig, pre: Pretrained, seq_len: int, prompt: SoftPrompt | None) -> None:
         super().__init__(task, pre, seq_len, prompt)
-        self.splits = {s: load_hoc(task.data_dir, s) for s in ("train", "dev", "test")}
+        self.splits = {s: load_hoc(task.data_dir, s)[: task.limit or None] for s in ("train", "dev", "test")}
         self.inputs = {s: [encode_text(pre.tokenizer, e.text, seq_len) for e in ex] for s, ex in self.splits.items()}
         self.targets = torch.stack([e.label_vector() for e in self.splits["train"]])
         self.train_size = len(self.splits["train"])
