@@ -22,9 +22,13 @@ which live in their own venv (`bash scripts/make_cerebras_venv.sh .venv-cerebras
 
 import functools
 import importlib.util
+import os
+import re
+import shutil
 import sys
 import typing
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -104,6 +108,13 @@ def cluster_config(cluster: ClusterConfig, python_path: Path) -> Any:
     )
 
 
+def _put_venv_tools_on_path() -> None:
+    """cstorch lowers with the `torch-cirh-opt` tool its wheel puts in the venv's bin/, which it looks up on
+    PATH; a venv used without activating it (`.venv-cerebras/bin/python ...`) lacks it there."""
+    if shutil.which("torch-cirh-opt") is None:
+        os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+
+
 def _plain(value: Any) -> Any:
     """A schedule or update spec as cstorch reads it: numbers, lists and dicts (copied, never shared)."""
     if isinstance(value, dict):
@@ -169,9 +180,12 @@ class CerebrasSparsity:
         self._params = [(n, params[n]) for n in self.names]
 
     def apply_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """`optimizer.apply(sparsity)`, then the masks are initialised (cstorch leaves them all-True until then)."""
+        """`optimizer.apply(sparsity)`, then on CPU / GPU the masks are initialised at once (cstorch leaves them
+        all-True until a `DataExecutor` starts), so that they can be inspected, saved or loaded before training.
+        On CSX the masks are initialised as part of the traced program."""
         optimizer.apply(self.group)
-        self.group.initialize()
+        if not import_cstorch().use_cs():
+            self.group.initialize()
 
     def mask_names(self) -> list[str]:
         return [n + MASK_SUFFIX for n in self.names]
@@ -186,6 +200,67 @@ class CerebrasSparsity:
         self.group.load_state_dict(state)
 
 
+# ---- compile_only / validate_only ----------------------------------------------------------------------
+
+# One argument's attribute dict in the lowered program, e.g.
+# {cs.max_sparsity = 7.5e-01 : f32, ..., cs.sparsity = 7.5e-01 : f32, ..., tf.resource_name = "state.model.<name>"}
+_ATTRIBUTES = re.compile(r"\{[^{}]*tf\.resource_name = \"state\.model\.([^\"]+)\"[^{}]*\}")
+_SPARSITY = re.compile(r"\bcs\.sparsity = ([-+0-9.e]+) : f32")
+
+
+def _lowered(executors: Path) -> set[Path]:
+    """The lowered programs under cstorch's `executors/` (each run's directory; not the `latest` link)."""
+    return {p for p in executors.glob("*/cirh.mlir") if not p.parent.is_symlink()}
+
+
+def mlir_sparsity(path: str | Path) -> dict[str, float]:
+    """The `cs.sparsity` annotation of each model tensor in a lowered program (`cirh.mlir`), by parameter name."""
+    found = {}
+    for attributes in _ATTRIBUTES.finditer(Path(path).read_text()):
+        level = _SPARSITY.search(attributes.group(0))
+        if level:
+            found[attributes.group(1)] = float(level.group(1))
+    return found
+
+
+@dataclass
+class LoweringReport:
+    """What a compile_only / validate_only run produced locally and where it stopped."""
+
+    mode: str
+    mlir: Path
+    annotations: dict[str, float]
+    sparse_names: list[str]
+    stopped: str | None
+    missing: list[str]
+
+    def format(self) -> str:
+        covered = sum(n in self.annotations for n in self.sparse_names)
+        levels = sorted({f"{v:g}" for v in self.annotations.values()})
+        lines = [
+            f"{self.mode}: lowered one training step for the CS-2 to {self.mlir}",
+            f"sparsity annotations: {covered} of {len(self.sparse_names)} sparse weights "
+            f"(cs.sparsity {', '.join(levels) or '-'})",
+        ]
+        if self.stopped is None and self.mode == "validate_only":
+            ahead = f"; a submission also needs {' and '.join(self.missing)}" if self.missing else ""
+            lines.append(f"validate_only: the program passed cstorch's checks (nothing was sent to a cluster){ahead}")
+        elif self.stopped is None:
+            lines.append("compile_only: the cluster compiled the program")
+        elif self.missing:
+            lines.append(
+                f"stopped at the remote compile ({self.stopped}); to go further set {' and '.join(self.missing)}"
+            )
+        else:
+            lines.append(f"stopped at the remote compile: {self.stopped}; check the address, certificate and network")
+        return "\n".join(lines)
+
+
+def _input_fn(batches: Iterable[tuple[torch.Tensor, ...]]) -> Iterable[tuple[torch.Tensor, ...]]:
+    """cstorch's `DataLoader` input function (module level, so that it pickles for a cluster's input workers)."""
+    return batches
+
+
 class CerebrasBackend(Backend):
     name = "cerebras"
     capabilities = Capabilities(
@@ -198,6 +273,7 @@ class CerebrasBackend(Backend):
 
     def __init__(self) -> None:
         self.cs_backend: Any = None
+        self.mode: str | None = None  # compile_only | validate_only | None (a training run)
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -211,10 +287,14 @@ class CerebrasBackend(Backend):
             return
         for key, group in sparsity.group_configs():
             if group.pattern is not None:
-                raise ConfigError(f"{key}.pattern", "N:M masks are no cstorch algorithm; train them with", ["masked_dense"])
+                raise ConfigError(
+                    f"{key}.pattern", "N:M masks are no cstorch algorithm; train them with", ["masked_dense"]
+                )
             if group.distribution != "uniform":
                 raise ConfigError(
-                    f"{key}.distribution", f"{group.distribution!r} is ours, not cstorch's; use uniform or", ["masked_dense"]
+                    f"{key}.distribution",
+                    f"{group.distribution!r} is ours, not cstorch's; use uniform or",
+                    ["masked_dense"],
                 )
             cls_name = CSTORCH_ALGORITHMS[group.algorithm]
             if not hasattr(cstorch.sparse, cls_name):
@@ -238,6 +318,7 @@ class CerebrasBackend(Backend):
         validate_only: bool = False,
     ) -> None:
         cstorch = import_cstorch()
+        self.mode = "compile_only" if compile_only else "validate_only" if validate_only else None
         target = cluster.resolved_target(device.type)
         existing = cstorch.current_backend(raise_exception=False, raise_warning=False)
         if existing is not None:
@@ -251,10 +332,10 @@ class CerebrasBackend(Backend):
             return
         options: dict[str, Any] = {"artifact_dir": str(artifact_dir)}
         if target == "CSX":
+            _put_venv_tools_on_path()
             options.update(
                 compile_only=compile_only,
                 validate_only=validate_only,
-                compile_dir=str(artifact_dir / "compile"),
                 cluster_config=cluster_config(cluster, Path(__file__).resolve().parents[1]),
             )
         self.cs_backend = cstorch.backend(target, **options)
@@ -265,9 +346,30 @@ class CerebrasBackend(Backend):
     def sparsifier(self, config: SparsityConfig, seed: int) -> CerebrasSparsity:
         return CerebrasSparsity(config, seed)
 
-    def batches(self, batches: Iterable[tuple[torch.Tensor, ...]], steps: int) -> Iterator[tuple[torch.Tensor, ...]]:
+    def batches(
+        self, batches: Iterable[tuple[torch.Tensor, ...]], steps: int, device: torch.device
+    ) -> Iterator[tuple[torch.Tensor, ...]]:
         data = import_cstorch().utils.data
-        return iter(data.DataExecutor(data.DataLoader(lambda: batches), num_steps=steps))
+        return iter(data.DataExecutor(data.DataLoader(_input_fn, batches), num_steps=steps))
+
+    def lower(self, run_step: Callable[[], None], sparse_names: list[str], cluster: ClusterConfig) -> LoweringReport:
+        """Run one step under compile_only / validate_only: cstorch lowers it here, then the appliance compiles.
+
+        A failure once the lowered program exists is the remote step's (no address, no network); it is
+        reported with what is missing. A failure before that is raised: the model does not lower.
+        """
+        executors = Path(self.cs_backend.artifact_dir) / "executors"
+        before = _lowered(executors)
+        stopped = None
+        try:
+            run_step()
+        except Exception as e:
+            if not _lowered(executors) - before:
+                raise
+            stopped = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        mlir = max(_lowered(executors) - before, key=lambda p: p.stat().st_mtime)
+        missing = cluster.missing_for_submission()
+        return LoweringReport(self.mode or "", mlir, mlir_sparsity(mlir), sparse_names, stopped, missing)
 
     def wrap_step(
         self,

@@ -77,7 +77,11 @@ def pretrain(overrides: list[str]) -> None:
         try:
             config = to_object(cfg)
             validate(config)
-            Trainer(config).fit()
+            trainer = Trainer(config)
+            if config.compile_only or config.validate_only:
+                print(trainer.lower().format())
+            else:
+                trainer.fit()
         except (ModelZooError, OmegaConfBaseException) as e:
             _fail(e)
         finally:
