@@ -34,14 +34,16 @@ from types import ModuleType
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from backends.base import Backend, Capabilities
 from modelzoo.cluster import ClusterConfig
-from modelzoo.errors import ConfigError, ModelZooError
+from modelzoo.errors import CheckpointError, ConfigError, ModelZooError
 from modelzoo.sparsity.config import DROP_ALGORITHMS, SparsityConfig, SparsityGroupConfig
 from modelzoo.sparsity.plan import plan_groups
 from modelzoo.sparsity.plugin import MASK_SUFFIX, MaskedSparsity, SparsityStats, sparsity_stats
+from modelzoo.train import checkpoint as ckpt
 
 CSTORCH_VERSION = "2.10.0"
 TORCH_VERSION = "2.4.0"
@@ -55,27 +57,48 @@ class CerebrasError(ModelZooError, RuntimeError):
     """cerebras.pytorch cannot do what was asked (missing, wrong version, or the appliance is unreachable)."""
 
 
-@functools.cache
-def _unavailable_reason() -> str | None:
-    found = sys.version_info[:2]
-    if found != PYTHON_VERSION:
+def environment_problem(python: tuple[int, int], installed: bool, torch_version: str) -> str | None:
+    """Why cerebras.pytorch cannot run with this Python, install state and torch: one sentence and the fix."""
+    if python != PYTHON_VERSION:
         return (
             f"backend=cerebras needs Python 3.11 (cerebras-pytorch {CSTORCH_VERSION} ships cp311 wheels only) but "
-            f"this is Python {found[0]}.{found[1]}: {VENV_FIX}"
+            f"this is Python {python[0]}.{python[1]}: {VENV_FIX}"
         )
-    if importlib.util.find_spec("cerebras") is None or importlib.util.find_spec("cerebras.pytorch") is None:
+    if not installed:
         return f"backend=cerebras needs cerebras.pytorch, which is not installed: {VENV_FIX}"
-    if torch.__version__.split("+")[0] != TORCH_VERSION:
+    if torch_version.split("+")[0] != TORCH_VERSION:
         return (
-            f"cerebras-pytorch {CSTORCH_VERSION} needs torch {TORCH_VERSION} exactly but torch {torch.__version__} "
+            f"cerebras-pytorch {CSTORCH_VERSION} needs torch {TORCH_VERSION} exactly but torch {torch_version} "
             f"is installed: {VENV_FIX}"
         )
+    return None
+
+
+@functools.cache
+def _unavailable_reason() -> str | None:
+    installed = importlib.util.find_spec("cerebras") is not None and importlib.util.find_spec("cerebras.pytorch")
+    problem = environment_problem(sys.version_info[:2], bool(installed), torch.__version__)
+    if problem:
+        return problem
     try:
         import cerebras.pytorch  # noqa: F401
     except Exception as e:  # an undefined symbol, a missing dependency: anything that stops the import
         first = str(e).splitlines()[0] if str(e) else ""
         return f"cerebras.pytorch fails to import ({type(e).__name__}: {first}): {VENV_FIX}"
     return None
+
+
+def check_algorithms(sparsity: SparsityConfig, version: str, available: set[str]) -> None:
+    """Refuse a group whose algorithm has no class among `available` in cerebras-pytorch `version`."""
+    for key, group in sparsity.group_configs():
+        name = CSTORCH_ALGORITHMS[group.algorithm]
+        if group.enabled and name not in available:
+            raise ConfigError(
+                f"{key}.algorithm",
+                f"cerebras-pytorch {version} has no {name}: install {CSTORCH_VERSION} "
+                "(bash scripts/make_cerebras_venv.sh VENV) or choose one it has",
+                [a for a, c in CSTORCH_ALGORITHMS.items() if c in available],
+            )
 
 
 def import_cstorch() -> ModuleType:
@@ -282,28 +305,22 @@ class CerebrasBackend(Backend):
     @classmethod
     def check_config(cls, sparsity: SparsityConfig, cluster: ClusterConfig, device: str) -> None:
         """Refuse what cstorch cannot run: N:M patterns, ERK, an algorithm the installed version lacks."""
-        cstorch = import_cstorch()
         if not sparsity.enabled:
             return
         for key, group in sparsity.group_configs():
             if group.pattern is not None:
                 raise ConfigError(
-                    f"{key}.pattern", "N:M masks are no cstorch algorithm; train them with", ["masked_dense"]
+                    f"{key}.pattern", "N:M masks are no cstorch algorithm; train them on", ["masked_dense"]
                 )
             if group.distribution != "uniform":
                 raise ConfigError(
                     f"{key}.distribution",
-                    f"{group.distribution!r} is ours, not cstorch's; use uniform or",
+                    f"{group.distribution!r} is ours, not cstorch's: use uniform, or",
                     ["masked_dense"],
                 )
-            cls_name = CSTORCH_ALGORITHMS[group.algorithm]
-            if not hasattr(cstorch.sparse, cls_name):
-                raise ConfigError(
-                    f"{key}.algorithm",
-                    f"cerebras-pytorch {cstorch.__version__} has no {cls_name}: install {CSTORCH_VERSION} "
-                    f"(bash scripts/make_cerebras_venv.sh) or choose",
-                    [a for a, c in CSTORCH_ALGORITHMS.items() if hasattr(cstorch.sparse, c)],
-                )
+        cstorch = import_cstorch()
+        available = {name for name in CSTORCH_ALGORITHMS.values() if hasattr(cstorch.sparse, name)}
+        check_algorithms(sparsity, cstorch.__version__, available)
 
     def optimizer_class(self) -> type[torch.optim.Optimizer]:
         return import_cstorch().optim.AdamW
@@ -409,3 +426,54 @@ def load_cstorch(path: str | Path) -> dict[str, Any]:
         return torch.as_tensor(value).clone() if torch.is_tensor(value) else value
 
     return materialise(state)
+
+
+def checkpoint_to_cstorch(checkpoint: str | Path, path: str | Path) -> Path:
+    """One of our checkpoint directories as a cstorch checkpoint file (masks kept as `<param>_mask`).
+
+    It holds `model` (weights and masks), `optimizer`, `global_step` and our run config under
+    `modelzoo_config`, from which `cstorch_to_checkpoint` rebuilds the model.
+    """
+    checkpoint = Path(checkpoint)
+    ckpt.verify_checkpoint(checkpoint)
+    optimizer_state, trainer_state = ckpt.load_training_state(checkpoint)
+    state = {
+        "model": load_file(str(checkpoint / ckpt.MODEL_FILE)),
+        "optimizer": optimizer_state,
+        "global_step": trainer_state["step"],
+        "modelzoo_config": ckpt.read_config(checkpoint),
+    }
+    return save_cstorch(path, state)
+
+
+def cstorch_to_checkpoint(path: str | Path, run_dir: str | Path) -> Path:
+    """A cstorch checkpoint file written by `checkpoint_to_cstorch` as our checkpoint in `run_dir`.
+
+    Weights, masks and optimizer state carry over (`modelzoo export`, `generate` and `task.init_from` take it);
+    the trainer state holds only the step, so a run does not resume from it.
+    """
+    from omegaconf import OmegaConf
+
+    from modelzoo.config import Config
+    from modelzoo.models.gpt import GPT
+    from modelzoo.train.optim import build_optimizer
+
+    state = load_cstorch(path)
+    if "modelzoo_config" not in state:
+        raise CheckpointError(f"{path} has no modelzoo_config: it was not written by checkpoint_to_cstorch")
+    config_yaml = state["modelzoo_config"]
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(config_yaml)))
+    model = GPT(cfg.model)
+    if cfg.sparsity.enabled:
+        MaskedSparsity(cfg.sparsity, cfg.seed).apply(model)
+    expected = set(model.state_dict()) - {"lm_head.weight"}  # tied to transformer.wte.weight, stored once
+    if set(state["model"]) != expected:
+        raise CheckpointError(
+            f"{path} does not match its config's model: missing {sorted(expected - set(state['model']))[:3]}, "
+            f"unexpected {sorted(set(state['model']) - expected)[:3]}"
+        )
+    model.load_state_dict(state["model"], strict=False)
+    optimizer = build_optimizer(model, cfg.optim)
+    optimizer.load_state_dict(state["optimizer"])
+    step = int(state["global_step"])
+    return ckpt.save_checkpoint(run_dir, step, model, optimizer, {"step": step}, config_yaml, keep=1)

@@ -151,9 +151,9 @@ def validate(cfg: Config) -> None:
         if device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("task.device", "cuda requested but no CUDA device is visible", ["auto", "cpu"])
         backend = resolve_name(cfg.backend.name)
+        _validate_cluster(cfg, backend, device)
         for algorithm in cfg.sparsity.algorithms or [None]:
             check_supports(backend, algorithm=algorithm, device=device, dtype=cfg.task.precision, train=True)
-        _validate_cluster(cfg, backend, device)
         BACKENDS[backend].check_config(cfg.sparsity, cfg.cluster, device)
     elif cfg.compile_only or cfg.validate_only:
         raise ConfigError("compile_only" if cfg.compile_only else "validate_only", "applies to pretrain only")
