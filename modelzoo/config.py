@@ -175,17 +175,17 @@ def _validate_cluster(cfg: Config, backend: str, device: str) -> None:
     lowering = "compile_only" if cfg.compile_only else "validate_only" if cfg.validate_only else None
     if lowering and (backend != "cerebras" or target != "CSX"):
         raise ConfigError(lowering, "lowers for a CS-2: it needs backend=cerebras cluster=cs2")
-    if target == "CSX" and cfg.task.micro_batch_size != cfg.task.batch_size:
-        raise ConfigError(
-            "task.micro_batch_size",
-            f"a CS-2 splits batches itself: set task.micro_batch_size={cfg.task.batch_size} (= task.batch_size)",
-        )
     missing = cfg.cluster.missing_for_submission()
     if target == "CSX" and not lowering and missing:
         raise ConfigError(
             missing[0].split("=")[0],
             f"a CS-2 run needs {' and '.join(missing)}; compile_only=true or validate_only=true lower the model "
             "offline without them",
+        )
+    if target == "CSX" and cfg.task.micro_batch_size != cfg.task.batch_size:
+        raise ConfigError(
+            "task.micro_batch_size",
+            f"a CS-2 splits batches itself: set task.micro_batch_size={cfg.task.batch_size} (= task.batch_size)",
         )
 
 
