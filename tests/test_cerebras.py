@@ -113,9 +113,12 @@ def test_pretraining_matches_masked_dense(cstorch, tmp_path: Path, cache_dir: Pa
     final = masks(cerebras)
     if algorithm == "static":
         assert all(torch.equal(final[k], v) for k, v in masks(reference).items())
-    else:
-        changed = sum(int((final[k] != v).sum()) for k, v in masks(reference).items())
-        assert changed < sum(v.numel() for v in final.values()) * 0.05  # both moved masks much alike
+    else:  # both moved their masks from the common start (SET regrows at random: the two need not agree)
+        start = masks(
+            Trainer(make_config(tmp_path / "start", cache_dir, "backend=masked_dense", *ALGORITHMS[algorithm]))
+        )
+        for trainer in (reference, cerebras):
+            assert any(not torch.equal(v, masks(trainer)[k]) for k, v in start.items())
     for name, param in cerebras.sparsifier._params:
         mask = final[name + "_mask"]
         level = 1 - mask.float().mean()
@@ -139,8 +142,10 @@ def test_cerebras_initial_masks_are_masked_dense_masks(cstorch, tmp_path: Path, 
 
 @pytest.mark.cerebras
 def test_filters_select_the_same_weights_both_ways(cstorch, tmp_path: Path, cache_dir: Path) -> None:
-    """A Cerebras Model Zoo recipe's filters (their layer names) select our weights through cstorch, and
-    cstorch's own default filter selects exactly the weights our default does."""
+    """A Cerebras Model Zoo recipe's filters (their layer names) select our weights through cstorch, and our
+    default selects what cstorch's default selects in a Cerebras model: applied to our names, cstorch's own
+    default would also take the embeddings (`wte`, `wpe` do not say "embedding"), which is why the backend
+    hands cstorch the resolved names."""
     recipe = Trainer(
         make_config(
             tmp_path / "recipe",
@@ -154,10 +159,13 @@ def test_filters_select_the_same_weights_both_ways(cstorch, tmp_path: Path, cach
     assert [n.removesuffix("_mask") for n in recipe.sparsifier.mask_names()] == expected
     assert set(recipe.sparsifier.group.sparse_params) == set(expected)
 
+    ours = Trainer(make_config(tmp_path / "default", cache_dir, "backend=cerebras", "task.export=false"))
+    assert set(ours.sparsifier.group.sparse_params) == set(select_parameters(ours.model, None)) == set(expected)
+
     model = Trainer(make_config(tmp_path / "dense", cache_dir, "backend=cerebras", "sparsity=dense")).model
-    default = cstorch.sparse.configure({"sparsity": 0.5})
-    default.apply(model)
-    assert sorted(default.sparse_params) == sorted(select_parameters(model, None))
+    raw = cstorch.sparse.configure({"sparsity": 0.5})
+    raw.apply(model)
+    assert set(raw.sparse_params) - set(expected) == {"transformer.wte.weight", "transformer.wpe.weight"}
 
 
 @pytest.mark.cerebras

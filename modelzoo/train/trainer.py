@@ -289,7 +289,7 @@ class Trainer:
             self.run_dir,
             self.step,
             self.model,
-            self.optimizer,
+            self.optimizer.state_dict(),
             self.trainer_state(),
             config_yaml,
             keep=self.task.keep_checkpoints,
