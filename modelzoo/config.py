@@ -166,6 +166,12 @@ def _validate_cluster(cfg: Config, backend: str, device: str) -> None:
     """The `cluster` node, and the CS-2 modes: they need backend=cerebras on a CSX cluster."""
     cfg.cluster.validate(device)
     target = cfg.cluster.resolved_target(device)
+    if backend == "cerebras" and world_size() > 1:
+        raise ConfigError(
+            "backend.name",
+            "cerebras scales out on a CS-2 cluster (cluster.num_csx), not under torchrun: run one process, or use",
+            ["masked_dense"],
+        )
     if backend != "cerebras" and cfg.cluster.target != "auto":
         raise ConfigError(
             "cluster.target", f"{target} is a cstorch backend: use backend=cerebras, or cluster=local with {backend}"
