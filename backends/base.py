@@ -7,7 +7,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -58,6 +58,7 @@ class Backend(ABC):
     @classmethod
     def check_config(cls, sparsity: SparsityConfig, cluster: ClusterConfig, device: str) -> None:
         """Refuse, before any compute, config values this backend cannot honour (a `ConfigError`)."""
+        return None
 
     @abstractmethod
     def sparsifier(self, config: SparsityConfig, seed: int) -> Sparsifier:
@@ -80,14 +81,23 @@ class Backend(ABC):
 
         `compile_only` / `validate_only` (CS-2 only, refused earlier for other backends) stop after lowering.
         """
+        return None
 
     def compile(self, model: nn.Module) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
         """The callable the training step runs the model through; the model itself by default."""
         return model
 
-    def batches(self, batches: Iterable[tuple[torch.Tensor, ...]], steps: int) -> Iterator[tuple[torch.Tensor, ...]]:
-        """The next `steps` batches (one per optimizer step); the Cerebras backend drives a `DataExecutor`."""
-        return itertools.islice(batches, steps)
+    def batches(
+        self, batches: Iterable[tuple[torch.Tensor, ...]], steps: int, device: torch.device
+    ) -> Iterator[tuple[torch.Tensor, ...]]:
+        """The next `steps` batches (one per optimizer step) on `device`; the Cerebras backend drives a
+        `DataExecutor`, which moves them itself."""
+        for batch in itertools.islice(batches, steps):
+            yield tuple(t.to(device, non_blocking=True) for t in batch)
+
+    def lower(self, run_step: Callable[[], None], sparse_names: list[str], cluster: ClusterConfig) -> Any:
+        """compile_only / validate_only: only the Cerebras backend lowers programs (validation refuses the rest)."""
+        raise NotImplementedError(f"backend {self.name!r} does not lower programs for a CS-2")
 
     def wrap_step(
         self,

@@ -22,22 +22,28 @@ which live in their own venv (`bash scripts/make_cerebras_venv.sh .venv-cerebras
 
 import functools
 import importlib.util
+import os
+import re
+import shutil
 import sys
 import typing
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from backends.base import Backend, Capabilities
 from modelzoo.cluster import ClusterConfig
-from modelzoo.errors import ConfigError, ModelZooError
+from modelzoo.errors import CheckpointError, ConfigError, ModelZooError
 from modelzoo.sparsity.config import DROP_ALGORITHMS, SparsityConfig, SparsityGroupConfig
 from modelzoo.sparsity.plan import plan_groups
 from modelzoo.sparsity.plugin import MASK_SUFFIX, MaskedSparsity, SparsityStats, sparsity_stats
+from modelzoo.train import checkpoint as ckpt
 
 CSTORCH_VERSION = "2.10.0"
 TORCH_VERSION = "2.4.0"
@@ -51,27 +57,48 @@ class CerebrasError(ModelZooError, RuntimeError):
     """cerebras.pytorch cannot do what was asked (missing, wrong version, or the appliance is unreachable)."""
 
 
-@functools.cache
-def _unavailable_reason() -> str | None:
-    found = sys.version_info[:2]
-    if found != PYTHON_VERSION:
+def environment_problem(python: tuple[int, int], installed: bool, torch_version: str) -> str | None:
+    """Why cerebras.pytorch cannot run with this Python, install state and torch: one sentence and the fix."""
+    if python != PYTHON_VERSION:
         return (
             f"backend=cerebras needs Python 3.11 (cerebras-pytorch {CSTORCH_VERSION} ships cp311 wheels only) but "
-            f"this is Python {found[0]}.{found[1]}: {VENV_FIX}"
+            f"this is Python {python[0]}.{python[1]}: {VENV_FIX}"
         )
-    if importlib.util.find_spec("cerebras") is None or importlib.util.find_spec("cerebras.pytorch") is None:
+    if not installed:
         return f"backend=cerebras needs cerebras.pytorch, which is not installed: {VENV_FIX}"
-    if torch.__version__.split("+")[0] != TORCH_VERSION:
+    if torch_version.split("+")[0] != TORCH_VERSION:
         return (
-            f"cerebras-pytorch {CSTORCH_VERSION} needs torch {TORCH_VERSION} exactly but torch {torch.__version__} "
+            f"cerebras-pytorch {CSTORCH_VERSION} needs torch {TORCH_VERSION} exactly but torch {torch_version} "
             f"is installed: {VENV_FIX}"
         )
+    return None
+
+
+@functools.cache
+def _unavailable_reason() -> str | None:
+    installed = importlib.util.find_spec("cerebras") is not None and importlib.util.find_spec("cerebras.pytorch")
+    problem = environment_problem(sys.version_info[:2], bool(installed), torch.__version__)
+    if problem:
+        return problem
     try:
         import cerebras.pytorch  # noqa: F401
     except Exception as e:  # an undefined symbol, a missing dependency: anything that stops the import
         first = str(e).splitlines()[0] if str(e) else ""
         return f"cerebras.pytorch fails to import ({type(e).__name__}: {first}): {VENV_FIX}"
     return None
+
+
+def check_algorithms(sparsity: SparsityConfig, version: str, available: set[str]) -> None:
+    """Refuse a group whose algorithm has no class among `available` in cerebras-pytorch `version`."""
+    for key, group in sparsity.group_configs():
+        name = CSTORCH_ALGORITHMS[group.algorithm]
+        if group.enabled and name not in available:
+            raise ConfigError(
+                f"{key}.algorithm",
+                f"cerebras-pytorch {version} has no {name}: install {CSTORCH_VERSION} "
+                "(bash scripts/make_cerebras_venv.sh VENV) or choose one it has",
+                [a for a, c in CSTORCH_ALGORITHMS.items() if c in available],
+            )
 
 
 def import_cstorch() -> ModuleType:
@@ -102,6 +129,13 @@ def cluster_config(cluster: ClusterConfig, python_path: Path) -> Any:
         python_paths=[*cluster.python_paths, str(python_path)],
         disable_version_check=cluster.disable_version_check,
     )
+
+
+def _put_venv_tools_on_path() -> None:
+    """cstorch lowers with the `torch-cirh-opt` tool its wheel puts in the venv's bin/, which it looks up on
+    PATH; a venv used without activating it (`.venv-cerebras/bin/python ...`) lacks it there."""
+    if shutil.which("torch-cirh-opt") is None:
+        os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 
 
 def _plain(value: Any) -> Any:
@@ -169,9 +203,12 @@ class CerebrasSparsity:
         self._params = [(n, params[n]) for n in self.names]
 
     def apply_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """`optimizer.apply(sparsity)`, then the masks are initialised (cstorch leaves them all-True until then)."""
+        """`optimizer.apply(sparsity)`, then on CPU / GPU the masks are initialised at once (cstorch leaves them
+        all-True until a `DataExecutor` starts), so that they can be inspected, saved or loaded before training.
+        On CSX the masks are initialised as part of the traced program."""
         optimizer.apply(self.group)
-        self.group.initialize()
+        if not import_cstorch().use_cs():
+            self.group.initialize()
 
     def mask_names(self) -> list[str]:
         return [n + MASK_SUFFIX for n in self.names]
@@ -186,6 +223,67 @@ class CerebrasSparsity:
         self.group.load_state_dict(state)
 
 
+# ---- compile_only / validate_only ----------------------------------------------------------------------
+
+# One argument's attribute dict in the lowered program, e.g.
+# {cs.max_sparsity = 7.5e-01 : f32, ..., cs.sparsity = 7.5e-01 : f32, ..., tf.resource_name = "state.model.<name>"}
+_ATTRIBUTES = re.compile(r"\{[^{}]*tf\.resource_name = \"state\.model\.([^\"]+)\"[^{}]*\}")
+_SPARSITY = re.compile(r"\bcs\.sparsity = ([-+0-9.e]+) : f32")
+
+
+def _lowered(executors: Path) -> set[Path]:
+    """The lowered programs under cstorch's `executors/` (each run's directory; not the `latest` link)."""
+    return {p for p in executors.glob("*/cirh.mlir") if not p.parent.is_symlink()}
+
+
+def mlir_sparsity(path: str | Path) -> dict[str, float]:
+    """The `cs.sparsity` annotation of each model tensor in a lowered program (`cirh.mlir`), by parameter name."""
+    found = {}
+    for attributes in _ATTRIBUTES.finditer(Path(path).read_text()):
+        level = _SPARSITY.search(attributes.group(0))
+        if level:
+            found[attributes.group(1)] = float(level.group(1))
+    return found
+
+
+@dataclass
+class LoweringReport:
+    """What a compile_only / validate_only run produced locally and where it stopped."""
+
+    mode: str
+    mlir: Path
+    annotations: dict[str, float]
+    sparse_names: list[str]
+    stopped: str | None
+    missing: list[str]
+
+    def format(self) -> str:
+        covered = sum(n in self.annotations for n in self.sparse_names)
+        levels = sorted({f"{v:g}" for v in self.annotations.values()})
+        lines = [
+            f"{self.mode}: lowered one training step for the CS-2 to {self.mlir}",
+            f"sparsity annotations: {covered} of {len(self.sparse_names)} sparse weights "
+            f"(cs.sparsity {', '.join(levels) or '-'})",
+        ]
+        if self.stopped is None and self.mode == "validate_only":
+            ahead = f"; a submission also needs {' and '.join(self.missing)}" if self.missing else ""
+            lines.append(f"validate_only: the program passed cstorch's checks (nothing was sent to a cluster){ahead}")
+        elif self.stopped is None:
+            lines.append("compile_only: the cluster compiled the program")
+        elif self.missing:
+            lines.append(
+                f"stopped at the remote compile ({self.stopped}); to go further set {' and '.join(self.missing)}"
+            )
+        else:
+            lines.append(f"stopped at the remote compile: {self.stopped}; check the address, certificate and network")
+        return "\n".join(lines)
+
+
+def _input_fn(batches: Iterable[tuple[torch.Tensor, ...]]) -> Iterable[tuple[torch.Tensor, ...]]:
+    """cstorch's `DataLoader` input function (module level, so that it pickles for a cluster's input workers)."""
+    return batches
+
+
 class CerebrasBackend(Backend):
     name = "cerebras"
     capabilities = Capabilities(
@@ -198,6 +296,7 @@ class CerebrasBackend(Backend):
 
     def __init__(self) -> None:
         self.cs_backend: Any = None
+        self.mode: str | None = None  # compile_only | validate_only | None (a training run)
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -206,24 +305,22 @@ class CerebrasBackend(Backend):
     @classmethod
     def check_config(cls, sparsity: SparsityConfig, cluster: ClusterConfig, device: str) -> None:
         """Refuse what cstorch cannot run: N:M patterns, ERK, an algorithm the installed version lacks."""
-        cstorch = import_cstorch()
         if not sparsity.enabled:
             return
         for key, group in sparsity.group_configs():
             if group.pattern is not None:
-                raise ConfigError(f"{key}.pattern", "N:M masks are no cstorch algorithm; train them with", ["masked_dense"])
+                raise ConfigError(
+                    f"{key}.pattern", "N:M masks are no cstorch algorithm; train them on", ["masked_dense"]
+                )
             if group.distribution != "uniform":
                 raise ConfigError(
-                    f"{key}.distribution", f"{group.distribution!r} is ours, not cstorch's; use uniform or", ["masked_dense"]
+                    f"{key}.distribution",
+                    f"{group.distribution!r} is ours, not cstorch's: use uniform, or",
+                    ["masked_dense"],
                 )
-            cls_name = CSTORCH_ALGORITHMS[group.algorithm]
-            if not hasattr(cstorch.sparse, cls_name):
-                raise ConfigError(
-                    f"{key}.algorithm",
-                    f"cerebras-pytorch {cstorch.__version__} has no {cls_name}: install {CSTORCH_VERSION} "
-                    f"(bash scripts/make_cerebras_venv.sh) or choose",
-                    [a for a, c in CSTORCH_ALGORITHMS.items() if hasattr(cstorch.sparse, c)],
-                )
+        cstorch = import_cstorch()
+        available = {name for name in CSTORCH_ALGORITHMS.values() if hasattr(cstorch.sparse, name)}
+        check_algorithms(sparsity, cstorch.__version__, available)
 
     def optimizer_class(self) -> type[torch.optim.Optimizer]:
         return import_cstorch().optim.AdamW
@@ -238,6 +335,7 @@ class CerebrasBackend(Backend):
         validate_only: bool = False,
     ) -> None:
         cstorch = import_cstorch()
+        self.mode = "compile_only" if compile_only else "validate_only" if validate_only else None
         target = cluster.resolved_target(device.type)
         existing = cstorch.current_backend(raise_exception=False, raise_warning=False)
         if existing is not None:
@@ -246,15 +344,15 @@ class CerebrasBackend(Backend):
                     f"this process already runs cstorch's {existing.backend_type.name} backend and cstorch allows one "
                     f"per process: run the {target} job in a new process"
                 )
-            existing.artifact_dir = str(artifact_dir)
+            existing.artifact_dir = Path(artifact_dir)
             self.cs_backend = existing
             return
         options: dict[str, Any] = {"artifact_dir": str(artifact_dir)}
         if target == "CSX":
+            _put_venv_tools_on_path()
             options.update(
                 compile_only=compile_only,
                 validate_only=validate_only,
-                compile_dir=str(artifact_dir / "compile"),
                 cluster_config=cluster_config(cluster, Path(__file__).resolve().parents[1]),
             )
         self.cs_backend = cstorch.backend(target, **options)
@@ -265,9 +363,30 @@ class CerebrasBackend(Backend):
     def sparsifier(self, config: SparsityConfig, seed: int) -> CerebrasSparsity:
         return CerebrasSparsity(config, seed)
 
-    def batches(self, batches: Iterable[tuple[torch.Tensor, ...]], steps: int) -> Iterator[tuple[torch.Tensor, ...]]:
+    def batches(
+        self, batches: Iterable[tuple[torch.Tensor, ...]], steps: int, device: torch.device
+    ) -> Iterator[tuple[torch.Tensor, ...]]:
         data = import_cstorch().utils.data
-        return iter(data.DataExecutor(data.DataLoader(lambda: batches), num_steps=steps))
+        return iter(data.DataExecutor(data.DataLoader(_input_fn, batches), num_steps=steps))
+
+    def lower(self, run_step: Callable[[], None], sparse_names: list[str], cluster: ClusterConfig) -> LoweringReport:
+        """Run one step under compile_only / validate_only: cstorch lowers it here, then the appliance compiles.
+
+        A failure once the lowered program exists is the remote step's (no address, no network); it is
+        reported with what is missing. A failure before that is raised: the model does not lower.
+        """
+        executors = Path(self.cs_backend.artifact_dir) / "executors"
+        before = _lowered(executors)
+        stopped = None
+        try:
+            run_step()
+        except Exception as e:
+            if not _lowered(executors) - before:
+                raise
+            stopped = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        mlir = max(_lowered(executors) - before, key=lambda p: p.stat().st_mtime)
+        missing = cluster.missing_for_submission()
+        return LoweringReport(self.mode or "", mlir, mlir_sparsity(mlir), sparse_names, stopped, missing)
 
     def wrap_step(
         self,
@@ -307,3 +426,51 @@ def load_cstorch(path: str | Path) -> dict[str, Any]:
         return torch.as_tensor(value).clone() if torch.is_tensor(value) else value
 
     return materialise(state)
+
+
+def checkpoint_to_cstorch(checkpoint: str | Path, path: str | Path) -> Path:
+    """One of our checkpoint directories as a cstorch checkpoint file (masks kept as `<param>_mask`).
+
+    It holds `model` (weights and masks), `optimizer`, `global_step` and our run config under
+    `modelzoo_config`, from which `cstorch_to_checkpoint` rebuilds the model.
+    """
+    checkpoint = Path(checkpoint)
+    ckpt.verify_checkpoint(checkpoint)
+    optimizer_state, trainer_state = ckpt.load_training_state(checkpoint)
+    state = {
+        "model": load_file(str(checkpoint / ckpt.MODEL_FILE)),
+        "optimizer": optimizer_state,
+        "global_step": trainer_state["step"],
+        "modelzoo_config": ckpt.read_config(checkpoint),
+    }
+    return save_cstorch(path, state)
+
+
+def cstorch_to_checkpoint(path: str | Path, run_dir: str | Path) -> Path:
+    """A cstorch checkpoint file written by `checkpoint_to_cstorch` as our checkpoint in `run_dir`.
+
+    Weights, masks and the optimizer state (as saved: cstorch's AdamW state after a cerebras run) carry over;
+    `modelzoo export` and `generate` take the result. The trainer state holds only the step, so a run does not
+    resume from it.
+    """
+    from omegaconf import OmegaConf
+
+    from modelzoo.config import Config
+    from modelzoo.models.gpt import GPT
+
+    state = load_cstorch(path)
+    if "modelzoo_config" not in state:
+        raise CheckpointError(f"{path} has no modelzoo_config: it was not written by checkpoint_to_cstorch")
+    config_yaml = state["modelzoo_config"]
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(config_yaml)))
+    model = GPT(cfg.model)
+    if cfg.sparsity.enabled:
+        MaskedSparsity(cfg.sparsity, cfg.seed).apply(model)
+    missing, unexpected = model.load_state_dict(state["model"], strict=False)
+    tied = {"lm_head.weight", "transformer.wte.weight"}  # one tensor, stored under one of its names
+    if unexpected or len(missing) > 1 or not set(missing) <= tied:
+        raise CheckpointError(
+            f"{path} does not match its config's model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    step = int(state["global_step"])
+    return ckpt.save_checkpoint(run_dir, step, model, state["optimizer"], {"step": step}, config_yaml, keep=1)

@@ -40,6 +40,7 @@ examples:
   modelzoo pretrain model=med sparsity=static_50 data=pubmed_abstracts task.max_steps=5000
   modelzoo pretrain sparsity=dense task.precision=bf16 task.device=cuda
   modelzoo pretrain run_dir=runs/tiny-static_75 task.resume=true
+  modelzoo pretrain backend=cerebras cluster=cs2 compile_only=true   (cerebras.pytorch venv: lower for a CS-2)
   modelzoo export run_dir=runs/tiny-static_75 task.output_dir=exported/
   modelzoo generate run_dir=runs/tiny-static_75 'task.prompt="The patient"' backend=torch_sparse
   modelzoo generate task.hf_dir=exported/ task.prompt=Aspirin task.temperature=0.8 task.top_p=0.95 seed=7
@@ -56,8 +57,9 @@ examples:
 
 config groups (conf/): model={tiny,med,large,xl}
   sparsity={dense,static_50,static_75,gmp_75,set_75,rigl_75,nm_2_4,cerebras_gpt3_125m_rigl75}
-  backend={auto,masked_dense,torch_sparse} data={pubmed_sample,pubmed_abstracts,hub} tokenizer={bpe,gpt2}
-  optim={adamw} task={pretrain,export,generate,prune,evaluate,finetune,prompt_tune}
+  backend={auto,masked_dense,torch_sparse,cerebras} cluster={local,cs2}
+  data={pubmed_sample,pubmed_abstracts,hub} tokenizer={bpe,gpt2} optim={adamw}
+  task={pretrain,export,generate,prune,evaluate,finetune,prompt_tune}
 """
 
 log = logging.getLogger("modelzoo")
@@ -90,7 +92,11 @@ def pretrain(overrides: list[str]) -> None:
         try:
             config = to_object(cfg)
             validate(config)
-            Trainer(config).fit()
+            trainer = Trainer(config)
+            if config.compile_only or config.validate_only:
+                print(trainer.lower().format())
+            else:
+                trainer.fit()
         except (ModelZooError, OmegaConfBaseException) as e:
             _fail(e)
         finally:

@@ -65,13 +65,17 @@ class ClusterConfig:
         if self.mgmt_address is not None and not MGMT_ADDRESS.fullmatch(self.mgmt_address):
             raise ConfigError("cluster.mgmt_address", f"{self.mgmt_address!r} is not of the form <host>:<port>")
         if self.credentials_path is not None and not Path(self.credentials_path).is_file():
-            raise ConfigError("cluster.credentials_path", f"{self.credentials_path} is not a file (the TLS certificate)")
+            raise ConfigError(
+                "cluster.credentials_path", f"{self.credentials_path} is not a file (the TLS certificate)"
+            )
         for key in ("num_csx", "num_workers_per_csx"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"cluster.{key}", f"must be at least 1, got {getattr(self, key)}")
         for key in ("max_wgt_servers", "max_act_per_csx"):
             if getattr(self, key) < 0:
-                raise ConfigError(f"cluster.{key}", f"must be >= 0 (0: the cluster's default), got {getattr(self, key)}")
+                raise ConfigError(
+                    f"cluster.{key}", f"must be >= 0 (0: the cluster's default), got {getattr(self, key)}"
+                )
         if self.job_time_sec is not None and self.job_time_sec < 1:
             raise ConfigError("cluster.job_time_sec", f"must be positive or null, got {self.job_time_sec}")
         if self.job_priority not in JOB_PRIORITIES:

@@ -156,9 +156,9 @@ def validate(cfg: Config) -> None:
         if device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("task.device", "cuda requested but no CUDA device is visible", ["auto", "cpu"])
         backend = resolve_name(cfg.backend.name)
+        _validate_cluster(cfg, backend, device)
         for algorithm in cfg.sparsity.algorithms or [None]:
             check_supports(backend, algorithm=algorithm, device=device, dtype=cfg.task.precision, train=True)
-        _validate_cluster(cfg, backend, device)
         BACKENDS[backend].check_config(cfg.sparsity, cfg.cluster, device)
     elif cfg.compile_only or cfg.validate_only:
         raise ConfigError("compile_only" if cfg.compile_only else "validate_only", "applies to pretrain only")
@@ -174,6 +174,12 @@ def _validate_cluster(cfg: Config, backend: str, device: str) -> None:
     """The `cluster` node, and the CS-2 modes: they need backend=cerebras on a CSX cluster."""
     cfg.cluster.validate(device)
     target = cfg.cluster.resolved_target(device)
+    if backend == "cerebras" and world_size() > 1:
+        raise ConfigError(
+            "backend.name",
+            "cerebras scales out on a CS-2 cluster (cluster.num_csx), not under torchrun: run one process, or use",
+            ["masked_dense"],
+        )
     if backend != "cerebras" and cfg.cluster.target != "auto":
         raise ConfigError(
             "cluster.target", f"{target} is a cstorch backend: use backend=cerebras, or cluster=local with {backend}"
@@ -189,6 +195,11 @@ def _validate_cluster(cfg: Config, backend: str, device: str) -> None:
             missing[0].split("=")[0],
             f"a CS-2 run needs {' and '.join(missing)}; compile_only=true or validate_only=true lower the model "
             "offline without them",
+        )
+    if target == "CSX" and cfg.task.micro_batch_size != cfg.task.batch_size:
+        raise ConfigError(
+            "task.micro_batch_size",
+            f"a CS-2 splits batches itself: set task.micro_batch_size={cfg.task.batch_size} (= task.batch_size)",
         )
 
 

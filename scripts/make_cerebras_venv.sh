@@ -60,7 +60,7 @@ build() {
     echo "make_cerebras_venv: building $target (cerebras-pytorch==2.10.0, torch==2.4.0; about 3 GB to download)"
     "$python" -m venv "$target"
     "$target/bin/python" -m pip install -q --upgrade pip
-    "$target/bin/python" -m pip install -q -e "$repo[cerebras,dev]"
+    "$target/bin/python" -m pip install -q -e "${repo}[cerebras,dev]"
     "$target/bin/python" -c 'import cerebras.pytorch, torch; print("cerebras.pytorch", cerebras.pytorch.__version__, "torch", torch.__version__)'
     touch "$target/.complete"
 }

@@ -26,6 +26,7 @@ RUN = [
     "data.seq_len=64",
     "sparsity=rigl_75",
     "sparsity.update.freq=2",
+    "backend=masked_dense",
 ]
 
 

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel, LlamaConfig, PreTrainedTokenizerFast
 
+from modelzoo.data.tokenizer import MODEL_INPUT_NAMES
 from modelzoo.errors import CheckpointError, ConfigError
 from modelzoo.export.hf import (
     CONV1D_WEIGHT,
@@ -56,7 +57,12 @@ def make_tokenizer(size: int = 100) -> PreTrainedTokenizerFast:
     vocab = {"<|endoftext|>": 0, **{f"w{i}": i for i in range(1, size)}}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        model_input_names=MODEL_INPUT_NAMES,
+    )
 
 
 @pytest.fixture(scope="module")

@@ -121,6 +121,11 @@ def test_resume_with_other_sparsity_is_refused(tmp_path: Path, cache_dir: Path) 
         Trainer(make_config(run, cache_dir, "sparsity=static_75", "task.max_steps=2", "task.resume=true"))
 
 
+# Matmuls over 4 and 8 sequences sum in different orders: after 2 steps the weights differ by up to 8.8e-7 on
+# torch 2.13 and 1.6e-6 on torch 2.4 (CPU), far below any real difference in the update.
+ACCUMULATION_ATOL = 5e-6
+
+
 def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path, cache_dir: Path) -> None:
     """8 sequences as 2 micro-batches of 4 give the same update as one micro-batch of 8 (same data order)."""
     common = ["task.max_steps=2", "task.export=false", "task.batch_size=8"]
@@ -130,7 +135,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path, cache_dir: 
     accumulated.fit()
     single.fit()
     for (name, a), b in zip(accumulated.model.state_dict().items(), single.model.state_dict().values(), strict=True):
-        assert torch.allclose(a.float(), b.float(), atol=1e-6), name
+        assert torch.allclose(a.float(), b.float(), atol=ACCUMULATION_ATOL), name
 
 
 def test_rigl_with_accumulation_matches_one_big_batch(tmp_path: Path, cache_dir: Path) -> None:
@@ -154,7 +159,7 @@ def test_rigl_with_accumulation_matches_one_big_batch(tmp_path: Path, cache_dir:
         if name.endswith("_mask"):
             assert torch.equal(a, b), name
         else:
-            assert torch.allclose(a.float(), b.float(), atol=1e-6), name
+            assert torch.allclose(a.float(), b.float(), atol=ACCUMULATION_ATOL), name
 
 
 def test_nm_run_exports_its_pattern(tmp_path: Path, cache_dir: Path) -> None:

@@ -99,6 +99,24 @@ class BlockLoader:
         self._order = self._epoch_order(epoch)
 
 
+class StepBatches:
+    """The batches of successive optimizer steps, endlessly: `accumulation` micro-batches of `loader`, stacked.
+
+    Each item is (inputs, targets) of shape (accumulation, micro_batch_size, seq_len). Iterating continues
+    from the loader's position. A plain object rather than a generator, so that cstorch can pickle it and
+    ship it to a CS-2 cluster's input workers.
+    """
+
+    def __init__(self, loader: BlockLoader, accumulation: int) -> None:
+        self.loader = loader
+        self.accumulation = accumulation
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            micro = [self.loader.next_batch() for _ in range(self.accumulation)]
+            yield torch.stack([x for x, _ in micro]), torch.stack([y for _, y in micro])
+
+
 def iter_eval(
     blocks: np.ndarray, batch_size: int, max_batches: int | None = None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 # Bump when the trained tokenizer's recipe changes, so old caches are not reused.
 FORMAT_VERSION = 1
 EOS = "<|endoftext|>"
+# GPT-2 has no token types: without this, transformers 4.x tokenizers also return `token_type_ids`, which
+# GPT2LMHeadModel adds as (word) embeddings, changing the logits (HF's own GPT-2 tokenizer declares the same).
+MODEL_INPUT_NAMES = ["input_ids", "attention_mask"]
 MIN_VOCAB = len(pre_tokenizers.ByteLevel.alphabet()) + 1  # 256 bytes + EOS
 
 
@@ -47,7 +50,14 @@ def build_tokenizer(cfg: TokenizerConfig, data: DataConfig) -> PreTrainedTokeniz
     else:
         _write_atomic(path, train_bpe(cfg, data).to_str())
         log.info("tokenizer: trained a %d-token BPE, saved to %s", cfg.vocab_size, path)
-    return PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token=EOS, bos_token=EOS, unk_token=EOS, pad_token=EOS)
+    return PreTrainedTokenizerFast(
+        tokenizer_file=str(path),
+        eos_token=EOS,
+        bos_token=EOS,
+        unk_token=EOS,
+        pad_token=EOS,
+        model_input_names=MODEL_INPUT_NAMES,
+    )
 
 
 def training_fingerprint(cfg: TokenizerConfig, data: DataConfig) -> str:

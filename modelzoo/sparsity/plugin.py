@@ -152,9 +152,7 @@ class MaskedSparsity:
             owner.update({name: (group, level) for name, level in zip(plan.names, levels, strict=True)})
         return owner
 
-    def _draw_masks(
-        self, model: nn.Module, owner: dict[str, tuple[SparseGroup, float]]
-    ) -> dict[str, torch.Tensor]:
+    def _draw_masks(self, model: nn.Module, owner: dict[str, tuple[SparseGroup, float]]) -> dict[str, torch.Tensor]:
         """Initial masks in model order (the order the generator is drawn in)."""
         return {
             name: owner[name][0].algorithm.initial_mask(weight, owner[name][1], self.generator)

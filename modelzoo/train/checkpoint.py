@@ -56,7 +56,7 @@ def save_checkpoint(
     run_dir: str | Path,
     step: int,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer_state: dict[str, Any],
     trainer_state: dict[str, Any],
     config_yaml: str,
     keep: int,
@@ -66,7 +66,7 @@ def save_checkpoint(
     final = root / f"step_{step:06d}"
     with atomic_directory(final) as tmp:
         save_model(model, str(tmp / MODEL_FILE))
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
         torch.save(trainer_state, tmp / TRAINER_FILE)
         (tmp / CONFIG_FILE).write_text(config_yaml)
         _write_manifest(tmp, step)

@@ -18,7 +18,6 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +27,10 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from backends import get_backend, resolve_name
+from backends.cerebras import LoweringReport
 from modelzoo.config import Config, resolved_device
 from modelzoo.data.corpus import load_corpus, unigram_loss
-from modelzoo.data.loader import BlockLoader, iter_eval
+from modelzoo.data.loader import BlockLoader, StepBatches, iter_eval
 from modelzoo.data.tokenizer import build_tokenizer
 from modelzoo.distributed import init_distributed
 from modelzoo.errors import CheckpointError, ConfigError
@@ -152,29 +152,23 @@ class Trainer:
         return model
 
     # ---- one optimizer step -------------------------------------------------------------------------
-    def _step_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Batches of optimizer steps, endlessly: inputs and targets of shape (accumulation, micro_batch, seq_len)."""
-        while True:
-            micro = [self.loader.next_batch() for _ in range(self.accumulation)]
-            yield torch.stack([x for x, _ in micro]), torch.stack([y for _, y in micro])
-
     def _train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward/backward over the micro-batches of one batch, clip, step. Returns (mean loss, grad norm)."""
         self.model.train()
-        total = torch.zeros((), device=self.device)
+        losses = []
         for i in range(self.accumulation):
-            x, y = inputs[i].to(self.device, non_blocking=True), targets[i].to(self.device, non_blocking=True)
+            x, y = inputs[i], targets[i]
             # DDP all-reduces the gradients once, on the last micro-batch of the step.
             last = i == self.accumulation - 1
             with self.autocast, nullcontext() if self.replica is None or last else self.replica.no_sync():
                 _, loss = (self.replica or self.forward)(x, y)
             (loss / self.accumulation).backward()
-            total += loss.detach()
+            losses.append(loss.detach())
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total / self.accumulation, grad_norm
+        return torch.stack(losses).sum() / self.accumulation, grad_norm
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -214,12 +208,26 @@ class Trainer:
             disable=not self.dist.is_main,
         )
         with self._bar:
-            for batch in self.backend.batches(self._step_batches(), t.max_steps - self.step):
+            for batch in self.backend.batches(
+                StepBatches(self.loader, self.accumulation), t.max_steps - self.step, self.device
+            ):
                 self.train_step(*batch)
         if self.metrics:
             self.metrics.close()
         self.dist.barrier()  # the last checkpoint is complete before any rank reads `latest`
         return self._finish(self._val_loss)
+
+    def lower(self) -> LoweringReport:
+        """`compile_only` / `validate_only` (backend=cerebras cluster=cs2): one training step is lowered for the
+        CS-2 here and handed to the cluster's compiler; nothing trains, nothing is saved."""
+        step = self.backend.wrap_step(self._train_step, lambda *results: None)
+
+        def one_step() -> None:
+            for batch in self.backend.batches(StepBatches(self.loader, self.accumulation), 1, self.device):
+                step(*batch)
+
+        names = [n.removesuffix("_mask") for n in self.sparsifier.mask_names()] if self.sparsifier else []
+        return self.backend.lower(one_step, names, self.cfg.cluster)
 
     def _end_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         """After each optimizer step (the Cerebras backend calls it from a step closure): log, evaluate, save."""
@@ -281,7 +289,7 @@ class Trainer:
             self.run_dir,
             self.step,
             self.model,
-            self.optimizer,
+            self.optimizer.state_dict(),
             self.trainer_state(),
             config_yaml,
             keep=self.task.keep_checkpoints,

@@ -1,0 +1,354 @@
+"""The Cerebras backend on the real cerebras.pytorch, and the checks that run without it.
+
+Tests marked `cerebras` need cerebras.pytorch (its own venv: `bash scripts/make_cerebras_venv.sh .venv-cerebras`).
+Without it they skip, naming why, unless MODELZOO_REQUIRE_CEREBRAS=1, when they fail (CI sets it). They run on
+cstorch's CPU backend, one per process, so the CSX lowering runs `modelzoo pretrain` in a subprocess.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from backends.cerebras import (
+    CSTORCH_VERSION,
+    CerebrasBackend,
+    check_algorithms,
+    checkpoint_to_cstorch,
+    cstorch_to_checkpoint,
+    environment_problem,
+    load_cstorch,
+    mlir_sparsity,
+)
+from modelzoo.cluster import ClusterConfig
+from modelzoo.errors import ConfigError
+from modelzoo.export.hf import export_hf
+from modelzoo.sparsity.config import NMPattern, SparsityConfig
+from modelzoo.sparsity.names import select_parameters
+from modelzoo.train import checkpoint as ckpt
+from modelzoo.train.trainer import Trainer
+from tests.conftest import REPO, make_config
+
+REQUIRED = os.environ.get("MODELZOO_REQUIRE_CEREBRAS") == "1"
+STEPS = 8
+# Dynamic algorithms update every 2 steps until step 8, so masks move within the run.
+ALGORITHMS = {
+    "static": ["sparsity=static_75"],
+    "gmp": ["sparsity=gmp_75", "sparsity.sparsity.half_period=8", "sparsity.update.freq=2", "sparsity.update.stop=9"],
+    "set": [
+        "sparsity=set_75",
+        "sparsity.drop_fraction.half_period=8",
+        "sparsity.update.freq=2",
+        "sparsity.update.stop=8",
+    ],
+    "rigl": [
+        "sparsity=rigl_75",
+        "sparsity.drop_fraction.half_period=8",
+        "sparsity.update.freq=2",
+        "sparsity.update.stop=8",
+    ],
+}
+RUN = ["task.log_every=1", f"task.max_steps={STEPS}", f"task.eval_every={STEPS}", f"task.checkpoint_every={STEPS}"]
+
+
+@pytest.fixture(scope="session")
+def cstorch():
+    """cerebras.pytorch; skipped (failed under MODELZOO_REQUIRE_CEREBRAS=1) when it cannot run here."""
+    reason = CerebrasBackend.unavailable_reason()
+    if reason:
+        if REQUIRED:
+            pytest.fail(f"MODELZOO_REQUIRE_CEREBRAS=1 but {reason}", pytrace=False)
+        pytest.skip(reason)
+    import cerebras.pytorch
+
+    return cerebras.pytorch
+
+
+def run(tmp_path: Path, cache_dir: Path, backend: str, algorithm: str, *extra: str) -> Trainer:
+    trainer = Trainer(
+        make_config(
+            tmp_path / f"{backend}-{algorithm}", cache_dir, f"backend={backend}", *ALGORITHMS[algorithm], *RUN, *extra
+        )
+    )
+    trainer.fit()
+    return trainer
+
+
+def losses(trainer: Trainer) -> list[float]:
+    with (trainer.run_dir / "metrics.csv").open() as f:
+        return [float(row["train_loss"]) for row in csv.DictReader(f) if row["train_loss"]]
+
+
+def masks(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in trainer.model.state_dict().items() if k.endswith("_mask")}
+
+
+# ---- on cstorch's CPU backend -----------------------------------------------------------------------------
+
+
+@pytest.mark.cerebras
+@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+def test_pretraining_matches_masked_dense(cstorch, tmp_path: Path, cache_dir: Path, algorithm: str) -> None:
+    """Same seed, data and config on both backends: identical initial masks (static: identical throughout),
+    loss curves within 0.5%, and cstorch keeps pruned weights and Adam state at zero."""
+    reference = run(tmp_path, cache_dir, "masked_dense", algorithm, "task.export=false")
+    cerebras = run(tmp_path, cache_dir, "cerebras", algorithm, "task.export=false")
+    assert isinstance(cerebras.optimizer, cstorch.optim.AdamW)
+    assert isinstance(cerebras.sparsifier.group, cstorch.sparse.Group)
+    assert cerebras.sparsifier.mask_names() == reference.sparsifier.mask_names()
+    ours, theirs = losses(reference), losses(cerebras)
+    assert len(ours) == len(theirs) == STEPS
+    assert ours[0] == pytest.approx(theirs[0], rel=1e-6)  # the first step sees the same masks and weights
+    assert theirs == pytest.approx(ours, rel=5e-3)
+    assert theirs[-1] < theirs[0] - 0.2  # it learns
+    final = masks(cerebras)
+    if algorithm == "static":
+        assert all(torch.equal(final[k], v) for k, v in masks(reference).items())
+    else:  # both moved their masks from the common start (SET regrows at random: the two need not agree)
+        start = masks(
+            Trainer(make_config(tmp_path / "start", cache_dir, "backend=masked_dense", *ALGORITHMS[algorithm]))
+        )
+        for trainer in (reference, cerebras):
+            assert any(not torch.equal(v, masks(trainer)[k]) for k, v in start.items())
+    for name, param in cerebras.sparsifier._params:
+        mask = final[name + "_mask"]
+        level = 1 - mask.float().mean()
+        assert level == pytest.approx(0.75, abs=2e-3), name
+        assert not param[~mask].any(), name
+        state = cerebras.optimizer.state[param]
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert not state[key][~mask].any(), (name, key)
+
+
+@pytest.mark.cerebras
+def test_cerebras_initial_masks_are_masked_dense_masks(cstorch, tmp_path: Path, cache_dir: Path) -> None:
+    """Before any step, both backends hold the masks drawn from the seed (also for the dynamic algorithms)."""
+    for algorithm in ("static", "rigl"):
+        extra = (*ALGORITHMS[algorithm], "task.max_steps=1", "task.export=false")
+        a = Trainer(make_config(tmp_path / f"a-{algorithm}", cache_dir, "backend=masked_dense", *extra))
+        b = Trainer(make_config(tmp_path / f"b-{algorithm}", cache_dir, "backend=cerebras", *extra))
+        assert masks(a).keys() == masks(b).keys()
+        assert all(torch.equal(v, masks(b)[k]) for k, v in masks(a).items())
+
+
+@pytest.mark.cerebras
+def test_filters_select_the_same_weights_both_ways(cstorch, tmp_path: Path, cache_dir: Path) -> None:
+    """A Cerebras Model Zoo recipe's filters (their layer names) select our weights through cstorch, and our
+    default selects what cstorch's default selects in a Cerebras model: applied to our names, cstorch's own
+    default would also take the embeddings (`wte`, `wpe` do not say "embedding"), which is why the backend
+    hands cstorch the resolved names."""
+    recipe = Trainer(
+        make_config(
+            tmp_path / "recipe",
+            cache_dir,
+            "backend=cerebras",
+            "sparsity=cerebras_gpt3_125m_rigl75",
+            "task.export=false",
+        )
+    )
+    expected = [n for n, p in recipe.model.named_parameters() if p.ndim == 2 and ".h." in n]
+    assert [n.removesuffix("_mask") for n in recipe.sparsifier.mask_names()] == expected
+    assert set(recipe.sparsifier.group.sparse_params) == set(expected)
+
+    ours = Trainer(make_config(tmp_path / "default", cache_dir, "backend=cerebras", "task.export=false"))
+    assert set(ours.sparsifier.group.sparse_params) == set(select_parameters(ours.model, None)) == set(expected)
+
+    model = Trainer(make_config(tmp_path / "dense", cache_dir, "backend=cerebras", "sparsity=dense")).model
+    raw = cstorch.sparse.configure({"sparsity": 0.5})
+    raw.apply(model)
+    assert set(raw.sparse_params) - set(expected) == {"transformer.wte.weight", "transformer.wpe.weight"}
+
+
+@pytest.mark.cerebras
+def test_checkpoint_converts_to_cstorch_and_back_and_to_hf(cstorch, tmp_path: Path, cache_dir: Path) -> None:
+    trainer = run(tmp_path, cache_dir, "cerebras", "rigl", "task.export=false")
+    ours = ckpt.latest_checkpoint(trainer.run_dir)
+    cs_file = checkpoint_to_cstorch(ours, tmp_path / "cstorch" / "checkpoint_8.mdl")
+    assert cs_file.read_bytes()[:4] == b"\x89HDF"  # cstorch.save's HDF5, not a torch.save pickle
+    state = load_cstorch(cs_file)
+    assert state["global_step"] == STEPS
+    saved = load_file(str(ours / ckpt.MODEL_FILE))
+    assert state["model"].keys() == saved.keys()
+    assert all(torch.equal(state["model"][k], v) for k, v in saved.items())
+    assert sum(k.endswith("_mask") for k in state["model"]) == len(trainer.sparsifier.mask_names())
+
+    back = cstorch_to_checkpoint(cs_file, tmp_path / "converted")
+    model, cfg, _ = ckpt.restore_model(back)
+    assert cfg.sparsity.algorithm == "rigl"
+    reference = trainer.model.state_dict()
+    assert all(torch.equal(v, reference[k]) for k, v in model.state_dict().items())
+
+    hf_dir = export_hf(model, tmp_path / "hf", trainer.tokenizer, cfg.sparsity.summary())
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    x = torch.randint(0, cfg.model.vocab_size, (2, 16))
+    trainer.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, trainer.model(x)[0], rtol=1e-4, atol=1e-4)
+    zero = [float((w == 0).float().mean()) for n, w in hf.state_dict().items() if n.endswith("c_fc.weight")]
+    assert all(z >= 0.75 for z in zero)
+
+
+def lower(tmp_path: Path, cache_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """`modelzoo pretrain backend=cerebras cluster=cs2 ...` in its own process (one cstorch backend per process)."""
+    command = [
+        sys.executable,
+        "-m",
+        "modelzoo",
+        "pretrain",
+        "backend=cerebras",
+        "cluster=cs2",
+        f"run_dir={tmp_path / 'run'}",
+        f"data.cache_dir={cache_dir}",
+        "task.batch_size=4",
+        "task.micro_batch_size=4",
+        "data.seq_len=64",
+        "model.vocab_size=4096",
+        *overrides,
+    ]
+    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=900)
+
+
+def check_lowering(result: subprocess.CompletedProcess, n_sparse: int) -> None:
+    assert result.returncode == 0, result.stderr[-3000:]
+    mlir = Path(re.search(r"lowered one training step for the CS-2 to (\S+)", result.stdout).group(1))
+    annotated = mlir_sparsity(mlir)
+    sparse = {n for n, level in annotated.items() if level > 0}
+    assert len(sparse) == n_sparse
+    assert all(annotated[n] == pytest.approx(0.75) for n in sparse)
+    assert all(
+        re.fullmatch(r"transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight", n)
+        for n in sparse
+    )
+    assert f"sparsity annotations: {n_sparse} of {n_sparse} sparse weights (cs.sparsity 0.75)" in result.stdout
+
+
+@pytest.mark.cerebras
+def test_compile_only_lowers_tiny_gpt_and_names_what_is_missing(cstorch, tmp_path: Path, cache_dir: Path) -> None:
+    result = lower(tmp_path, cache_dir, "model=tiny", "compile_only=true")
+    check_lowering(result, n_sparse=4 * 4)  # 4 layers x (c_attn, attn.c_proj, c_fc, mlp.c_proj)
+    assert "stopped at the remote compile (ClusterConfigError" in result.stdout
+    assert "set cluster.mgmt_address=<host>:<port>" in result.stdout
+    assert "cluster.credentials_path=<file>" in result.stdout
+
+
+@pytest.mark.cerebras
+@pytest.mark.slow
+def test_compile_only_lowers_med_gpt_at_75_percent(cstorch, tmp_path: Path, cache_dir: Path) -> None:
+    check_lowering(lower(tmp_path, cache_dir, "model=med", "compile_only=true"), n_sparse=24 * 4)
+
+
+@pytest.mark.cerebras
+def test_validate_only_checks_the_program_offline(cstorch, tmp_path: Path, cache_dir: Path) -> None:
+    result = lower(tmp_path, cache_dir, "model=tiny", "validate_only=true")
+    check_lowering(result, n_sparse=16)
+    assert "passed cstorch's checks (nothing was sent to a cluster)" in result.stdout
+
+
+@pytest.mark.cerebras
+def test_cluster_node_maps_onto_cstorch_cluster_config(cstorch, tmp_path: Path) -> None:
+    from backends.cerebras import cluster_config
+
+    cluster = ClusterConfig(
+        name="cs2",
+        target="CSX",
+        mgmt_address="mgmt.example:443",
+        num_csx=2,
+        mount_dirs=[str(tmp_path)],
+        job_labels=["team=bio"],
+        job_priority="p1",
+    )
+    cluster.validate("cpu")
+    theirs = cluster_config(cluster, REPO)
+    assert isinstance(theirs, cstorch.distributed.ClusterConfig)
+    assert (theirs.mgmt_address, theirs.num_csx, theirs.job_labels) == ("mgmt.example:443", 2, ["team=bio"])
+    assert str(REPO) in theirs.python_paths
+    assert [m.path for m in theirs.mount_dirs] == [str(tmp_path)]
+
+
+# ---- failures that need no cerebras.pytorch: one sentence and a fix, before any compute -----------------
+
+
+def test_environment_problems_say_what_and_how_to_fix() -> None:
+    fix = "bash scripts/make_cerebras_venv.sh .venv-cerebras"
+    assert environment_problem((3, 11), True, "2.4.0+cu121") is None
+    for problem, found in [
+        (environment_problem((3, 12), True, "2.4.0"), "needs Python 3.11"),
+        (environment_problem((3, 11), False, "2.4.0"), "cerebras.pytorch, which is not installed"),
+        (environment_problem((3, 11), True, "2.13.0+cpu"), "needs torch 2.4.0 exactly but torch 2.13.0+cpu"),
+    ]:
+        assert found in problem and fix in problem and problem.count(". ") == 0
+
+
+def test_backend_cerebras_without_cstorch_fails_at_config_time(tmp_path: Path, cache_dir: Path) -> None:
+    reason = CerebrasBackend.unavailable_reason()
+    if reason is None:
+        pytest.skip("cerebras.pytorch runs here; this checks the message when it does not")
+    with pytest.raises(ConfigError, match=re.escape(reason)):
+        make_config(tmp_path, cache_dir, "backend=cerebras")
+    assert "make_cerebras_venv.sh" in reason
+
+
+def test_algorithm_missing_from_their_version_is_refused() -> None:
+    config = SparsityConfig(sparsity=0.75, algorithm="rigl", update={"freq": 10})
+    check_algorithms(config, CSTORCH_VERSION, {"Static", "GMP", "SET", "RigL"})
+    with pytest.raises(
+        ConfigError,
+        match=r"sparsity.algorithm: cerebras-pytorch 1.9.0 has no RigL: install 2.10.0.*"
+        r"\(allowed: static, gmp\)",
+    ):
+        check_algorithms(config, "1.9.0", {"Static", "GMP"})
+
+
+@pytest.mark.parametrize(
+    ("config", "key"),
+    [
+        (SparsityConfig(pattern=NMPattern(2, 4)), "sparsity.pattern"),
+        (SparsityConfig(sparsity=0.75, distribution="erk"), "sparsity.distribution"),
+    ],
+)
+def test_what_cstorch_lacks_is_refused_before_import(config: SparsityConfig, key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: .*\(allowed: masked_dense\)"):
+        CerebrasBackend.check_config(config, ClusterConfig(), "cpu")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["backend=cerebras", "cluster=cs2"],
+            r"cluster.mgmt_address: a CS-2 run needs cluster.mgmt_address=<host>:<port>",
+        ),
+        (["backend=masked_dense", "cluster=cs2"], r"cluster.target: CSX is a cstorch backend: use backend=cerebras"),
+        (["compile_only=true"], r"compile_only: lowers for a CS-2: it needs backend=cerebras cluster=cs2"),
+        (
+            ["backend=cerebras", "cluster=cs2", "compile_only=true", "validate_only=true"],
+            r"validate_only: compile_only",
+        ),
+        (["backend=cerebras", "cluster=cs2", "cluster.mgmt_address=nohost"], r"cluster.mgmt_address: 'nohost' is not"),
+        (["backend=cerebras", "cluster=cs2", "cluster.job_priority=p9"], r"cluster.job_priority: unknown 'p9'"),
+        (["backend=cerebras", "cluster=cs2", 'cluster.job_labels=["a=b=c"]'], r"cluster.job_labels\[0\]: 'a=b=c'"),
+        (
+            ["backend=cerebras", "cluster=cs2", "cluster.mount_dirs=[/no/such/dir]"],
+            r"cluster.mount_dirs\[0\]: /no/such",
+        ),
+        (
+            ["backend=cerebras", "cluster=cs2", "cluster.credentials_path=/no/cert"],
+            r"cluster.credentials_path: /no/cert",
+        ),
+        (["backend=cerebras", "cluster=cs2", "compile_only=true", "task.micro_batch_size=4"], r"a CS-2 splits batches"),
+    ],
+)
+def test_cluster_config_is_validated_before_anything_runs(
+    tmp_path: Path, cache_dir: Path, overrides: list[str], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        make_config(tmp_path, cache_dir, *overrides)
