@@ -9,7 +9,8 @@ Stages, each a `modelzoo` command, skipped when its output already exists (so an
 2. dense fine-tuning of each on PubMedQA (masks dropped: SPDF), best step on fold-0 dev, scored on test;
 3. soft prompting of each (20 virtual tokens, backbone frozen), the same selection and test;
 4. `modelzoo evaluate` of both pre-trained checkpoints (zero-shot) and both fine-tuned HF exports: a
-   cross-check of the fine-tuning runs' own test numbers by the independent evaluator.
+   cross-check of the fine-tuning runs' own test numbers by the independent evaluator;
+5. HoC fine-tuning of the sparse run, dense (SPDF) and keeping its masks.
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ def run_stages() -> None:
             mode = "dense" if task == "finetune" else "keep"
             if not (pre / f"{task}-pubmedqa-{mode}" / "summary.json").is_file():
                 modelzoo(task, f"task.pretrained={pre}", f"task.sparsity={mode}", *FINETUNE)
+    for mode in ("dense", "keep"):
+        if not (pretrain_dir("static_75") / f"finetune-hoc-{mode}" / "summary.json").is_file():
+            pre = pretrain_dir("static_75")
+            modelzoo("finetune", f"task.pretrained={pre}", f"task.sparsity={mode}", "task.dataset=hoc", *FINETUNE)
     if not (ROOT / "evaluate" / "results.json").is_file():
         checkpoints = ",".join(str(pretrain_dir(s)) for s in SPARSITIES)
         finetuned = ",".join(str(pretrain_dir(s) / "finetune-pubmedqa-dense" / "hf") for s in SPARSITIES)
@@ -98,13 +103,30 @@ def table() -> str:
     return "\n".join(rows)
 
 
+def hoc_table() -> str:
+    rows = [
+        "| pre-training | stage | HoC test F1 (BLURB) | micro-F1 | threshold (dev) | dev F1 | stage FLOPs |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for mode in ("dense", "keep"):
+        path = pretrain_dir("static_75") / f"finetune-hoc-{mode}" / "summary.json"
+        if path.is_file():
+            s = json.loads(path.read_text())
+            t = s["test"]
+            rows.append(
+                f"| static_75 | fine-tuning, {mode} (best dev step {s['best_step']}) | {t['f1']:.3f} | "
+                f"{t['micro_f1']:.3f} | {t['threshold']:.2f} | {s['dev']['f1']:.3f} | {_flops(s['finetune_flops'])} |"
+            )
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--table-only", action="store_true", help="print the table of the finished runs only")
     args = parser.parse_args()
     if not args.table_only:
         run_stages()
-    print(table())
+    print(table(), hoc_table(), sep="\n\n")
 
 
 if __name__ == "__main__":
