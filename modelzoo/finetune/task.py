@@ -184,7 +184,7 @@ def run(cfg: Config) -> FinetuneSummary:
         run_dir,
         best_step,
         model,
-        optimizer,
+        optimizer.state_dict(),
         {"step": best_step, "test": test},
         OmegaConf.to_yaml(OmegaConf.structured(saved_cfg)),
         keep=1,
