@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, GPT2LMHeadModel
 
 from modelzoo.config import load_config, to_object, validate
-from modelzoo.errors import ConfigError
+from modelzoo.downstream.evaluate import load_checkpoint_model
+from modelzoo.errors import CheckpointError, ConfigError
 from modelzoo.export.seq_cls import export_seq_cls
 from modelzoo.finetune.pretrained import checkpoint_masks
 from modelzoo.finetune.task import FinetuneSummary, run
@@ -54,6 +56,11 @@ def adapt(task: str, pretrained: Path, out: Path, *overrides: str) -> FinetuneSu
     return run(cfg)
 
 
+def evaluate_checkpoint(run_dir: Path):
+    cfg = to_object(load_config(["task=evaluate", "backend=masked_dense", "task.device=cpu", f"run_dir={run_dir}"]))
+    return load_checkpoint_model(str(run_dir), cfg)
+
+
 def masked_weights(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     path = latest_checkpoint(run_dir)
     return load_file(str(path / MODEL_FILE)), checkpoint_masks(path)
@@ -71,6 +78,10 @@ def test_dense_finetuning_unfreezes_pruned_weights(pretrained: Path, tmp_path: P
     assert summary.nonzero_fraction > 0.5
     assert set(summary.test) == {"accuracy", "macro_f1"} and 0 <= summary.test["accuracy"] <= 1
     assert GPT2LMHeadModel.from_pretrained(summary.exports["hf"]).config.n_positions == 64
+    # `modelzoo evaluate` counts the pre-training up to the checkpoint used plus every fine-tuning step.
+    evaluated, pre_summary = evaluate_checkpoint(tmp_path / "ft"), json.loads((pretrained / "summary.json").read_text())
+    assert evaluated.train_flops == pytest.approx(pre_summary["sparse_flops"] + summary.finetune_flops)
+    assert evaluated.dense_train_flops == pytest.approx(pre_summary["dense_flops"] + summary.finetune_dense_flops)
 
 
 @needs_shared
@@ -105,6 +116,8 @@ def test_prompt_tuning_changes_only_the_prompt(pretrained: Path, tmp_path: Path,
         "adapter_config.json",
         "adapter_model.safetensors",
     }
+    with pytest.raises(CheckpointError, match="not a causal LM"):
+        evaluate_checkpoint(tmp_path / "pt")  # a soft prompt or a classifier is no checkpoint `evaluate` scores
 
 
 def test_sequence_classification_export_parity(tiny_model: GPT, tmp_path: Path) -> None:

@@ -112,14 +112,22 @@ def macro_f1(gold: list[int], predicted: list[int], n_classes: int = len(CHOICES
     return sum(scores) / n_classes
 
 
-def run_flops(run_cfg: Config, step: int) -> tuple[float, float] | None:
-    """(sparse-effective, dense) training FLOPs after `step` steps of a run with config `run_cfg`, plus those of
-    the run whose export it started from (`task.init_from` = `<run>/hf`); None when any part is unknown."""
+def run_flops(run_cfg: Config, checkpoint: Path) -> tuple[float, float] | None:
+    """(sparse-effective, dense) training FLOPs behind `checkpoint` of a run with config `run_cfg`, including
+    the run it started from; None when any part is unknown.
+
+    Pre-training: `step x task.batch_size x data.seq_len` tokens at its model's and sparsity's rates, plus the run
+    whose export it started from (`task.init_from` = `<run>/hf`). Fine-tuning and soft prompting (`task.pretrained`):
+    the stage's FLOPs over every step it ran (its `summary.json`), plus the pre-training up to the checkpoint it
+    started from.
+    """
     task = run_cfg.task if isinstance(run_cfg.task, dict) else vars(run_cfg.task)
+    if "pretrained" in task:
+        return _stage_flops(checkpoint.parent.parent / "summary.json", Path(task["pretrained"]))
     if "batch_size" not in task:
         return None
     report = flop_report(run_cfg.model, run_cfg.data.seq_len, run_cfg.sparsity)
-    tokens = step * task["batch_size"] * run_cfg.data.seq_len
+    tokens = checkpoint_step(checkpoint) * task["batch_size"] * run_cfg.data.seq_len
     sparse, dense = report.sparse_per_token * tokens, report.dense_per_token * tokens
     if task.get("init_from"):
         parent = export_flops(Path(task["init_from"]))
@@ -129,13 +137,28 @@ def run_flops(run_cfg: Config, step: int) -> tuple[float, float] | None:
     return sparse, dense
 
 
+def _stage_flops(summary_file: Path, pretrained: Path) -> tuple[float, float] | None:
+    """A fine-tuning / soft-prompting run's FLOPs (`summary.json`) plus those of its pre-trained checkpoint."""
+    parent = pretrained if (pretrained / MANIFEST_FILE).is_file() else latest_checkpoint(pretrained)
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    if parent is None or "finetune_dense_flops" not in summary:
+        return None
+    before = checkpoint_flops(parent)
+    if before is None:
+        return None
+    return before[0] + summary["finetune_flops"], before[1] + summary["finetune_dense_flops"]
+
+
+def checkpoint_flops(checkpoint: Path) -> tuple[float, float] | None:
+    """`run_flops` of a checkpoint directory, read from its own config."""
+    saved = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(read_config(checkpoint)))
+    return run_flops(OmegaConf.to_object(saved), checkpoint)
+
+
 def export_flops(directory: Path) -> tuple[float, float] | None:
     """Training FLOPs behind a Hugging Face export written into a run directory (`<run>/hf`), else None."""
     checkpoint = latest_checkpoint(directory.resolve().parent)
-    if checkpoint is None:
-        return None
-    saved = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(read_config(checkpoint)))
-    return run_flops(OmegaConf.to_object(saved), checkpoint_step(checkpoint))
+    return None if checkpoint is None else checkpoint_flops(checkpoint)
 
 
 def checkpoint_step(checkpoint: Path) -> int:
@@ -172,11 +195,12 @@ def load_checkpoint_model(path: str, cfg: Config) -> LoadedModel:
     checkpoint = latest_checkpoint(path) if not (Path(path) / MANIFEST_FILE).is_file() else Path(path)
     if checkpoint is None:
         raise CheckpointError(f"{path}: neither a checkpoint nor a run directory with checkpoints/latest")
+    _refuse_adapted(checkpoint)
     model, run_cfg, tokenizer = restore_model(checkpoint)
     if tokenizer is None:
         raise CheckpointError(f"{checkpoint.parent.parent} has no tokenizer/ directory to encode the questions")
     step = checkpoint_step(checkpoint)
-    flops = run_flops(run_cfg, step)
+    flops = run_flops(run_cfg, checkpoint)
     model = _prepare(model, cfg)
     return LoadedModel(
         name=checkpoint.parent.parent.name,
@@ -192,9 +216,22 @@ def load_checkpoint_model(path: str, cfg: Config) -> LoadedModel:
     )
 
 
+def _refuse_adapted(checkpoint: Path) -> None:
+    """Refuse soft-prompt and HoC checkpoints, which are not plain causal LMs, saying where their scores are."""
+    task = OmegaConf.create(read_config(checkpoint)).get("task", {})
+    if "num_virtual_tokens" not in task and task.get("dataset") != "hoc":
+        return
+    what = "a HoC classifier" if task.get("dataset") == "hoc" else "a soft prompt in front of a frozen GPT"
+    raise CheckpointError(
+        f"{checkpoint} holds {what} ({task.get('name')}), not a causal LM: task.checkpoints takes pre-training "
+        f"and PubMedQA fine-tuning runs. Its test scores are in {checkpoint.parent.parent / 'summary.json'}; "
+        "a soft prompt loads with PEFT from <run>/adapter on <run>/hf"
+    )
+
+
 def load_hf_model(path: str, cfg: Config) -> LoadedModel:
     """A Hugging Face directory: GPT-2 into our GPT (masks from sparsity.json), other architectures via
-    `AutoModelForCausalLM`. Training FLOPs come from `summary.json` of the run holding it (`<run>/hf`)."""
+    `AutoModelForCausalLM`. Training FLOPs are those of the run holding it (`<run>/hf`), as `run_flops` counts them."""
     task: EvaluateConfig = cfg.task
     directory = Path(path)
     tokenizer = AutoTokenizer.from_pretrained(directory)

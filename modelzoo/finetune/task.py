@@ -51,7 +51,8 @@ class FinetuneSummary:
     dev: dict
     test: dict
     pretrain_flops: float | None  # sparse-effective FLOPs of the pre-training run (its summary.json)
-    finetune_flops: float  # training FLOPs of this run over the tokens it processed
+    finetune_flops: float  # training FLOPs of this run over the tokens it processed (sparse-effective under keep)
+    finetune_dense_flops: float  # the same tokens at dense FLOPs
     nonzero_fraction: float  # of the weights the pre-training masked, after this run
     checkpoint: str
     exports: dict
@@ -193,6 +194,7 @@ def run(cfg: Config) -> FinetuneSummary:
     if pre.sparsifier:
         info.update(pre.config.sparsity.summary())
     exports = head.export(run_dir, info) if task.export else {}
+    stage_flops = _finetune_flops(pre, task, tokens + virtual * task.max_steps * task.batch_size)
     summary = FinetuneSummary(
         task=task.name,
         dataset=task.dataset,
@@ -204,7 +206,8 @@ def run(cfg: Config) -> FinetuneSummary:
         dev=dev,
         test=test,
         pretrain_flops=_pretrain_flops(checkpoint),
-        finetune_flops=_finetune_flops(pre, task, tokens + virtual * task.max_steps * task.batch_size),
+        finetune_flops=stage_flops[0],
+        finetune_dense_flops=stage_flops[1],
         nonzero_fraction=_masked_nonzero(pre, checkpoint),
         checkpoint=str(path),
         exports=exports,
@@ -230,11 +233,12 @@ def _pretrain_flops(checkpoint: Path) -> float | None:
     return json.loads(summary.read_text())["sparse_flops"] if summary.is_file() else None
 
 
-def _finetune_flops(pre: Pretrained, task, tokens: int) -> float:
-    """Training FLOPs over `tokens`: sparse-effective under `keep`, dense otherwise (6N per token + attention)."""
+def _finetune_flops(pre: Pretrained, task, tokens: int) -> tuple[float, float]:
+    """(training FLOPs, dense training FLOPs) over `tokens` (6N per token + attention); the first is
+    sparse-effective under `keep`, dense otherwise."""
     sparsity = pre.config.sparsity if task.sparsity == "keep" else None
     report = flop_report(pre.model.config, pre.model.config.n_positions, sparsity)
-    return (report.sparse_per_token if sparsity is not None else report.dense_per_token) * tokens
+    return report.sparse_per_token * tokens, report.dense_per_token * tokens
 
 
 def _format(metrics: dict[str, float]) -> str:
