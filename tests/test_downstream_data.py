@@ -60,6 +60,23 @@ def test_pubmedqa_ground_truth_beside_json(tmp_path: Path) -> None:
     assert load_pubmedqa(tmp_path / "test_set.json", "all") == load_pubmedqa(PQA, "test")
 
 
+@needs_shared
+def test_pubmedqa_hub_splits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bigbio's fold-0 config: "all" is its three splits together; qiaojin/PubMedQA: its one split of 1,000."""
+    datasets = pytest.importorskip("datasets")
+    rows = [json.loads(line) for line in (PQA / "pqal_fold0_dev.jsonl").open()][:2]
+    asked = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config, split: asked.append((config, split)) or rows)
+    assert len(load_pubmedqa("bigbio/pubmed_qa", "all")) == 2
+    load_pubmedqa("bigbio/pubmed_qa", "dev")
+    load_pubmedqa("qiaojin/PubMedQA", "all")
+    assert asked == [
+        ("pubmed_qa_labeled_fold0_source", "train+validation+test"),
+        ("pubmed_qa_labeled_fold0_source", "validation"),
+        ("pqa_labeled", "train"),
+    ]
+
+
 def lm_eval_doc_to_text(doc: dict) -> str:
     """lm-evaluation-harness `lm_eval/tasks/pubmedqa/preprocess_pubmedqa.py` @ 4e7e0d4 (see shared/data/README)."""
     ctxs = "\n".join(doc["CONTEXTS"])

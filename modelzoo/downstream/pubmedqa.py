@@ -7,7 +7,7 @@ Sources `load_pubmedqa` reads:
   `test_ground_truth.json` beside it when records lack `final_decision`) or JSON Lines (one record per line with
   `pubid`). "all" keeps every record; another split keeps the PMIDs `pqal_splits.json` (beside the file) lists;
 - a Hugging Face dataset name, optionally `name:config`: `bigbio/pubmed_qa` (default config
-  `pubmed_qa_labeled_fold0_source`, splits train / validation / test) or `qiaojin/PubMedQA` / `pubmed_qa`
+  `pubmed_qa_labeled_fold0_source`, splits train / validation / test, "all" the three) or `qiaojin/PubMedQA` / `pubmed_qa`
   (default config `pqa_labeled`, one split of 1,000: use split "all").
 
 Records use the field names of `ori_pqal.json` (= bigbio's source schema); the hub's `pqa_labeled` schema is mapped.
@@ -36,7 +36,7 @@ HUB_DEFAULT_CONFIGS = {
     "qiaojin/PubMedQA": "pqa_labeled",
     "pubmed_qa": "pqa_labeled",
 }
-HUB_SPLITS = {"train": "train", "dev": "validation", "test": "test", "all": "train"}
+HUB_SPLITS = {"train": "train", "dev": "validation", "test": "test", "all": "train+validation+test"}
 
 
 @dataclass(frozen=True)
@@ -160,13 +160,14 @@ def _load_hub(source: str, split: str) -> list[PubMedQAExample]:
     config = config or HUB_DEFAULT_CONFIGS.get(name)
     if config == "pqa_labeled" and split != "all":
         raise ConfigError("split", f"{name} ({config}) has no train/dev/test split; use 'all' or bigbio/pubmed_qa")
+    hub_split = "train" if config == "pqa_labeled" else HUB_SPLITS[split]  # pqa_labeled: its one split of 1,000
     try:
-        dataset = datasets.load_dataset(name, config, split=HUB_SPLITS[split])
+        dataset = datasets.load_dataset(name, config, split=hub_split)
     except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as exc:
         raise ConfigError(
             "source", f"cannot load {source!r} from the hub ({exc}); offline, give ../shared/data/pubmedqa"
         ) from exc
-    where = Path(f"{name}[{HUB_SPLITS[split]}]")
+    where = Path(f"{name}[{hub_split}]")
     examples = []
     for i, row in enumerate(dataset, start=1):
         if "context" in row:  # qiaojin/PubMedQA pqa_labeled schema
