@@ -7,8 +7,8 @@ Sources `load_pubmedqa` reads:
   `test_ground_truth.json` beside it when records lack `final_decision`) or JSON Lines (one record per line with
   `pubid`). "all" keeps every record; another split keeps the PMIDs `pqal_splits.json` (beside the file) lists;
 - a Hugging Face dataset name, optionally `name:config`: `bigbio/pubmed_qa` (default config
-  `pubmed_qa_labeled_fold0_source`, splits train / validation / test, "all" the three) or `qiaojin/PubMedQA` / `pubmed_qa`
-  (default config `pqa_labeled`, one split of 1,000: use split "all").
+  `pubmed_qa_labeled_fold0_source`, splits train / validation / test, "all" the three) or `qiaojin/PubMedQA` /
+  `pubmed_qa` (default config `pqa_labeled`, one split of 1,000: use split "all").
 
 Records use the field names of `ori_pqal.json` (= bigbio's source schema); the hub's `pqa_labeled` schema is mapped.
 """
