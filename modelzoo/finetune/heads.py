@@ -112,7 +112,6 @@ class HoCHead(Head):
         self.targets = torch.stack([e.label_vector() for e in self.splits["train"]])
         self.train_size = len(self.splits["train"])
         self.model = GPTClassifier(pre.model, len(HALLMARKS), self.pad_id, prompt)
-        self.threshold: float | None = None
 
     def _logits(self, split: str, batch: list[int] | range, device: torch.device) -> torch.Tensor:
         return self.model(pad([self.inputs[split][i] for i in batch], self.pad_id).to(device))
@@ -144,7 +143,6 @@ class HoCHead(Head):
             self.probabilities("test", device),
             self.splits["test"],
         )
-        self.threshold = result.threshold
         return {"f1": result.test_f1, "micro_f1": result.test_micro_f1, "threshold": result.threshold}
 
     def export(self, run_dir: Path, info: dict) -> dict[str, str]:

@@ -30,8 +30,6 @@ class Pretrained:
     sparsifier: MaskedSparsity | None  # `keep` with a sparse checkpoint: the plug-in holding its masks
     tokenizer: PreTrainedTokenizerBase
     config: object  # the pre-training run's `Config`
-    checkpoint: Path
-    tokenizer_dir: Path
 
 
 def checkpoint_masks(path: Path) -> dict[str, torch.Tensor]:
@@ -79,4 +77,4 @@ def load_pretrained(checkpoint: Path, keep_masks: bool, seed: int) -> Pretrained
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return Pretrained(model, sparsifier, tokenizer, cfg, checkpoint, tokenizer_dir)
+    return Pretrained(model, sparsifier, tokenizer, cfg)
