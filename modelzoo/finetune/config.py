@@ -121,8 +121,9 @@ def validate_finetune(task: FinetuneConfig) -> None:
     seq_len = task.seq_len if task.seq_len is not None else positions - virtual
     if seq_len < 2 or virtual + seq_len > positions:
         key = "task.num_virtual_tokens" if virtual else "task.seq_len"
+        text = f"task.seq_len={seq_len}" if task.seq_len is not None else f"{seq_len} tokens of text"
         raise ConfigError(
             key,
-            f"{virtual} virtual tokens + task.seq_len={seq_len} do not fit the model's {positions} positions "
+            f"{virtual} virtual tokens + {text} do not fit the model's {positions} positions "
             f"(model.n_positions in {checkpoint}/config.yaml); at least 2 tokens of text must remain",
         )
