@@ -71,8 +71,8 @@ def _flops(x: float) -> str:
 
 def table() -> str:
     rows = [
-        "| pre-training | stage | PubMedQA test accuracy (`modelzoo evaluate` on the export) | "
-        "majority baseline | macro-F1 | training FLOPs "
+        "| pre-training | stage | PubMedQA test accuracy (zero-shot: `modelzoo evaluate`; else the run's, in "
+        "brackets `evaluate` on its export) | majority baseline | macro-F1 | training FLOPs "
         "(pre-training sparse-effective + this stage) | trainable parameters |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
