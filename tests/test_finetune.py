@@ -15,11 +15,12 @@ from modelzoo.config import load_config, to_object, validate
 from modelzoo.downstream.evaluate import load_checkpoint_model
 from modelzoo.errors import CheckpointError, ConfigError
 from modelzoo.export.seq_cls import export_seq_cls
+from modelzoo.finetune.config import FinetuneConfig, output_dir
 from modelzoo.finetune.pretrained import checkpoint_masks
 from modelzoo.finetune.task import FinetuneSummary, run
 from modelzoo.models.classifier import GPTClassifier
 from modelzoo.models.gpt import GPT, GPTConfig
-from modelzoo.train.checkpoint import MODEL_FILE, latest_checkpoint
+from modelzoo.train.checkpoint import CONFIG_FILE, MODEL_FILE, latest_checkpoint
 from modelzoo.train.trainer import Trainer
 from tests.conftest import REPO, SHARED, make_config, needs_shared
 
@@ -118,6 +119,15 @@ def test_prompt_tuning_changes_only_the_prompt(pretrained: Path, tmp_path: Path,
     }
     with pytest.raises(CheckpointError, match="not a causal LM"):
         evaluate_checkpoint(tmp_path / "pt")  # a soft prompt or a classifier is no checkpoint `evaluate` scores
+
+
+def test_default_output_dir_is_beside_never_inside_a_checkpoint(tmp_path: Path) -> None:
+    step = tmp_path / "run" / "checkpoints" / "step_000100"
+    step.mkdir(parents=True)
+    (step / CONFIG_FILE).write_text("")
+    assert output_dir(FinetuneConfig(pretrained=str(tmp_path / "run"))) == tmp_path / "run" / "finetune-pubmedqa-dense"
+    assert output_dir(FinetuneConfig(pretrained=str(step))) == tmp_path / "run" / "finetune-pubmedqa-dense-step_000100"
+    assert output_dir(FinetuneConfig(pretrained=str(step), output_dir="out")) == Path("out")
 
 
 def test_sequence_classification_export_parity(tiny_model: GPT, tmp_path: Path) -> None:

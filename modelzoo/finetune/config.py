@@ -26,7 +26,7 @@ class FinetuneConfig:
     head on the last token with BCE loss. The checkpoint best on dev is kept, then scored on test.
     `seq_len` (tokens per example, context cut from the left for PubMedQA, text from the right for HoC)
     defaults to the model's positions minus any virtual tokens; `lr` overrides `optim.lr`. The run writes to
-    `output_dir` (default `<pretrained>/<name>-<dataset>-<sparsity>`), never into the pre-training run itself.
+    `output_dir` (default: `output_dir()`), never over the pre-training run's own files.
     `limit` keeps the first N examples of every split (0: all), for smoke runs; its numbers are not comparable.
     """
 
@@ -64,9 +64,16 @@ class PromptTuneConfig(FinetuneConfig):
 
 
 def output_dir(task: FinetuneConfig) -> Path:
+    """`task.output_dir`, else `<pretrained run>/<name>-<dataset>-<sparsity>` (`-<step dir>` after it when
+    `task.pretrained` is one checkpoint: never inside a checkpoint directory, which checkpoint rotation deletes)."""
+    from modelzoo.train.checkpoint import CONFIG_FILE
+
     if task.output_dir:
         return Path(task.output_dir)
-    return Path(task.pretrained) / f"{task.name}-{task.dataset}-{task.sparsity}"
+    pretrained, name = Path(task.pretrained), f"{task.name}-{task.dataset}-{task.sparsity}"
+    if (pretrained / CONFIG_FILE).is_file():
+        return pretrained.parent.parent / f"{name}-{pretrained.name}"
+    return pretrained / name
 
 
 def default_data_dir(dataset: str) -> str:
