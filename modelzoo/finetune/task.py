@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from modelzoo.config import Config, resolved_device
+from modelzoo.downstream.evaluate import checkpoint_flops
 from modelzoo.finetune.config import PromptTuneConfig, default_data_dir, output_dir, pretrained_config
 from modelzoo.finetune.data import shuffled_batches
 from modelzoo.finetune.heads import Head, HoCHead, LMHead
@@ -50,7 +51,7 @@ class FinetuneSummary:
     trainable_params: int
     dev: dict
     test: dict
-    pretrain_flops: float | None  # sparse-effective FLOPs of the pre-training run (its summary.json)
+    pretrain_flops: float | None  # sparse-effective FLOPs of the pre-training up to the checkpoint used
     finetune_flops: float  # training FLOPs of this run over the tokens it processed (sparse-effective under keep)
     finetune_dense_flops: float  # the same tokens at dense FLOPs
     nonzero_fraction: float  # of the weights the pre-training masked, after this run
@@ -229,8 +230,9 @@ def load_head_state(head: Head, state: dict[str, torch.Tensor]) -> None:
 
 
 def _pretrain_flops(checkpoint: Path) -> float | None:
-    summary = checkpoint.parent.parent / "summary.json"
-    return json.loads(summary.read_text())["sparse_flops"] if summary.is_file() else None
+    """Sparse-effective training FLOPs up to `checkpoint` (not the whole run's: it may be an earlier one)."""
+    flops = checkpoint_flops(checkpoint)
+    return flops[0] if flops else None
 
 
 def _finetune_flops(pre: Pretrained, task, tokens: int) -> tuple[float, float]:
