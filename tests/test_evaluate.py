@@ -59,6 +59,12 @@ def test_hf_dir_without_config_is_refused(tmp_path: Path) -> None:
         validate(evaluate_config(tmp_path, f"task.hf_dirs=[{tmp_path}]"))
 
 
+def test_hf_dir_that_is_no_causal_lm_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2ForSequenceClassification"]}))
+    with pytest.raises(ConfigError, match=r"task\.hf_dirs: .* GPT2ForSequenceClassification .* not a causal LM"):
+        validate(evaluate_config(tmp_path, f"task.hf_dirs=[{tmp_path}]"))
+
+
 def test_macro_f1() -> None:
     assert macro_f1([0, 0, 1, 2], [0, 0, 1, 2]) == 1.0
     # yes: TP 2, FN 1 -> 0.8; no: TP 0 (FP 1) -> 0; maybe: TP 1 -> 1.

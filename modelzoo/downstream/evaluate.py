@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 TASKS = ("pubmedqa",)
 LM_EVAL_DEFAULT_MAX_LENGTH = 2048  # lm-eval's window when neither config nor tokenizer gives one
 TOKENIZER_INFINITY = 1e29  # `model_max_length` of tokenizers that set none
+CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")  # e.g. LlamaForCausalLM, GPT2LMHeadModel
 
 
 def validate(cfg: Config) -> None:
@@ -60,6 +61,13 @@ def validate(cfg: Config) -> None:
     for path in task.hf_dirs:
         if not (Path(path) / "config.json").is_file():
             raise ConfigError("task.hf_dirs", f"{path} has no config.json; give a directory written by save_pretrained")
+        architectures = json.loads((Path(path) / "config.json").read_text()).get("architectures") or []
+        if any(not name.endswith(CAUSAL_LM_SUFFIXES) for name in architectures):
+            raise ConfigError(
+                "task.hf_dirs",
+                f"{path} holds a {', '.join(architectures)} (config.json 'architectures'), not a causal LM; "
+                "a HoC classifier's test F1 is in the summary.json of its run",
+            )
 
 
 @dataclass
