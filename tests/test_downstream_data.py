@@ -10,7 +10,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from modelzoo.downstream.hoc import HALLMARKS, HoCExample, evaluate_hoc, hoc_f1, load_hoc, micro_f1
+from modelzoo.downstream.hoc import HALLMARKS, HoCExample, evaluate_hoc, hallmark_macro_f1, hoc_f1, load_hoc
 from modelzoo.downstream.pubmedqa import CHOICES, load_pubmedqa, majority_baseline, pubmedqa_prompt
 from modelzoo.downstream.scoring import choice_loglikelihoods
 from modelzoo.errors import ConfigError, DataError
@@ -177,12 +177,12 @@ def test_hoc_bad_records_name_file_and_line(tmp_path: Path) -> None:
         load_hoc(tsv, "dev")
 
 
-def test_hoc_f1_is_the_mean_of_per_hallmark_f1() -> None:
+def test_hoc_f1_is_pooled_over_documents_and_hallmarks() -> None:
     gold = [{0, 1}, {1}, {2}, set()]
     predicted = [{0}, {0}, {2}, {1}]
+    assert hoc_f1(gold, predicted) == pytest.approx(0.5)  # pooled: TP 2, FP 2, FN 2 (LinkBERT's compute_p_r_f)
     # hallmark 0: TP 1, FP 1 -> 2/3; hallmark 1: TP 0 -> 0; hallmark 2: TP 1 -> 1; the other 7 never occur -> 0.
-    assert hoc_f1(gold, predicted) == pytest.approx((2 / 3 + 0 + 1) / 10)
-    assert micro_f1(gold, predicted) == pytest.approx(0.5)  # pooled: TP 2, FP 2, FN 2
+    assert hallmark_macro_f1(gold, predicted) == pytest.approx((2 / 3 + 0 + 1) / 10)
     everything = [set(range(10))] * 4
     assert hoc_f1(everything, everything) == 1.0
     with pytest.raises(ValueError, match="0/1"):

@@ -4,14 +4,13 @@
 abstracts), one such JSON Lines file, BLURB's sentence-level TSV (`blurb/<split>.tsv`, sentences grouped into
 their abstract, labels united), or the hub dataset `bigbio/hallmarks_of_cancer` (`hallmarks_of_cancer_source`).
 
-The metric (`hoc_f1`): for each of the 10 hallmarks, the F1 of the positive class over the documents of the split;
-then the unweighted mean of the 10. That is sklearn's `f1_score(y_true, y_pred, average="macro")` on the
-documents x hallmarks 0/1 matrix. Why: BLURB (Gu et al., 2021, the PubMedBERT paper) names the HoC metric
-"average micro F1" and scores at the abstract level, and its released evaluation code (the `HoCEvaluator` of the
-BLURB benchmarking tools) computes exactly this: document-level label sets, binarised over the 10 hallmarks,
-`f1_score(..., average="macro")`. A hallmark that is neither gold nor predicted anywhere counts as F1 0, as
-sklearn's default does. `hoc_scores` also gives the pooled (micro) F1 over all document-hallmark pairs, which is
-not the BLURB number.
+The metric (`hoc_f1`): F1 pooled over every (document, hallmark) pair of the split, i.e.
+2 TP / (2 TP + FP + FN) on the documents x 10 hallmarks 0/1 matrix (sklearn's `average="micro"`). Why: BLURB
+(Gu et al., 2021, the PubMedBERT paper) scores HoC at the abstract level by "average micro F1", and the
+evaluation code behind the BLURB leaderboard numbers (LinkBERT's `src/seqcls/utils_hoc.py`, `compute_p_r_f`,
+also used by SciFive to compare with the leaderboard) groups sentence labels into abstracts and computes
+precision, recall and F1 from TP, predicted and gold counts summed over the whole matrix: the pooled F1.
+`hallmark_macro_f1`, the unweighted mean of the 10 per-hallmark F1s, is reported beside it.
 """
 
 from __future__ import annotations
@@ -176,32 +175,37 @@ def _as_matrix(labels: Labels) -> torch.Tensor:
     return labels.bool()
 
 
-def per_hallmark_f1(gold: Labels, predicted: Labels) -> torch.Tensor:
-    """(10,) F1 of each hallmark's positive class over the documents; 0 where it has no gold and no prediction."""
+def _as_pair(gold: Labels, predicted: Labels) -> tuple[torch.Tensor, torch.Tensor]:
     y, p = _as_matrix(gold), _as_matrix(predicted)
     if y.shape != p.shape:
         raise ValueError(f"gold {tuple(y.shape)} and predictions {tuple(p.shape)} differ in shape")
+    return y, p
+
+
+def per_hallmark_f1(gold: Labels, predicted: Labels) -> torch.Tensor:
+    """(10,) F1 of each hallmark's positive class over the documents; 0 where it has no gold and no prediction."""
+    y, p = _as_pair(gold, predicted)
     tp = (y & p).sum(0).double()
     wrong = (y ^ p).sum(0).double()  # false positives + false negatives
     return torch.where(tp > 0, 2 * tp / (2 * tp + wrong), torch.zeros_like(tp))
 
 
 def hoc_f1(gold: Labels, predicted: Labels) -> float:
-    """The BLURB HoC metric: the mean over the 10 hallmarks of each one's document-level F1 (see the module doc).
+    """The BLURB HoC metric: F1 pooled over all (document, hallmark) pairs (see the module doc).
 
     Args:
         gold: per document, its hallmark indices (or a (documents, 10) 0/1 tensor).
         predicted: the same for the predictions.
     """
-    return float(per_hallmark_f1(gold, predicted).mean())
-
-
-def micro_f1(gold: Labels, predicted: Labels) -> float:
-    """Pooled F1 over all (document, hallmark) pairs: reported beside the BLURB metric, never instead of it."""
-    y, p = _as_matrix(gold), _as_matrix(predicted)
+    y, p = _as_pair(gold, predicted)
     tp = float((y & p).sum())
-    wrong = float((y ^ p).sum())
+    wrong = float((y ^ p).sum())  # false positives + false negatives
     return 2 * tp / (2 * tp + wrong) if tp else 0.0
+
+
+def hallmark_macro_f1(gold: Labels, predicted: Labels) -> float:
+    """The unweighted mean of the 10 per-hallmark F1s: reported beside the BLURB metric, never instead of it."""
+    return float(per_hallmark_f1(gold, predicted).mean())
 
 
 @dataclass(frozen=True)
@@ -211,7 +215,7 @@ class HoCResult:
     threshold: float
     dev_f1: float
     test_f1: float  # the BLURB metric
-    test_micro_f1: float
+    test_macro_f1: float
     test_per_hallmark: tuple[float, ...]
 
 
@@ -244,6 +248,6 @@ def evaluate_hoc(
         threshold=thresholds[best],
         dev_f1=scores[best],
         test_f1=hoc_f1(test_y, predicted),
-        test_micro_f1=micro_f1(test_y, predicted),
+        test_macro_f1=hallmark_macro_f1(test_y, predicted),
         test_per_hallmark=tuple(per_hallmark_f1(test_y, predicted).tolist()),
     )
