@@ -28,7 +28,7 @@ from modelzoo.finetune.config import PromptTuneConfig, default_data_dir, output_
 from modelzoo.finetune.data import shuffled_batches
 from modelzoo.finetune.heads import Head, HoCHead, LMHead
 from modelzoo.finetune.pretrained import Pretrained, load_pretrained
-from modelzoo.flops import flop_report, format_flops
+from modelzoo.flops import TRAIN_MULTIPLIER, flop_report, format_flops
 from modelzoo.models.soft_prompt import SoftPrompt, freeze
 from modelzoo.sparsity.config import SparsityConfig
 from modelzoo.train import checkpoint as ckpt
@@ -195,7 +195,7 @@ def run(cfg: Config) -> FinetuneSummary:
     if pre.sparsifier:
         info.update(pre.config.sparsity.summary())
     exports = head.export(run_dir, info) if task.export else {}
-    stage_flops = _finetune_flops(pre, task, tokens + virtual * task.max_steps * task.batch_size)
+    stage_flops = _finetune_flops(pre, task, seq_len + virtual, tokens + virtual * task.max_steps * task.batch_size)
     summary = FinetuneSummary(
         task=task.name,
         dataset=task.dataset,
@@ -235,12 +235,17 @@ def _pretrain_flops(checkpoint: Path) -> float | None:
     return flops[0] if flops else None
 
 
-def _finetune_flops(pre: Pretrained, task, tokens: int) -> tuple[float, float]:
-    """(training FLOPs, dense training FLOPs) over `tokens` (6N per token + attention); the first is
-    sparse-effective under `keep`, dense otherwise."""
+def _finetune_flops(pre: Pretrained, task, context: int, tokens: int) -> tuple[float, float]:
+    """(training FLOPs, dense training FLOPs) over `tokens` of `context`-token inputs (6N per token +
+    attention); the first is sparse-effective under `keep`, dense otherwise. The HoC classifier computes no LM
+    head (its 10-way score layer is left out, like norms), so that term is dropped for it."""
     sparsity = pre.config.sparsity if task.sparsity == "keep" else None
-    report = flop_report(pre.model.config, pre.model.config.n_positions, sparsity)
-    return report.sparse_per_token * tokens, report.dense_per_token * tokens
+    report = flop_report(pre.model.config, context, sparsity)
+    terms = [t for t in report.terms if task.dataset == "pubmedqa" or t.name != "lm head"]
+    return (
+        TRAIN_MULTIPLIER * sum(t.sparse for t in terms) * tokens,
+        TRAIN_MULTIPLIER * sum(t.dense for t in terms) * tokens,
+    )
 
 
 def _format(metrics: dict[str, float]) -> str:
