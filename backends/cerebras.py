@@ -310,13 +310,14 @@ class CerebrasBackend(Backend):
         for key, group in sparsity.group_configs():
             if group.pattern is not None:
                 raise ConfigError(
-                    f"{key}.pattern", "N:M masks are no cstorch algorithm; train them on", ["masked_dense"]
+                    f"{key}.pattern",
+                    "cstorch has no N:M algorithm: drop the pattern, or train N:M with backend=masked_dense",
                 )
             if group.distribution != "uniform":
                 raise ConfigError(
                     f"{key}.distribution",
-                    f"{group.distribution!r} is ours, not cstorch's: use uniform, or",
-                    ["masked_dense"],
+                    f"{group.distribution!r} is not a cstorch distribution: set {key}.distribution=uniform, "
+                    "or train it with backend=masked_dense",
                 )
         cstorch = import_cstorch()
         available = {name for name in CSTORCH_ALGORITHMS.values() if hasattr(cstorch.sparse, name)}
