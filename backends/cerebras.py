@@ -450,15 +450,16 @@ def checkpoint_to_cstorch(checkpoint: str | Path, path: str | Path) -> Path:
 def cstorch_to_checkpoint(path: str | Path, run_dir: str | Path) -> Path:
     """A cstorch checkpoint file written by `checkpoint_to_cstorch` as our checkpoint in `run_dir`.
 
-    Weights, masks and the optimizer state (as saved: cstorch's AdamW state after a cerebras run) carry over;
-    `modelzoo export` and `generate` take the result. The trainer state holds only the step, so a run does not
-    resume from it.
+    Weights, masks and config carry over, as a weights-only checkpoint (the file has no trainer state, so a
+    run cannot resume from it, and says so): `modelzoo export`, `generate` and `prune` take it. `run_dir`
+    must not hold a checkpoint yet.
     """
     from omegaconf import OmegaConf
 
     from modelzoo.config import Config
     from modelzoo.models.gpt import GPT
 
+    ckpt.check_run_dir(run_dir, resume=False)
     state = load_cstorch(path)
     if "modelzoo_config" not in state:
         raise CheckpointError(f"{path} has no modelzoo_config: it was not written by checkpoint_to_cstorch")
@@ -473,5 +474,4 @@ def cstorch_to_checkpoint(path: str | Path, run_dir: str | Path) -> Path:
         raise CheckpointError(
             f"{path} does not match its config's model: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
-    step = int(state["global_step"])
-    return ckpt.save_checkpoint(run_dir, step, model, state["optimizer"], {"step": step}, config_yaml, keep=1)
+    return ckpt.save_weights(run_dir, int(state["global_step"]), model, config_yaml)

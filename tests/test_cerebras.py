@@ -30,7 +30,7 @@ from backends.cerebras import (
     mlir_sparsity,
 )
 from modelzoo.cluster import ClusterConfig
-from modelzoo.errors import ConfigError
+from modelzoo.errors import CheckpointError, ConfigError
 from modelzoo.export.hf import export_hf
 from modelzoo.sparsity.config import NMPattern, SparsityConfig
 from modelzoo.sparsity.names import select_parameters
@@ -180,8 +180,18 @@ def test_checkpoint_converts_to_cstorch_and_back_and_to_hf(cstorch, tmp_path: Pa
     assert state["model"].keys() == saved.keys()
     assert all(torch.equal(state["model"][k], v) for k, v in saved.items())
     assert sum(k.endswith("_mask") for k in state["model"]) == len(trainer.sparsifier.mask_names())
+    adam = ckpt.load_training_state(ours)[0]["state"]
+    assert adam and all(
+        torch.equal(state["optimizer"]["state"][i][key], adam[i][key])
+        for i in adam
+        for key in ("exp_avg", "exp_avg_sq")
+    )
 
     back = cstorch_to_checkpoint(cs_file, tmp_path / "converted")
+    with pytest.raises(CheckpointError, match="holds weights only"):  # no trainer state: it cannot be resumed
+        ckpt.load_training_state(back)
+    with pytest.raises(CheckpointError, match="already holds checkpoint"):  # never over an existing run
+        cstorch_to_checkpoint(cs_file, tmp_path / "converted")
     model, cfg, _ = ckpt.restore_model(back)
     assert cfg.sparsity.algorithm == "rigl"
     reference = trainer.model.state_dict()
