@@ -8,7 +8,6 @@ cstorch's CPU backend, one per process, so the CSX lowering runs `modelzoo pretr
 from __future__ import annotations
 
 import csv
-import os
 import re
 import subprocess
 import sys
@@ -38,7 +37,6 @@ from modelzoo.train import checkpoint as ckpt
 from modelzoo.train.trainer import Trainer
 from tests.conftest import REPO, make_config
 
-REQUIRED = os.environ.get("MODELZOO_REQUIRE_CEREBRAS") == "1"
 STEPS = 8
 # Dynamic algorithms update every 2 steps until step 8, so masks move within the run.
 ALGORITHMS = {
@@ -58,19 +56,6 @@ ALGORITHMS = {
     ],
 }
 RUN = ["task.log_every=1", f"task.max_steps={STEPS}", f"task.eval_every={STEPS}", f"task.checkpoint_every={STEPS}"]
-
-
-@pytest.fixture(scope="session")
-def cstorch():
-    """cerebras.pytorch; skipped (failed under MODELZOO_REQUIRE_CEREBRAS=1) when it cannot run here."""
-    reason = CerebrasBackend.unavailable_reason()
-    if reason:
-        if REQUIRED:
-            pytest.fail(f"MODELZOO_REQUIRE_CEREBRAS=1 but {reason}", pytrace=False)
-        pytest.skip(reason)
-    import cerebras.pytorch
-
-    return cerebras.pytorch
 
 
 def run(tmp_path: Path, cache_dir: Path, backend: str, algorithm: str, *extra: str) -> Trainer:
