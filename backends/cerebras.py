@@ -279,9 +279,24 @@ class LoweringReport:
         return "\n".join(lines)
 
 
-def _input_fn(batches: Iterable[tuple[torch.Tensor, ...]]) -> Iterable[tuple[torch.Tensor, ...]]:
+class _Batches:
+    """Our batch iterator as cstorch's `DataLoader` argument, handed over as itself.
+
+    cstorch deep-copies its input function's arguments: the copy would advance while the trainer's loader,
+    whose position every checkpoint saves, stayed at its start (a resumed run would see its data again),
+    and the corpus would be held twice.
+    """
+
+    def __init__(self, batches: Iterable[tuple[torch.Tensor, ...]]) -> None:
+        self.batches = batches
+
+    def __deepcopy__(self, memo: dict) -> "_Batches":
+        return self
+
+
+def _input_fn(batches: _Batches) -> Iterable[tuple[torch.Tensor, ...]]:
     """cstorch's `DataLoader` input function (module level, so that it pickles for a cluster's input workers)."""
-    return batches
+    return batches.batches
 
 
 class CerebrasBackend(Backend):
@@ -368,7 +383,7 @@ class CerebrasBackend(Backend):
         self, batches: Iterable[tuple[torch.Tensor, ...]], steps: int, device: torch.device
     ) -> Iterator[tuple[torch.Tensor, ...]]:
         data = import_cstorch().utils.data
-        return iter(data.DataExecutor(data.DataLoader(_input_fn, batches), num_steps=steps))
+        return iter(data.DataExecutor(data.DataLoader(_input_fn, _Batches(batches)), num_steps=steps))
 
     def lower(self, run_step: Callable[[], None], sparse_names: list[str], cluster: ClusterConfig) -> LoweringReport:
         """Run one step under compile_only / validate_only: cstorch lowers it here, then the appliance compiles.
