@@ -279,9 +279,24 @@ class LoweringReport:
         return "\n".join(lines)
 
 
-def _input_fn(batches: Iterable[tuple[torch.Tensor, ...]]) -> Iterable[tuple[torch.Tensor, ...]]:
+class _Batches:
+    """Our batch iterator as cstorch's `DataLoader` argument, handed over as itself.
+
+    cstorch deep-copies its input function's arguments: the copy would advance while the trainer's loader,
+    whose position every checkpoint saves, stayed at its start (a resumed run would see its data again),
+    and the corpus would be held twice.
+    """
+
+    def __init__(self, batches: Iterable[tuple[torch.Tensor, ...]]) -> None:
+        self.batches = batches
+
+    def __deepcopy__(self, memo: dict) -> "_Batches":
+        return self
+
+
+def _input_fn(batches: _Batches) -> Iterable[tuple[torch.Tensor, ...]]:
     """cstorch's `DataLoader` input function (module level, so that it pickles for a cluster's input workers)."""
-    return batches
+    return batches.batches
 
 
 class CerebrasBackend(Backend):
@@ -310,13 +325,14 @@ class CerebrasBackend(Backend):
         for key, group in sparsity.group_configs():
             if group.pattern is not None:
                 raise ConfigError(
-                    f"{key}.pattern", "N:M masks are no cstorch algorithm; train them on", ["masked_dense"]
+                    f"{key}.pattern",
+                    "cstorch has no N:M algorithm: drop the pattern, or train N:M with backend=masked_dense",
                 )
             if group.distribution != "uniform":
                 raise ConfigError(
                     f"{key}.distribution",
-                    f"{group.distribution!r} is ours, not cstorch's: use uniform, or",
-                    ["masked_dense"],
+                    f"{group.distribution!r} is not a cstorch distribution: set {key}.distribution=uniform, "
+                    "or train it with backend=masked_dense",
                 )
         cstorch = import_cstorch()
         available = {name for name in CSTORCH_ALGORITHMS.values() if hasattr(cstorch.sparse, name)}
@@ -367,7 +383,7 @@ class CerebrasBackend(Backend):
         self, batches: Iterable[tuple[torch.Tensor, ...]], steps: int, device: torch.device
     ) -> Iterator[tuple[torch.Tensor, ...]]:
         data = import_cstorch().utils.data
-        return iter(data.DataExecutor(data.DataLoader(_input_fn, batches), num_steps=steps))
+        return iter(data.DataExecutor(data.DataLoader(_input_fn, _Batches(batches)), num_steps=steps))
 
     def lower(self, run_step: Callable[[], None], sparse_names: list[str], cluster: ClusterConfig) -> LoweringReport:
         """Run one step under compile_only / validate_only: cstorch lowers it here, then the appliance compiles.
@@ -449,15 +465,16 @@ def checkpoint_to_cstorch(checkpoint: str | Path, path: str | Path) -> Path:
 def cstorch_to_checkpoint(path: str | Path, run_dir: str | Path) -> Path:
     """A cstorch checkpoint file written by `checkpoint_to_cstorch` as our checkpoint in `run_dir`.
 
-    Weights, masks and the optimizer state (as saved: cstorch's AdamW state after a cerebras run) carry over;
-    `modelzoo export` and `generate` take the result. The trainer state holds only the step, so a run does not
-    resume from it.
+    Weights, masks and config carry over, as a weights-only checkpoint (the file has no trainer state, so a
+    run cannot resume from it, and says so): `modelzoo export`, `generate` and `prune` take it. `run_dir`
+    must not hold a checkpoint yet.
     """
     from omegaconf import OmegaConf
 
     from modelzoo.config import Config
     from modelzoo.models.gpt import GPT
 
+    ckpt.check_run_dir(run_dir, resume=False)
     state = load_cstorch(path)
     if "modelzoo_config" not in state:
         raise CheckpointError(f"{path} has no modelzoo_config: it was not written by checkpoint_to_cstorch")
@@ -472,5 +489,4 @@ def cstorch_to_checkpoint(path: str | Path, run_dir: str | Path) -> Path:
         raise CheckpointError(
             f"{path} does not match its config's model: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
-    step = int(state["global_step"])
-    return ckpt.save_checkpoint(run_dir, step, model, state["optimizer"], {"step": step}, config_yaml, keep=1)
+    return ckpt.save_weights(run_dir, int(state["global_step"]), model, config_yaml)

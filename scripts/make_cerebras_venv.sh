@@ -44,8 +44,17 @@ EOF
 cache_root=${MODELZOO_VENV_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/sparse-modelzoo}
 if [ "$cache_root" = none ]; then
     target=$venv_dir
+    # A half-built venv of this script is removed and rebuilt below; anything else in the way is not ours to delete.
+    if [ -e "$venv_dir" ] && [ ! -f "$venv_dir/.make_cerebras_venv" ]; then
+        echo "make_cerebras_venv: $venv_dir exists and was not made by this script: remove it or pick another VENV_DIR" >&2
+        exit 1
+    fi
 else
     target=$cache_root/venv-cerebras-$key
+    if [ -e "$venv_dir" ] && [ ! -L "$venv_dir" ]; then
+        echo "make_cerebras_venv: $venv_dir exists and is not a link to the cache: remove it or pick another VENV_DIR" >&2
+        exit 1
+    fi
     mkdir -p "$cache_root"
 fi
 
@@ -58,6 +67,8 @@ build() {
     fi
     rm -rf "$target"
     echo "make_cerebras_venv: building $target (cerebras-pytorch==2.10.0, torch==2.4.0; about 3 GB to download)"
+    mkdir -p "$target"
+    touch "$target/.make_cerebras_venv"  # marks the directory as this script's, finished or not
     "$python" -m venv "$target"
     "$target/bin/python" -m pip install -q --upgrade pip
     "$target/bin/python" -m pip install -q -e "${repo}[cerebras,dev]"
@@ -73,10 +84,6 @@ else
     flock 9
     build
     flock -u 9
-    if [ -e "$venv_dir" ] && [ ! -L "$venv_dir" ]; then
-        echo "make_cerebras_venv: $venv_dir exists and is not a link to the cache: remove it or pick another VENV_DIR" >&2
-        exit 1
-    fi
     ln -sfn "$target" "$venv_dir"
 fi
 echo "make_cerebras_venv: ready: . $venv_dir/bin/activate"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,22 @@ SMALL = [
     "optim.warmup_steps=2",
     "optim.lr=3e-3",
 ]
+
+
+@pytest.fixture(scope="session")
+def cstorch():
+    """cerebras.pytorch, for tests marked `cerebras`: skipped where it cannot run, failed instead under
+    MODELZOO_REQUIRE_CEREBRAS=1 (CI's Cerebras stage)."""
+    from backends.cerebras import CerebrasBackend
+
+    reason = CerebrasBackend.unavailable_reason()
+    if reason:
+        if os.environ.get("MODELZOO_REQUIRE_CEREBRAS") == "1":
+            pytest.fail(f"MODELZOO_REQUIRE_CEREBRAS=1 but {reason}", pytrace=False)
+        pytest.skip(reason)
+    import cerebras.pytorch
+
+    return cerebras.pytorch
 
 
 @pytest.fixture(scope="session")
