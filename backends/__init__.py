@@ -25,10 +25,17 @@ register(MaskedDenseBackend)
 register(TorchSparseBackend)
 
 
-def resolve_name(name: str) -> str:
-    """The concrete backend name for `name` (`auto` picks the first available)."""
+def resolve_name(name: str, *, train: bool = True) -> str:
+    """The concrete backend name for `name` (`auto` picks the first available one that can train, or run
+    inference when `train` is false: cerebras trains only)."""
     if name == "auto":
-        return next(n for n in AUTO_ORDER if n in BACKENDS and BACKENDS[n].is_available())
+        return next(
+            n
+            for n in AUTO_ORDER
+            if n in BACKENDS
+            and BACKENDS[n].is_available()
+            and (BACKENDS[n].capabilities.train if train else BACKENDS[n].capabilities.infer)
+        )
     if name not in BACKENDS:
         raise ConfigError("backend.name", f"unknown backend {name!r}", ["auto", *BACKENDS])
     return name
@@ -51,8 +58,8 @@ def check_supports(name: str, *, algorithm: str | None, device: str, dtype: str,
         raise ConfigError("backend.name", reason)
 
 
-def get_backend(name: str) -> Backend:
-    return BACKENDS[resolve_name(name)]()
+def get_backend(name: str, *, train: bool = True) -> Backend:
+    return BACKENDS[resolve_name(name, train=train)]()
 
 
 __all__ = [

@@ -20,6 +20,7 @@ What each piece of the trainer becomes (cerebras-pytorch 2.10.0, facts in DESIGN
 which live in their own venv (`bash scripts/make_cerebras_venv.sh .venv-cerebras`).
 """
 
+import copy
 import functools
 import importlib.util
 import os
@@ -292,6 +293,10 @@ class _Batches:
 
     def __deepcopy__(self, memo: dict) -> "_Batches":
         return self
+
+    def __getstate__(self) -> dict:
+        """Pickled for a cluster's input workers: they get a copy (a memory-mapped corpus becomes an array)."""
+        return {"batches": copy.deepcopy(self.batches)}
 
 
 def _input_fn(batches: _Batches) -> Iterable[tuple[torch.Tensor, ...]]:

@@ -152,7 +152,7 @@ def check_inference(device: str, precision: str, backend: str) -> None:
     device = resolved_device(device)
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("task.device", "cuda requested but no CUDA device is visible", ["auto", "cpu"])
-    check_supports(resolve_name(backend), algorithm=None, device=device, dtype=precision, train=False)
+    check_supports(resolve_name(backend, train=False), algorithm=None, device=device, dtype=precision, train=False)
 
 
 def load_generator(cfg: Config) -> tuple[GPT, PreTrainedTokenizerBase]:
@@ -174,7 +174,7 @@ def load_generator(cfg: Config) -> tuple[GPT, PreTrainedTokenizerBase]:
             raise ConfigError("run_dir", f"{source.parent.parent} has no tokenizer/ directory to encode the prompt")
     log.info("generate: model %s", source)
     model = model.to(resolved_device(task.device), DTYPES[task.precision]).eval()
-    return get_backend(cfg.backend.name).prepare_inference(model, tokens=1), tokenizer
+    return get_backend(cfg.backend.name, train=False).prepare_inference(model, tokens=1), tokenizer
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:

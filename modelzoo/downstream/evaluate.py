@@ -273,7 +273,8 @@ def _prepare(model: GPT, cfg: Config) -> GPT:
     """`model` on the task's device and dtype, converted by the backend for full-window batches."""
     task: EvaluateConfig = cfg.task
     model = model.to(resolved_device(task.device), DTYPES[task.precision]).eval()
-    return get_backend(cfg.backend.name).prepare_inference(model, tokens=task.batch_size * model.config.n_positions)
+    backend = get_backend(cfg.backend.name, train=False)
+    return backend.prepare_inference(model, tokens=task.batch_size * model.config.n_positions)
 
 
 def evaluate_pubmedqa(
