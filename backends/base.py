@@ -56,7 +56,7 @@ class Backend(ABC):
         return cls.unavailable_reason() is None
 
     @classmethod
-    def check_config(cls, sparsity: SparsityConfig, cluster: ClusterConfig, device: str) -> None:
+    def check_config(cls, sparsity: SparsityConfig) -> None:
         """Refuse, before any compute, config values this backend cannot honour (a `ConfigError`)."""
         return None
 

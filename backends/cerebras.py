@@ -323,7 +323,7 @@ class CerebrasBackend(Backend):
         return _unavailable_reason()
 
     @classmethod
-    def check_config(cls, sparsity: SparsityConfig, cluster: ClusterConfig, device: str) -> None:
+    def check_config(cls, sparsity: SparsityConfig) -> None:
         """Refuse what cstorch cannot run: N:M patterns, ERK, an algorithm the installed version lacks."""
         if not sparsity.enabled:
             return

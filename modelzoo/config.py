@@ -159,7 +159,7 @@ def validate(cfg: Config) -> None:
         _validate_cluster(cfg, backend, device)
         for algorithm in cfg.sparsity.algorithms or [None]:
             check_supports(backend, algorithm=algorithm, device=device, dtype=cfg.task.precision, train=True)
-        BACKENDS[backend].check_config(cfg.sparsity, cfg.cluster, device)
+        BACKENDS[backend].check_config(cfg.sparsity)
     elif cfg.compile_only or cfg.validate_only:
         raise ConfigError("compile_only" if cfg.compile_only else "validate_only", "applies to pretrain only")
     if isinstance(cfg.task, FinetuneConfig):  # the model and its sparsity come from task.pretrained

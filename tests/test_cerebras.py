@@ -330,7 +330,7 @@ def test_algorithm_missing_from_their_version_is_refused() -> None:
 )
 def test_what_cstorch_lacks_is_refused_before_import(config: SparsityConfig, key: str) -> None:
     with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: [^.]*: .*backend=masked_dense$"):
-        CerebrasBackend.check_config(config, ClusterConfig(), "cpu")
+        CerebrasBackend.check_config(config)
 
 
 @pytest.mark.parametrize(

@@ -31,6 +31,7 @@ from modelzoo.finetune.pretrained import Pretrained, load_pretrained
 from modelzoo.flops import TRAIN_MULTIPLIER, flop_report, format_flops
 from modelzoo.models.soft_prompt import SoftPrompt, freeze
 from modelzoo.sparsity.config import SparsityConfig
+from modelzoo.sparsity.plugin import MASK_SUFFIX
 from modelzoo.train import checkpoint as ckpt
 from modelzoo.train.metrics import MetricsLogger
 from modelzoo.train.optim import build_optimizer, build_scheduler
@@ -79,7 +80,7 @@ def _masked_nonzero(pre: Pretrained, checkpoint: Path) -> float:
     params = dict(pre.model.named_parameters())
     pruned = nonzero = 0
     for key, mask in masks.items():
-        weight = params[key.removesuffix("_mask")].detach().cpu()
+        weight = params[key.removesuffix(MASK_SUFFIX)].detach().cpu()
         pruned += int((~mask).sum())
         nonzero += int((weight[~mask] != 0).sum())
     return nonzero / max(pruned, 1)

@@ -37,6 +37,7 @@ from modelzoo.errors import CheckpointError, ConfigError
 from modelzoo.export.hf import export_hf, load_hf
 from modelzoo.flops import flop_report, format_flops
 from modelzoo.models.gpt import GPT, GPTConfig
+from modelzoo.sparsity.plugin import MASK_SUFFIX
 from modelzoo.train import checkpoint as ckpt
 from modelzoo.train.config import TrainConfig
 from modelzoo.train.metrics import MetricsLogger
@@ -226,7 +227,7 @@ class Trainer:
             for batch in self.backend.batches(StepBatches(self.loader, self.accumulation), 1, self.device):
                 step(*batch)
 
-        names = [n.removesuffix("_mask") for n in self.sparsifier.mask_names()] if self.sparsifier else []
+        names = [n.removesuffix(MASK_SUFFIX) for n in self.sparsifier.mask_names()] if self.sparsifier else []
         return self.backend.lower(one_step, names, self.cfg.cluster)
 
     def _end_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
