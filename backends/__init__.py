@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from backends.base import Backend, Capabilities, Sparsifier
-from backends.cerebras import CerebrasBackend
-from backends.masked_dense import MaskedDenseBackend
-from backends.torch_sparse import TorchSparseBackend
+from modelzoo.backends.base import Backend, Capabilities, Sparsifier
+from modelzoo.backends.cerebras import CerebrasBackend
+from modelzoo.backends.masked_dense import MaskedDenseBackend
+from modelzoo.backends.torch_sparse import TorchSparseBackend
 from modelzoo.errors import ConfigError
 
 BACKENDS: dict[str, type[Backend]] = {}

@@ -38,7 +38,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from backends.base import Backend, Capabilities
+from modelzoo.backends.base import Backend, Capabilities
 from modelzoo.cluster import ClusterConfig
 from modelzoo.errors import CheckpointError, ConfigError, ModelZooError
 from modelzoo.sparsity.config import DROP_ALGORITHMS, SparsityConfig, SparsityGroupConfig

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from backends.base import Backend, Capabilities
+from modelzoo.backends.base import Backend, Capabilities
 from modelzoo.sparsity.config import SparsityConfig
 from modelzoo.sparsity.plugin import MaskedSparsity
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backends.base import Backend, Capabilities
+from modelzoo.backends.base import Backend, Capabilities
 from modelzoo.errors import ConfigError
 from modelzoo.sparsity.config import SparsityConfig
 from modelzoo.sparsity.plugin import MASK_SUFFIX, MaskedSparsity

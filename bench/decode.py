@@ -17,7 +17,7 @@ from common import REPO, Timing, add_common_arguments, begin, markdown_table, pu
 from omegaconf import OmegaConf
 from torch import nn
 
-from backends.torch_sparse import TorchSparseBackend, kernel_summary
+from modelzoo.backends.torch_sparse import TorchSparseBackend, kernel_summary
 from modelzoo.generate import generate
 from modelzoo.models.gpt import GPT, GPTConfig
 from modelzoo.sparsity.config import SparsityConfig

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from common import Timing, add_common_arguments, begin, markdown_table, publish, split_choices, time_interleaved
 
-from backends.torch_sparse import SparseLinear, bsr_from_mask, csr_from_mask
+from modelzoo.backends.torch_sparse import SparseLinear, bsr_from_mask, csr_from_mask
 
 METHOD = """\
 One `nn.Linear` weight of shape (out, in), fp32, multiplied by M tokens of input (M = 1 is batch-1

@@ -18,7 +18,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, open_dict
 
-from backends import BACKENDS, check_supports, resolve_name
+from modelzoo.backends import BACKENDS, check_supports, resolve_name
 from modelzoo.cluster import ClusterConfig
 from modelzoo.data.config import FORMATS, DataConfig, TokenizerConfig
 from modelzoo.distributed import world_size

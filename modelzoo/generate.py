@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from backends import check_supports, get_backend, resolve_name
+from modelzoo.backends import check_supports, get_backend, resolve_name
 from modelzoo.config import Config, GenerateConfig, resolved_device
 from modelzoo.errors import ConfigError
 from modelzoo.export.hf import load_hf, restore_masks

@@ -51,7 +51,7 @@ SMALL = [
 def cstorch():
     """cerebras.pytorch, for tests marked `cerebras`: skipped where it cannot run, failed instead under
     MODELZOO_REQUIRE_CEREBRAS=1 (CI's Cerebras stage)."""
-    from backends.cerebras import CerebrasBackend
+    from modelzoo.backends.cerebras import CerebrasBackend
 
     reason = CerebrasBackend.unavailable_reason()
     if reason:

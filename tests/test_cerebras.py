@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from backends.cerebras import (
+from modelzoo.backends.cerebras import (
     CSTORCH_VERSION,
     CerebrasBackend,
     check_algorithms,
@@ -268,7 +268,7 @@ def test_validate_only_checks_the_program_offline(cstorch, tmp_path: Path, cache
 
 @pytest.mark.cerebras
 def test_cluster_node_maps_onto_cstorch_cluster_config(cstorch, tmp_path: Path) -> None:
-    from backends.cerebras import cluster_config
+    from modelzoo.backends.cerebras import cluster_config
 
     cluster = ClusterConfig(
         name="cs2",

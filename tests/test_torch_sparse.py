@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from backends import torch_sparse
-from backends.torch_sparse import (
+from modelzoo.backends import torch_sparse
+from modelzoo.backends.torch_sparse import (
     SparseLinear,
     TorchSparseBackend,
     block_size,

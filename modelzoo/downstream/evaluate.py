@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, PreTrainedTokenizerBase
 
-from backends import get_backend
+from modelzoo.backends import get_backend
 from modelzoo.config import Config, resolved_device
 from modelzoo.downstream.config import EvaluateConfig
 from modelzoo.downstream.pubmedqa import CHOICES, SPLITS, load_pubmedqa, majority_baseline, pubmedqa_prompt
