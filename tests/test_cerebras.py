@@ -18,18 +18,14 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from modelzoo.backends.cerebras import (
-    CSTORCH_VERSION,
-    CerebrasBackend,
-    check_algorithms,
-    checkpoint_to_cstorch,
-    cstorch_to_checkpoint,
-    environment_problem,
-    load_cstorch,
-    mlir_sparsity,
-)
+from modelzoo.backends.cerebras import CSTORCH_VERSION, CerebrasBackend
+from modelzoo.backends.cerebras.cluster import cluster_config
+from modelzoo.backends.cerebras.environment import environment_problem
+from modelzoo.backends.cerebras.lowering import mlir_sparsity
+from modelzoo.backends.cerebras.sparsity import check_algorithms
 from modelzoo.cluster import ClusterConfig
 from modelzoo.errors import CheckpointError, ConfigError
+from modelzoo.export.cerebras_checkpoint import checkpoint_to_cstorch, cstorch_to_checkpoint, load_cstorch
 from modelzoo.export.hf import export_hf
 from modelzoo.sparsity.config import NMPattern, SparsityConfig
 from modelzoo.sparsity.names import select_parameters
@@ -268,8 +264,6 @@ def test_validate_only_checks_the_program_offline(cstorch, tmp_path: Path, cache
 
 @pytest.mark.cerebras
 def test_cluster_node_maps_onto_cstorch_cluster_config(cstorch, tmp_path: Path) -> None:
-    from modelzoo.backends.cerebras import cluster_config
-
     cluster = ClusterConfig(
         name="cs2",
         target="CSX",
@@ -280,7 +274,7 @@ def test_cluster_node_maps_onto_cstorch_cluster_config(cstorch, tmp_path: Path) 
         job_priority="p1",
     )
     cluster.validate("cpu")
-    theirs = cluster_config(cluster, REPO)
+    theirs = cluster_config(cluster)
     assert isinstance(theirs, cstorch.distributed.ClusterConfig)
     assert (theirs.mgmt_address, theirs.num_csx, theirs.job_labels) == ("mgmt.example:443", 2, ["team=bio"])
     assert str(REPO) in theirs.python_paths

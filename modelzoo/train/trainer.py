@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from modelzoo.backends import get_backend, resolve_name
-from modelzoo.backends.cerebras import LoweringReport
+from modelzoo.backends.cerebras.lowering import LoweringReport
 from modelzoo.config import Config, resolved_device
 from modelzoo.data.corpus import load_corpus, unigram_loss
 from modelzoo.data.loader import BlockLoader, StepBatches, iter_eval

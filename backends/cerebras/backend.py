@@ -1,0 +1,118 @@
+"""cerebras.pytorch (cstorch) backend: our training loop on cstorch's CPU, GPU or CSX (CS-2) backend.
+
+What each piece of the trainer becomes (cerebras-pytorch 2.10.0, facts in DESIGN.md section 2):
+- `start`: `cstorch.backend(target, artifact_dir=...)`; for CSX also `compile_only` / `validate_only` and a
+  `cstorch.distributed.ClusterConfig` built from the `cluster` node (`cluster.py`). cstorch allows one backend
+  per process, so a later run in the same process reuses it (same target only).
+- `compile`: `cstorch.compile(model, backend)`, which also makes `model.apply(sparsity)` work.
+- `sparsifier`: `CerebrasSparsity` (`sparsity.py`), cstorch's algorithms from the same `sparsity` node.
+- `optimizer_class`: `cstorch.optim.AdamW` (GMP, SET and RigL need a cstorch optimizer).
+- `batches`: `cstorch.utils.data.DataLoader` + `DataExecutor` (`data.py`); `wrap_step`: the step under
+  `@cstorch.trace`, its loss and gradient norm handed to the trainer's bookkeeping through a `step_closure`.
+- `lower`: compile_only / validate_only and the report of what was lowered (`lowering.py`).
+Checkpoint conversion to and from `cstorch.save` files lives in `modelzoo.export.cerebras_checkpoint`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from modelzoo.backends.base import Backend, Capabilities
+from modelzoo.backends.cerebras import data, lowering
+from modelzoo.backends.cerebras.cluster import cluster_config
+from modelzoo.backends.cerebras.environment import CerebrasError, import_cstorch, put_venv_tools_on_path
+from modelzoo.backends.cerebras.environment import unavailable_reason as _unavailable_reason
+from modelzoo.backends.cerebras.sparsity import CSTORCH_ALGORITHMS, CerebrasSparsity, check_sparsity
+from modelzoo.cluster import ClusterConfig
+from modelzoo.sparsity.config import SparsityConfig
+
+
+class CerebrasBackend(Backend):
+    name = "cerebras"
+    capabilities = Capabilities(
+        train=True,
+        infer=False,
+        algorithms=frozenset(CSTORCH_ALGORITHMS),
+        devices=frozenset({"cpu", "cuda"}),
+        dtypes=frozenset({"fp32"}),
+    )
+
+    def __init__(self) -> None:
+        self.cs_backend: Any = None
+        self.mode: str | None = None  # compile_only | validate_only | None (a training run)
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        return _unavailable_reason()
+
+    @classmethod
+    def check_config(cls, sparsity: SparsityConfig) -> None:
+        check_sparsity(sparsity)
+
+    def optimizer_class(self) -> type[torch.optim.Optimizer]:
+        return import_cstorch().optim.AdamW
+
+    def start(
+        self,
+        cluster: ClusterConfig,
+        device: torch.device,
+        artifact_dir: Path,
+        *,
+        compile_only: bool = False,
+        validate_only: bool = False,
+    ) -> None:
+        cstorch = import_cstorch()
+        self.mode = "compile_only" if compile_only else "validate_only" if validate_only else None
+        target = cluster.resolved_target(device.type)
+        existing = cstorch.current_backend(raise_exception=False, raise_warning=False)
+        if existing is not None:
+            if existing.backend_type.name != target:
+                raise CerebrasError(
+                    f"this process already runs cstorch's {existing.backend_type.name} backend and cstorch allows one "
+                    f"per process: run the {target} job in a new process"
+                )
+            existing.artifact_dir = Path(artifact_dir)
+            self.cs_backend = existing
+            return
+        options: dict[str, Any] = {"artifact_dir": str(artifact_dir)}
+        if target == "CSX":
+            put_venv_tools_on_path()
+            options.update(
+                compile_only=compile_only, validate_only=validate_only, cluster_config=cluster_config(cluster)
+            )
+        self.cs_backend = cstorch.backend(target, **options)
+
+    def compile(self, model: nn.Module) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+        return import_cstorch().compile(model, self.cs_backend)
+
+    def sparsifier(self, config: SparsityConfig, seed: int) -> CerebrasSparsity:
+        return CerebrasSparsity(config, seed)
+
+    def batches(
+        self, batches: Iterable[tuple[torch.Tensor, ...]], steps: int, device: torch.device
+    ) -> Iterator[tuple[torch.Tensor, ...]]:
+        return iter(data.executor(batches, steps))
+
+    def lower(
+        self, run_step: Callable[[], None], sparse_names: list[str], cluster: ClusterConfig
+    ) -> lowering.LoweringReport:
+        return lowering.lower(self.mode or "", Path(self.cs_backend.artifact_dir), run_step, sparse_names, cluster)
+
+    def wrap_step(
+        self,
+        step: Callable[..., tuple[torch.Tensor, ...]],
+        end_step: Callable[..., None],
+    ) -> Callable[..., None]:
+        cstorch = import_cstorch()
+        closure = cstorch.step_closure(end_step)
+
+        @cstorch.trace
+        def traced(*batch: torch.Tensor) -> None:
+            closure(*step(*batch))
+
+        return traced
