@@ -15,6 +15,8 @@ from torch import nn
 from modelzoo.cluster import ClusterConfig
 from modelzoo.sparsity.config import SparsityConfig
 from modelzoo.sparsity.plugin import SparsityStats
+from modelzoo.train.config import OptimConfig
+from modelzoo.train.optim import build_scheduler
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,11 @@ class Backend(ABC):
     def optimizer_class(self) -> type[torch.optim.Optimizer]:
         """The AdamW implementation the trainer builds (cstorch needs its own)."""
         return torch.optim.AdamW
+
+    def scheduler(self, optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int) -> Any:
+        """The learning-rate schedule of `cfg` over `max_steps`, stepped once per optimizer step: torch's
+        `LambdaLR` of `lr_factor` by default (cstorch's own schedulers on the Cerebras backend)."""
+        return build_scheduler(optimizer, cfg, max_steps)
 
     def start(
         self,

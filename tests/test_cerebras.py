@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,8 @@ from modelzoo.export.hf import export_hf
 from modelzoo.sparsity.config import NMPattern, SparsityConfig
 from modelzoo.sparsity.names import select_parameters
 from modelzoo.train import checkpoint as ckpt
+from modelzoo.train.config import OptimConfig
+from modelzoo.train.optim import build_optimizer, lr_factor
 from modelzoo.train.trainer import Trainer
 from tests.conftest import REPO, make_config
 
@@ -67,6 +70,20 @@ def run(tmp_path: Path, cache_dir: Path, backend: str, algorithm: str, *extra: s
 def losses(trainer: Trainer) -> list[float]:
     with (trainer.run_dir / "metrics.csv").open() as f:
         return [float(row["train_loss"]) for row in csv.DictReader(f) if row["train_loss"]]
+
+
+def rewound(run_dir: Path, step: int, to: Path) -> Path:
+    """A copy of `run_dir` as it stood when it wrote its checkpoint of `step` (later checkpoints left out): the
+    run that resumes from it repeats the same config, as a job restarted after being killed does."""
+    later = [p.name for p in ckpt.checkpoint_dir(run_dir).glob("step_*") if int(p.name.removeprefix("step_")) > step]
+    shutil.copytree(run_dir, to, symlinks=True, ignore=lambda directory, names: [n for n in names if n in later])
+    (ckpt.checkpoint_dir(to) / ckpt.LATEST).write_text(f"step_{step:06d}\n")
+    return to
+
+
+def logged_lrs(trainer: Trainer) -> list[float]:
+    with (trainer.run_dir / "metrics.csv").open() as f:
+        return [float(row["lr"]) for row in csv.DictReader(f) if row["lr"]]
 
 
 def masks(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -108,6 +125,70 @@ def test_pretraining_matches_masked_dense(cstorch, tmp_path: Path, cache_dir: Pa
         state = cerebras.optimizer.state[param]
         for key in ("exp_avg", "exp_avg_sq"):
             assert not state[key][~mask].any(), (name, key)
+
+
+@pytest.fixture
+def cs_backend(cstorch, tmp_path: Path):
+    """cstorch's CPU backend (one per process: an earlier test's is reused)."""
+    return cstorch.current_backend(raise_exception=False, raise_warning=False) or cstorch.backend(
+        "CPU", artifact_dir=str(tmp_path)
+    )
+
+
+def used_lrs(optimizer: torch.optim.Optimizer) -> list[float]:
+    """The learning rate of each later `optimizer.step()`, recorded as the step starts."""
+    seen: list[float] = []
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append(float(opt.param_groups[0]["lr"])))
+    return seen
+
+
+@pytest.mark.cerebras
+@pytest.mark.parametrize(
+    ("warmup", "decay"), [(7, "cosine"), (5, "linear"), (4, "constant"), (1, "cosine"), (0, "linear")]
+)
+def test_cstorch_schedule_is_lr_factor(cstorch, cs_backend, warmup: int, decay: str) -> None:
+    """The backend's cstorch scheduler gives the optimizer `lr * lr_factor(step)` at every step, warm-up, decay
+    and the floor after max_steps included, within 1e-5 relative (cstorch computes it in float32)."""
+    cfg = OptimConfig(lr=6e-4, warmup_steps=warmup, decay=decay, min_lr_ratio=0.1)
+    max_steps = 30
+    model = torch.nn.Linear(4, 4)
+    optimizer = build_optimizer(model, cfg, cstorch.optim.AdamW)
+    scheduler = CerebrasBackend().scheduler(optimizer, cfg, max_steps)
+    assert isinstance(scheduler, cstorch.optim.lr_scheduler.LRScheduler)
+    seen = used_lrs(optimizer)
+    for _ in range(max_steps + 5):
+        model(torch.ones(2, 4)).sum().backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    expected = [cfg.lr * lr_factor(s, cfg, max_steps) for s in range(max_steps + 5)]
+    assert seen == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.cerebras
+def test_lr_of_every_step_matches_masked_dense_and_resumes(cstorch, tmp_path: Path, cache_dir: Path) -> None:
+    """Over a run with warm-up and cosine decay, the LR each optimizer step used on cstorch equals masked_dense's
+    within 1e-5 relative, the metrics log it, and a run resumed from its checkpoint continues the schedule."""
+    common = ["sparsity=dense", "optim.warmup_steps=3", "optim.decay=cosine", "task.log_every=1"]
+    common += ["task.max_steps=8", "task.eval_every=8", "task.checkpoint_every=4", "task.export=false"]
+    resume = ["backend=cerebras", *common, "task.resume=true"]
+    runs = {}
+    for backend in ("masked_dense", "cerebras"):
+        trainer = Trainer(make_config(tmp_path / backend, cache_dir, f"backend={backend}", *common))
+        runs[backend] = (trainer, used_lrs(trainer.optimizer))
+        trainer.fit()
+    (_, ours), (cerebras, theirs) = runs["masked_dense"], runs["cerebras"]
+    assert isinstance(cerebras.scheduler, cstorch.optim.lr_scheduler.SequentialLR)
+    assert len(ours) == len(theirs) == 8
+    assert ours[0] == pytest.approx(3e-3 / 3) and ours[2] == pytest.approx(3e-3) and ours[-1] < ours[3]
+    assert theirs == pytest.approx(ours, rel=1e-5)
+    assert logged_lrs(cerebras) == pytest.approx(ours, rel=1e-5)
+
+    resumed = Trainer(make_config(rewound(cerebras.run_dir, 4, tmp_path / "resumed"), cache_dir, *resume))
+    assert resumed.step == 4
+    after = used_lrs(resumed.optimizer)
+    resumed.fit()
+    assert after == theirs[4:]
 
 
 @pytest.mark.cerebras

@@ -6,7 +6,8 @@ What each piece of the trainer becomes (cerebras-pytorch 2.10.0, facts in DESIGN
   per process, so a later run in the same process reuses it (same target only).
 - `compile`: `cstorch.compile(model, backend)`, which also makes `model.apply(sparsity)` work.
 - `sparsifier`: `CerebrasSparsity` (`sparsity.py`), cstorch's algorithms from the same `sparsity` node.
-- `optimizer_class`: `cstorch.optim.AdamW` (GMP, SET and RigL need a cstorch optimizer).
+- `optimizer_class`: `cstorch.optim.AdamW` (GMP, SET and RigL need a cstorch optimizer); `scheduler`: the
+  LR schedule as cstorch schedulers, computed in the traced program from its step (`schedule.py`).
 - `batches`: `cstorch.utils.data.DataLoader` + `DataExecutor` (`data.py`); `wrap_step`: the step under
   `@cstorch.trace`, its loss and gradient norm handed to the trainer's bookkeeping through a `step_closure`.
 - `lower`: compile_only / validate_only and the report of what was lowered (`lowering.py`).
@@ -23,13 +24,14 @@ import torch
 from torch import nn
 
 from modelzoo.backends.base import Backend, Capabilities
-from modelzoo.backends.cerebras import data, lowering
+from modelzoo.backends.cerebras import data, lowering, schedule
 from modelzoo.backends.cerebras.cluster import cluster_config
 from modelzoo.backends.cerebras.environment import CerebrasError, import_cstorch, put_venv_tools_on_path
 from modelzoo.backends.cerebras.environment import unavailable_reason as _unavailable_reason
 from modelzoo.backends.cerebras.sparsity import CSTORCH_ALGORITHMS, CerebrasSparsity, check_sparsity
 from modelzoo.cluster import ClusterConfig
 from modelzoo.sparsity.config import SparsityConfig
+from modelzoo.train.config import OptimConfig
 
 
 class CerebrasBackend(Backend):
@@ -56,6 +58,9 @@ class CerebrasBackend(Backend):
 
     def optimizer_class(self) -> type[torch.optim.Optimizer]:
         return import_cstorch().optim.AdamW
+
+    def scheduler(self, optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int) -> Any:
+        return schedule.build_scheduler(optimizer, cfg, max_steps)
 
     def start(
         self,

@@ -41,7 +41,7 @@ from modelzoo.sparsity.plugin import MASK_SUFFIX
 from modelzoo.train import checkpoint as ckpt
 from modelzoo.train.config import TrainConfig
 from modelzoo.train.metrics import MetricsLogger
-from modelzoo.train.optim import build_optimizer, build_scheduler
+from modelzoo.train.optim import build_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim, self.backend.optimizer_class())
         if self.sparsifier:
             self.sparsifier.apply_optimizer(self.optimizer)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.task.max_steps)
+        self.scheduler = self.backend.scheduler(self.optimizer, cfg.optim, self.task.max_steps)
         self.loader = BlockLoader(
             self.corpus.train,
             self.task.micro_batch_size,
@@ -153,8 +153,9 @@ class Trainer:
         return model
 
     # ---- one optimizer step -------------------------------------------------------------------------
-    def _train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward/backward over the micro-batches of one batch, clip, step. Returns (mean loss, grad norm)."""
+    def _train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Forward/backward over the micro-batches of one batch, clip, step. Returns (mean loss, grad norm, the
+        learning rate this step used)."""
         self.model.train()
         losses = []
         for i in range(self.accumulation):
@@ -167,9 +168,10 @@ class Trainer:
             losses.append(loss.detach())
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
         self.optimizer.step()
+        lr = self.optimizer.param_groups[0]["lr"]  # a tensor of the program on cstorch, a float elsewhere
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return torch.stack(losses).sum() / self.accumulation, grad_norm
+        return torch.stack(losses).sum() / self.accumulation, grad_norm, lr
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -230,7 +232,7 @@ class Trainer:
         names = [n.removesuffix(MASK_SUFFIX) for n in self.sparsifier.mask_names()] if self.sparsifier else []
         return self.backend.lower(one_step, names, self.cfg.cluster)
 
-    def _end_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+    def _end_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, lr: torch.Tensor | float) -> None:
         """After each optimizer step (the Cerebras backend calls it from a step closure): log, evaluate, save."""
         t = self.task
         self.step += 1
@@ -243,7 +245,7 @@ class Trainer:
             sparsity, _ = self.sparsity()
             row.update(
                 train_loss=float(self.dist.mean(loss)),
-                lr=self.scheduler.get_last_lr()[0],
+                lr=float(lr),
                 grad_norm=float(grad_norm),
                 tokens_per_s=self._window_steps * self.tokens_per_step / elapsed,
             )
