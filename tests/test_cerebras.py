@@ -25,6 +25,7 @@ from modelzoo.backends.cerebras.environment import environment_problem
 from modelzoo.backends.cerebras.lowering import mlir_sparsity
 from modelzoo.backends.cerebras.sparsity import check_algorithms
 from modelzoo.cluster import ClusterConfig
+from modelzoo.config import validate
 from modelzoo.errors import CheckpointError, ConfigError
 from modelzoo.export.cerebras_checkpoint import checkpoint_to_cstorch, cstorch_to_checkpoint, load_cstorch
 from modelzoo.export.hf import export_hf
@@ -97,7 +98,9 @@ def masks(trainer: Trainer) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("algorithm", list(ALGORITHMS))
 def test_pretraining_matches_masked_dense(cstorch, tmp_path: Path, cache_dir: Path, algorithm: str) -> None:
     """Same seed, data and config on both backends: identical initial masks (static: identical throughout),
-    loss curves within 0.5%, and cstorch keeps pruned weights and Adam state at zero."""
+    loss curves within 1e-5 relative (measured: static 3.4e-6, GMP 4.0e-6, RigL 3.5e-6; RigL was 1.2e-4 before
+    the drop-fraction cache was cleared each step) and 5e-5 for SET (2.3e-5: it regrows at random, so its masks
+    differ from masked_dense's), and cstorch keeps pruned weights and Adam state at zero."""
     reference = run(tmp_path, cache_dir, "masked_dense", algorithm, "task.export=false")
     cerebras = run(tmp_path, cache_dir, "cerebras", algorithm, "task.export=false")
     assert isinstance(cerebras.optimizer, cstorch.optim.AdamW)
@@ -106,7 +109,7 @@ def test_pretraining_matches_masked_dense(cstorch, tmp_path: Path, cache_dir: Pa
     ours, theirs = losses(reference), losses(cerebras)
     assert len(ours) == len(theirs) == STEPS
     assert ours[0] == pytest.approx(theirs[0], rel=1e-6)  # the first step sees the same masks and weights
-    assert theirs == pytest.approx(ours, rel=5e-3)
+    assert theirs == pytest.approx(ours, rel=5e-5 if algorithm == "set" else 1e-5)
     assert theirs[-1] < theirs[0] - 0.2  # it learns
     final = masks(cerebras)
     if algorithm == "static":
@@ -231,20 +234,31 @@ def test_filters_select_the_same_weights_both_ways(cstorch, tmp_path: Path, cach
 
 
 @pytest.mark.cerebras
-def test_resumed_run_equals_the_uninterrupted_one(cstorch, tmp_path: Path, cache_dir: Path) -> None:
-    """3 steps, then resumed to 6, give the losses and final checkpoint of 6 steps in one go: the data position
-    and Adam state come back from the checkpoint (cstorch's DataLoader must not train on a copy of our loader).
-    Static only: a resumed RigL run drifts on cstorch (its mask update after the resume differs slightly)."""
-    common = ["backend=cerebras", *ALGORITHMS["static"], "optim.decay=constant", "task.log_every=1"]
-    common += ["task.checkpoint_every=3", "task.eval_every=6", "task.export=false"]
-    full = Trainer(make_config(tmp_path / "full", cache_dir, *common, "task.max_steps=6"))
+@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+def test_resumed_run_equals_the_uninterrupted_one(cstorch, tmp_path: Path, cache_dir: Path, algorithm: str) -> None:
+    """A run resumed from its step-4 checkpoint gives the losses and final checkpoint of 8 steps in one go, bit for
+    bit, for every algorithm, with warm-up and cosine decay: the data position, Adam state, LR schedule, mask
+    update counters and RNG come back from the checkpoint (SET and RigL drifted before the drop-fraction cache
+    was cleared each step). GMP follows a cycling (list-valued) schedule, whose position cstorch's own
+    load_state_dict drops."""
+    common = ["backend=cerebras", *ALGORITHMS[algorithm], "optim.warmup_steps=2", "optim.decay=cosine"]
+    common += ["task.log_every=1", "task.max_steps=8", "task.checkpoint_every=4", "task.eval_every=8"]
+    common += ["task.export=false"]
+
+    def trainer(run_dir: Path, *extra: str) -> Trainer:
+        cfg = make_config(run_dir, cache_dir, *common, *extra)
+        if algorithm == "gmp":
+            cfg.sparsity.sparsity = {"type": "cycling", "values": [0.5, 0.6, 0.7, 0.75, 0.8]}
+            validate(cfg)
+        return Trainer(cfg)
+
+    full = trainer(tmp_path / "full")
     full.fit()
-    Trainer(make_config(tmp_path / "part", cache_dir, *common, "task.max_steps=3")).fit()
-    resumed = Trainer(make_config(tmp_path / "part", cache_dir, *common, "task.max_steps=6", "task.resume=true"))
-    assert resumed.step == 3
+    resumed = trainer(rewound(full.run_dir, 4, tmp_path / "resumed"), "task.resume=true")
+    assert resumed.step == 4
     resumed.fit()
     assert losses(resumed) == losses(full)
-    a, b = (ckpt.checkpoint_dir(t.run_dir) / "step_000006" / ckpt.MODEL_FILE for t in (full, resumed))
+    a, b = (ckpt.checkpoint_dir(t.run_dir) / "step_000008" / ckpt.MODEL_FILE for t in (full, resumed))
     assert a.read_bytes() == b.read_bytes()
 
 

@@ -4,10 +4,17 @@ Each group's `param_filter` is resolved by our name matching (which also underst
 into the exact parameter names, and the initial masks are the ones masked_dense draws from the same seed (passed
 as cstorch's `init_method` callable), so both backends start from identical masks; cstorch's own algorithms then
 update them.
+
+Two cstorch 2.10 bugs are worked around here (both verified on its CPU backend, `CEREBRAS_APPLIANCE.md` section 4):
+- on CPU / GPU, SET's and RigL's drop fraction is cached under the step tensor, which is updated in place, so the
+  value of the first step of the process is reused for every update: the cache is cleared before every step;
+- `load_state_dict` empties a cycling (list-valued) sparsity schedule's saved position before reading it: it is
+  restored by hand.
 """
 
 from __future__ import annotations
 
+import copy
 import typing
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -130,6 +137,16 @@ class CerebrasSparsity:
         optimizer.apply(self.group)
         if not import_cstorch().use_cs():
             self.group.initialize()
+            optimizer.register_step_pre_hook(self._clear_drop_fraction_cache)
+
+    def _algorithms(self) -> list[Any]:
+        return [group.algorithm for group in self.group._groups]
+
+    def _clear_drop_fraction_cache(self, *hook_args: Any) -> None:
+        """Before each optimizer step: the drop fraction is computed anew from this step's counter."""
+        for algorithm in self._algorithms():
+            if hasattr(algorithm, "drop_fraction"):
+                algorithm.drop_fraction.cache_clear()
 
     def mask_names(self) -> list[str]:
         return [n + MASK_SUFFIX for n in self.names]
@@ -137,8 +154,14 @@ class CerebrasSparsity:
     def stats(self) -> SparsityStats:
         return sparsity_stats(self._params)
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> list[dict]:
         return self.group.state_dict()
 
-    def load_state_dict(self, state: dict) -> None:
-        self.group.load_state_dict(state)
+    def load_state_dict(self, state: list[dict]) -> None:
+        """cstorch's load (which pops from the dicts it gets, so it is handed a copy), then each cycling
+        schedule's saved position, which cstorch's load drops."""
+        self.group.load_state_dict(copy.deepcopy(state))
+        for saved, algorithm in zip(state, self._algorithms(), strict=True):
+            for name, schedule_state in saved.get("sparsity", {}).items():
+                param = algorithm.sparse_params[name].param
+                algorithm.sparsity[param].load_state_dict(copy.deepcopy(dict(schedule_state)))
