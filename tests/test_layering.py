@@ -4,9 +4,9 @@ and a backend is imported only when it is used."""
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import networkx as nx
@@ -19,8 +19,8 @@ OPTIONAL = {"cerebras.pytorch", "lm_eval", "peft", "datasets"}
 
 def _package_dirs() -> dict[str, str]:
     """Installed package -> source folder (pyproject's package-dir: `modelzoo.backends` lives in `backends/`)."""
-    dirs = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
-    return {installed: folder for installed, folder in dirs.items() if installed}
+    section = (REPO / "pyproject.toml").read_text().split("[tool.setuptools.package-dir]")[1].split("\n[")[0]
+    return dict(re.findall(r'^"([\w.]+)" = "([\w/]+)"$', section, re.MULTILINE))
 
 
 def _modules() -> dict[str, Path]:
