@@ -10,8 +10,6 @@ from modelzoo.sparsity.plugin import MaskedSparsity
 class MaskedDenseBackend(Backend):
     name = "masked_dense"
     capabilities = Capabilities(
-        train=True,
-        infer=True,
         algorithms=frozenset({"static", "gmp", "set", "rigl"}),
         devices=frozenset({"cpu", "cuda"}),
         dtypes=frozenset({"fp32", "bf16"}),

@@ -25,16 +25,17 @@ from modelzoo.backends.cerebras.environment import environment_problem
 from modelzoo.backends.cerebras.lowering import mlir_sparsity
 from modelzoo.backends.cerebras.sparsity import check_algorithms
 from modelzoo.cluster import ClusterConfig
-from modelzoo.config import validate
 from modelzoo.errors import CheckpointError, ConfigError
 from modelzoo.export.cerebras_checkpoint import checkpoint_to_cstorch, cstorch_to_checkpoint, load_cstorch
 from modelzoo.export.hf import export_hf
+from modelzoo.restore import restore_model
 from modelzoo.sparsity.config import NMPattern, SparsityConfig
 from modelzoo.sparsity.names import select_parameters
 from modelzoo.train import checkpoint as ckpt
 from modelzoo.train.config import OptimConfig
 from modelzoo.train.optim import build_optimizer, lr_factor
 from modelzoo.train.trainer import Trainer
+from modelzoo.validate import validate
 from tests.conftest import REPO, make_config
 
 STEPS = 8
@@ -103,7 +104,7 @@ def test_pretraining_matches_masked_dense(cstorch, tmp_path: Path, cache_dir: Pa
     differ from masked_dense's), and cstorch keeps pruned weights and Adam state at zero."""
     reference = run(tmp_path, cache_dir, "masked_dense", algorithm, "task.export=false")
     cerebras = run(tmp_path, cache_dir, "cerebras", algorithm, "task.export=false")
-    assert isinstance(cerebras.optimizer, cstorch.optim.AdamW)
+    assert isinstance(cerebras.loop.optimizer, cstorch.optim.AdamW)
     assert isinstance(cerebras.sparsifier.group, cstorch.sparse.Group)
     assert cerebras.sparsifier.mask_names() == reference.sparsifier.mask_names()
     ours, theirs = losses(reference), losses(cerebras)
@@ -125,7 +126,7 @@ def test_pretraining_matches_masked_dense(cstorch, tmp_path: Path, cache_dir: Pa
         level = 1 - mask.float().mean()
         assert level == pytest.approx(0.75, abs=2e-3), name
         assert not param[~mask].any(), name
-        state = cerebras.optimizer.state[param]
+        state = cerebras.loop.optimizer.state[param]
         for key in ("exp_avg", "exp_avg_sq"):
             assert not state[key][~mask].any(), (name, key)
 
@@ -178,10 +179,10 @@ def test_lr_of_every_step_matches_masked_dense_and_resumes(cstorch, tmp_path: Pa
     runs = {}
     for backend in ("masked_dense", "cerebras"):
         trainer = Trainer(make_config(tmp_path / backend, cache_dir, f"backend={backend}", *common))
-        runs[backend] = (trainer, used_lrs(trainer.optimizer))
+        runs[backend] = (trainer, used_lrs(trainer.loop.optimizer))
         trainer.fit()
     (_, ours), (cerebras, theirs) = runs["masked_dense"], runs["cerebras"]
-    assert isinstance(cerebras.scheduler, cstorch.optim.lr_scheduler.SequentialLR)
+    assert isinstance(cerebras.loop.scheduler, cstorch.optim.lr_scheduler.SequentialLR)
     assert len(ours) == len(theirs) == 8
     assert ours[0] == pytest.approx(3e-3 / 3) and ours[2] == pytest.approx(3e-3) and ours[-1] < ours[3]
     assert theirs == pytest.approx(ours, rel=1e-5)
@@ -189,7 +190,7 @@ def test_lr_of_every_step_matches_masked_dense_and_resumes(cstorch, tmp_path: Pa
 
     resumed = Trainer(make_config(rewound(cerebras.run_dir, 4, tmp_path / "resumed"), cache_dir, *resume))
     assert resumed.step == 4
-    after = used_lrs(resumed.optimizer)
+    after = used_lrs(resumed.loop.optimizer)
     resumed.fit()
     assert after == theirs[4:]
 
@@ -286,7 +287,8 @@ def test_checkpoint_converts_to_cstorch_and_back_and_to_hf(cstorch, tmp_path: Pa
         ckpt.load_training_state(back)
     with pytest.raises(CheckpointError, match="already holds checkpoint"):  # never over an existing run
         cstorch_to_checkpoint(cs_file, tmp_path / "converted")
-    model, cfg, _ = ckpt.restore_model(back)
+    restored = restore_model(back)
+    model, cfg = restored.model, restored.config
     assert cfg.sparsity.algorithm == "rigl"
     reference = trainer.model.state_dict()
     assert all(torch.equal(v, reference[k]) for k, v in model.state_dict().items())
@@ -337,7 +339,7 @@ def check_lowering(result: subprocess.CompletedProcess, n_sparse: int) -> None:
 
 @pytest.mark.cerebras
 def test_compile_only_lowers_tiny_gpt_and_names_what_is_missing(cstorch, tmp_path: Path, cache_dir: Path) -> None:
-    result = lower(tmp_path, cache_dir, "model=tiny", "compile_only=true")
+    result = lower(tmp_path, cache_dir, "model=tiny", "cluster.mode=compile_only")
     check_lowering(result, n_sparse=4 * 4)  # 4 layers x (c_attn, attn.c_proj, c_fc, mlp.c_proj)
     assert "stopped at the remote compile (ClusterConfigError" in result.stdout
     assert "set cluster.mgmt_address=<host>:<port>" in result.stdout
@@ -347,12 +349,12 @@ def test_compile_only_lowers_tiny_gpt_and_names_what_is_missing(cstorch, tmp_pat
 @pytest.mark.cerebras
 @pytest.mark.slow
 def test_compile_only_lowers_med_gpt_at_75_percent(cstorch, tmp_path: Path, cache_dir: Path) -> None:
-    check_lowering(lower(tmp_path, cache_dir, "model=med", "compile_only=true"), n_sparse=24 * 4)
+    check_lowering(lower(tmp_path, cache_dir, "model=med", "cluster.mode=compile_only"), n_sparse=24 * 4)
 
 
 @pytest.mark.cerebras
 def test_validate_only_checks_the_program_offline(cstorch, tmp_path: Path, cache_dir: Path) -> None:
-    result = lower(tmp_path, cache_dir, "model=tiny", "validate_only=true")
+    result = lower(tmp_path, cache_dir, "model=tiny", "cluster.mode=validate_only")
     check_lowering(result, n_sparse=16)
     assert "passed cstorch's checks (nothing was sent to a cluster)" in result.stdout
 
@@ -430,11 +432,8 @@ def test_what_cstorch_lacks_is_refused_before_import(config: SparsityConfig, key
             r"cluster.mgmt_address: a CS-2 run needs cluster.mgmt_address=<host>:<port>",
         ),
         (["backend=masked_dense", "cluster=cs2"], r"cluster.target: CSX is a cstorch backend: use backend=cerebras"),
-        (["compile_only=true"], r"compile_only: lowers for a CS-2: it needs backend=cerebras cluster=cs2"),
-        (
-            ["backend=cerebras", "cluster=cs2", "compile_only=true", "validate_only=true"],
-            r"validate_only: compile_only",
-        ),
+        (["cluster.mode=compile_only"], r"cluster.mode: compile_only lowers for a CS-2: it needs backend=cerebras"),
+        (["backend=cerebras", "cluster=cs2", "cluster.mode=compile"], r"cluster.mode: unknown 'compile'"),
         (["backend=cerebras", "cluster=cs2", "cluster.mgmt_address=nohost"], r"cluster.mgmt_address: 'nohost' is not"),
         (["backend=cerebras", "cluster=cs2", "cluster.job_priority=p9"], r"cluster.job_priority: unknown 'p9'"),
         (["backend=cerebras", "cluster=cs2", 'cluster.job_labels=["a=b=c"]'], r"cluster.job_labels\[0\]: 'a=b=c'"),
@@ -446,7 +445,10 @@ def test_what_cstorch_lacks_is_refused_before_import(config: SparsityConfig, key
             ["backend=cerebras", "cluster=cs2", "cluster.credentials_path=/no/cert"],
             r"cluster.credentials_path: /no/cert",
         ),
-        (["backend=cerebras", "cluster=cs2", "compile_only=true", "task.micro_batch_size=4"], r"a CS-2 splits batches"),
+        (
+            ["backend=cerebras", "cluster=cs2", "cluster.mode=compile_only", "task.micro_batch_size=4"],
+            r"a CS-2 splits batches",
+        ),
     ],
 )
 def test_cluster_config_is_validated_before_anything_runs(

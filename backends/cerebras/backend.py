@@ -10,7 +10,8 @@ What each piece of the trainer becomes (cerebras-pytorch 2.10.0, facts in DESIGN
   LR schedule as cstorch schedulers, computed in the traced program from its step (`schedule.py`).
 - `batches`: `cstorch.utils.data.DataLoader` + `DataExecutor` (`data.py`); `wrap_step`: the step under
   `@cstorch.trace`, its loss and gradient norm handed to the trainer's bookkeeping through a `step_closure`.
-- `lower`: compile_only / validate_only and the report of what was lowered (`lowering.py`).
+- `run`: trains, or under `cluster.mode` compile_only / validate_only lowers one step and reports what was
+  lowered (`lowering.py`).
 Checkpoint conversion to and from `cstorch.save` files lives in `modelzoo.export.cerebras_checkpoint`.
 """
 
@@ -23,11 +24,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from modelzoo.backends.base import Backend, Capabilities
-from modelzoo.backends.cerebras import data, lowering, schedule
+from modelzoo.backends.base import Backend, Capabilities, LoopDriver
 from modelzoo.backends.cerebras.cluster import cluster_config
+from modelzoo.backends.cerebras.data import executor
 from modelzoo.backends.cerebras.environment import CerebrasError, import_cstorch, put_venv_tools_on_path
 from modelzoo.backends.cerebras.environment import unavailable_reason as _unavailable_reason
+from modelzoo.backends.cerebras.lowering import lower
+from modelzoo.backends.cerebras.schedule import build_scheduler
 from modelzoo.backends.cerebras.sparsity import CSTORCH_ALGORITHMS, CerebrasSparsity, check_sparsity
 from modelzoo.cluster import ClusterConfig
 from modelzoo.sparsity.config import SparsityConfig
@@ -37,8 +40,6 @@ from modelzoo.train.config import OptimConfig
 class CerebrasBackend(Backend):
     name = "cerebras"
     capabilities = Capabilities(
-        train=True,
-        infer=False,
         algorithms=frozenset(CSTORCH_ALGORITHMS),
         devices=frozenset({"cpu", "cuda"}),
         dtypes=frozenset({"fp32"}),
@@ -46,6 +47,7 @@ class CerebrasBackend(Backend):
 
     def __init__(self) -> None:
         self.cs_backend: Any = None
+        self.cluster: ClusterConfig | None = None
         self.mode: str | None = None  # compile_only | validate_only | None (a training run)
 
     @classmethod
@@ -60,19 +62,12 @@ class CerebrasBackend(Backend):
         return import_cstorch().optim.AdamW
 
     def scheduler(self, optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int) -> Any:
-        return schedule.build_scheduler(optimizer, cfg, max_steps)
+        return build_scheduler(optimizer, cfg, max_steps)
 
-    def start(
-        self,
-        cluster: ClusterConfig,
-        device: torch.device,
-        artifact_dir: Path,
-        *,
-        compile_only: bool = False,
-        validate_only: bool = False,
-    ) -> None:
+    def start(self, cluster: ClusterConfig, device: torch.device, artifact_dir: Path) -> None:
         cstorch = import_cstorch()
-        self.mode = "compile_only" if compile_only else "validate_only" if validate_only else None
+        self.cluster = cluster
+        self.mode = None if cluster.mode == "train" else cluster.mode
         target = cluster.resolved_target(device.type)
         existing = cstorch.current_backend(raise_exception=False, raise_warning=False)
         if existing is not None:
@@ -88,7 +83,9 @@ class CerebrasBackend(Backend):
         if target == "CSX":
             put_venv_tools_on_path()
             options.update(
-                compile_only=compile_only, validate_only=validate_only, cluster_config=cluster_config(cluster)
+                compile_only=cluster.mode == "compile_only",
+                validate_only=cluster.mode == "validate_only",
+                cluster_config=cluster_config(cluster),
             )
         self.cs_backend = cstorch.backend(target, **options)
 
@@ -101,12 +98,16 @@ class CerebrasBackend(Backend):
     def batches(
         self, batches: Iterable[tuple[torch.Tensor, ...]], steps: int, device: torch.device
     ) -> Iterator[tuple[torch.Tensor, ...]]:
-        return iter(data.executor(batches, steps))
+        return iter(executor(batches, steps))
 
-    def lower(
-        self, run_step: Callable[[], None], sparse_names: list[str], cluster: ClusterConfig
-    ) -> lowering.LoweringReport:
-        return lowering.lower(self.mode or "", Path(self.cs_backend.artifact_dir), run_step, sparse_names, cluster)
+    def run(self, loop: LoopDriver) -> bool:
+        """Train, or under `cluster.mode` compile_only / validate_only lower one step and print the report."""
+        if self.mode is None:
+            return super().run(loop)
+        artifacts = Path(self.cs_backend.artifact_dir)
+        report = lower(self.mode, artifacts, loop.run_one_step, loop.sparse_names(), self.cluster)
+        print(report.format())
+        return False
 
     def wrap_step(
         self,

@@ -25,8 +25,9 @@ from torch import nn
 from modelzoo.backends.cerebras.environment import CSTORCH_VERSION, import_cstorch
 from modelzoo.errors import ConfigError
 from modelzoo.sparsity.config import DROP_ALGORITHMS, SparsityConfig, SparsityGroupConfig
+from modelzoo.sparsity.masks import MASK_SUFFIX
 from modelzoo.sparsity.plan import plan_groups
-from modelzoo.sparsity.plugin import MASK_SUFFIX, MaskedSparsity, SparsityStats, sparsity_stats
+from modelzoo.sparsity.plugin import MaskedSparsity, SparsityStats, sparsity_stats
 
 # Our algorithm names -> the cstorch.sparse classes that implement them.
 CSTORCH_ALGORITHMS = {"static": "Static", "gmp": "GMP", "set": "SET", "rigl": "RigL"}

@@ -33,14 +33,14 @@ from modelzoo.data.config import DataConfig
 from modelzoo.errors import CheckpointError
 from modelzoo.export.cerebras_params import CerebrasRecipe, read_params, write_params
 from modelzoo.models.gpt import GPT, GPTConfig
+from modelzoo.restore import build_model, config_from_yaml, restore_model
+from modelzoo.sparsity.masks import MASK_SUFFIX
 from modelzoo.sparsity.names import cerebras_names
-from modelzoo.sparsity.plugin import MASK_SUFFIX, MaskedSparsity
 from modelzoo.train.checkpoint import (
     MODEL_FILE,
     check_run_dir,
     load_training_state,
     read_config,
-    restore_model,
     save_weights,
     verify_checkpoint,
 )
@@ -148,10 +148,7 @@ def cstorch_to_checkpoint(path: str | Path, run_dir: str | Path) -> Path:
     if "modelzoo_config" not in state:
         raise CheckpointError(f"{path} has no modelzoo_config: it was not written by checkpoint_to_cstorch")
     config_yaml = state["modelzoo_config"]
-    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(config_yaml)))
-    model = GPT(cfg.model)
-    if cfg.sparsity.enabled:
-        MaskedSparsity(cfg.sparsity, cfg.seed).apply(model)
+    model, _ = build_model(config_from_yaml(config_yaml))
     missing, unexpected = model.load_state_dict(state["model"], strict=False)
     if unexpected or len(missing) > 1 or not set(missing) <= set(TIED):  # one tensor, stored under one of its names
         raise CheckpointError(
@@ -265,11 +262,9 @@ def import_cerebras(params: str | Path, checkpoint: str | Path, run_dir: str | P
         seed=seed,
         run_dir=str(run_dir),
     )
-    model = GPT(cfg.model)
+    model, sparsity = build_model(cfg)
     sparse: list[str] = []
-    if cfg.sparsity.enabled:
-        sparsity = MaskedSparsity(cfg.sparsity, seed)
-        sparsity.apply(model)
+    if sparsity:
         sparse = [n.removesuffix(MASK_SUFFIX) for n in sparsity.mask_names()]
         for names, why in ((set(masks) - set(sparse), "masks"), (set(sparse) - set(masks), "no masks")):
             if names:
@@ -286,7 +281,8 @@ def import_cerebras(params: str | Path, checkpoint: str | Path, run_dir: str | P
 
 def export_cerebras(checkpoint: str | Path, output_dir: str | Path) -> tuple[Path, Path]:
     """One of our checkpoints as a Cerebras Model Zoo `params.yaml` and `model.mdl` (`{"model": state_dict}`)."""
-    model, cfg, _ = restore_model(checkpoint)
+    run = restore_model(checkpoint)
+    model, cfg = run.model, run.config
     task = asdict(cfg.task) if is_dataclass(cfg.task) else dict(cfg.task)
     train = TrainConfig(**{k: task[k] for k in ("max_steps", "batch_size", "micro_batch_size")})
     recipe = CerebrasRecipe(
