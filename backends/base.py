@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -96,8 +97,17 @@ class Backend(ABC):
         `LambdaLR` of `lr_factor` by default (cstorch's own schedulers on the Cerebras backend)."""
         return build_scheduler(optimizer, cfg, max_steps)
 
-    def start(self, cluster: ClusterConfig, device: torch.device, artifact_dir: Path) -> None:
-        """Set up the runtime before the model, sparsity and optimizer are built; nothing by default."""
+    def start(self, cluster: ClusterConfig, device: torch.device, artifact_dir: Path, precision: str = "fp32") -> None:
+        """Set up the runtime (and its mixed precision) before the model, sparsity and optimizer are built;
+        nothing by default."""
+        return None
+
+    def autocast(self, device: torch.device, precision: str) -> AbstractContextManager:
+        """The context every forward pass runs in: torch's bfloat16 autocast for bf16, none for fp32."""
+        return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+    def grad_scaler(self, precision: str) -> Any:
+        """A loss scaler (`scale`, `unscale_`, `step`, `update`, `state_dict`) where `precision` needs one; None."""
         return None
 
     def compile(self, model: nn.Module) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:

@@ -353,6 +353,28 @@ def test_compile_only_lowers_med_gpt_at_75_percent(cstorch, tmp_path: Path, cach
 
 
 @pytest.mark.cerebras
+def test_bf16_on_cstorch_cpu_is_cstorch_amp_not_torch_autocast(cstorch, tmp_path: Path, cache_dir: Path) -> None:
+    """task.precision=bf16 on backend=cerebras: cstorch's half dtype is set before the model is built and the step
+    runs under `cstorch.amp.autocast`, not torch's; it trains, close to masked_dense's bf16 run."""
+    extra = ("sparsity=static_75", "task.precision=bf16", "task.max_steps=4", "task.log_every=1", "task.export=false")
+    reference = Trainer(make_config(tmp_path / "md", cache_dir, "backend=masked_dense", *extra))
+    trainer = Trainer(make_config(tmp_path / "cs", cache_dir, "backend=cerebras", *extra))
+    assert cstorch.amp.get_half_dtype_str() == "bfloat16"
+    assert not isinstance(trainer.loop.autocast, torch.autocast) and trainer.loop.scaler is None
+    reference.fit()
+    trainer.fit()
+    assert losses(trainer) == pytest.approx(losses(reference), rel=2e-2)
+    assert losses(trainer)[-1] < losses(trainer)[0]
+
+
+@pytest.mark.cerebras
+def test_cbf16_lowers_with_dynamic_loss_scaling(cstorch, tmp_path: Path, cache_dir: Path) -> None:
+    """task.precision=cbf16 on a CS-2: the training step with cstorch's dynamic GradScaler lowers."""
+    result = lower(tmp_path, cache_dir, "model=tiny", "cluster.mode=compile_only", "task.precision=cbf16")
+    check_lowering(result, n_sparse=16)
+
+
+@pytest.mark.cerebras
 def test_validate_only_checks_the_program_offline(cstorch, tmp_path: Path, cache_dir: Path) -> None:
     result = lower(tmp_path, cache_dir, "model=tiny", "cluster.mode=validate_only")
     check_lowering(result, n_sparse=16)
@@ -449,6 +471,12 @@ def test_what_cstorch_lacks_is_refused_before_import(config: SparsityConfig, key
             ["backend=cerebras", "cluster=cs2", "cluster.mode=compile_only", "task.micro_batch_size=4"],
             r"a CS-2 splits batches",
         ),
+        (
+            ["backend=cerebras", "cluster=cs2", "cluster.mode=validate_only", "cluster.num_csx=3"],
+            r"task.batch_size: 8 does not split over cluster.num_csx=3 CS-2s: use a multiple of 3",
+        ),
+        (["task.precision=cbf16"], r"task.precision: cbf16 is cstorch's mixed precision on a CS-2: use backend=cer"),
+        (["backend=cerebras", "task.precision=fp16"], r"task.precision: fp16 is cstorch's .* task.precision=bf16"),
     ],
 )
 def test_cluster_config_is_validated_before_anything_runs(
@@ -456,3 +484,16 @@ def test_cluster_config_is_validated_before_anything_runs(
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         make_config(tmp_path, cache_dir, *overrides)
+
+
+def test_cs2_corpus_cache_must_be_on_a_mounted_volume(tmp_path: Path, cache_dir: Path) -> None:
+    """The input workers read the corpus cache: on a CS-2 it must lie under `cluster.mount_dirs` (checked before
+    anything runs; a training run needs mount dirs, a lowering run only when it names some)."""
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    cs2 = ["backend=cerebras", "cluster=cs2", "cluster.mode=compile_only", "task.micro_batch_size=8"]
+    with pytest.raises(ConfigError, match=r"data.cache_dir: .* is not under cluster.mount_dirs=.*add its volume"):
+        make_config(tmp_path / "run", cache_dir, *cs2, f"cluster.mount_dirs=[{volume}]")
+    if CerebrasBackend.unavailable_reason() is None:  # the config is accepted (without cstorch it stops later)
+        make_config(tmp_path / "run", volume / "cache", *cs2, f"cluster.mount_dirs=[{volume}]")
+        make_config(tmp_path / "run", cache_dir, *cs2)

@@ -4,6 +4,7 @@ What each piece of the trainer becomes (cerebras-pytorch 2.10.0, facts in DESIGN
 - `start`: `cstorch.backend(target, artifact_dir=...)`; for CSX also `compile_only` / `validate_only` and a
   `cstorch.distributed.ClusterConfig` built from the `cluster` node (`cluster.py`). cstorch allows one backend
   per process, so a later run in the same process reuses it (same target only).
+- `autocast` / `grad_scaler`: `task.precision` as cstorch's AMP (`precision.py`), set in `start`.
 - `compile`: `cstorch.compile(model, backend)`, which also makes `model.apply(sparsity)` work.
 - `sparsifier`: `CerebrasSparsity` (`sparsity.py`), cstorch's algorithms from the same `sparsity` node.
 - `optimizer_class`: `cstorch.optim.AdamW` (GMP, SET and RigL need a cstorch optimizer); `scheduler`: the
@@ -18,6 +19,7 @@ Checkpoint conversion to and from `cstorch.save` files lives in `modelzoo.export
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ from modelzoo.backends.cerebras.data import executor
 from modelzoo.backends.cerebras.environment import CerebrasError, import_cstorch, put_venv_tools_on_path
 from modelzoo.backends.cerebras.environment import unavailable_reason as _unavailable_reason
 from modelzoo.backends.cerebras.lowering import lower
+from modelzoo.backends.cerebras.precision import autocast, grad_scaler, set_precision
 from modelzoo.backends.cerebras.schedule import build_scheduler
 from modelzoo.backends.cerebras.sparsity import CSTORCH_ALGORITHMS, CerebrasSparsity, check_sparsity
 from modelzoo.cluster import ClusterConfig
@@ -42,12 +45,13 @@ class CerebrasBackend(Backend):
     capabilities = Capabilities(
         algorithms=frozenset(CSTORCH_ALGORITHMS),
         devices=frozenset({"cpu", "cuda"}),
-        dtypes=frozenset({"fp32"}),
+        dtypes=frozenset({"fp32", "bf16", "cbf16", "fp16"}),
     )
 
     def __init__(self) -> None:
         self.cs_backend: Any = None
         self.cluster: ClusterConfig | None = None
+        self.precision = "fp32"
         self.mode: str | None = None  # compile_only | validate_only | None (a training run)
 
     @classmethod
@@ -64,9 +68,10 @@ class CerebrasBackend(Backend):
     def scheduler(self, optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int) -> Any:
         return build_scheduler(optimizer, cfg, max_steps)
 
-    def start(self, cluster: ClusterConfig, device: torch.device, artifact_dir: Path) -> None:
+    def start(self, cluster: ClusterConfig, device: torch.device, artifact_dir: Path, precision: str = "fp32") -> None:
         cstorch = import_cstorch()
         self.cluster = cluster
+        self.precision = precision
         self.mode = None if cluster.mode == "train" else cluster.mode
         target = cluster.resolved_target(device.type)
         existing = cstorch.current_backend(raise_exception=False, raise_warning=False)
@@ -78,6 +83,7 @@ class CerebrasBackend(Backend):
                 )
             existing.artifact_dir = Path(artifact_dir)
             self.cs_backend = existing
+            set_precision(precision)
             return
         options: dict[str, Any] = {"artifact_dir": str(artifact_dir)}
         if target == "CSX":
@@ -88,6 +94,13 @@ class CerebrasBackend(Backend):
                 cluster_config=cluster_config(cluster),
             )
         self.cs_backend = cstorch.backend(target, **options)
+        set_precision(precision)
+
+    def autocast(self, device: torch.device, precision: str) -> AbstractContextManager:
+        return autocast(precision)
+
+    def grad_scaler(self, precision: str) -> Any:
+        return grad_scaler(precision)
 
     def compile(self, model: nn.Module) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
         return import_cstorch().compile(model, self.cs_backend)

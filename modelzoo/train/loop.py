@@ -139,9 +139,8 @@ class TrainLoop:
         self.replica = DistributedDataParallel(model, broadcast_buffers=False) if dist.enabled else None
         self.forward = self.replica or forward
         self.trainable = [p for p in model.parameters() if p.requires_grad]
-        self.autocast = (
-            torch.autocast(device.type, dtype=torch.bfloat16) if settings.precision == "bf16" else nullcontext()
-        )
+        self.autocast = backend.autocast(device, settings.precision)
+        self.scaler = backend.grad_scaler(settings.precision)  # loss scaling (cstorch's, for cbf16 / fp16 on a CS-2)
         self.step = 0
         self.train_seconds = 0.0
         self.last_eval: dict[str, float] = {}
@@ -159,10 +158,17 @@ class TrainLoop:
             last = i == self.accumulation - 1
             with self.autocast, nullcontext() if self.replica is None or last else self.replica.no_sync():
                 loss = self.task.loss(self.forward, *(t[i] for t in batch))
-            (loss / self.accumulation).backward()
+            scaled = loss / self.accumulation
+            (scaled if self.scaler is None else self.scaler.scale(scaled)).backward()
             losses.append(loss.detach())
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.settings.grad_clip)
-        self.optimizer.step()
+        if self.scaler is None:
+            self.optimizer.step()
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         lr = self.optimizer.param_groups[0]["lr"]  # a tensor of the program on cstorch, a float elsewhere
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -246,6 +252,7 @@ class TrainLoop:
             "scheduler": self.scheduler.state_dict(),
             "task": self.task.state_dict(),
             "sparsity": self.sparsifier.state_dict() if self.sparsifier else None,
+            "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -275,6 +282,8 @@ class TrainLoop:
         self.task.load_state_dict(state["task"])
         if self.sparsifier:
             self.sparsifier.load_state_dict(state["sparsity"])
+        if self.scaler is not None:
+            self.scaler.load_state_dict(state["grad_scaler"])
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] is not None and torch.cuda.is_available():
