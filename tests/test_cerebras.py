@@ -335,6 +335,10 @@ def check_lowering(result: subprocess.CompletedProcess, n_sparse: int) -> None:
         for n in sparse
     )
     assert f"sparsity annotations: {n_sparse} of {n_sparse} sparse weights (cs.sparsity 0.75)" in result.stdout
+    # The LR is computed in the program from cstorch's schedule step counters (state resources), not held as a
+    # constant (torch's LambdaLR lowered with none of these).
+    counters = set(re.findall(r'tf\.resource_name = "(state\.schedulers\.[^"]*last_epoch)"', mlir.read_text()))
+    assert counters == {f"state.schedulers.0{inner}.last_epoch" for inner in ("", "._schedulers.0", "._schedulers.1")}
 
 
 @pytest.mark.cerebras
