@@ -23,10 +23,9 @@ from modelzoo.finetune.task import FinetuneSummary, run
 from modelzoo.models.classifier import GPTClassifier
 from modelzoo.models.gpt import GPT, GPTConfig
 from modelzoo.train.checkpoint import CONFIG_FILE, MODEL_FILE, checkpoint_masks, latest_checkpoint, selected_checkpoint
-from modelzoo.train.loop import TrainLoop
 from modelzoo.train.trainer import Trainer
 from modelzoo.validate import validate
-from tests.conftest import REPO, SHARED, make_config, needs_shared, train_losses
+from tests.conftest import REPO, SHARED, killed_at_step, make_config, needs_shared, train_losses
 
 # A few steps of everything: enough to move weights, small enough for 2 cores.
 FAST = [
@@ -187,18 +186,8 @@ def test_killed_finetuning_resumes_exactly(pretrained: Path, tmp_path: Path, mon
     extra = [*RESUMABLE, f"task.dataset={dataset}", "task.export=false"]
     full = adapt("finetune", pretrained, tmp_path / "full", *extra)
 
-    original, calls = TrainLoop.train_step, {"n": 0}
-
-    def crash_at_step_5(self: TrainLoop, *batch: torch.Tensor):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt("killed")
-        return original(self, *batch)
-
-    monkeypatch.setattr(TrainLoop, "train_step", crash_at_step_5)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at_step(monkeypatch, 5):
         adapt("finetune", pretrained, tmp_path / "crashed", *extra)
-    monkeypatch.setattr(TrainLoop, "train_step", original)
     assert latest_checkpoint(tmp_path / "crashed").name == "step_000004"
     resumed = adapt("finetune", pretrained, tmp_path / "crashed", *extra, "task.resume=true")
     assert train_losses(tmp_path / "crashed") == train_losses(tmp_path / "full")
