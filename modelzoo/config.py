@@ -28,7 +28,7 @@ from modelzoo.finetune.config import FinetuneConfig, PromptTuneConfig, validate_
 from modelzoo.models.gpt import ACTIVATIONS, GPT, GPTConfig
 from modelzoo.prune.config import PruneConfig
 from modelzoo.sparsity.config import SparsityConfig
-from modelzoo.sparsity.plan import plan_groups
+from modelzoo.sparsity.plan import check_run, plan_groups
 from modelzoo.train.config import DECAYS, DEVICES, PRECISIONS, OptimConfig, TrainConfig
 
 
@@ -167,7 +167,11 @@ def validate(cfg: Config) -> None:
         return
     if cfg.sparsity.enabled:
         with torch.device("meta"):
-            plan_groups(cfg.sparsity, GPT(cfg.model))
+            model = GPT(cfg.model)
+        if isinstance(cfg.task, TrainConfig):  # every level the run's masks take, up to task.max_steps
+            check_run(cfg.sparsity, model, cfg.task.max_steps)
+        else:
+            plan_groups(cfg.sparsity, model)
 
 
 def _validate_cluster(cfg: Config, backend: str, device: str) -> None:

@@ -223,7 +223,7 @@ def test_non_finite_gradients_at_kept_positions_keep_masks_and_exact_zeros(
 ) -> None:
     """inf / NaN at kept positions too: clipping spreads NaN over every gradient and the kept weights diverge,
     but each step's mask update is skipped (masks unchanged) and every pruned weight stays exactly 0."""
-    plugin, optimizer, masks = train_steps(tiny_config, ALGORITHM_CONFIGS[algorithm], 2, poison=True)
+    plugin, _, masks = train_steps(tiny_config, ALGORITHM_CONFIGS[algorithm], 2, poison=True)
     for i, sp in enumerate(plugin.params):
         assert torch.equal(sp.mask, masks[0][i]) and torch.equal(sp.mask, masks[1][i]), sp.name
         assert torch.equal(sp.param[~sp.mask], torch.zeros(int((~sp.mask).sum()))), sp.name
