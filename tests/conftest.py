@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from modelzoo.config import Config, load_config, to_object, validate
+from modelzoo.config import Config, load_config, to_object
 from modelzoo.models.gpt import GPT, GPTConfig
+from modelzoo.validate import validate
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -11,17 +11,17 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, GPT2LMHeadModel
 
-from modelzoo.config import load_config, to_object, validate
+from modelzoo.config import load_config, to_object
 from modelzoo.downstream.evaluate import load_checkpoint_model
 from modelzoo.errors import CheckpointError, ConfigError
 from modelzoo.export.seq_cls import export_seq_cls
 from modelzoo.finetune.config import FinetuneConfig, output_dir
-from modelzoo.finetune.pretrained import checkpoint_masks
 from modelzoo.finetune.task import FinetuneSummary, run
 from modelzoo.models.classifier import GPTClassifier
 from modelzoo.models.gpt import GPT, GPTConfig
-from modelzoo.train.checkpoint import CONFIG_FILE, MODEL_FILE, latest_checkpoint
+from modelzoo.train.checkpoint import CONFIG_FILE, MODEL_FILE, checkpoint_masks, latest_checkpoint
 from modelzoo.train.trainer import Trainer
+from modelzoo.validate import validate
 from tests.conftest import REPO, SHARED, make_config, needs_shared
 
 # A few steps of everything: enough to move weights, small enough for 2 cores.
