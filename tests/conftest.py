@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import math
 import os
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -73,6 +75,21 @@ def cstorch():
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("cache")
+
+
+def run_command(command: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """`subprocess.run(command, capture_output=True, text=True, **kwargs)` in a session of its own, whose whole
+    process group (torchrun's workers too) is killed after `timeout` seconds, failing the test."""
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs
+    ) as process:
+        try:
+            out, err = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            out, err = process.communicate()
+            pytest.fail(f"{' '.join(map(str, command))} ran past {timeout} s; its stderr ends:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, out, err)
 
 
 def make_config(run_dir: Path, cache_dir: Path, *overrides: str) -> Config:

@@ -197,8 +197,13 @@ def test_nm_run_exports_its_pattern(tmp_path: Path, cache_dir: Path) -> None:
 
 
 def test_bf16_autocast_trains_and_keeps_masks(tmp_path: Path, cache_dir: Path) -> None:
+    """The sparse matmuls run in bfloat16 (each block's MLP output is bf16 in the training and evaluation
+    forwards, which it would not be if autocast did nothing) while the master weights stay float32."""
     trainer = Trainer(make_config(tmp_path / "run", cache_dir, "task.precision=bf16", "task.max_steps=3"))
+    dtypes: list[torch.dtype] = []
+    trainer.model.transformer.h[0].mlp.c_fc.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
     summary = trainer.fit()
+    assert len(dtypes) > 3 and set(dtypes) == {torch.bfloat16}  # 3 steps x 2 micro-batches, then evaluation
     assert math.isfinite(summary.val_loss)
     assert summary.sparsity == pytest.approx(0.75, abs=1e-4)
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # autocast, fp32 master weights
