@@ -8,7 +8,7 @@ import torch
 from modelzoo.models.gpt import GPT, GPTConfig
 from modelzoo.sparsity.config import SparsityConfig
 from modelzoo.sparsity.names import cerebras_names, select_parameters
-from modelzoo.sparsity.plugin import MaskedSparsity
+from modelzoo.sparsity.plugin import MaskedSparsity, masked, prune_
 from modelzoo.train.config import OptimConfig
 from modelzoo.train.optim import build_optimizer
 
@@ -153,6 +153,21 @@ ALGORITHM_CONFIGS = {
     "set": SparsityConfig(sparsity=0.75, algorithm="set", update={"freq": 1}),
     "rigl": SparsityConfig(sparsity=0.75, algorithm="rigl", update={"freq": 1}),
 }
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_masking_is_torch_where_bit_for_bit(dtype: torch.dtype) -> None:
+    """`masked` / `prune_` give exactly `torch.where(mask, x, 0)` (cstorch's select), inf, NaN and -0.0 included."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 16, generator=generator).to(dtype)
+    mask = torch.rand(8, 16, generator=generator) < 0.5
+    x.view(-1)[:6] = torch.tensor([float("inf"), float("nan"), -0.0, float("-inf"), float("nan"), -0.0], dtype=dtype)
+    mask.view(-1)[:6] = torch.tensor([False, False, False, True, True, True])  # pruned, then kept
+    expected = torch.where(mask, x, 0)
+    pruned = x.clone()
+    prune_(pruned, mask)
+    for result in (masked(x, mask), pruned):
+        assert result.dtype == dtype and torch.equal(result.view(torch.int8), expected.view(torch.int8))
 
 
 def poison_gradients(model: GPT, kept: bool) -> None:

@@ -7,8 +7,9 @@ What `cerebras.pytorch.sparse` does, emulated on any device:
 - gradients are zeroed at pruned positions by a gradient hook, before clipping and accumulation;
 - optimizer state tensors of the parameter's shape are masked before each step, and the weights are
   re-pruned after it;
-- masking selects, as cstorch does (`torch.where(mask, x, 0)`), and never multiplies: an inf or NaN at a pruned
-  position becomes an exact 0 (`inf * 0` would be NaN, and a NaN weight would stay NaN through every re-pruning);
+- masking selects, as cstorch does (`torch.where(mask, x, 0)`; `masked` computes the same bits faster), and never
+  multiplies: an inf or NaN at a pruned position becomes an exact 0 (`inf * 0` would be NaN, and a NaN weight
+  would stay NaN through every re-pruning);
 - then, once per optimizer step, dynamic algorithms (GMP, SET, RigL) update their masks on the update steps
   of their schedule whose gradients are all finite. Weights and optimizer state are zeroed wherever a mask
   changed, so regrown connections start at exactly zero with fresh optimizer state.
@@ -93,14 +94,28 @@ class SparseGroup:
     params: list[SparseParam] = field(default_factory=list)
 
 
+# Selecting by the bits: a float ANDed with all ones is itself, with all zeros +0.0, whatever it was (inf, NaN).
+# Bit for bit what `torch.where(mask, x, 0)` gives, and 4-5x faster on CPU (786k weights: 1.6 ms against 7.9 ms
+# for `where` and 0.5 ms for the old multiply by a cached float mask, one thread on a loaded 2-core machine).
+_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _keep_bits(tensor: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`tensor`'s bits as integers, and all ones where `mask` is True, all zeros where it is False."""
+    bits = _BITS[tensor.element_size()]
+    return tensor.view(bits), mask.to(bits).neg_()
+
+
 def masked(tensor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """`tensor` with exact zeros where `mask` is False, selected as cstorch does (`torch.where(mask, x, 0)`)."""
-    return torch.where(mask, tensor, 0)
+    values, keep = _keep_bits(tensor, mask)
+    return (values & keep).view(tensor.dtype)
 
 
 def prune_(tensor: torch.Tensor, mask: torch.Tensor) -> None:
-    """Zero `tensor` in place where `mask` is False (a fill, so an inf or NaN there becomes 0 as well)."""
-    tensor.masked_fill_(~mask, 0)
+    """Zero `tensor` in place where `mask` is False, selecting as `masked` does (an inf or NaN there becomes 0)."""
+    values, keep = _keep_bits(tensor, mask)
+    values.bitwise_and_(keep)
 
 
 class MaskedSparsity:

@@ -14,7 +14,9 @@ cstorch class of that name:
 `update` is `{freq, start, stop}` (steps `start + k * freq` before `stop`, which is exclusive) or `{steps: [...]}`;
 absent, every step is an update step. Steps count optimizer steps taken (1 after the first `optimizer.step()`).
 Values are computed in float32 from float32 parameters as cstorch computes them, so the mask sizes derived from
-them match cstorch's exactly.
+them match cstorch's exactly. Rates are range-checked here (finite slopes, exp `gamma <= 0`, power `beta > 0`,
+positive cosine `half_period`); where a schedule leads within a run is checked against the run's length at config
+time (`modelzoo.sparsity.plan.check_run`, over `Schedule.along` the run's mask updates).
 """
 
 from __future__ import annotations
