@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, GPT2
 
 from modelzoo.config import load_config, to_object
 from modelzoo.downstream.evaluate import load_checkpoint_model, macro_f1
-from modelzoo.downstream.pubmedqa import CHOICES, load_pubmedqa, pubmedqa_prompt
+from modelzoo.downstream.pubmedqa import CHOICES, DIR_FILES, load_pubmedqa, pubmedqa_prompt
 from modelzoo.downstream.scoring import choice_loglikelihoods
 from modelzoo.errors import CheckpointError, ConfigError
 from modelzoo.export.seq_cls import export_seq_cls
@@ -69,13 +70,23 @@ def masked_weights(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, to
     return load_file(str(path / MODEL_FILE)), checkpoint_masks(path)
 
 
-def exported_test_scores(hf_dir: str) -> dict[str, float]:
-    """PubMedQA test accuracy and macro-F1 over all 500 test questions (in a 48-token window, as FAST sets) of the
-    exported Hugging Face model, scored through `transformers` and counted here: what the summary must report for
-    the model it exported. The files are sorted by label (the first 276 test answers are all "yes"), so only the
-    whole split holds every class and pins the split and the counting."""
+def shuffled_pubmedqa(directory: Path) -> Path:
+    """The PubMedQA files in a fixed random order: the shipped ones are sorted by label (the first 276 test answers
+    are all "yes"), so their first `task.limit=24` questions would hold one class only."""
+    for name in DIR_FILES.values():
+        lines = (SHARED / "data" / "pubmedqa" / name).read_text().rstrip("\n").split("\n")  # records hold U+2028
+        random.Random(0).shuffle(lines)
+        (directory / name).write_text("\n".join(lines) + "\n")
+    return directory
+
+
+def exported_test_scores(hf_dir: str, data_dir: Path) -> dict[str, float]:
+    """PubMedQA test accuracy and macro-F1 (the first `task.limit=24` questions, in the 48-token window FAST sets)
+    of the exported Hugging Face model, scored through `transformers` and counted here: what the summary must
+    report for the model it exported, on the test split."""
     model, tokenizer = GPT2LMHeadModel.from_pretrained(hf_dir).eval(), AutoTokenizer.from_pretrained(hf_dir)
-    questions = load_pubmedqa(SHARED / "data" / "pubmedqa", "test")
+    questions = load_pubmedqa(data_dir, "test")[:24]
+    assert len({q.label for q in questions}) == 3  # every class, so that the counts pin the split
     with torch.no_grad():
         scores = choice_loglikelihoods(
             lambda ids, mask: model(input_ids=ids, attention_mask=mask).logits,
@@ -92,7 +103,8 @@ def exported_test_scores(hf_dir: str) -> dict[str, float]:
 
 @needs_shared
 def test_dense_finetuning_unfreezes_pruned_weights(pretrained: Path, tmp_path: Path) -> None:
-    summary = adapt("finetune", pretrained, tmp_path / "ft", "task.sparsity=dense", "task.limit=0")
+    data = shuffled_pubmedqa(tmp_path)
+    summary = adapt("finetune", pretrained, tmp_path / "ft", "task.sparsity=dense", f"task.data_dir={data}")
     weights, masks = masked_weights(tmp_path / "ft")
     _, pre_masks = masked_weights(pretrained)
     assert not masks and pre_masks  # the masks were dropped
@@ -100,7 +112,7 @@ def test_dense_finetuning_unfreezes_pruned_weights(pretrained: Path, tmp_path: P
         pruned = weights[key.removesuffix("_mask")][~mask]
         assert (pruned != 0).float().mean() > 0.5, key  # pruned entries learned again
     assert summary.nonzero_fraction > 0.5
-    assert summary.test == exported_test_scores(summary.exports["hf"])
+    assert summary.test == exported_test_scores(summary.exports["hf"], data)
     assert GPT2LMHeadModel.from_pretrained(summary.exports["hf"]).config.n_positions == 64
     # `modelzoo evaluate` counts the pre-training up to the checkpoint used plus every fine-tuning step.
     evaluated, pre_summary = evaluate_checkpoint(tmp_path / "ft"), json.loads((pretrained / "summary.json").read_text())
