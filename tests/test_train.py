@@ -14,9 +14,8 @@ from transformers import AutoModelForCausalLM
 from modelzoo.errors import CheckpointError
 from modelzoo.flops import flop_report
 from modelzoo.train import checkpoint as ckpt
-from modelzoo.train.loop import TrainLoop
 from modelzoo.train.trainer import Trainer, format_summary
-from tests.conftest import make_config, train_losses
+from tests.conftest import killed_at_step, make_config, train_losses
 
 
 def test_pretrain_summary_checkpoint_and_export(tmp_path: Path, cache_dir: Path) -> None:
@@ -104,19 +103,8 @@ def test_resume_after_crash_is_exact(
     before, after = masks_at(tmp_path / "full", 4), masks_at(tmp_path / "full", 8)
     assert any(not torch.equal(v, after[k]) for k, v in before.items()) == (algorithm != "static")
 
-    original = TrainLoop.train_step
-    calls = {"n": 0}
-
-    def crash_at_step_6(self: TrainLoop, *batch: torch.Tensor):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt("killed")
-        return original(self, *batch)
-
-    monkeypatch.setattr(TrainLoop, "train_step", crash_at_step_6)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at_step(monkeypatch, 6):
         Trainer(make_config(tmp_path / "crashed", cache_dir, *steps)).fit()
-    monkeypatch.setattr(TrainLoop, "train_step", original)
     assert ckpt.latest_checkpoint(tmp_path / "crashed").name == "step_000004"
 
     resumed = Trainer(make_config(tmp_path / "crashed", cache_dir, *steps, "task.resume=true"))

@@ -178,10 +178,7 @@ def run(cfg: Config) -> FinetuneSummary:
         mask_names=mask_buffer_names(model),
     )
     if task.resume:
-        path = ckpt.latest_checkpoint(run_dir)
-        ckpt.verify_checkpoint(path)
-        _check_same_config(path, saved_cfg)
-        loop.resume(path)
+        loop.resume(RESUME_KEYS, "give a new task.output_dir")
     elif dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         pre.tokenizer.save_pretrained(run_dir / "tokenizer")
@@ -225,18 +222,6 @@ def run(cfg: Config) -> FinetuneSummary:
     if dist.is_main:
         (run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
     return summary
-
-
-def _check_same_config(path: Path, cfg: Config) -> None:
-    saved = OmegaConf.create(ckpt.read_config(path))
-    current = OmegaConf.structured(cfg)
-    for key in RESUME_KEYS:
-        a, b = OmegaConf.select(saved, key), OmegaConf.select(current, key)
-        if a != b:
-            raise CheckpointError(
-                f"{path} was trained with {key}={a} but the config has {key}={b}; "
-                "resume with the original value or give a new task.output_dir"
-            )
 
 
 def _masked_nonzero(backbone: torch.nn.Module, checkpoint: Path) -> float:

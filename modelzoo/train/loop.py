@@ -29,12 +29,14 @@ from typing import Protocol
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from modelzoo.backends.base import Backend, Sparsifier
 from modelzoo.distributed import Distributed
+from modelzoo.errors import CheckpointError
 from modelzoo.sparsity.masks import MASK_SUFFIX
 from modelzoo.train import checkpoint as ckpt
 from modelzoo.train.config import OptimConfig
@@ -263,8 +265,19 @@ class TrainLoop:
             protect=self.task.protected_checkpoints(),
         )
 
-    def resume(self, path: Path) -> None:
-        """Continue exactly from the verified checkpoint `path` (its config was checked by the task)."""
+    def resume(self, keys: tuple[str, ...], hint: str) -> None:
+        """Continue exactly from the run's newest checkpoint, refusing one whose config differs from this run's at
+        any of `keys` (what fixes the meaning of the saved state); `hint` says how to start afresh instead."""
+        path = ckpt.latest_checkpoint(self.run_dir)
+        ckpt.verify_checkpoint(path)
+        saved, current = OmegaConf.create(ckpt.read_config(path)), OmegaConf.create(self.config_yaml)
+        for key in keys:
+            a, b = OmegaConf.select(saved, key), OmegaConf.select(current, key)
+            if a != b:
+                raise CheckpointError(
+                    f"{path} was trained with {key}={_plain(a)} but the config has {key}={_plain(b)}; "
+                    f"resume with the original value or {hint}"
+                )
         ckpt.load_model_weights(path, self.model, self.mask_names)
         optimizer_state, state = ckpt.load_training_state(path)
         self.optimizer.load_state_dict(optimizer_state)
@@ -281,3 +294,7 @@ class TrainLoop:
         self.step = state["step"]
         self.train_seconds = state["train_seconds"]
         log.info("resumed from %s at step %d", path, self.step)
+
+
+def _plain(value: object) -> object:
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value

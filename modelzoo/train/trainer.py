@@ -24,7 +24,7 @@ from modelzoo.data.corpus import load_corpus, unigram_loss
 from modelzoo.data.loader import BlockLoader, StepBatches, iter_eval
 from modelzoo.data.tokenizer import build_tokenizer
 from modelzoo.distributed import init_distributed
-from modelzoo.errors import CheckpointError, ConfigError
+from modelzoo.errors import ConfigError
 from modelzoo.export.hf import export_hf, load_hf
 from modelzoo.flops import flop_report, format_flops
 from modelzoo.models.gpt import GPT, GPTConfig
@@ -137,10 +137,7 @@ class Trainer:
             mask_names=self.sparsifier.mask_names() if self.sparsifier else [],
         )
         if self.task.resume:
-            path = ckpt.latest_checkpoint(self.run_dir)
-            ckpt.verify_checkpoint(path)
-            self._check_same_config(path)
-            self.loop.resume(path)
+            self.loop.resume(RESUME_KEYS, "start a new run_dir")
 
     def _build_model(self) -> GPT:
         if not self.task.init_from:
@@ -204,17 +201,6 @@ class Trainer:
         stats = self.sparsifier.stats()
         return stats.global_sparsity, stats.per_param
 
-    def _check_same_config(self, path: Path) -> None:
-        saved = OmegaConf.create(ckpt.read_config(path))
-        current = OmegaConf.structured(self.cfg)
-        for key in RESUME_KEYS:
-            a, b = OmegaConf.select(saved, key), OmegaConf.select(current, key)
-            if a != b:
-                raise CheckpointError(
-                    f"{path} was trained with {key}={_plain(a)} but the config has {key}={_plain(b)}; "
-                    "resume with the original value or start a new run_dir"
-                )
-
     # ---- reporting ----------------------------------------------------------------------------------
     def _log_header(self) -> None:
         m: GPTConfig = self.cfg.model
@@ -270,10 +256,6 @@ class Trainer:
             (self.run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
             log.info("\n%s", format_summary(summary))
         return summary
-
-
-def _plain(value: object) -> object:
-    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
 def format_summary(s: RunSummary) -> str:
