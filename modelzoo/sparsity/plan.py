@@ -140,10 +140,16 @@ def run_levels(config: SparsityConfig, model: nn.Module, steps: int | None) -> R
         held = torch.cat([torch.zeros(1, len(shapes), dtype=torch.float64), held])
         # Training step k runs with the masks of the last draw at or before it: row searchsorted(draws, k).
         during = torch.searchsorted(draws, torch.arange(steps), right=True)
-        average.update(zip(plan.names, (held[during].mean(0) if steps else held[0]).tolist(), strict=True))
+        average.update(zip(plan.names, _mean_over_steps(held, during, steps), strict=True))
         final.update(zip(plan.names, held[-1].tolist(), strict=True))
         if algorithm.needs_dense_grad:
             # The step before each update (step u - 1) computes the dense weight gradient, at the masks it runs with.
             before = during[draws[draws >= 1] - 1]
-            dense_grad.update(zip(plan.names, (held[before].sum(0) / max(steps, 1)).tolist(), strict=True))
+            dense_grad.update(zip(plan.names, _mean_over_steps(held, before, steps), strict=True))
     return RunLevels(average, final, dense_grad)
+
+
+def _mean_over_steps(held: torch.Tensor, rows: torch.Tensor, steps: int) -> list[float]:
+    """Per tensor (column of `held`): the sum of `held[rows]` over the listed steps' rows, divided by `steps`."""
+    counts = torch.bincount(rows, minlength=len(held)).to(held.dtype)
+    return (counts @ held / max(steps, 1)).tolist()
