@@ -26,7 +26,7 @@ from modelzoo.models.soft_prompt import PROMPT_INITS
 from modelzoo.prune.config import PruneConfig
 from modelzoo.prune.config import validate as validate_prune
 from modelzoo.restore import find_checkpoint
-from modelzoo.sparsity.plan import plan_groups
+from modelzoo.sparsity.plan import check_run, plan_groups
 from modelzoo.train import checkpoint as ckpt
 from modelzoo.train.config import CS2_PRECISIONS, DECAYS, DEVICES, PRECISIONS, OptimConfig, TrainConfig, resolved_device
 
@@ -58,7 +58,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError("task", f"no validator for {type(task).__name__}")
     if cfg.sparsity.enabled:
         with torch.device("meta"):
-            plan_groups(cfg.sparsity, GPT(cfg.model))
+            model = GPT(cfg.model)
+        if isinstance(task, TrainConfig):  # every level the run's masks take, up to task.max_steps
+            check_run(cfg.sparsity, model, task.max_steps)
+        else:
+            plan_groups(cfg.sparsity, model)
 
 
 # ---- shared --------------------------------------------------------------------------------------------
