@@ -16,7 +16,9 @@ import torch
 from hydra import compose, initialize_config_module
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
 from modelzoo.backends import BACKENDS, check_supports, resolve_name
 from modelzoo.cluster import ClusterConfig
@@ -29,7 +31,7 @@ from modelzoo.models.gpt import ACTIVATIONS, GPT, GPTConfig
 from modelzoo.prune.config import PruneConfig
 from modelzoo.sparsity.config import SparsityConfig
 from modelzoo.sparsity.plan import plan_groups
-from modelzoo.train.config import DECAYS, DEVICES, PRECISIONS, OptimConfig, TrainConfig
+from modelzoo.train.config import DECAYS, DEVICES, NONFINITE_POLICIES, PRECISIONS, OptimConfig, TrainConfig
 
 
 @dataclass
@@ -107,12 +109,28 @@ def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """Compose the config as the CLI does (for tests and notebooks), `hydra:` interpolations included."""
     register_configs()
     with initialize_config_module("modelzoo.conf", version_base="1.3"):
-        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+        try:
+            cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+        except ConfigCompositionException as e:
+            unknown = _unknown_key(e)
+            if unknown is None:
+                raise
+            raise unknown from e
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         del cfg["hydra"]
     OmegaConf.resolve(cfg)
     return cfg
+
+
+def _unknown_key(error: ConfigCompositionException) -> ConfigError | None:
+    """Our error for an override of a key the schema lacks, naming the known keys; Hydra's own hint (append it
+    with `+key=value`) would only fail later, in `to_object`."""
+    cause = error.__cause__
+    schema = getattr(cause, "object_type", None)
+    if not isinstance(cause, (ConfigAttributeError, ConfigKeyError)) or not dataclasses.is_dataclass(schema):
+        return None
+    return ConfigError(cause.full_key, "unknown key", [f.name for f in dataclasses.fields(schema)])
 
 
 def to_object(cfg: DictConfig) -> Config:
@@ -180,6 +198,10 @@ def _validate_cluster(cfg: Config, backend: str, device: str) -> None:
             "cerebras scales out on a CS-2 cluster (cluster.num_csx), not under torchrun: run one process, or use",
             ["masked_dense"],
         )
+    if backend == "cerebras" and cfg.task.on_nonfinite == "skip":
+        raise ConfigError(
+            "task.on_nonfinite", "skip decides on the host before each update; cstorch traces the step", ["stop"]
+        )
     if backend != "cerebras" and cfg.cluster.target != "auto":
         raise ConfigError(
             "cluster.target", f"{target} is a cstorch backend: use backend=cerebras, or cluster=local with {backend}"
@@ -246,6 +268,10 @@ def _validate_train(t: TrainConfig, o: OptimConfig) -> None:
         raise ConfigError("task.precision", f"unknown {t.precision!r}", PRECISIONS)
     if t.device not in DEVICES:
         raise ConfigError("task.device", f"unknown {t.device!r}", DEVICES)
+    if t.on_nonfinite not in NONFINITE_POLICIES:
+        raise ConfigError("task.on_nonfinite", f"unknown {t.on_nonfinite!r}", NONFINITE_POLICIES)
+    if t.max_nonfinite_skips < 0:
+        raise ConfigError("task.max_nonfinite_skips", f"must be >= 0, got {t.max_nonfinite_skips}")
     if o.decay not in DECAYS:
         raise ConfigError("optim.decay", f"unknown {o.decay!r}", DECAYS)
     if o.lr <= 0:

@@ -22,9 +22,11 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
+from modelzoo import runlock
 from modelzoo.config import Config, resolved_device
+from modelzoo.distributed import Distributed
 from modelzoo.downstream.evaluate import checkpoint_flops
-from modelzoo.finetune.config import PromptTuneConfig, default_data_dir, output_dir, pretrained_config
+from modelzoo.finetune.config import FinetuneConfig, PromptTuneConfig, default_data_dir, output_dir, pretrained_config
 from modelzoo.finetune.data import shuffled_batches
 from modelzoo.finetune.heads import Head, HoCHead, LMHead
 from modelzoo.finetune.pretrained import Pretrained, load_pretrained
@@ -33,6 +35,7 @@ from modelzoo.models.soft_prompt import SoftPrompt, freeze
 from modelzoo.sparsity.config import SparsityConfig
 from modelzoo.sparsity.plugin import MASK_SUFFIX
 from modelzoo.train import checkpoint as ckpt
+from modelzoo.train.guards import NonFiniteGuard
 from modelzoo.train.metrics import MetricsLogger
 from modelzoo.train.optim import build_optimizer, build_scheduler
 
@@ -90,8 +93,13 @@ def run(cfg: Config) -> FinetuneSummary:
     task = cfg.task
     if task.data_dir is None:
         task = dataclasses.replace(task, data_dir=default_data_dir(task.dataset))
-    prompt_tuning = isinstance(task, PromptTuneConfig)
     run_dir = output_dir(task)
+    with runlock.locked(run_dir):  # one writer per run directory
+        return _train(cfg, task, run_dir)
+
+
+def _train(cfg: Config, task: FinetuneConfig, run_dir: Path) -> FinetuneSummary:
+    prompt_tuning = isinstance(task, PromptTuneConfig)
     ckpt.check_run_dir(run_dir, resume=False)
     checkpoint, _ = pretrained_config(task.pretrained)
     device = torch.device(resolved_device(task.device))
@@ -127,6 +135,7 @@ def run(cfg: Config) -> FinetuneSummary:
         seq_len,
     )
 
+    guard = NonFiniteGuard("stop", 0, Distributed(), advice="lower task.lr or raise optim.warmup_steps")
     best: tuple[float, int, dict, dict] = (-math.inf, 0, {}, {})
     tokens = 0
     train_seconds = 0.0
@@ -145,6 +154,8 @@ def run(cfg: Config) -> FinetuneSummary:
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 [p for p in model.parameters() if p.requires_grad], optim.grad_clip
             )
+            guard.observe(step, torch.tensor(total), grad_norm)
+            guard.check()  # this loop syncs every step anyway: stop before the update
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

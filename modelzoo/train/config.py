@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 DECAYS = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
+NONFINITE_POLICIES = ("stop", "skip")  # see modelzoo.train.guards
 
 
 @dataclass
@@ -42,3 +43,5 @@ class TrainConfig:
     resume: bool = False
     init_from: str | None = None
     export: bool = True
+    on_nonfinite: str = "stop"  # a NaN/Inf loss or gradient norm: "stop" the run, or "skip" the update
+    max_nonfinite_skips: int = 10  # "skip": the most steps left out over the run before it stops

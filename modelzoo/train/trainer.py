@@ -13,19 +13,18 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from modelzoo import runlock
 from modelzoo.backends import get_backend, resolve_name
 from modelzoo.backends.cerebras import LoweringReport
 from modelzoo.config import Config, resolved_device
@@ -35,18 +34,19 @@ from modelzoo.data.tokenizer import build_tokenizer
 from modelzoo.distributed import init_distributed
 from modelzoo.errors import CheckpointError, ConfigError
 from modelzoo.export.hf import export_hf, load_hf
+from modelzoo.finite import refuse_nonfinite
 from modelzoo.flops import flop_report, format_flops
 from modelzoo.models.gpt import GPT, GPTConfig
 from modelzoo.sparsity.plugin import MASK_SUFFIX
 from modelzoo.train import checkpoint as ckpt
 from modelzoo.train.config import TrainConfig
+from modelzoo.train.guards import NonFiniteGuard, training_tensors
+from modelzoo.train.identity import apply_optimizer_config, check_identity, log_optimizer_changes, run_identity
 from modelzoo.train.metrics import MetricsLogger
 from modelzoo.train.optim import build_optimizer, build_scheduler
+from modelzoo.train.rng import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
-
-# Keys a resumed run must share with the checkpoint: anything else changes what the saved state means.
-RESUME_KEYS = ("model", "sparsity", "tokenizer", "data.seq_len", "task.batch_size", "seed")
 
 
 @dataclass
@@ -79,6 +79,8 @@ class Trainer:
         self.device = torch.device(f"cuda:{self.dist.local_rank}" if device_type == "cuda" else device_type)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        if self.dist.is_main:  # one writer per run directory, until fit() ends or the process dies
+            runlock.acquire(self.run_dir)
         ckpt.check_run_dir(self.run_dir, resume=self.task.resume)
 
         with self.dist.main_first():  # rank 0 trains the tokenizer and fills the data cache; the others read them
@@ -89,9 +91,10 @@ class Trainer:
                     f"{cfg.model.vocab_size} is smaller than the tokenizer's {len(self.tokenizer)} tokens; "
                     f"set model.vocab_size={len(self.tokenizer)}",
                 )
-            if self.dist.is_main:
+            if self.dist.is_main and not self.task.resume:  # a resume checks it against the checkpoint instead
                 self.tokenizer.save_pretrained(self.run_dir / "tokenizer")
             self.corpus = load_corpus(cfg.data, self.tokenizer)
+        self.identity = run_identity(cfg, self.tokenizer)
         self.unigram_loss = unigram_loss(self.corpus.train, self.corpus.validation, cfg.model.vocab_size)
 
         # The backend's runtime comes first: cstorch needs it before any sparsity object or optimizer exists.
@@ -130,12 +133,14 @@ class Trainer:
         self.flops = flop_report(cfg.model, cfg.data.seq_len, cfg.sparsity)
         self.step = 0
         self.train_seconds = 0.0
+        self.guard = NonFiniteGuard(self.task.on_nonfinite, self.task.max_nonfinite_skips, self.dist)
         self.train_step = self.backend.wrap_step(self._train_step, self._end_step)
         if self.task.resume:
             self._resume()
+        self.finished = self.step >= self.task.max_steps  # a resumed finished run: nothing to train or log
         self.metrics = (
             MetricsLogger(self.run_dir, resume_step=self.step if self.task.resume else None)
-            if self.dist.is_main
+            if self.dist.is_main and not self.finished
             else None
         )
 
@@ -166,10 +171,12 @@ class Trainer:
             (loss / self.accumulation).backward()
             losses.append(loss.detach())
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
+        loss = torch.stack(losses).sum() / self.accumulation
+        if self.guard.allows_update(self.step + 1, loss, grad_norm):
+            self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return torch.stack(losses).sum() / self.accumulation, grad_norm
+        return loss, grad_norm
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -194,6 +201,13 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------------------------
     def fit(self) -> RunSummary:
+        try:
+            return self._finished_summary() if self.finished else self._fit()
+        finally:
+            if self.dist.is_main:
+                runlock.release(self.run_dir)
+
+    def _fit(self) -> RunSummary:
         t = self.task
         self._log_header()
         self._val_loss = math.nan
@@ -236,6 +250,9 @@ class Trainer:
         self.step += 1
         self._window_steps += 1
         self._bar.update(1)
+        self.guard.observe(self.step, loss, grad_norm)
+        if any(self.step % n == 0 for n in (t.log_every, t.eval_every, t.checkpoint_every)) or self.step == t.max_steps:
+            self.guard.check()  # before anything is logged, evaluated or saved
         row: dict[str, float] = {}
         if self.step % t.log_every == 0 or self.step == t.max_steps:
             elapsed = time.perf_counter() - self._window_start
@@ -257,9 +274,11 @@ class Trainer:
             )
         if self.step % t.eval_every == 0 or self.step == t.max_steps:
             self._val_loss = self.evaluate()
-            row.update(val_loss=self._val_loss, val_ppl=math.exp(self._val_loss))
+            row.update(val_loss=self._val_loss, val_ppl=perplexity(self._val_loss))
             if self.metrics:
-                self._bar.write(f"step {self.step}: val loss {self._val_loss:.4f}, ppl {math.exp(self._val_loss):.2f}")
+                self._bar.write(
+                    f"step {self.step}: val loss {self._val_loss:.4f}, ppl {perplexity(self._val_loss):.2f}"
+                )
                 self.metrics.log_scalars(self.step, "sparsity", self.sparsity()[1])
         if row and self.metrics:
             self.metrics.log(self.step, tokens=self.step * self.tokens_per_step, **row)
@@ -276,15 +295,14 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "loader": self.loader.state_dict(),
             "sparsity": self.sparsifier.state_dict() if self.sparsifier else None,
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "python": random.getstate(),
-                "numpy": np.random.get_state(),
-            },
+            "nonfinite_skips": self.guard.skips,
+            "rng": rng_state(),
         }
 
     def save(self) -> Path:
+        refuse_nonfinite(
+            training_tensors(self.model, self.optimizer), f"step {self.step}", "the checkpoint was not written"
+        )
         config_yaml = OmegaConf.to_yaml(OmegaConf.structured(self.cfg))
         return ckpt.save_checkpoint(
             self.run_dir,
@@ -294,39 +312,55 @@ class Trainer:
             self.trainer_state(),
             config_yaml,
             keep=self.task.keep_checkpoints,
+            identity=self.identity,
         )
 
     def _resume(self) -> None:
         path = ckpt.latest_checkpoint(self.run_dir)
         ckpt.verify_checkpoint(path)
-        self._check_same_config(path)
+        check_identity(path, ckpt.read_identity(path), self.identity)
         ckpt.load_model_weights(path, self.model, self.sparsifier.mask_names() if self.sparsifier else [])
         optimizer_state, state = ckpt.load_training_state(path)
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        fresh_base_lrs = list(self.scheduler.base_lrs)
         self.optimizer.load_state_dict(optimizer_state)
         self.scheduler.load_state_dict(state["scheduler"])
+        apply_optimizer_config(self.optimizer, self.scheduler, fresh, fresh_base_lrs)
+        saved_optim = OmegaConf.to_container(OmegaConf.create(ckpt.read_config(path)).optim)
+        log_optimizer_changes(path, saved_optim, asdict(self.cfg.optim))
+        refuse_nonfinite(
+            training_tensors(self.model, self.optimizer),
+            path,
+            "point checkpoints/latest at an earlier step_* directory or start a new run_dir",
+        )
         self.loader.load_state_dict(state["loader"])
         if self.sparsifier:
             self.sparsifier.load_state_dict(state["sparsity"])
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
+        set_rng_state(state["rng"])
         self.step = state["step"]
         self.train_seconds = state["train_seconds"]
+        self.guard.skips = state["nonfinite_skips"]
+        if self.step > self.task.max_steps:
+            raise CheckpointError(
+                f"{path} is at step {self.step}, past task.max_steps={self.task.max_steps}: raise task.max_steps "
+                "to train further"
+            )
         log.info("resumed from %s at step %d", path, self.step)
 
-    def _check_same_config(self, path: Path) -> None:
-        saved = OmegaConf.create(ckpt.read_config(path))
-        current = OmegaConf.structured(self.cfg)
-        for key in RESUME_KEYS:
-            a, b = OmegaConf.select(saved, key), OmegaConf.select(current, key)
-            if a != b:
-                raise CheckpointError(
-                    f"{path} was trained with {key}={_plain(a)} but the config has {key}={_plain(b)}; "
-                    "resume with the original value or start a new run_dir"
-                )
+    def _finished_summary(self) -> RunSummary:
+        """A resumed run already at `task.max_steps`: its summary, nothing changed; or, when it was stopped
+        after its last checkpoint but before its summary, the summary (and export) it did not write."""
+        summary = self.run_dir / "summary.json"
+        if summary.is_file() and json.loads(summary.read_text())["steps"] == self.step:
+            log.info(
+                "%s already finished at step %d (task.max_steps=%d): nothing to do, nothing changed; "
+                "raise task.max_steps to train further",
+                self.run_dir,
+                self.step,
+                self.task.max_steps,
+            )
+            return RunSummary(**json.loads(summary.read_text()))
+        return self._finish(self.evaluate())
 
     # ---- reporting ----------------------------------------------------------------------------------
     def _log_header(self) -> None:
@@ -366,7 +400,7 @@ class Trainer:
             seconds=self.train_seconds,
             tokens_per_s=tokens / max(self.train_seconds, 1e-9),
             val_loss=val_loss,
-            val_ppl=math.exp(val_loss),
+            val_ppl=perplexity(val_loss),
             unigram_loss=self.unigram_loss,
             sparsity=sparsity,
             sparsity_per_param=per_param,
@@ -381,8 +415,9 @@ class Trainer:
         return summary
 
 
-def _plain(value: object) -> object:
-    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+def perplexity(loss: float) -> float:
+    """exp(loss), inf where that overflows a float (a diverging run's loss of 1e9 is no reason to crash)."""
+    return math.exp(loss) if loss < math.log(sys.float_info.max) else math.inf
 
 
 def format_summary(s: RunSummary) -> str:
