@@ -436,7 +436,14 @@ def save_cstorch(path: str | Path, state: dict[str, Any]) -> Path:
 
 
 def load_cstorch(path: str | Path) -> dict[str, Any]:
-    """A `cstorch.save` file as plain tensors (cstorch hands out deferred tensors; they are read here)."""
+    """A `cstorch.save` file as plain tensors (cstorch hands out deferred tensors; they are read here).
+
+    Only HDF5 files are handed to `cstorch.load`: for anything else it falls back to `torch.load`, which on
+    torch 2.4 unpickles (and so may run) whatever the file holds.
+    """
+    with open(path, "rb") as f:
+        if f.read(4) != b"\x89HDF":
+            raise CheckpointError(f"{path} is not a cstorch.save (HDF5) file")
     state = import_cstorch().load(str(path), map_location="cpu")
 
     def materialise(value: Any) -> Any:

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from modelzoo import runlock
+from modelzoo.backends.cerebras import load_cstorch
 from modelzoo.cli import main
 from modelzoo.config import load_config, to_object
 from modelzoo.distributed import Distributed
@@ -176,6 +177,14 @@ def test_pickle_payload_in_trainer_state_does_not_run(trained: Path, tmp_path: P
     rewrite(checkpoint, ckpt.TRAINER_FILE, lambda path: torch.save({**state, "x": Payload(marker)}, path))
     with pytest.raises(CheckpointError, match=r"trainer\.pt holds pickled Python objects"):
         Trainer(make_config(run, cache_dir, *TWO_STEPS, "task.max_steps=4", "task.resume=true"))
+    assert not marker.exists()
+
+
+def test_a_pickle_given_as_a_cstorch_checkpoint_is_not_unpickled(tmp_path: Path) -> None:
+    marker, file = tmp_path / "pwned", tmp_path / "model.mdl"
+    torch.save({"model": Payload(marker)}, file)
+    with pytest.raises(CheckpointError, match=r"is not a cstorch\.save \(HDF5\) file"):
+        load_cstorch(file)  # cstorch.load would fall back to torch.load, which unpickles on torch 2.4
     assert not marker.exists()
 
 
