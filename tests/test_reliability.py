@@ -3,6 +3,7 @@ run directory, and the smaller edges of checkpoint and config handling."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -87,7 +88,7 @@ def test_skip_leaves_out_a_bounded_number_of_updates(tmp_path: Path, cache_dir: 
     trainer = Trainer(make_config(tmp_path / "run", cache_dir, *DIVERGING, "task.max_steps=8", *skip))
     with pytest.raises(TrainingDiverged, match=r"^step 4: .*3 non-finite steps exceed task\.max_nonfinite_skips=2"):
         trainer.fit()
-    assert nonfinite_tensors(training_tensors(trainer.model, trainer.optimizer)) == []  # no skipped update applied
+    assert nonfinite_tensors(training_tensors(trainer.model, trainer.loop.optimizer)) == []  # no skipped update applied
 
 
 def test_skip_never_applies_a_non_finite_update() -> None:
@@ -194,7 +195,7 @@ def test_a_pickle_given_as_a_cstorch_checkpoint_is_not_unpickled(tmp_path: Path)
 def test_resume_on_other_documents_is_refused_and_keeps_the_tokenizer(trained: Path, tmp_path: Path, cache_dir):
     run = copy_run(trained, tmp_path)
     tokenizer = (run / "tokenizer" / "tokenizer.json").read_bytes()
-    other = [f"data.train_files=[{SAMPLE / 'validation.txt.gz'}]", "tokenizer.vocab_size=1024"]
+    other = [f"data.train_files=[{SAMPLE / 'validation.txt.gz'}]"]
     with pytest.raises(CheckpointError, match=r"trained on other documents: data \{'train': \[.*train\.txt\.gz"):
         Trainer(make_config(run, cache_dir, *TWO_STEPS, "task.max_steps=4", "task.resume=true", *other))
     assert (run / "tokenizer" / "tokenizer.json").read_bytes() == tokenizer
@@ -203,9 +204,9 @@ def test_resume_on_other_documents_is_refused_and_keeps_the_tokenizer(trained: P
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("data.seq_len=32", "data.seq_len=64 but the config gives data.seq_len=32"),
-        ("task.batch_size=4", "task.batch_size=8 but the config gives task.batch_size=4"),
-        ("tokenizer.vocab_size=512", "tokenizer.fingerprint="),
+        ("data.seq_len=32", "data.seq_len=64 but the config has data.seq_len=32"),
+        ("task.batch_size=4", "task.batch_size=8 but the config has task.batch_size=4"),
+        ("tokenizer.vocab_size=512", "tokenizer="),
         ("model.n_layer=3", "model="),
     ],
 )
@@ -214,18 +215,30 @@ def test_resume_changing_the_runs_meaning_is_refused(trained: Path, cache_dir: P
         Trainer(make_config(trained, cache_dir, *TWO_STEPS, "task.max_steps=4", "task.resume=true", override))
 
 
+def test_resume_with_a_changed_tokenizer_directory_is_refused(trained: Path, tmp_path: Path, cache_dir: Path):
+    """Same config (`tokenizer.path`), other tokenizer: only its fingerprint in the checkpoint tells."""
+    shutil.copytree(trained / "tokenizer", tmp_path / "tok")
+    steps = (*TWO_STEPS, "task.export=false", f"tokenizer.path={tmp_path / 'tok'}")
+    Trainer(make_config(tmp_path / "run", cache_dir, *steps)).fit()
+    definition = json.loads((tmp_path / "tok" / "tokenizer.json").read_text())
+    definition["model"]["merges"] = definition["model"]["merges"][:-1]  # one merge fewer: other token ids
+    (tmp_path / "tok" / "tokenizer.json").write_text(json.dumps(definition))
+    with pytest.raises(CheckpointError, match=r"was trained with tokenizer\.fingerprint=\w+ but the config gives"):
+        Trainer(make_config(tmp_path / "run", cache_dir, *steps, "task.max_steps=4", "task.resume=true"))
+
+
 def test_resume_applies_the_configs_optimizer_hyperparameters(trained: Path, tmp_path: Path, cache_dir: Path):
     run = copy_run(trained, tmp_path)
     cfg = make_config(run, cache_dir, *TWO_STEPS, "task.max_steps=4", "task.resume=true", "optim.lr=1e-3")
     cfg.optim.weight_decay = 0.05
     cfg.optim.betas = [0.8, 0.9]
     resumed = Trainer(cfg)
-    decayed, other = resumed.optimizer.param_groups
+    decayed, other = resumed.loop.optimizer.param_groups
     assert decayed["lr"] == 1e-3 * lr_factor(2, cfg.optim, 4)
-    assert decayed["initial_lr"] == 1e-3 and resumed.scheduler.base_lrs == [1e-3, 1e-3]
+    assert decayed["initial_lr"] == 1e-3 and resumed.loop.scheduler.base_lrs == [1e-3, 1e-3]
     assert (decayed["weight_decay"], other["weight_decay"]) == (0.05, 0.0)
     assert decayed["betas"] == (0.8, 0.9)
-    assert resumed.optimizer.state  # the moments came from the checkpoint
+    assert resumed.loop.optimizer.state  # the moments came from the checkpoint
 
 
 def test_resuming_a_finished_run_changes_nothing(trained: Path, tmp_path: Path, cache_dir: Path) -> None:

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 DECAYS = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 NONFINITE_POLICIES = ("stop", "skip")  # see modelzoo.train.guards
+
+
+def resolved_device(requested: str) -> str:
+    """`task.device` with `auto` resolved: cuda when a CUDA device is visible, else cpu."""
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
 
 
 @dataclass

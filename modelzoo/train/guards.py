@@ -25,8 +25,9 @@ from modelzoo.errors import TrainingDiverged
 
 log = logging.getLogger(__name__)
 ADVICE = (
-    "(task.on_nonfinite=stop) lower optim.lr or raise optim.warmup_steps and resume from the last checkpoint "
-    "(task.resume=true), or set task.on_nonfinite=skip to skip up to task.max_nonfinite_skips such steps"
+    "lower the learning rate (optim.lr; task.lr when fine-tuning) or raise optim.warmup_steps and resume from the "
+    "last checkpoint (task.resume=true); pre-training can skip such steps instead (task.on_nonfinite=skip, at most "
+    "task.max_nonfinite_skips)"
 )
 
 
@@ -38,11 +39,9 @@ class NonFiniteGuard:
         max_skips: the most steps `skip` may leave out over the whole run (resumes included).
         dist: the job's ranks, which must agree on every decision.
         skips: steps already skipped (restored on resume).
-        advice: what to do instead, ending the error.
     """
 
-    def __init__(self, policy: str, max_skips: int, dist: Distributed, skips: int = 0, advice: str = ADVICE) -> None:
-        self.advice = advice
+    def __init__(self, policy: str, max_skips: int, dist: Distributed, skips: int = 0) -> None:
         self.policy = policy
         self.max_skips = max_skips
         self.dist = dist
@@ -69,7 +68,7 @@ class NonFiniteGuard:
         if self.skips > self.max_skips:
             raise TrainingDiverged(
                 f"{what}: {self.skips} non-finite steps exceed task.max_nonfinite_skips={self.max_skips}; "
-                f"training stopped and this state was not saved; {self.advice}"
+                f"training stopped and this state was not saved; {ADVICE}"
             )
         log.warning(
             "%s: non-finite, update skipped (%d of task.max_nonfinite_skips=%d)", what, self.skips, self.max_skips
@@ -99,7 +98,7 @@ class NonFiniteGuard:
         if step:
             raise TrainingDiverged(
                 f"step {int(step)}: loss {loss:.4g}, gradient norm {grad_norm:.4g}: training stopped and no "
-                f"checkpoint or export holds the diverged weights; {self.advice}"
+                f"checkpoint or export holds the diverged weights; {ADVICE}"
             )
 
 
