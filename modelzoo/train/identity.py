@@ -1,10 +1,11 @@
 """What a resumed run must share with its checkpoint, and what it may change.
 
-A checkpoint records its run's identity (`identity.json`): the training and validation documents (by content)
-and where they came from, the tokenizer (by its full definition), the model, the sparsity config, the
-sequence length, the global batch and the seed. Changing any of them under a checkpoint silently changes what
-the saved state means (embeddings of remapped token ids, masks of another config, data positions of another
-batch), so a resume that does is refused, naming the key and the saved value.
+A checkpoint's `config.yaml` holds the model, sparsity, tokenizer settings, sequence length, global batch and
+seed, which the loop's resume compares key by key (`TrainLoop.resume`). What the config does not show is recorded
+beside it as the run's identity (`identity.json`): the training and validation documents by content, where they
+came from, and the tokenizer by its full definition (a retrained or edited tokenizer under the same settings).
+Changing any of them under a checkpoint silently changes what the saved state means (embeddings of remapped token
+ids, data positions in other documents), so a resume that does is refused, naming the key and the saved value.
 
 Optimizer hyperparameters (`optim.*`) are the other way round: on resume the config's values apply (learning
 rate, betas, eps, weight decay, warm-up, decay, clipping), the checkpoint contributing only the moments and
@@ -17,12 +18,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from transformers import PreTrainedTokenizerFast
 
 from modelzoo.config import Config
@@ -38,14 +37,9 @@ def run_identity(cfg: Config, tokenizer: PreTrainedTokenizerFast) -> dict[str, A
     """The identity of run `cfg` trained with `tokenizer`, as stored in each checkpoint (JSON values)."""
     documents = {split: split_key(cfg.data, split) for split in SPLITS}
     return {
-        "model": asdict(cfg.model),
-        "sparsity": OmegaConf.to_container(OmegaConf.structured(cfg.sparsity)),
         "data.documents": hashlib.sha256(json.dumps(documents, sort_keys=True).encode()).hexdigest(),
         "data.sources": {split: split_files(cfg.data, split) or cfg.data.hub_name for split in SPLITS},
-        "data.seq_len": cfg.data.seq_len,
         "tokenizer.fingerprint": tokenizer_fingerprint(tokenizer),
-        "task.batch_size": cfg.task.batch_size,
-        "seed": cfg.seed,
     }
 
 
