@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from modelzoo.backends.cerebras import load_cstorch
 from safetensors.torch import load_file, save_file
 
 from modelzoo import runlock
-from modelzoo.backends.cerebras import load_cstorch
 from modelzoo.cli import main
 from modelzoo.config import load_config, to_object
 from modelzoo.distributed import Distributed
