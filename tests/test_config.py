@@ -61,7 +61,7 @@ def test_invalid_values_name_the_key(overrides: list[str], key: str, hint: str) 
     ],
 )
 def test_unknown_options_and_keys_fail_at_composition(overrides: list[str], hint: str) -> None:
-    with pytest.raises((HydraException, OmegaConfBaseException)) as info:
+    with pytest.raises((HydraException, OmegaConfBaseException, ConfigError)) as info:
         check(overrides)
     assert hint in str(info.value)
 

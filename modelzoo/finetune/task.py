@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from modelzoo import runlock
 from modelzoo.backends import get_backend
 from modelzoo.config import Config
-from modelzoo.distributed import init_distributed
+from modelzoo.distributed import Distributed, init_distributed
 from modelzoo.downstream.evaluate import checkpoint_flops
 from modelzoo.errors import CheckpointError
 from modelzoo.finetune.config import FinetuneConfig, PromptTuneConfig, default_data_dir, output_dir
@@ -114,12 +115,17 @@ def run(cfg: Config) -> FinetuneSummary:
     task = cfg.task
     if task.data_dir is None:
         task = dataclasses.replace(task, data_dir=default_data_dir(task.dataset))
-    prompt_tuning = isinstance(task, PromptTuneConfig)
     run_dir = output_dir(task)
+    dist = init_distributed(resolved_device(task.device))
+    with runlock.locked(run_dir, enabled=dist.is_main):  # one writer per run directory
+        return _train(cfg, task, run_dir, dist)
+
+
+def _train(cfg: Config, task: FinetuneConfig, run_dir: Path, dist: Distributed) -> FinetuneSummary:
+    prompt_tuning = isinstance(task, PromptTuneConfig)
     ckpt.check_run_dir(run_dir, resume=task.resume)
     checkpoint = find_checkpoint(task.pretrained, "task.pretrained")
     device_type = resolved_device(task.device)
-    dist = init_distributed(device_type)
     device = torch.device(f"cuda:{dist.local_rank}" if device_type == "cuda" else device_type)
     torch.manual_seed(cfg.seed)
     pre = restore_model(checkpoint, masks="held" if task.sparsity == "keep" else "none")
