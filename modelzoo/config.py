@@ -204,7 +204,7 @@ def _validate_cluster(cfg: Config, backend: str, device: str) -> None:
 
 
 def _validate_model(m: GPTConfig) -> None:
-    for key in ("n_layer", "n_embd", "n_head", "n_inner", "n_positions", "vocab_size"):
+    for key in ("n_layer", "n_embd", "n_head", "n_inner", "n_positions", "vocab_size", "padded_vocab_multiple"):
         if getattr(m, key) <= 0:
             raise ConfigError(f"model.{key}", f"must be positive, got {getattr(m, key)}")
     if m.n_embd % m.n_head:

@@ -85,7 +85,7 @@ def flop_report(config: GPTConfig, seq_len: int, sparsity: SparsityConfig | None
         acc[0] += dense
         acc[1] += dense * (1.0 - levels.get(name, 0.0))
     attention = 2 * 2.0 * config.n_layer * seq_len * config.n_embd  # Q K^T and A V, dense
-    head = 2.0 * config.n_embd * config.vocab_size  # tied LM head, dense unless the embedding is sparse
+    head = 2.0 * config.n_embd * config.padded_vocab_size  # tied LM head (padded rows run too), dense unless sparse
     terms = (
         *(FlopTerm(k, v[0], v[1]) for k, v in groups.items()),
         FlopTerm("attention scores", attention, attention),

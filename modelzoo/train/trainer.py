@@ -143,7 +143,7 @@ class Trainer:
     def _build_model(self) -> GPT:
         if not self.task.init_from:
             return GPT(self.cfg.model)
-        model = load_hf(self.task.init_from)
+        model = load_hf(self.task.init_from, self.cfg.model.padded_vocab_multiple)
         for key, value in asdict(self.cfg.model).items():
             if key not in ("name", "dropout", "init_std") and getattr(model.config, key) != value:
                 raise ConfigError(
