@@ -29,6 +29,7 @@ from modelzoo.models.gpt import ACTIVATIONS, GPT, GPTConfig
 from modelzoo.prune.config import PruneConfig
 from modelzoo.sparsity.config import SparsityConfig
 from modelzoo.sparsity.plan import plan_groups
+from modelzoo.train.accel import validate_accel
 from modelzoo.train.config import DECAYS, DEVICES, PRECISIONS, OptimConfig, TrainConfig
 
 
@@ -156,6 +157,7 @@ def validate(cfg: Config) -> None:
         if device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("task.device", "cuda requested but no CUDA device is visible", ["auto", "cpu"])
         backend = resolve_name(cfg.backend.name)
+        validate_accel(cfg.task, cfg.optim, device, backend)
         _validate_cluster(cfg, backend, device)
         for algorithm in cfg.sparsity.algorithms or [None]:
             check_supports(backend, algorithm=algorithm, device=device, dtype=cfg.task.precision, train=True)

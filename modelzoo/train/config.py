@@ -22,6 +22,7 @@ class OptimConfig:
     warmup_steps: int = 40
     decay: str = "cosine"
     min_lr_ratio: float = 0.1
+    fused: bool | None = None  # torch's fused AdamW kernel; null: on CUDA (modelzoo.train.accel)
 
 
 @dataclass
@@ -42,3 +43,6 @@ class TrainConfig:
     resume: bool = False
     init_from: str | None = None
     export: bool = True
+    compile: bool | None = None  # torch.compile the model; null: on CUDA, off on CPU (modelzoo.train.accel)
+    activation_checkpointing: bool = False  # recompute each block in the backward pass instead of keeping it
+    peak_tflops: float | None = None  # the device's dense peak for MFU; null: from the table in train/mfu.py

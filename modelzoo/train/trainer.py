@@ -39,8 +39,10 @@ from modelzoo.flops import flop_report, format_flops
 from modelzoo.models.gpt import GPT, GPTConfig
 from modelzoo.sparsity.plugin import MASK_SUFFIX
 from modelzoo.train import checkpoint as ckpt
+from modelzoo.train.accel import fuses_adamw, prepare_model, setup_device
 from modelzoo.train.config import TrainConfig
 from modelzoo.train.metrics import MetricsLogger
+from modelzoo.train.mfu import format_fraction, format_gib, mfu, peak_flops, take_peak_memory
 from modelzoo.train.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,8 @@ class RunSummary:
     sparsity_per_param: dict[str, float]
     dense_flops: float
     sparse_flops: float
+    mfu: float | None  # model FLOPs utilisation over the run (None: no known peak, e.g. on CPU)
+    peak_memory_gib: float | None  # peak CUDA memory of any step (None off CUDA)
     checkpoint: str
     export_dir: str | None
 
@@ -109,7 +113,10 @@ class Trainer:
         self.sparsifier = self.backend.sparsifier(cfg.sparsity, cfg.seed) if cfg.sparsity.enabled else None
         if self.sparsifier:
             self.sparsifier.apply(self.model)
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.backend.optimizer_class())
+        prepare_model(self.model, self.task, self.device.type)  # checkpointing, compile: after the sparsity hooks
+        self.optimizer = build_optimizer(
+            self.model, cfg.optim, self.backend.optimizer_class(), fused=fuses_adamw(cfg.optim, self.device.type)
+        )
         if self.sparsifier:
             self.sparsifier.apply_optimizer(self.optimizer)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.task.max_steps)
@@ -124,10 +131,10 @@ class Trainer:
         # Gradients are averaged over ranks by DDP; masks are buffers that every rank updates identically.
         self.replica = DistributedDataParallel(self.model, broadcast_buffers=False) if self.dist.enabled else None
         self.tokens_per_step = self.task.batch_size * cfg.data.seq_len
-        self.autocast = (
-            torch.autocast(self.device.type, dtype=torch.bfloat16) if self.task.precision == "bf16" else nullcontext()
-        )
+        self.autocast = setup_device(self.device, self.task.precision)
         self.flops = flop_report(cfg.model, cfg.data.seq_len, cfg.sparsity)
+        self.peak_flops = peak_flops(self.device, self.task.precision, self.task.peak_tflops)
+        self.peak_memory_gib: float | None = None
         self.step = 0
         self.train_seconds = 0.0
         self.train_step = self.backend.wrap_step(self._train_step, self._end_step)
@@ -249,10 +256,14 @@ class Trainer:
             )
             if sparsity is not None:
                 row["sparsity"] = sparsity
+            speed = self._speed(row["tokens_per_s"])
+            row.update({k: v for k, v in speed.items() if v is not None})
             self._bar.set_postfix(
                 refresh=False,
                 loss=f"{row['train_loss']:.3f}",
                 tok_s=f"{row['tokens_per_s']:,.0f}",
+                mfu=format_fraction(speed["mfu"]),
+                mem=format_gib(speed["peak_mem_gib"]),
                 **({"sparsity": f"{sparsity:.1%}"} if sparsity is not None else {}),
             )
         if self.step % t.eval_every == 0 or self.step == t.max_steps:
@@ -267,6 +278,14 @@ class Trainer:
             self.save()
         if "train_loss" in row:
             self._window_start, self._window_steps = time.perf_counter(), 0
+
+    def _speed(self, tokens_per_s: float) -> dict[str, float | None]:
+        """MFU of this rank's log window and its peak CUDA memory (kept as the run's peak too)."""
+        memory = take_peak_memory(self.device)
+        if memory is not None:
+            self.peak_memory_gib = max(memory, self.peak_memory_gib or 0.0)
+        per_rank = tokens_per_s / self.dist.world_size
+        return {"mfu": mfu(self.flops.dense_per_token, per_rank, self.peak_flops), "peak_mem_gib": memory}
 
     # ---- checkpoints --------------------------------------------------------------------------------
     def trainer_state(self) -> dict:
@@ -372,6 +391,12 @@ class Trainer:
             sparsity_per_param=per_param,
             dense_flops=self.flops.dense_per_token * tokens,
             sparse_flops=self.flops.sparse_per_token * tokens,
+            mfu=mfu(
+                self.flops.dense_per_token,
+                tokens / max(self.train_seconds, 1e-9) / self.dist.world_size,
+                self.peak_flops,
+            ),
+            peak_memory_gib=self.peak_memory_gib,
             checkpoint=str(ckpt.latest_checkpoint(self.run_dir)),
             export_dir=export_dir,
         )
@@ -395,6 +420,8 @@ def format_summary(s: RunSummary) -> str:
         f"sparsity         {sparsity}",
         f"training FLOPs   dense {format_flops(s.dense_flops)}, sparse-effective {format_flops(s.sparse_flops)} "
         f"({s.dense_flops / s.sparse_flops:.2f}x fewer)",
+        f"device use       MFU {format_fraction(s.mfu)} (dense model FLOPs over the device's dense peak), peak "
+        f"memory {format_gib(s.peak_memory_gib)}",
         f"checkpoint       {s.checkpoint}",
     ]
     if s.export_dir:
