@@ -208,12 +208,17 @@ def test_compiled_training_equals_eager_without_graph_breaks(
 
 @pytest.mark.slow
 def test_compiled_resume_is_exact(
-    compiled_run: tuple[Path, Trainer], tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+    compiled_run: tuple[Path, Trainer],
+    tmp_path: Path,
+    cache_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
 ) -> None:
     """A compiled run killed after step 15 and resumed from its step-10 checkpoint repeats steps 11-15 (across the
-    RigL update at 15) bit for bit. Against the uninterrupted compiled run it holds to the compile tolerance only: on
-    torch 2.13 CPU the first compile in a process gave losses 5e-7 relative apart from later compiles of the same
-    graph from step 6 on, while two later compiles agreed bit for bit."""
+    RigL update at 15) bit for bit, on one thread. With more threads inductor's CPU code scatter-adds the embedding
+    gradient with atomic adds, so runs agree to rounding only (measured: 5e-7 relative from one run to the next, as
+    eager CUDA's atomic embedding backward does); the comparison with the uninterrupted run uses the compile
+    tolerance."""
     import torch._dynamo
 
     run, _ = compiled_run
@@ -226,6 +231,9 @@ def test_compiled_resume_is_exact(
             raise KeyboardInterrupt("killed")
         return original(self, *batch)
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
     torch._dynamo.reset()
     monkeypatch.setattr(Trainer, "_train_step", crash_at_step_16)
     with pytest.raises(KeyboardInterrupt):
