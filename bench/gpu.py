@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch._dynamo
 from common import REPO, Timing, add_common_arguments, begin, markdown_table, publish, split_choices, time_interleaved
-from modelzoo.backends.torch_sparse import TorchSparseBackend, kernel_summary
+from modelzoo.backends.torch_sparse import TorchSparseConverter, kernel_summary
 from train_step import model_size
 from transformers import GPT2LMHeadModel
 
@@ -54,7 +54,7 @@ model at a time: `repeats` rounds of `steps` steps, device synchronised around e
 round's mean step and tokens/s comes from the median sample. MFU is the model's dense training FLOPs per token
 (`modelzoo.flops`, our padded vocabulary for ours, HF's for HF) times tokens/s over the device's dense peak
 (`modelzoo.train.mfu`); peak memory is `torch.cuda.max_memory_allocated` of the variant. The 2:4 row times a
-no-grad forward of the same model with 2:4 masks on every block matrix, masked-dense vs the torch_sparse backend's
+no-grad forward of the same model with 2:4 masks on every block matrix, masked-dense vs the torch_sparse converter's
 `semi_structured` kernels (CUDA only), interleaved.
 """
 SECTION_GPU = "GPU {device}: training step, masked-dense, compile, 2:4 inference (bench/gpu.py)"
@@ -199,8 +199,8 @@ def time_2_4_inference(shape: Shape, device: torch.device, args: argparse.Namesp
     model = GPT(shape.model)
     MaskedSparsity(SparsityConfig(pattern=NMPattern(2, 4)), args.seed).apply(model)
     dense = model.to(device, torch.bfloat16).eval()
-    backend = TorchSparseBackend(("semi_structured",))
-    sparse = backend.prepare_inference(copy.deepcopy(dense), tokens=shape.tokens)
+    converter = TorchSparseConverter(("semi_structured",))
+    sparse = converter.convert(copy.deepcopy(dense), tokens=shape.tokens)
     x, _ = batch(shape, device, args.seed)
 
     def forward(m: GPT) -> Callable[[], None]:
@@ -217,7 +217,7 @@ def time_2_4_inference(shape: Shape, device: torch.device, args: argparse.Namesp
     return (
         f"- 2:4 semi-structured inference, bf16 no-grad forward of {shape.batch} x {shape.seq} tokens: masked-dense "
         f"{a * 1e3:.1f} ms, semi-structured {b * 1e3:.1f} ms per {args.steps or shape.steps} forwards, "
-        f"**{a / b:.2f}x** ({kernel_summary(backend.choices)})"
+        f"**{a / b:.2f}x** ({kernel_summary(converter.choices)})"
     )
 
 

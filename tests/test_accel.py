@@ -13,13 +13,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from modelzoo.config import load_config, to_object, validate
+from modelzoo.config import load_config, to_object
 from modelzoo.errors import ConfigError
 from modelzoo.train import checkpoint as ckpt
 from modelzoo.train.accel import fused_problem
 from modelzoo.train.mfu import mfu, peak_flops, table_peak_tflops
 from modelzoo.train.trainer import Trainer
-from tests.conftest import SMALL, make_config, train_losses
+from modelzoo.validate import validate
+from tests.conftest import SMALL, killed_at_step, make_config, train_losses
 
 COMPILE_REL_TOLERANCE = 1e-6
 
@@ -99,7 +100,7 @@ def masks_and_state(trainer: Trainer) -> tuple[dict[str, torch.Tensor], list[tor
     pruned = [
         value[~sp.mask]
         for sp in trainer.sparsifier.params
-        for key, value in trainer.optimizer.state[sp.param].items()
+        for key, value in trainer.loop.optimizer.state[sp.param].items()
         if key in ("exp_avg", "exp_avg_sq")
     ]
     return masks, pruned
@@ -115,30 +116,19 @@ def test_fused_adamw_keeps_masks_state_masking_and_exact_resume(
     the foreach AdamW to rounding, and a resumed run equals the uninterrupted one bit for bit."""
     steps = [*RIGL, "task.max_steps=8", "task.checkpoint_every=4", "task.eval_every=8"]
     fused = Trainer(make_config(tmp_path / "fused", cache_dir, *steps, "optim.fused=true"))
-    assert fused.optimizer.defaults["fused"]
+    assert fused.loop.optimizer.defaults["fused"]
     fused.fit()
     masks, pruned = masks_and_state(fused)
     assert all(bool((p == 0).all()) for p in pruned) and pruned
     assert all(bool((fused.model.get_parameter(n)[~m] == 0).all()) for n, m in masks.items())
     foreach = Trainer(make_config(tmp_path / "foreach", cache_dir, *steps, "optim.fused=false"))
-    assert not foreach.optimizer.defaults["fused"]
+    assert not foreach.loop.optimizer.defaults["fused"]
     foreach.fit()
     a, b = train_losses(tmp_path / "fused"), train_losses(tmp_path / "foreach")
     assert [float(x) for _, x in a] == pytest.approx([float(x) for _, x in b], rel=1e-5)
 
-    original = Trainer._train_step
-    calls = {"n": 0}
-
-    def crash_at_step_6(self: Trainer, *batch: torch.Tensor):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt("killed")
-        return original(self, *batch)
-
-    monkeypatch.setattr(Trainer, "_train_step", crash_at_step_6)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at_step(monkeypatch, 6):
         Trainer(make_config(tmp_path / "crashed", cache_dir, *steps, "optim.fused=true")).fit()
-    monkeypatch.setattr(Trainer, "_train_step", original)
     Trainer(make_config(tmp_path / "crashed", cache_dir, *steps, "optim.fused=true", "task.resume=true")).fit()
     assert train_losses(tmp_path / "crashed") == a
 
@@ -222,23 +212,12 @@ def test_compiled_resume_is_exact(
     import torch._dynamo
 
     run, _ = compiled_run
-    original = Trainer._train_step
-    calls = {"n": 0}
-
-    def crash_at_step_16(self: Trainer, *batch: torch.Tensor):
-        calls["n"] += 1
-        if calls["n"] == 16:
-            raise KeyboardInterrupt("killed")
-        return original(self, *batch)
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     request.addfinalizer(lambda: torch.set_num_threads(threads))
     torch._dynamo.reset()
-    monkeypatch.setattr(Trainer, "_train_step", crash_at_step_16)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at_step(monkeypatch, 16):
         Trainer(make_config(tmp_path / "crashed", cache_dir, *TINY, "task.compile=true")).fit()
-    monkeypatch.setattr(Trainer, "_train_step", original)
     before = train_losses(tmp_path / "crashed")
     assert [s for s, _ in before] == [str(s) for s in range(1, 16)]
     torch._dynamo.reset()
@@ -257,7 +236,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 def test_cuda_defaults_compile_fuse_tf32_and_log_mfu_and_memory(tmp_path: Path, cache_dir: Path) -> None:
     steps = ["task.max_steps=4", "task.log_every=2", "task.export=false", "task.precision=bf16", "task.device=cuda"]
     trainer = Trainer(make_config(tmp_path / "run", cache_dir, *steps, "task.peak_tflops=100"))
-    assert trainer.optimizer.defaults["fused"]
+    assert trainer.loop.optimizer.defaults["fused"]
     assert torch.get_float32_matmul_precision() == "high"
     summary = trainer.fit()
     assert 0 < summary.mfu < 1 and summary.peak_memory_gib > 0

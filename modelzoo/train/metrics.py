@@ -7,19 +7,7 @@ from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
 
-COLUMNS = (
-    "step",
-    "tokens",
-    "train_loss",
-    "lr",
-    "grad_norm",
-    "tokens_per_s",
-    "mfu",
-    "peak_mem_gib",
-    "sparsity",
-    "val_loss",
-    "val_ppl",
-)
+COLUMNS = ("step", "tokens", "train_loss", "lr", "grad_norm", "tokens_per_s", "sparsity", "val_loss", "val_ppl")
 
 
 class MetricsLogger:
