@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from modelzoo.config import load_config, to_object
 from modelzoo.errors import ConfigError
 from modelzoo.train import checkpoint as ckpt
-from modelzoo.train.accel import fused_problem
+from modelzoo.train.accel import compiles, fused_problem, fuses_adamw
+from modelzoo.train.config import OptimConfig, TrainConfig
 from modelzoo.train.mfu import mfu, peak_flops, table_peak_tflops
 from modelzoo.train.trainer import Trainer
 from modelzoo.validate import validate
@@ -58,6 +59,14 @@ def test_compile_without_a_cpp_compiler_names_task_compile(tmp_path: Path, monke
         check("task.compile=true", "task.device=cpu")
     assert info.value.key == "task.compile"
     check("task.device=cpu")  # auto stays eager on CPU and needs no compiler
+
+
+def test_auto_compiles_and_fuses_on_cuda_except_for_a_backend_with_its_own_compiler() -> None:
+    auto, optim = TrainConfig(), OptimConfig()
+    assert compiles(auto, "cuda") and fuses_adamw(optim, "cuda")
+    assert not compiles(auto, "cpu") and not fuses_adamw(optim, "cpu")
+    assert not compiles(auto, "cuda", "cerebras") and not fuses_adamw(optim, "cuda", "cerebras")  # cstorch's own
+    assert compiles(TrainConfig(compile=True), "cpu") and fuses_adamw(OptimConfig(fused=True), "cpu")
 
 
 def test_fused_problem_names_the_devices_that_have_kernels() -> None:

@@ -47,14 +47,20 @@ def setup_device(device: torch.device, precision: str) -> AbstractContextManager
     return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
 
-def compiles(task: TrainConfig, device_type: str) -> bool:
-    """Whether the model is compiled: `task.compile`, or for null (auto) whether the device is CUDA."""
-    return device_type == "cuda" if task.compile is None else task.compile
+def compiles(task: TrainConfig, device_type: str, backend: str = "masked_dense") -> bool:
+    """Whether the model is compiled: `task.compile`, or for null (auto) whether the device is CUDA and the backend
+    does not compile the step itself."""
+    if task.compile is None:
+        return device_type == "cuda" and backend not in OWN_COMPILER_BACKENDS
+    return task.compile
 
 
-def fuses_adamw(optim: OptimConfig, device_type: str) -> bool:
-    """Whether AdamW runs fused: `optim.fused`, or for null (auto) whether the device is CUDA."""
-    return device_type == "cuda" if optim.fused is None else optim.fused
+def fuses_adamw(optim: OptimConfig, device_type: str, backend: str = "masked_dense") -> bool:
+    """Whether AdamW runs fused: `optim.fused`, or for null (auto) whether the device is CUDA and the optimizer
+    torch's."""
+    if optim.fused is None:
+        return device_type == "cuda" and backend not in OWN_COMPILER_BACKENDS
+    return optim.fused
 
 
 def compile_problem(device_type: str) -> str | None:
@@ -88,7 +94,7 @@ def validate_accel(task: TrainConfig, optim: OptimConfig, device_type: str, back
     own = backend in OWN_COMPILER_BACKENDS
     if task.compile and own:
         raise ConfigError("task.compile", f"backend={backend} compiles the step itself; set task.compile=false")
-    if compiles(task, device_type) and not own:
+    if compiles(task, device_type, backend) and not own:
         problem = compile_problem(device_type)
         if problem:
             raise ConfigError("task.compile", f"{problem}; set task.compile=false to train eagerly")
@@ -118,9 +124,9 @@ def _checkpointed(forward: Callable[..., torch.Tensor]) -> Callable[..., torch.T
     return run
 
 
-def prepare_model(model: GPT, task: TrainConfig, device_type: str) -> None:
+def prepare_model(model: GPT, task: TrainConfig, device_type: str, backend: str = "masked_dense") -> None:
     """Activation checkpointing and torch.compile as `task` asks, after the sparsity plug-in's hooks are on."""
     if task.activation_checkpointing:
         checkpoint_blocks(model)
-    if compiles(task, device_type):
+    if compiles(task, device_type, backend):
         model.compile()

@@ -100,14 +100,15 @@ class Trainer:
         self.sparsifier = self.backend.sparsifier(cfg.sparsity, cfg.seed) if cfg.sparsity.enabled else None
         if self.sparsifier:
             self.sparsifier.apply(self.model)
-        prepare_model(self.model, self.task, self.device.type)  # checkpointing, compile: after the sparsity hooks
+        backend = resolve_name(cfg.backend.name)
+        prepare_model(self.model, self.task, device_type, backend)  # checkpointing, compile: after the sparsity hooks
         optimizer, scheduler = build_optimization(
             self.model,
             cfg.optim,
             self.task.max_steps,
             self.backend,
             self.sparsifier,
-            fuses_adamw(cfg.optim, device_type),
+            fuses_adamw(cfg.optim, device_type, backend),
         )
         self.loader = BlockLoader(
             self.corpus.train,
