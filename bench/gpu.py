@@ -49,9 +49,10 @@ from `modelzoo.train.accel.setup_device`, and for `compiled` the trainer's `prep
 - ours, dense; ours, masked-dense static 75%; ours, RigL 75% on a step without mask update (Cerebras' default
   parameter selection: the four block matrices). A RigL mask-update step (dense-gradient capture, regrowth) is timed
   eagerly, and the RigL row also gives the step time amortised at update.freq 100.
-Each variant is built, warmed up (compiling, for `compiled`) and timed alone, then freed, so that a GPU holds one
-model at a time: `repeats` rounds of `steps` steps, device synchronised around each round; the sample is the
-round's mean step and tokens/s comes from the median sample. MFU is the model's dense training FLOPs per token
+On a GPU each variant is built, warmed up (compiling, for `compiled`) and timed alone, then freed, so that the GPU
+holds one model at a time; on CPU all variants are built first and timed in interleaved rounds (A B C A B C ...).
+Either way: `repeats` rounds of `steps` steps, the device synchronised at the end of each; the sample is the round's
+mean step and tokens/s comes from the median sample. MFU is the model's dense training FLOPs per token
 (`modelzoo.flops`, our padded vocabulary for ours, HF's for HF) times tokens/s over the device's dense peak
 (`modelzoo.train.mfu`); peak memory is `torch.cuda.max_memory_allocated` of the variant. The 2:4 row times a
 no-grad forward of the same model with 2:4 masks on every block matrix, masked-dense vs the torch_sparse converter's
@@ -189,6 +190,16 @@ def measure_variant(
     if compiled:
         torch._dynamo.reset()  # drop the compiled code that holds this variant's model
     return Result(timing, flops, memory)
+
+
+def measure_interleaved(shape: Shape, device: torch.device, precision: str, args: argparse.Namespace) -> dict:
+    """Every variant built at once and timed in interleaved rounds (CPU: memory is no concern, and a shared machine's
+    drift then hits every variant alike). Compiled variants compile during their warm-up steps."""
+    steps = args.steps or shape.steps
+    built = {(v, c): build_step(v, shape, device, precision, c, args.seed) for v, c in variants()}
+    fns = {key: synchronized(step, device, steps) for key, (step, _) in built.items()}
+    timings = time_interleaved(fns, warmup=args.warmup, repeats=args.repeats, number=1)
+    return {key: Result(Timing(tuple(s / steps for s in timings[key].samples)), built[key][1], None) for key in built}
 
 
 def time_2_4_inference(shape: Shape, device: torch.device, args: argparse.Namespace) -> str:
@@ -343,14 +354,16 @@ def main(argv: list[str] | None = None) -> int:
         parts.append(f"`pytest -m cuda`: {summary}")
     peak = peak_flops(device, args.precision)
     for name, shape in zip(args.model, shapes, strict=True):
-        results = {}
-        for variant, compiled in variants():
-            results[variant, compiled] = measure_variant(variant, shape, device, args.precision, compiled, args)
-            print(
-                f"{name} {LABELS[variant]}, {'compiled' if compiled else 'eager'}: "
-                f"{results[variant, compiled].timing.median * 1e3:.1f} ms/step",
-                flush=True,
-            )
+        if device.type == "cpu":
+            results = measure_interleaved(shape, device, args.precision, args)
+        else:  # one model at a time on the GPU
+            results = {
+                (variant, compiled): measure_variant(variant, shape, device, args.precision, compiled, args)
+                for variant, compiled in variants()
+            }
+        for (variant, compiled), result in results.items():
+            mode = "compiled" if compiled else "eager"
+            print(f"{name} {LABELS[variant]}, {mode}: {result.timing.median * 1e3:.1f} ms/step", flush=True)
         parts.append(report(name, shape, results, peak, args.steps or shape.steps))
         parts.append(time_2_4_inference(shape, device, args))
         print(parts[-2], "\n", parts[-1], "\n", flush=True)

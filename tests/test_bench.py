@@ -122,6 +122,13 @@ def test_gpu_bench_runs_every_eager_variant_and_reports(gpu: ModuleType, tiny_co
     cpu = torch.device("cpu")
     results = {(v, c): gpu.measure_variant(v, shape, cpu, "fp32", c, args) for v, c in gpu.variants() if not c}
     assert all(len(r.timing.samples) == 2 and r.timing.median > 0 for r in results.values())
+    assert results.keys() == {
+        ("hf", False),
+        ("dense", False),
+        ("static75", False),
+        ("rigl75", False),
+        ("rigl75_update", False),
+    }
     assert results["hf", False].flops_per_token == results["dense", False].flops_per_token  # unpadded: one network
     text = gpu.report("test", shape, results, None, 1)
     assert "ours, masked-dense static 75%" in text and "| n/a |" in text and "compiled / eager" not in text
