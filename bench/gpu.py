@@ -25,10 +25,11 @@ from dataclasses import dataclass
 import torch
 import torch._dynamo
 from common import REPO, Timing, add_common_arguments, begin, markdown_table, publish, split_choices, time_interleaved
-from modelzoo.backends.torch_sparse import TorchSparseConverter, kernel_summary
 from train_step import model_size
 from transformers import GPT2LMHeadModel
 
+from modelzoo.backends.masked_dense import MaskedDenseBackend
+from modelzoo.backends.torch_sparse import TorchSparseConverter, kernel_summary
 from modelzoo.export.hf import to_hf_config
 from modelzoo.flops import flop_report
 from modelzoo.models.gpt import GPT, GPTConfig
@@ -41,9 +42,10 @@ from modelzoo.train.optim import build_optimizer
 
 METHOD = """\
 A training step is `zero_grad`, forward with loss under the precision's autocast, backward, gradient-norm clipping
-at 1.0 and an AdamW step, as the trainer runs it: the trainer's `build_optimizer` (fused on CUDA), TF32 and autocast
-from `modelzoo.train.accel.setup_device`, and for `compiled` the trainer's `prepare_model` (in-place
-`nn.Module.compile` after the sparsity hooks). Variants, from the same seed, on one random batch:
+at 1.0 and an AdamW step, as the trainer runs it: the trainer's `build_optimizer` (fused on CUDA), TF32 from
+`modelzoo.train.accel.setup_device`, the masked_dense backend's autocast, and for `compiled` the trainer's
+`prepare_model` (in-place `nn.Module.compile` after the sparsity hooks). Variants, from the same seed, on one
+random batch:
 - HF: `transformers.GPT2LMHeadModel` of the same shape (`to_hf_config`, SDPA attention, its unpadded 50257-row
   vocabulary), loss as HF computes it (`labels=x`);
 - ours, dense; ours, masked-dense static 75%; ours, RigL 75% on a step without mask update (Cerebras' default
@@ -122,7 +124,8 @@ def build_step(
 ) -> tuple[Callable[[], None], float]:
     """A training-step function of `variant`, and the dense training FLOPs per token of the network it runs."""
     x, y = batch(shape, device, seed)
-    autocast = setup_device(device, precision)
+    setup_device(device)
+    autocast = MaskedDenseBackend().autocast(device, precision)
     torch.manual_seed(seed)
     if variant == "hf":
         model = GPT2LMHeadModel(to_hf_config(shape.model)).to(device).train()

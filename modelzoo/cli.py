@@ -182,7 +182,8 @@ def flops(overrides: list[str]) -> None:
     cfg = to_object(load_config(overrides))
     validate(cfg)
     tokens = cfg.task.max_steps * cfg.task.batch_size * cfg.data.seq_len
-    print(format_report(flop_report(cfg.model, cfg.data.seq_len, cfg.sparsity), tokens=tokens))
+    report = flop_report(cfg.model, cfg.data.seq_len, cfg.sparsity, steps=cfg.task.max_steps)
+    print(format_report(report, tokens=tokens))
 
 
 def import_cerebras(args: list[str]) -> None:

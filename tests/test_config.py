@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import pytest
@@ -12,6 +11,7 @@ from omegaconf.errors import OmegaConfBaseException
 from modelzoo.config import load_config, to_object
 from modelzoo.errors import ConfigError
 from modelzoo.validate import validate
+from tests.conftest import run_command
 
 
 def check(overrides: list[str]) -> None:
@@ -36,7 +36,8 @@ def test_default_config_is_valid() -> None:
         (["sparsity.param_filter=[*nothing*]"], "sparsity.param_filter", "selects no parameter"),
         (["data.seq_len=512"], "data.seq_len", "model.n_positions=128"),
         (["task.batch_size=10", "task.micro_batch_size=4"], "task.batch_size", "not divisible"),
-        (["task.precision=fp16"], "task.precision", "allowed: fp32, bf16"),
+        (["task.precision=fp8"], "task.precision", "allowed: fp32, bf16, cbf16, fp16"),
+        (["task.precision=fp16"], "task.precision", "use backend=cerebras cluster=cs2"),
         (["model.n_head=5"], "model.n_head", "not divisible"),
         (["optim.decay=step"], "optim.decay", "allowed: cosine, linear, constant"),
         (["task.max_steps=0"], "task.max_steps", "positive"),
@@ -76,12 +77,8 @@ def test_keys_added_with_plus_are_refused(override: str, key: str) -> None:
 
 def test_cli_refuses_bad_config_before_any_work(tmp_path) -> None:
     run_dir = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, "-m", "modelzoo", "pretrain", f"run_dir={run_dir}", "sparsity.sparsity=1.5"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-    )
+    command = [sys.executable, "-m", "modelzoo", "pretrain", f"run_dir={run_dir}", "sparsity.sparsity=1.5"]
+    result = run_command(command, timeout=120, cwd=tmp_path)  # about 5 s: imports and config composition
     assert result.returncode == 2
     assert "sparsity.sparsity: 1.5 is outside [0, 1)" in result.stderr
     assert not run_dir.exists()  # refused before Hydra creates the run directory

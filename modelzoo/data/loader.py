@@ -13,9 +13,16 @@ import torch
 from modelzoo.errors import DataError
 
 
-def _to_batch(blocks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+def to_batch(blocks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     tokens = torch.from_numpy(np.asarray(blocks, dtype=np.int64))  # (B, T + 1)
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()  # (B, T) inputs, (B, T) targets
+
+
+def epoch_order(num_blocks: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
+    """All block indices in the order epoch `epoch` visits them: `torch.randperm` seeded `seed + epoch`."""
+    if shuffle:
+        return torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed + epoch))
+    return torch.arange(num_blocks)
 
 
 class BlockLoader:
@@ -71,10 +78,7 @@ class BlockLoader:
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         """This rank's block indices for `epoch`, cut to whole batches."""
-        if self.shuffle:
-            order = torch.randperm(len(self.blocks), generator=torch.Generator().manual_seed(self.seed + epoch))
-        else:
-            order = torch.arange(len(self.blocks))
+        order = epoch_order(len(self.blocks), self.seed, epoch, self.shuffle)
         return order[self.rank :: self.world_size][: self.batches_per_epoch * self.batch_size].numpy()
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,7 +88,7 @@ class BlockLoader:
             self._order = self._epoch_order(self.epoch)
         start = self.position * self.batch_size
         self.position += 1
-        return _to_batch(self.blocks[self._order[start : start + self.batch_size]])
+        return to_batch(self.blocks[self._order[start : start + self.batch_size]])
 
     def state_dict(self) -> dict[str, int]:
         """Where the loader stands: restoring it replays exactly the batches that would have come next."""
@@ -123,4 +127,4 @@ def iter_eval(
     """Sequential (x, y) batches over `blocks`, the last one possibly smaller; at most `max_batches` of them."""
     stops = range(0, len(blocks), batch_size)
     for start in stops if max_batches is None else stops[:max_batches]:
-        yield _to_batch(blocks[start : start + batch_size])
+        yield to_batch(blocks[start : start + batch_size])

@@ -105,8 +105,9 @@ def run_flops(run_cfg: Config, checkpoint: Path) -> tuple[float, float] | None:
         return _stage_flops(checkpoint.parent.parent / "summary.json", Path(task["pretrained"]))
     if "batch_size" not in task:
         return None
-    report = flop_report(run_cfg.model, run_cfg.data.seq_len, run_cfg.sparsity)
-    tokens = checkpoint_step(checkpoint) * task["batch_size"] * run_cfg.data.seq_len
+    step = checkpoint_step(checkpoint)
+    report = flop_report(run_cfg.model, run_cfg.data.seq_len, run_cfg.sparsity, steps=step)  # each step at its level
+    tokens = step * task["batch_size"] * run_cfg.data.seq_len
     sparse, dense = report.sparse_per_token * tokens, report.dense_per_token * tokens
     if task.get("init_from"):
         parent = export_flops(Path(task["init_from"]))

@@ -246,9 +246,10 @@ def _pretrain_flops(checkpoint: Path) -> float | None:
 
 def _finetune_flops(pre: Restored, task: FinetuneConfig, context: int, tokens: int) -> tuple[float, float]:
     """(training FLOPs, dense training FLOPs) over `tokens` of `context`-token inputs (6N per token +
-    attention); the first is sparse-effective under `keep`, dense otherwise. The HoC classifier computes no LM
-    head (its 10-way score layer is left out, like norms), so that term is dropped for it."""
-    sparsity = pre.config.sparsity if task.sparsity == "keep" else None
+    attention); the first is sparse-effective under `keep` (at the masks held, those the pre-training ended
+    with), dense otherwise. The HoC classifier computes no LM head (its 10-way score layer is left out, like
+    norms), so that term is dropped for it."""
+    sparsity = pre.sparsifier.config if task.sparsity == "keep" and pre.sparsifier else None
     report = flop_report(pre.model.config, context, sparsity)
     terms = [t for t in report.terms if task.dataset == "pubmedqa" or t.name != "lm head"]
     return (

@@ -1,4 +1,4 @@
-"""How a training step runs fast on its device: TF32, bf16 autocast, fused AdamW, activation checkpointing, compile.
+"""How a training step runs fast on its device: TF32, fused AdamW, activation checkpointing, torch.compile.
 
 Each is applied from outside to the built model or optimizer (torchtitan's converters), so `modelzoo.models.gpt`
 stays plain PyTorch. `prepare_model` runs after the sparsity plug-in has put its mask buffers and gradient hooks on
@@ -17,7 +17,7 @@ no recompilation.
 - `optim.fused`: on for CUDA (one kernel for the whole AdamW update instead of a few per parameter group); torch's
   default (foreach) elsewhere, so CPU runs keep their numbers.
 - TF32 for fp32 matmuls on CUDA (`torch.set_float32_matmul_precision("high")`): fp32 runs use the tensor cores, with
-  fp32 accumulation; bf16 runs autocast as before.
+  fp32 accumulation; bf16 runs autocast as before (the backend's `autocast`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import os
 import platform
 import shutil
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -39,12 +38,11 @@ from modelzoo.train.config import OptimConfig, TrainConfig
 OWN_COMPILER_BACKENDS = ("cerebras",)
 
 
-def setup_device(device: torch.device, precision: str) -> AbstractContextManager:
-    """Set the process-wide matmul precision for `device` (TF32 on CUDA) and return the step's autocast context."""
+def setup_device(device: torch.device) -> None:
+    """Set the process-wide matmul precision for `device`: TF32 on CUDA (autocast is the backend's)."""
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
         torch.backends.cudnn.allow_tf32 = True
-    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
 
 def compiles(task: TrainConfig, device_type: str, backend: str = "masked_dense") -> bool:

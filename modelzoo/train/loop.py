@@ -7,7 +7,7 @@ checkpoints); the loop does the rest, the same for every task:
   backward under autocast (gradients accumulate; under torchrun DDP all-reduces once, on the last one), gradient
   clipping over the trainable parameters, optimizer and schedule step. The backend may wrap it
   (`Backend.wrap_step`: the Cerebras backend traces it) and feeds it (`Backend.batches`);
-- device setup (`modelzoo.train.accel.setup_device`): TF32 on CUDA and the precision's autocast;
+- device setup (`modelzoo.train.accel.setup_device`): TF32 matmuls on CUDA;
 - bookkeeping after each step (`end_step`): the progress bar, a metrics row every `log_every` steps (with MFU and
   peak CUDA memory, `modelzoo.train.mfu`), the task's
   evaluation every `eval_every`, an atomic checkpoint every `checkpoint_every` and at the last step (rank 0);
@@ -45,7 +45,7 @@ from modelzoo.train.accel import setup_device
 from modelzoo.train.config import OptimConfig
 from modelzoo.train.metrics import MetricsLogger
 from modelzoo.train.mfu import format_fraction, format_gib, mfu, peak_flops, take_peak_memory
-from modelzoo.train.optim import build_optimizer, build_scheduler
+from modelzoo.train.optim import build_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -117,11 +117,12 @@ def build_optimization(
     fused: bool = False,
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """AdamW over `model`'s trainable parameters (the backend's class; `fused`: torch's fused kernel, see
-    `modelzoo.train.accel.fuses_adamw`), masked by `sparsifier`, and its schedule."""
+    `modelzoo.train.accel.fuses_adamw`), masked by `sparsifier`, and its schedule (the backend's: cstorch's
+    schedulers on the Cerebras backend)."""
     optimizer = build_optimizer(model, optim, backend.optimizer_class(), fused=fused)
     if sparsifier:
         sparsifier.apply_optimizer(optimizer)
-    return optimizer, build_scheduler(optimizer, optim, max_steps)
+    return optimizer, backend.scheduler(optimizer, optim, max_steps)
 
 
 class TrainLoop:
@@ -151,7 +152,9 @@ class TrainLoop:
         self.replica = DistributedDataParallel(model, broadcast_buffers=False) if dist.enabled else None
         self.forward = self.replica or forward
         self.trainable = [p for p in model.parameters() if p.requires_grad]
-        self.autocast = setup_device(device, settings.precision)
+        self.autocast = backend.autocast(device, settings.precision)
+        self.scaler = backend.grad_scaler(settings.precision)  # loss scaling (cstorch's, for cbf16 / fp16 on a CS-2)
+        setup_device(device)  # TF32 matmuls on CUDA
         peak = peak_flops(device, settings.precision, settings.peak_tflops)  # one device's
         self.peak_flops_total = None if peak is None else peak * dist.world_size
         self.peak_memory_gib: float | None = None  # the largest of any log window on this rank
@@ -162,8 +165,9 @@ class TrainLoop:
         self._run_step = backend.wrap_step(self.train_step, self.end_step)
 
     # ---- one optimizer step -------------------------------------------------------------------------
-    def train_step(self, *batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward/backward over the micro-batches of one batch, clip, step. Returns (mean loss, grad norm)."""
+    def train_step(self, *batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Forward/backward over the micro-batches of one batch, clip, step. Returns (mean loss, grad norm, the
+        learning rate this step used)."""
         self.model.train()
         losses = []
         for i in range(self.accumulation):
@@ -171,15 +175,23 @@ class TrainLoop:
             last = i == self.accumulation - 1
             with self.autocast, nullcontext() if self.replica is None or last else self.replica.no_sync():
                 loss = self.task.loss(self.forward, *(t[i] for t in batch))
-            (loss / self.accumulation).backward()
+            scaled = loss / self.accumulation
+            (scaled if self.scaler is None else self.scaler.scale(scaled)).backward()
             losses.append(loss.detach())
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.settings.grad_clip)
-        self.optimizer.step()
+        if self.scaler is None:
+            self.optimizer.step()
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        lr = self.optimizer.param_groups[0]["lr"]  # a tensor of the program on cstorch, a float elsewhere
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return torch.stack(losses).sum() / self.accumulation, grad_norm
+        return torch.stack(losses).sum() / self.accumulation, grad_norm, lr
 
-    def end_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+    def end_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, lr: torch.Tensor | float) -> None:
         """After each optimizer step (the Cerebras backend calls it from a step closure): log, evaluate, save."""
         s = self.settings
         self.step += 1
@@ -191,7 +203,7 @@ class TrainLoop:
             self.train_seconds += elapsed
             row.update(
                 train_loss=float(self.dist.mean(loss)),
-                lr=self.scheduler.get_last_lr()[0],
+                lr=float(lr),
                 grad_norm=float(grad_norm),
                 **{f"{self.task.unit}_per_s": self._window_steps * self.task.units_per_step / elapsed},
             )
@@ -273,6 +285,7 @@ class TrainLoop:
             "scheduler": self.scheduler.state_dict(),
             "task": self.task.state_dict(),
             "sparsity": self.sparsifier.state_dict() if self.sparsifier else None,
+            "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -313,6 +326,8 @@ class TrainLoop:
         self.task.load_state_dict(state["task"])
         if self.sparsifier:
             self.sparsifier.load_state_dict(state["sparsity"])
+        if self.scaler is not None:
+            self.scaler.load_state_dict(state["grad_scaler"])
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] is not None and torch.cuda.is_available():

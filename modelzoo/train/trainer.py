@@ -50,10 +50,13 @@ class RunSummary:
     val_loss: float
     val_ppl: float
     unigram_loss: float
-    sparsity: float | None
+    sparsity: float | None  # achieved: fraction of exact zeros in the targeted weights
     sparsity_per_param: dict[str, float]
+    mask_sparsity: float | None  # fraction the masks prune (below `sparsity` after SET / RigL regrowth)
+    average_sparsity: float | None  # the masks' level averaged over the steps trained (a schedule starts lower)
     dense_flops: float
-    sparse_flops: float
+    sparse_flops: float  # sparse-effective, each step at the level its masks held
+    final_sparse_flops: float  # the same tokens at the final masks alone
     mfu: float | None  # model FLOPs utilisation over the run (None: no known peak, e.g. on CPU)
     peak_memory_gib: float | None  # peak CUDA memory of any step (None off CUDA)
     checkpoint: str
@@ -93,7 +96,7 @@ class Trainer:
 
         # The backend's runtime comes first: cstorch needs it before any sparsity object or optimizer exists.
         self.backend = get_backend(cfg.backend.name)
-        self.backend.start(cfg.cluster, self.device, self.run_dir / "cerebras")
+        self.backend.start(cfg.cluster, self.device, self.run_dir / "cerebras", self.task.precision)
         torch.manual_seed(cfg.seed)
         self.model = self._build_model().to(self.device)
         forward = self.backend.compile(self.model)
@@ -119,7 +122,6 @@ class Trainer:
             source=", ".join(cfg.data.train_files),
         )
         self.units_per_step = self.task.batch_size * cfg.data.seq_len
-        self.flops = flop_report(cfg.model, cfg.data.seq_len, cfg.sparsity)
         self.loop = TrainLoop(
             task=self,
             model=self.model,
@@ -138,7 +140,7 @@ class Trainer:
                 eval_every=self.task.eval_every,
                 checkpoint_every=self.task.checkpoint_every,
                 keep_checkpoints=self.task.keep_checkpoints,
-                flops_per_unit=self.flops.dense_per_token,
+                flops_per_unit=flop_report(cfg.model, cfg.data.seq_len).dense_per_token,  # dense: masked-dense runs all
                 peak_tflops=self.task.peak_tflops,
             ),
             dist=self.dist,
@@ -239,7 +241,8 @@ class Trainer:
 
     def _finish(self, val_loss: float) -> RunSummary:
         tokens = self.step * self.units_per_step
-        sparsity, per_param = self.sparsity()
+        stats = self.sparsifier.stats() if self.sparsifier else None
+        flops = flop_report(self.cfg.model, self.cfg.data.seq_len, self.cfg.sparsity, steps=self.step)
         export_dir = None
         if self.task.export and self.dist.is_main:
             info = self.cfg.sparsity.summary() if self.cfg.sparsity.enabled else {}
@@ -252,13 +255,14 @@ class Trainer:
             val_loss=val_loss,
             val_ppl=math.exp(val_loss),
             unigram_loss=self.unigram_loss,
-            sparsity=sparsity,
-            sparsity_per_param=per_param,
-            dense_flops=self.flops.dense_per_token * tokens,
-            sparse_flops=self.flops.sparse_per_token * tokens,
-            mfu=mfu(
-                self.flops.dense_per_token, tokens / max(self.loop.train_seconds, 1e-9), self.loop.peak_flops_total
-            ),
+            sparsity=stats.global_sparsity if stats else None,
+            sparsity_per_param=stats.per_param if stats else {},
+            mask_sparsity=stats.mask_sparsity if stats else None,
+            average_sparsity=flops.average_sparsity if stats else None,
+            dense_flops=flops.dense_per_token * tokens,
+            sparse_flops=flops.sparse_per_token * tokens,
+            final_sparse_flops=flops.final_per_token * tokens,
+            mfu=mfu(flops.dense_per_token, tokens / max(self.loop.train_seconds, 1e-9), self.loop.peak_flops_total),
             peak_memory_gib=self.loop.peak_memory_gib,
             checkpoint=str(ckpt.latest_checkpoint(self.run_dir)),
             export_dir=export_dir,
@@ -270,7 +274,15 @@ class Trainer:
 
 
 def format_summary(s: RunSummary) -> str:
-    sparsity = "dense" if s.sparsity is None else f"{s.sparsity:.1%} of targeted weights are zero"
+    sparsity = "dense"
+    if s.sparsity is not None:
+        sparsity = f"{s.sparsity:.1%} of targeted weights are zero, masks prune {s.mask_sparsity:.1%}"
+    flops = f"{s.dense_flops / s.sparse_flops:.2f}x fewer"
+    if not math.isclose(s.sparse_flops, s.final_sparse_flops, rel_tol=1e-9):
+        flops += (
+            f" over the run, masks {s.average_sparsity:.1%} sparse on average; the final masks alone would give "
+            f"{s.dense_flops / s.final_sparse_flops:.2f}x"
+        )
     lines = [
         "=" * 72,
         f"steps            {s.steps:,}  ({s.tokens:,} tokens, {s.seconds:.0f} s training, {s.tokens_per_s:,.0f} tok/s)",
@@ -278,7 +290,7 @@ def format_summary(s: RunSummary) -> str:
         f"{s.unigram_loss:.4f}, perplexity {math.exp(s.unigram_loss):.1f})",
         f"sparsity         {sparsity}",
         f"training FLOPs   dense {format_flops(s.dense_flops)}, sparse-effective {format_flops(s.sparse_flops)} "
-        f"({s.dense_flops / s.sparse_flops:.2f}x fewer)",
+        f"({flops})",
         f"device use       MFU {format_fraction(s.mfu)} (dense model FLOPs over the device's dense peak), peak "
         f"memory {format_gib(s.peak_memory_gib)}",
         f"checkpoint       {s.checkpoint}",
