@@ -70,7 +70,7 @@ def test_two_ranks_train_like_one_process_on_the_same_global_batch(tmp_path: Pat
     assert (tmp_path / "ddp" / "cli.log").read_text().count("model tiny:") == 1  # rank 0 alone logs
 
 
-@pytest.mark.slow
+@pytest.mark.distributed
 def test_multi_node_rendezvous_command_with_one_node(tmp_path: Path, cache_dir: Path) -> None:
     """The torchrun command docs/gpu.md gives for N nodes (c10d rendezvous), run with N=1 and 2 ranks."""
     with socket.socket() as s:
