@@ -28,7 +28,7 @@ commands:
   prompt_tune  soft prompting of a frozen pre-trained run (PEFT prompt-tuning adapter)
   prune      one-shot pruning (SparseGPT, Wanda, magnitude) of a run or an HF directory to a sparse HF directory
   evaluate   zero-shot PubMedQA accuracy / macro-F1 of checkpoints and HF directories: table, JSON, plot
-  info       parameter counts of a model size
+  info       parameter counts of a model size and the memory a DDP replica needs to train it
   flops      dense and sparse-effective training FLOPs of a config
   import-cerebras PARAMS.yaml OUT_DIR [CHECKPOINT]
              a Cerebras Model Zoo GPT params file as our config options (OUT_DIR/conf), and its checkpoint
@@ -50,7 +50,7 @@ examples:
   modelzoo prune run_dir=runs/tiny-dense task.method=sparsegpt task.sparsity=0.5
   modelzoo prune task.hf_dir=DIR task.method=wanda task.n_m=[2,4] task.output_dir=pruned/
   modelzoo evaluate task.checkpoints=[runs/tiny-dense,runs/tiny-static_75] task.hf_dirs=[exported/]
-  modelzoo info model=xl
+  modelzoo info model=xl task.micro_batch_size=8 data.seq_len=2048 task.precision=bf16
   modelzoo flops model=xl sparsity=static_75
   modelzoo import-cerebras params_gpt3_xl.yaml imported/ model.mdl
   modelzoo export-cerebras run_dir=runs/tiny-static_75 task.output_dir=cerebras/
@@ -169,11 +169,14 @@ def prompt_tune(overrides: list[str]) -> None:
 
 
 def info(overrides: list[str]) -> None:
+    from modelzoo.memory import format_memory_plan, memory_plan
     from modelzoo.report import format_model_info
 
     cfg = to_object(load_config(overrides))
     validate(cfg)
     print(format_model_info(cfg.model, cfg.sparsity))
+    t = cfg.task
+    print(format_memory_plan(memory_plan(cfg.model, cfg.sparsity, t.precision, t.micro_batch_size, cfg.data.seq_len)))
 
 
 def flops(overrides: list[str]) -> None:

@@ -120,7 +120,7 @@ def flop_report(
         acc[2] += dense * (1.0 - levels.final.get(name, 0.0))
         acc[3] += dense * levels.dense_grad.get(name, 0.0)  # the weight gradient, dense where the masks prune
     attention = 2 * 2.0 * config.n_layer * seq_len * config.n_embd  # Q K^T and A V, dense
-    head = 2.0 * config.n_embd * config.vocab_size  # tied LM head, dense unless the embedding is sparse
+    head = 2.0 * config.n_embd * config.padded_vocab_size  # tied LM head (padded rows run too), dense unless sparse
     wte = "transformer.wte.weight"
     terms = (
         *(FlopTerm(k, *v) for k, v in groups.items()),

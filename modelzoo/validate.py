@@ -28,6 +28,7 @@ from modelzoo.prune.config import validate as validate_prune
 from modelzoo.restore import find_checkpoint
 from modelzoo.sparsity.plan import check_run, plan_groups
 from modelzoo.train import checkpoint as ckpt
+from modelzoo.train.accel import validate_accel
 from modelzoo.train.config import (
     CS2_PRECISIONS,
     DECAYS,
@@ -114,7 +115,7 @@ def check_batches(batch_size: int, micro_batch_size: int) -> None:
 
 
 def validate_model(m: GPTConfig) -> None:
-    for key in ("n_layer", "n_embd", "n_head", "n_inner", "n_positions", "vocab_size"):
+    for key in ("n_layer", "n_embd", "n_head", "n_inner", "n_positions", "vocab_size", "padded_vocab_multiple"):
         if getattr(m, key) <= 0:
             raise ConfigError(f"model.{key}", f"must be positive, got {getattr(m, key)}")
     if m.n_embd % m.n_head:
@@ -170,6 +171,7 @@ def validate_pretrain(cfg: Config) -> None:
         raise ConfigError(
             "task.on_nonfinite", "skip decides on the host before each update; cstorch traces the step", ["stop"]
         )
+    validate_accel(t, cfg.optim, device, backend)
     validate_cluster(cfg, backend, device)
     for algorithm in cfg.sparsity.algorithms or [None]:
         check_supports(backend, algorithm=algorithm, device=device, dtype=t.precision)

@@ -7,6 +7,8 @@ The smoke tests that time real runs of the benchmarks are marked `bench` and run
 from __future__ import annotations
 
 import importlib
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -37,6 +39,11 @@ def sparse_gemm(common: ModuleType) -> ModuleType:
 @pytest.fixture
 def decode(common: ModuleType) -> ModuleType:
     return importlib.import_module("decode")
+
+
+@pytest.fixture
+def gpu(common: ModuleType) -> ModuleType:
+    return importlib.import_module("gpu")
 
 
 @pytest.mark.bench
@@ -113,3 +120,38 @@ def test_write_section_replaces_only_its_own_section(common: ModuleType, tmp_pat
     common.write_section("Other", "replaced", path)
     text = path.read_text()
     assert "fenced" not in text and text.endswith("## Other\n\nreplaced\n") and "second" in text
+
+
+def test_gpu_bench_runs_every_eager_variant_and_reports(gpu: ModuleType, tiny_config: GPTConfig) -> None:
+    """bench/gpu.py's eager variants on a tiny shape (the compiled ones are the `bench` test below)."""
+    shape = gpu.Shape(tiny_config, batch=2, seq=8, steps=1)
+    args = gpu.parse_args(["--device", "cpu", "--steps", "1", "--repeats", "2", "--warmup", "0"])
+    cpu = torch.device("cpu")
+    results = {(v, c): gpu.measure_variant(v, shape, cpu, "fp32", c, args) for v, c in gpu.variants() if not c}
+    assert all(len(r.timing.samples) == 2 and r.timing.median > 0 for r in results.values())
+    assert results.keys() == {
+        ("hf", False),
+        ("dense", False),
+        ("static75", False),
+        ("rigl75", False),
+        ("rigl75_update", False),
+    }
+    assert results["hf", False].flops_per_token == results["dense", False].flops_per_token  # unpadded: one network
+    text = gpu.report("test", shape, results, None, 1)
+    assert "ours, masked-dense static 75%" in text and "| n/a |" in text and "compiled / eager" not in text
+    assert gpu.estimate_seconds([shape], cpu, "fp32", args) > 0
+
+
+@pytest.mark.bench
+def test_gpu_bench_completes_on_cpu_with_tiny() -> None:
+    """`python bench/gpu.py --device cpu --model tiny`, shortened: compiles every compiled variant."""
+    done = subprocess.run(
+        [sys.executable, "gpu.py", "--device", "cpu", "--model", "tiny", "--steps", "1", "--repeats", "1"],
+        cwd=BENCH,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "this run should take about" in done.stdout
+    assert "compiled / eager tokens/s, ours dense" in done.stdout and "n/a on CPU" in done.stdout

@@ -41,6 +41,7 @@ def test_default_config_is_valid() -> None:
         (["model.n_head=5"], "model.n_head", "not divisible"),
         (["optim.decay=step"], "optim.decay", "allowed: cosine, linear, constant"),
         (["task.max_steps=0"], "task.max_steps", "positive"),
+        (["model.padded_vocab_multiple=0"], "model.padded_vocab_multiple", "positive"),
     ],
 )
 def test_invalid_values_name_the_key(overrides: list[str], key: str, hint: str) -> None:

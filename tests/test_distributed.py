@@ -7,6 +7,7 @@ The torchrun comparison starts three training processes: it is marked `distribut
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -33,9 +34,14 @@ RUN = [
 ]
 
 
-def _pretrain(run_dir: Path, cache_dir: Path, ranks: int) -> None:
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks > 1 else []
-    command = [sys.executable, *launcher, "-m", "modelzoo", "pretrain", *RUN]
+def _pretrain(run_dir: Path, cache_dir: Path, ranks: int, *overrides: str, rendezvous: str | None = None) -> None:
+    """`modelzoo pretrain` in one process or under torchrun: `--standalone`, or the multi-node command of docs/gpu.md
+    (a c10d rendezvous at `rendezvous`, host:port) with one node."""
+    where = ["--standalone"]
+    if rendezvous:
+        where = ["--nnodes=1", "--rdzv_backend=c10d", f"--rdzv_endpoint={rendezvous}", "--rdzv_id=test"]
+    launcher = ["-m", "torch.distributed.run", *where, f"--nproc_per_node={ranks}"] if ranks > 1 else []
+    command = [sys.executable, *launcher, "-m", "modelzoo", "pretrain", *RUN, *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # 6 steps of a 2-layer model take about 30 s on 2 loaded cores; 10 minutes means a hung rendezvous
     done = run_command([*command, f"run_dir={run_dir}", f"data.cache_dir={cache_dir}"], timeout=600, env=env)
@@ -62,6 +68,20 @@ def test_two_ranks_train_like_one_process_on_the_same_global_batch(tmp_path: Pat
     for key in one:
         torch.testing.assert_close(one[key], two[key], atol=1e-5, rtol=0)
     assert (tmp_path / "ddp" / "cli.log").read_text().count("model tiny:") == 1  # rank 0 alone logs
+
+
+@pytest.mark.distributed
+def test_multi_node_rendezvous_command_with_one_node(tmp_path: Path, cache_dir: Path) -> None:
+    """The torchrun command docs/gpu.md gives for N nodes (c10d rendezvous), run with N=1 and 2 ranks."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    steps = ["task.max_steps=2", "task.eval_every=2", "task.checkpoint_every=2"]
+    _pretrain(tmp_path / "single", cache_dir, 1, *steps)
+    _pretrain(tmp_path / "ddp", cache_dir, 2, *steps, rendezvous=f"localhost:{port}")
+    single, ddp = train_losses(tmp_path / "single"), train_losses(tmp_path / "ddp")
+    assert [s for s, _ in ddp] == ["1", "2"]
+    assert [float(b) for _, b in ddp] == pytest.approx([float(a) for _, a in single], abs=1e-5)
 
 
 def test_global_batch_must_split_over_the_ranks(tmp_path: Path, cache_dir: Path, monkeypatch) -> None:

@@ -32,7 +32,7 @@ from modelzoo.config import Config
 from modelzoo.data.config import DataConfig
 from modelzoo.errors import CheckpointError
 from modelzoo.export.cerebras_params import CerebrasRecipe, read_params, write_params
-from modelzoo.models.gpt import GPT, GPTConfig
+from modelzoo.models.gpt import GPT, GPTConfig, unpad_vocab
 from modelzoo.restore import build_model, config_from_yaml, restore_model
 from modelzoo.sparsity.masks import MASK_SUFFIX
 from modelzoo.sparsity.names import cerebras_names
@@ -298,5 +298,6 @@ def export_cerebras(checkpoint: str | Path, output_dir: str | Path) -> tuple[Pat
     output_dir = Path(output_dir)
     with atomic_directory(output_dir) as directory:
         write_params(recipe, directory / "params.yaml")
-        torch.save({"model": to_cerebras_state_dict(model.state_dict())}, directory / "model.mdl")
+        state = to_cerebras_state_dict(unpad_vocab(model.state_dict(), model.config))
+        torch.save({"model": state}, directory / "model.mdl")
     return output_dir / "params.yaml", output_dir / "model.mdl"

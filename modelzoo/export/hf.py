@@ -4,6 +4,8 @@ Our parameter names are HF GPT-2's, so conversion is a table (litgpt style): bak
 into its weight (exact zeros), drop the mask buffers, transpose the four projections between
 `nn.Linear` (out, in) and HF's `Conv1D` (in, out), and leave `lm_head.weight` to the tied embedding.
 Both directions refuse what the other side cannot represent instead of converting it approximately.
+A padded vocabulary (`GPTConfig.padded_vocab_multiple`) is cut back to `vocab_size` rows on export (HF's
+model then computes the same logits) and padded again on import when asked.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel, PreTrainedMode
 from modelzoo.atomic import atomic_directory
 from modelzoo.errors import CheckpointError, ConfigError
 from modelzoo.finite import refuse_nonfinite
-from modelzoo.models.gpt import ACTIVATIONS, GPT, GPTConfig
+from modelzoo.models.gpt import ACTIVATIONS, GPT, GPTConfig, pad_vocab, unpad_vocab
 from modelzoo.sparsity.masks import MASK_SUFFIX, attach_mask
 
 # The four projections HF GPT-2 stores as Conv1D (in, out); nn.Linear stores (out, in).
@@ -190,7 +192,7 @@ def export_hf(
         The output directory.
     """
     output_dir = Path(output_dir)
-    state = model.state_dict()
+    state = unpad_vocab(model.state_dict(), model.config)
     refuse_nonfinite(state.items(), f"export to {output_dir}", "nothing was exported")
     hf_state = to_hf_state_dict(state)
     masked = [key.removesuffix(MASK_SUFFIX) for key in state if key.endswith(MASK_SUFFIX)]
@@ -215,8 +217,9 @@ def save_hf_directory(
     return output_dir
 
 
-def load_hf(directory: str | os.PathLike) -> GPT:
-    """Our GPT from a local `GPT2LMHeadModel` directory (weights dense; pruned entries stay exact zeros)."""
+def load_hf(directory: str | os.PathLike, padded_vocab_multiple: int = 1) -> GPT:
+    """Our GPT from a local `GPT2LMHeadModel` directory (weights dense; pruned entries stay exact zeros), its
+    vocabulary padded to a multiple of `padded_vocab_multiple` rows."""
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise CheckpointError(
@@ -226,6 +229,7 @@ def load_hf(directory: str | os.PathLike) -> GPT:
     if not isinstance(hf_config, GPT2Config):
         raise CheckpointError(f"{directory}: model_type {hf_config.model_type!r} cannot be imported; only 'gpt2'")
     config = from_hf_config(hf_config, name=directory.name)
+    config.padded_vocab_multiple = padded_vocab_multiple
     hf_model, info = GPT2LMHeadModel.from_pretrained(
         directory, config=hf_config, local_files_only=True, output_loading_info=True
     )
@@ -233,7 +237,7 @@ def load_hf(directory: str | os.PathLike) -> GPT:
     if missing:
         raise CheckpointError(f"{directory}: weights missing from the checkpoint: {missing}")
     model = GPT(config)
-    model.load_state_dict(from_hf_state_dict(hf_model.state_dict()))
+    model.load_state_dict(pad_vocab(from_hf_state_dict(hf_model.state_dict()), config))
     refuse_nonfinite(model.state_dict().items(), directory, "it cannot be used; export an earlier checkpoint")
     return model
 

@@ -34,6 +34,15 @@ class GPTConfig:
     layer_norm_epsilon: float = 1e-5
     dropout: float = 0.0
     init_std: float = 0.02
+    # The embedding and the tied head get `vocab_size` rounded up to a multiple of this many rows (64 keeps the
+    # head's GEMM on whole tensor-core tiles: 50257 -> 50304). The extra rows are never a prediction: `forward`
+    # drops their logits, so they take no probability mass in the loss or in sampling; exports drop the rows.
+    padded_vocab_multiple: int = 1
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the token embedding and the LM head: `vocab_size` rounded up to `padded_vocab_multiple`."""
+        return -(-self.vocab_size // self.padded_vocab_multiple) * self.padded_vocab_multiple
 
 
 ACTIVATIONS = {
@@ -143,14 +152,14 @@ class GPT(nn.Module):
         self.config = config
         self.transformer = nn.ModuleDict(
             dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
                 wpe=nn.Embedding(config.n_positions, config.n_embd),
                 drop=nn.Dropout(config.dropout),
                 h=nn.ModuleList(Block(config, layer) for layer in range(config.n_layer)),
                 ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
             )
         )
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied embeddings
         self.reset_parameters()
 
@@ -203,10 +212,11 @@ class GPT(nn.Module):
 
         With `targets` (B, P + T; -100 where no loss is taken), also the mean cross-entropy loss.
         """
-        logits = self.lm_head(self.hidden(idx, cache, prefix))  # (B, P + T, vocab)
+        logits = self.lm_head(self.hidden(idx, cache, prefix))  # (B, P + T, padded vocab)
+        logits = logits[..., : self.config.vocab_size]  # (B, P + T, vocab): padded rows are never predicted
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.view(-1))
         return logits, loss
 
     def num_params(self, non_embedding: bool = True) -> int:
@@ -215,3 +225,22 @@ class GPT(nn.Module):
         if non_embedding:
             n -= self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
         return n
+
+
+# The tensors with one row per token id: the embedding, its tied head, and what a plug-in stores beside them
+# under a longer name (a sparsity mask `transformer.wte.weight_mask`).
+VOCAB_ROWS = ("transformer.wte.weight", "lm_head.weight")
+
+
+def unpad_vocab(state_dict: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+    """`state_dict` with the padded vocabulary rows (beyond `config.vocab_size`) cut off, for exports."""
+    return {k: v[: config.vocab_size] if k.startswith(VOCAB_ROWS) else v for k, v in state_dict.items()}
+
+
+def pad_vocab(state_dict: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+    """`state_dict` of `config.vocab_size` rows with zero rows appended up to `config.padded_vocab_size`."""
+    extra = config.padded_vocab_size - config.vocab_size
+    return {
+        k: torch.cat([v, v.new_zeros(extra, *v.shape[1:])]) if k.startswith(VOCAB_ROWS) else v
+        for k, v in state_dict.items()
+    }

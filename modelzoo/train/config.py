@@ -34,6 +34,7 @@ class OptimConfig:
     warmup_steps: int = 40
     decay: str = "cosine"
     min_lr_ratio: float = 0.1
+    fused: bool | None = None  # torch's fused AdamW kernel; null: on CUDA (modelzoo.train.accel)
 
 
 @dataclass
@@ -56,3 +57,6 @@ class TrainConfig:
     export: bool = True
     on_nonfinite: str = "stop"  # a NaN/Inf loss or gradient norm: "stop" the run, or "skip" the update
     max_nonfinite_skips: int = 10  # "skip": the most steps left out over the run before it stops
+    compile: bool | None = None  # torch.compile the model; null: on CUDA, off on CPU (modelzoo.train.accel)
+    activation_checkpointing: bool = False  # recompute each block in the backward pass instead of keeping it
+    peak_tflops: float | None = None  # the device's dense peak for MFU; null: from the table in train/mfu.py

@@ -7,7 +7,9 @@ checkpoints); the loop does the rest, the same for every task:
   backward under autocast (gradients accumulate; under torchrun DDP all-reduces once, on the last one), gradient
   clipping over the trainable parameters, optimizer and schedule step. The backend may wrap it
   (`Backend.wrap_step`: the Cerebras backend traces it) and feeds it (`Backend.batches`);
-- bookkeeping after each step (`end_step`): the progress bar, a metrics row every `log_every` steps, the task's
+- device setup (`modelzoo.train.accel.setup_device`): TF32 matmuls on CUDA;
+- bookkeeping after each step (`end_step`): the progress bar, a metrics row every `log_every` steps (with MFU and
+  peak CUDA memory, `modelzoo.train.mfu`), the task's
   evaluation every `eval_every`, an atomic checkpoint every `checkpoint_every` and at the last step (rank 0);
 - exact resume (`resume`): weights and masks, optimizer, schedule, the task's state (data position, model
   selection), sparsity state and RNG states; the config's optimizer hyperparameters apply, and a checkpoint of
@@ -40,10 +42,12 @@ from modelzoo.errors import CheckpointError
 from modelzoo.finite import refuse_nonfinite
 from modelzoo.sparsity.masks import MASK_SUFFIX
 from modelzoo.train import checkpoint as ckpt
+from modelzoo.train.accel import setup_device
 from modelzoo.train.config import OptimConfig
 from modelzoo.train.guards import NonFiniteGuard, training_tensors
 from modelzoo.train.identity import apply_optimizer_config, check_identity, log_optimizer_changes
 from modelzoo.train.metrics import MetricsLogger
+from modelzoo.train.mfu import format_fraction, format_gib, mfu, peak_flops, take_peak_memory
 from modelzoo.train.optim import build_optimizer
 from modelzoo.train.rng import rng_state, set_rng_state
 
@@ -67,6 +71,11 @@ class LoopSettings:
     keep_checkpoints: int
     on_nonfinite: str = "stop"  # `task.on_nonfinite` of pre-training; fine-tuning stops
     max_nonfinite_skips: int = 0
+    flops_per_unit: float | None = None  # the model's dense training FLOPs per `unit`, for MFU (None: n/a)
+    peak_tflops: float | None = None  # `task.peak_tflops`: the device's dense peak (None: by GPU name)
+
+
+SPEED_COLUMNS = ("mfu", "peak_mem_gib")  # appended to every task's metrics columns; blank where n/a
 
 
 class LoopTask(Protocol):
@@ -111,10 +120,12 @@ def build_optimization(
     max_steps: int,
     backend: Backend,
     sparsifier: Sparsifier | None,
+    fused: bool = False,
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """AdamW over `model`'s trainable parameters (the backend's class), masked by `sparsifier`, and its schedule
-    (the backend's: cstorch's schedulers on the Cerebras backend)."""
-    optimizer = build_optimizer(model, optim, backend.optimizer_class())
+    """AdamW over `model`'s trainable parameters (the backend's class; `fused`: torch's fused kernel, see
+    `modelzoo.train.accel.fuses_adamw`), masked by `sparsifier`, and its schedule (the backend's: cstorch's
+    schedulers on the Cerebras backend)."""
+    optimizer = build_optimizer(model, optim, backend.optimizer_class(), fused=fused)
     if sparsifier:
         sparsifier.apply_optimizer(optimizer)
     return optimizer, backend.scheduler(optimizer, optim, max_steps)
@@ -151,6 +162,10 @@ class TrainLoop:
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.autocast = backend.autocast(device, settings.precision)
         self.scaler = backend.grad_scaler(settings.precision)  # loss scaling (cstorch's, for cbf16 / fp16 on a CS-2)
+        setup_device(device)  # TF32 matmuls on CUDA
+        peak = peak_flops(device, settings.precision, settings.peak_tflops)  # one device's
+        self.peak_flops_total = None if peak is None else peak * dist.world_size
+        self.peak_memory_gib: float | None = None  # the largest of any log window on this rank
         self.step = 0
         self.train_seconds = 0.0
         self.last_eval: dict[str, float] = {}
@@ -209,10 +224,14 @@ class TrainLoop:
             )
             if self.sparsifier:
                 row["sparsity"] = self.sparsifier.stats().global_sparsity
+            speed = self._speed(row[f"{self.task.unit}_per_s"])
+            row.update({k: v for k, v in speed.items() if v is not None})
             self._bar.set_postfix(
                 refresh=False,
                 loss=f"{row['train_loss']:.3f}",
                 **{f"{self.task.unit[:3]}_s": f"{row[f'{self.task.unit}_per_s']:,.0f}"},
+                mfu=format_fraction(speed["mfu"]),
+                mem=format_gib(speed["peak_mem_gib"]),
                 **({"sparsity": f"{row['sparsity']:.1%}"} if "sparsity" in row else {}),
             )
         if self.step % s.eval_every == 0 or self.step == s.max_steps:
@@ -229,11 +248,23 @@ class TrainLoop:
         if "train_loss" in row:
             self._window_start, self._window_steps = time.perf_counter(), 0
 
+    def _speed(self, units_per_s: float) -> dict[str, float | None]:
+        """MFU over all ranks in this log window, and this rank's peak CUDA memory in it (n/a: None)."""
+        memory = take_peak_memory(self.device)
+        if memory is not None:
+            self.peak_memory_gib = max(memory, self.peak_memory_gib or 0.0)
+        flops = self.settings.flops_per_unit
+        return {
+            "mfu": None if flops is None else mfu(flops, units_per_s, self.peak_flops_total),
+            "peak_mem_gib": memory,
+        }
+
     # ---- driving ------------------------------------------------------------------------------------
     def fit(self) -> None:
         """Train from the current step to `max_steps` (through the backend's batches and step)."""
         if self.dist.is_main:
-            self.metrics = MetricsLogger(self.run_dir, resume_step=self.step or None, columns=self.task.columns)
+            columns = (*self.task.columns, *SPEED_COLUMNS)
+            self.metrics = MetricsLogger(self.run_dir, resume_step=self.step or None, columns=columns)
         self._window_start, self._window_steps = time.perf_counter(), 0
         # In a log file (no terminal) refresh the bar every 30 s instead of many times a second.
         refresh = 0.1 if sys.stderr.isatty() else 30.0

@@ -11,16 +11,16 @@ from modelzoo.train.config import OptimConfig
 
 
 def build_optimizer(
-    model: nn.Module, cfg: OptimConfig, adamw: type[torch.optim.Optimizer] = torch.optim.AdamW
+    model: nn.Module, cfg: OptimConfig, adamw: type[torch.optim.Optimizer] = torch.optim.AdamW, fused: bool = False
 ) -> torch.optim.Optimizer:
     """AdamW (`adamw`: torch's or cstorch's) with weight decay on matrices only (not on biases, norms' gains or
-    1-D parameters)."""
+    1-D parameters); `fused`: torch's single-kernel implementation (`modelzoo.train.accel.fuses_adamw`)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    return adamw(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    return adamw(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **({"fused": True} if fused else {}))
 
 
 def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:

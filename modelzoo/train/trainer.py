@@ -31,9 +31,11 @@ from modelzoo.export.hf import export_hf, load_hf
 from modelzoo.flops import flop_report, format_flops
 from modelzoo.models.gpt import GPT, GPTConfig
 from modelzoo.train import checkpoint as ckpt
+from modelzoo.train.accel import fuses_adamw, prepare_model
 from modelzoo.train.config import TrainConfig, resolved_device
 from modelzoo.train.identity import run_identity
 from modelzoo.train.loop import Forward, LoopSettings, TrainLoop, build_optimization
+from modelzoo.train.mfu import format_fraction, format_gib, mfu
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,8 @@ class RunSummary:
     dense_flops: float
     sparse_flops: float  # sparse-effective, each step at the level its masks held
     final_sparse_flops: float  # the same tokens at the final masks alone
+    mfu: float | None  # model FLOPs utilisation over the run (None: no known peak, e.g. on CPU)
+    peak_memory_gib: float | None  # peak CUDA memory of any step (None off CUDA)
     checkpoint: str
     export_dir: str | None
 
@@ -104,8 +108,15 @@ class Trainer:
         self.sparsifier = self.backend.sparsifier(cfg.sparsity, cfg.seed) if cfg.sparsity.enabled else None
         if self.sparsifier:
             self.sparsifier.apply(self.model)
+        backend = resolve_name(cfg.backend.name)
+        prepare_model(self.model, self.task, device_type, backend)  # checkpointing, compile: after the sparsity hooks
         optimizer, scheduler = build_optimization(
-            self.model, cfg.optim, self.task.max_steps, self.backend, self.sparsifier
+            self.model,
+            cfg.optim,
+            self.task.max_steps,
+            self.backend,
+            self.sparsifier,
+            fuses_adamw(cfg.optim, device_type, backend),
         )
         self.loader = BlockLoader(
             self.corpus.train,
@@ -136,6 +147,8 @@ class Trainer:
                 keep_checkpoints=self.task.keep_checkpoints,
                 on_nonfinite=self.task.on_nonfinite,
                 max_nonfinite_skips=self.task.max_nonfinite_skips,
+                flops_per_unit=flop_report(cfg.model, cfg.data.seq_len).dense_per_token,  # dense: masked-dense runs all
+                peak_tflops=self.task.peak_tflops,
             ),
             dist=self.dist,
             device=self.device,
@@ -150,7 +163,7 @@ class Trainer:
     def _build_model(self) -> GPT:
         if not self.task.init_from:
             return GPT(self.cfg.model)
-        model = load_hf(self.task.init_from)
+        model = load_hf(self.task.init_from, self.cfg.model.padded_vocab_multiple)
         for key, value in asdict(self.cfg.model).items():
             if key not in ("name", "dropout", "init_std") and getattr(model.config, key) != value:
                 raise ConfigError(
@@ -278,6 +291,8 @@ class Trainer:
             dense_flops=flops.dense_per_token * tokens,
             sparse_flops=flops.sparse_per_token * tokens,
             final_sparse_flops=flops.final_per_token * tokens,
+            mfu=mfu(flops.dense_per_token, tokens / max(self.loop.train_seconds, 1e-9), self.loop.peak_flops_total),
+            peak_memory_gib=self.loop.peak_memory_gib,
             checkpoint=str(ckpt.latest_checkpoint(self.run_dir)),
             export_dir=export_dir,
         )
@@ -310,6 +325,8 @@ def format_summary(s: RunSummary) -> str:
         f"sparsity         {sparsity}",
         f"training FLOPs   dense {format_flops(s.dense_flops)}, sparse-effective {format_flops(s.sparse_flops)} "
         f"({flops})",
+        f"device use       MFU {format_fraction(s.mfu)} (dense model FLOPs over the device's dense peak), peak "
+        f"memory {format_gib(s.peak_memory_gib)}",
         f"checkpoint       {s.checkpoint}",
     ]
     if s.export_dir:
