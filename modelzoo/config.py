@@ -20,7 +20,7 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, open_dict
 
 from modelzoo.backends import BACKENDS, check_supports, resolve_name
 from modelzoo.cluster import ClusterConfig
-from modelzoo.data.config import FORMATS, DataConfig, TokenizerConfig
+from modelzoo.data.config import FORMATS, DataConfig, TokenizerConfig, resolve_sources, with_detected_format
 from modelzoo.distributed import world_size
 from modelzoo.downstream.config import EvaluateConfig
 from modelzoo.errors import ConfigError
@@ -107,7 +107,7 @@ def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """Compose the config as the CLI does (for tests and notebooks), `hydra:` interpolations included."""
     register_configs()
     with initialize_config_module("modelzoo.conf", version_base="1.3"):
-        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+        cfg = compose("config", overrides=with_detected_format(list(overrides)), return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         del cfg["hydra"]
@@ -224,8 +224,18 @@ def _validate_data(d: DataConfig, m: GPTConfig) -> None:
         )
     if d.format not in FORMATS:
         raise ConfigError("data.format", f"unknown {d.format!r}", FORMATS)
-    if not d.train_files and not d.hub_name:
-        raise ConfigError("data.train_files", "no training data: give data.train_files or data.hub_name")
+    for i, source in enumerate(d.sources):
+        if source.format not in FORMATS:
+            raise ConfigError(f"data.sources[{i}].format", f"unknown {source.format!r}", FORMATS)
+    if not d.train_files and not d.hub_name and not d.sources:
+        raise ConfigError("data.train_files", "no training data: give data.train_files, data.hub_name or data.sources")
+    for source, _ in resolve_sources(d):
+        if not 0.0 <= source.validation_fraction < 1.0:
+            raise ConfigError("data.validation_fraction", f"{source.validation_fraction} is outside [0, 1)")
+    if d.num_workers is not None and d.num_workers < 1:
+        raise ConfigError("data.num_workers", f"must be at least 1 (or null: all cores), got {d.num_workers}")
+    if d.shard_blocks < 1:
+        raise ConfigError("data.shard_blocks", f"must be at least 1, got {d.shard_blocks}")
 
 
 def _validate_train(t: TrainConfig, o: OptimConfig) -> None:

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from modelzoo.backends import get_backend, resolve_name
 from modelzoo.backends.cerebras import LoweringReport
 from modelzoo.config import Config, resolved_device
+from modelzoo.data.config import describe
 from modelzoo.data.corpus import load_corpus, unigram_loss
 from modelzoo.data.loader import BlockLoader, StepBatches, iter_eval
 from modelzoo.data.tokenizer import build_tokenizer
@@ -64,6 +65,7 @@ class RunSummary:
     sparse_flops: float
     checkpoint: str
     export_dir: str | None
+    tokens_per_source: dict[str, int]
 
 
 class Trainer:
@@ -114,12 +116,13 @@ class Trainer:
             self.sparsifier.apply_optimizer(self.optimizer)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.task.max_steps)
         self.loader = BlockLoader(
-            self.corpus.train,
+            [source.train for source in self.corpus.sources],
             self.task.micro_batch_size,
             seed=cfg.seed,
+            weights=[source.weight for source in self.corpus.sources],
             rank=self.dist.rank,
             world_size=self.dist.world_size,
-            source=", ".join(cfg.data.train_files),
+            names=[source.name if cfg.data.sources else describe(cfg.data) for source in self.corpus.sources],
         )
         # Gradients are averaged over ranks by DDP; masks are buffers that every rank updates identically.
         self.replica = DistributedDataParallel(self.model, broadcast_buffers=False) if self.dist.enabled else None
@@ -346,7 +349,7 @@ class Trainer:
             resolve_name(self.cfg.backend.name),
             self.device,
             self.task.precision,
-            self.cfg.data.name,
+            describe(self.cfg.data),
             len(self.corpus.train),
             len(self.corpus.validation),
             self.cfg.data.seq_len,
@@ -374,6 +377,7 @@ class Trainer:
             sparse_flops=self.flops.sparse_per_token * tokens,
             checkpoint=str(ckpt.latest_checkpoint(self.run_dir)),
             export_dir=export_dir,
+            tokens_per_source=self.loader.tokens_per_source(self.cfg.data.seq_len),
         )
         if self.dist.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
@@ -397,6 +401,11 @@ def format_summary(s: RunSummary) -> str:
         f"({s.dense_flops / s.sparse_flops:.2f}x fewer)",
         f"checkpoint       {s.checkpoint}",
     ]
+    if len(s.tokens_per_source) > 1:
+        seen = ", ".join(
+            f"{name} {tokens:,} ({tokens / max(s.tokens, 1):.1%})" for name, tokens in s.tokens_per_source.items()
+        )
+        lines.insert(2, f"tokens/source    {seen}")
     if s.export_dir:
         lines.append(f"hugging face     {s.export_dir}  (AutoModelForCausalLM.from_pretrained loads it)")
     lines.append("=" * 72)
