@@ -17,9 +17,9 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
+from modelzoo.data import prepare
 from modelzoo.data import tokenizer as tokenizer_module
 from modelzoo.data.config import DataConfig, TokenizerConfig
-from modelzoo.data import prepare
 from modelzoo.data.corpus import load_corpus, unigram_loss
 from modelzoo.data.loader import BlockLoader, iter_eval
 from modelzoo.data.tokenizer import EOS, build_tokenizer
