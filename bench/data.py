@@ -109,8 +109,9 @@ def prepare_case(root: Path, workers: int) -> dict:
 
 def startup(code: Path | None, cache: Path) -> float:
     env = {**os.environ, **({"PYTHONPATH": str(code)} if code else {})}
+    cache.mkdir(parents=True, exist_ok=True)  # also the cwd: `python -c` imports from its cwd first
     out = subprocess.run(
-        [sys.executable, "-c", STARTUP, str(cache)], check=True, capture_output=True, text=True, env=env, cwd=REPO
+        [sys.executable, "-c", STARTUP, str(cache)], check=True, capture_output=True, text=True, env=env, cwd=cache
     ).stdout
     return float(out.split()[0])
 
