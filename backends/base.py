@@ -1,4 +1,10 @@
-"""The backend protocol: where sparse GEMMs run, and what each backend can do."""
+"""The training-backend protocol: how a training step runs, where its batches come from, what drives the loop.
+
+A backend owns the runtime (`start`), the model's compiled form (`compile`), the sparsity plug-in and the
+optimizer class, the step's execution (`wrap_step`, `batches`) and who drives the loop (`run`). It knows the loop
+only through `LoopDriver`. Inference converters, which rewrite a loaded model, are apart
+(`modelzoo.backends.converters`).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -19,17 +25,15 @@ from modelzoo.sparsity.plugin import SparsityStats
 
 @dataclass(frozen=True)
 class Capabilities:
-    """What a backend supports; checked against the config before anything runs."""
+    """What a training backend supports; checked against the config before anything runs."""
 
-    train: bool
-    infer: bool
     algorithms: frozenset[str]
     devices: frozenset[str]
     dtypes: frozenset[str]
 
 
 class Sparsifier(Protocol):
-    """The plug-in interface every backend's sparsity object offers to the trainer."""
+    """The plug-in interface every backend's sparsity object offers to the loop."""
 
     def apply(self, model: nn.Module) -> None: ...
     def apply_optimizer(self, optimizer: torch.optim.Optimizer) -> None: ...
@@ -39,8 +43,25 @@ class Sparsifier(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
+class LoopDriver(Protocol):
+    """What a backend may call on the training loop (`modelzoo.train.loop.TrainLoop`)."""
+
+    def fit(self) -> None:
+        """Train to the last step: steps through `Backend.wrap_step` / `batches`, with logging, evaluation and
+        checkpoints."""
+        ...
+
+    def run_one_step(self) -> None:
+        """One training step through the backend and nothing else (no bookkeeping, nothing saved)."""
+        ...
+
+    def sparse_names(self) -> list[str]:
+        """The names of the parameters the sparsity plug-in masks."""
+        ...
+
+
 class Backend(ABC):
-    """One way of running (sparse) training and inference."""
+    """One way of running (sparse) training."""
 
     name: ClassVar[str]
     capabilities: ClassVar[Capabilities]
@@ -65,22 +86,11 @@ class Backend(ABC):
         """The sparsity plug-in for `config` (only called when sparsity is enabled)."""
 
     def optimizer_class(self) -> type[torch.optim.Optimizer]:
-        """The AdamW implementation the trainer builds (cstorch needs its own)."""
+        """The AdamW implementation the loop builds (cstorch needs its own)."""
         return torch.optim.AdamW
 
-    def start(
-        self,
-        cluster: ClusterConfig,
-        device: torch.device,
-        artifact_dir: Path,
-        *,
-        compile_only: bool = False,
-        validate_only: bool = False,
-    ) -> None:
-        """Set up the runtime before the model, sparsity and optimizer are built; nothing by default.
-
-        `compile_only` / `validate_only` (CS-2 only, refused earlier for other backends) stop after lowering.
-        """
+    def start(self, cluster: ClusterConfig, device: torch.device, artifact_dir: Path) -> None:
+        """Set up the runtime before the model, sparsity and optimizer are built; nothing by default."""
         return None
 
     def compile(self, model: nn.Module) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
@@ -94,10 +104,6 @@ class Backend(ABC):
         `DataExecutor`, which moves them itself."""
         for batch in itertools.islice(batches, steps):
             yield tuple(t.to(device, non_blocking=True) for t in batch)
-
-    def lower(self, run_step: Callable[[], None], sparse_names: list[str], cluster: ClusterConfig) -> Any:
-        """compile_only / validate_only: only the Cerebras backend lowers programs (validation refuses the rest)."""
-        raise NotImplementedError(f"backend {self.name!r} does not lower programs for a CS-2")
 
     def wrap_step(
         self,
@@ -114,9 +120,7 @@ class Backend(ABC):
 
         return run
 
-    def prepare_inference(self, model: nn.Module, tokens: int) -> nn.Module:
-        """`model` made ready for forward-only calls of about `tokens` tokens each.
-
-        The default leaves it as it is: a masked model's pruned weights are already exact zeros.
-        """
-        return model
+    def run(self, loop: LoopDriver) -> bool:
+        """Drive `loop`; True when it trained (the Cerebras backend may only lower a step for a CS-2)."""
+        loop.fit()
+        return True

@@ -35,15 +35,17 @@ from types import ModuleType
 from typing import Any
 
 import torch
+from modelzoo.backends.base import Backend, Capabilities, LoopDriver
 from safetensors.torch import load_file
 from torch import nn
 
-from modelzoo.backends.base import Backend, Capabilities
 from modelzoo.cluster import ClusterConfig
 from modelzoo.errors import CheckpointError, ConfigError, ModelZooError
+from modelzoo.restore import build_model, config_from_yaml
 from modelzoo.sparsity.config import DROP_ALGORITHMS, SparsityConfig, SparsityGroupConfig
+from modelzoo.sparsity.masks import MASK_SUFFIX
 from modelzoo.sparsity.plan import plan_groups
-from modelzoo.sparsity.plugin import MASK_SUFFIX, MaskedSparsity, SparsityStats, sparsity_stats
+from modelzoo.sparsity.plugin import MaskedSparsity, SparsityStats, sparsity_stats
 from modelzoo.train import checkpoint as ckpt
 
 CSTORCH_VERSION = "2.10.0"
@@ -307,8 +309,6 @@ def _input_fn(batches: _Batches) -> Iterable[tuple[torch.Tensor, ...]]:
 class CerebrasBackend(Backend):
     name = "cerebras"
     capabilities = Capabilities(
-        train=True,
-        infer=False,
         algorithms=frozenset(CSTORCH_ALGORITHMS),
         devices=frozenset({"cpu", "cuda"}),
         dtypes=frozenset({"fp32"}),
@@ -316,6 +316,7 @@ class CerebrasBackend(Backend):
 
     def __init__(self) -> None:
         self.cs_backend: Any = None
+        self.cluster: ClusterConfig | None = None
         self.mode: str | None = None  # compile_only | validate_only | None (a training run)
 
     @classmethod
@@ -346,17 +347,10 @@ class CerebrasBackend(Backend):
     def optimizer_class(self) -> type[torch.optim.Optimizer]:
         return import_cstorch().optim.AdamW
 
-    def start(
-        self,
-        cluster: ClusterConfig,
-        device: torch.device,
-        artifact_dir: Path,
-        *,
-        compile_only: bool = False,
-        validate_only: bool = False,
-    ) -> None:
+    def start(self, cluster: ClusterConfig, device: torch.device, artifact_dir: Path) -> None:
         cstorch = import_cstorch()
-        self.mode = "compile_only" if compile_only else "validate_only" if validate_only else None
+        self.cluster = cluster
+        self.mode = None if cluster.mode == "train" else cluster.mode
         target = cluster.resolved_target(device.type)
         existing = cstorch.current_backend(raise_exception=False, raise_warning=False)
         if existing is not None:
@@ -372,8 +366,8 @@ class CerebrasBackend(Backend):
         if target == "CSX":
             _put_venv_tools_on_path()
             options.update(
-                compile_only=compile_only,
-                validate_only=validate_only,
+                compile_only=cluster.mode == "compile_only",
+                validate_only=cluster.mode == "validate_only",
                 cluster_config=cluster_config(cluster, Path(__file__).resolve().parents[1]),
             )
         self.cs_backend = cstorch.backend(target, **options)
@@ -389,6 +383,13 @@ class CerebrasBackend(Backend):
     ) -> Iterator[tuple[torch.Tensor, ...]]:
         data = import_cstorch().utils.data
         return iter(data.DataExecutor(data.DataLoader(_input_fn, _Batches(batches)), num_steps=steps))
+
+    def run(self, loop: LoopDriver) -> bool:
+        """Train, or under `cluster.mode` compile_only / validate_only lower one step and print the report."""
+        if self.mode is None:
+            return super().run(loop)
+        print(self.lower(loop.run_one_step, loop.sparse_names(), self.cluster).format())
+        return False
 
     def lower(self, run_step: Callable[[], None], sparse_names: list[str], cluster: ClusterConfig) -> LoweringReport:
         """Run one step under compile_only / validate_only: cstorch lowers it here, then the appliance compiles.
@@ -474,20 +475,12 @@ def cstorch_to_checkpoint(path: str | Path, run_dir: str | Path) -> Path:
     run cannot resume from it, and says so): `modelzoo export`, `generate` and `prune` take it. `run_dir`
     must not hold a checkpoint yet.
     """
-    from omegaconf import OmegaConf
-
-    from modelzoo.config import Config
-    from modelzoo.models.gpt import GPT
-
     ckpt.check_run_dir(run_dir, resume=False)
     state = load_cstorch(path)
     if "modelzoo_config" not in state:
         raise CheckpointError(f"{path} has no modelzoo_config: it was not written by checkpoint_to_cstorch")
     config_yaml = state["modelzoo_config"]
-    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(config_yaml)))
-    model = GPT(cfg.model)
-    if cfg.sparsity.enabled:
-        MaskedSparsity(cfg.sparsity, cfg.seed).apply(model)
+    model, _ = build_model(config_from_yaml(config_yaml))
     missing, unexpected = model.load_state_dict(state["model"], strict=False)
     tied = {"lm_head.weight", "transformer.wte.weight"}  # one tensor, stored under one of its names
     if unexpected or len(missing) > 1 or not set(missing) <= tied:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from modelzoo.backends.base import Backend, Capabilities
+
 from modelzoo.sparsity.config import SparsityConfig
 from modelzoo.sparsity.plugin import MaskedSparsity
 
@@ -10,8 +11,6 @@ from modelzoo.sparsity.plugin import MaskedSparsity
 class MaskedDenseBackend(Backend):
     name = "masked_dense"
     capabilities = Capabilities(
-        train=True,
-        infer=True,
         algorithms=frozenset({"static", "gmp", "set", "rigl"}),
         devices=frozenset({"cpu", "cuda"}),
         dtypes=frozenset({"fp32", "bf16"}),

@@ -1,8 +1,9 @@
 """torch.sparse kernels for forward-only use: CSR/BSR on CPU and 2:4 semi-structured on CUDA, chosen per layer.
 
-`TorchSparseBackend.prepare_inference(model, tokens)` replaces every masked `nn.Linear` (one carrying the
-sparsity plug-in's `weight_mask` buffer) by a `SparseLinear` running the kernel that measured fastest for
-that layer's shape and density at `tokens` tokens per call:
+`TorchSparseConverter.convert(model, tokens)` (an inference converter, `modelzoo.backends.converters`)
+replaces every masked `nn.Linear` (one carrying the sparsity plug-in's `weight_mask` buffer) by a
+`SparseLinear` running the kernel that measured fastest for that layer's shape and density at `tokens` tokens
+per call:
 
 - `dense`: `F.linear` on the masked weight, where no sparse kernel pays (large token counts, low sparsity);
 - `csr` (CPU): CSR with int32 indices, computed as `(W_csr @ x.T).T`, several times faster on CPU than
@@ -31,10 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelzoo.backends.base import Backend, Capabilities
 from modelzoo.errors import ConfigError
-from modelzoo.sparsity.config import SparsityConfig
-from modelzoo.sparsity.plugin import MASK_SUFFIX, MaskedSparsity
+from modelzoo.sparsity.masks import MASK_SUFFIX
 
 log = logging.getLogger(__name__)
 KERNELS = ("dense", "csr", "bsr", "semi_structured")
@@ -188,17 +187,14 @@ def _candidates(
     return builders or {"dense": weight.detach}
 
 
-class TorchSparseBackend(Backend):
-    """Forward-only sparse kernels from `torch.sparse`; training stays with `masked_dense`."""
+class TorchSparseConverter:
+    """Forward-only sparse kernels from `torch.sparse` for a loaded model; training stays with `masked_dense`.
+
+    The final masks of any sparsity algorithm convert."""
 
     name = "torch_sparse"
-    capabilities = Capabilities(
-        train=False,
-        infer=True,
-        algorithms=frozenset(),  # trains nothing; the final masks of any algorithm convert
-        devices=frozenset({"cpu", "cuda"}),
-        dtypes=frozenset({"fp32", "bf16"}),  # bf16 on cuda only: see `prepare_inference`
-    )
+    devices = frozenset({"cpu", "cuda"})
+    dtypes = frozenset({"fp32", "bf16"})  # bf16 on cuda only: see `convert`
 
     def __init__(self, kernels: Iterable[str] = KERNELS) -> None:
         """`kernels`: the kernels a layer may get (e.g. `("csr",)` to force CSR); `dense` is the fallback."""
@@ -208,12 +204,8 @@ class TorchSparseBackend(Backend):
             raise ValueError(f"unknown kernels {unknown}; allowed: {KERNELS}")
         self.choices: list[KernelChoice] = []
 
-    def sparsifier(self, config: SparsityConfig, seed: int) -> MaskedSparsity:
-        """The masks `prepare_inference` reads: the same `<param>_mask` buffers `masked_dense` trains with."""
-        return MaskedSparsity(config, seed)
-
     @torch.no_grad()
-    def prepare_inference(self, model: nn.Module, tokens: int) -> nn.Module:
+    def convert(self, model: nn.Module, tokens: int) -> nn.Module:
         """Swap each masked `nn.Linear` of `model` (in place) for a `SparseLinear`; record `self.choices`.
 
         Layers of one shape, density and pattern form a group that gets one kernel, timed by running each

@@ -14,10 +14,10 @@ from collections import defaultdict
 
 import torch
 from common import REPO, Timing, add_common_arguments, begin, markdown_table, publish, time_interleaved
+from modelzoo.backends.torch_sparse import TorchSparseConverter, kernel_summary
 from omegaconf import OmegaConf
 from torch import nn
 
-from modelzoo.backends.torch_sparse import TorchSparseBackend, kernel_summary
 from modelzoo.generate import generate
 from modelzoo.models.gpt import GPT, GPTConfig
 from modelzoo.sparsity.config import SparsityConfig
@@ -32,7 +32,7 @@ tied LM head), built from one seed:
 - masked-dense: the same with `MaskedSparsity` at the given sparsity (static, random, Cerebras' default
   selection: the four matrices of every block; embeddings and the LM head stay dense) - dense kernels
   on weights with exact zeros, i.e. what `backend=masked_dense` runs;
-- torch_sparse: the masked-dense model converted by `TorchSparseBackend.prepare_inference(tokens=1)`
+- torch_sparse: the masked-dense model converted by `TorchSparseConverter.convert(model, tokens=1)`
   (each layer shape gets the faster of dense and int32 CSR, timed at M = 1), i.e. what
   `modelzoo generate backend=torch_sparse` runs;
 - dense, `x @ Wt`: the dense model with every `nn.Linear`, the LM head included, computing
@@ -84,8 +84,8 @@ def build_models(config: GPTConfig, sparsity: float, seed: int) -> tuple[dict[st
     dense = GPT(config).eval()
     masked = copy.deepcopy(dense)
     MaskedSparsity(SparsityConfig(sparsity=sparsity), seed=seed).apply(masked)
-    backend = TorchSparseBackend()
-    converted = backend.prepare_inference(copy.deepcopy(masked), tokens=1)
+    backend = TorchSparseConverter()
+    converted = backend.convert(copy.deepcopy(masked), tokens=1)
     models = {"dense": dense, "masked-dense": masked, "torch_sparse": converted, "dense, x @ Wt": pretransposed(dense)}
     return models, kernel_summary(backend.choices)
 

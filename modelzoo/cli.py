@@ -13,9 +13,10 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from modelzoo.config import ExportConfig, load_config, register_configs, to_object, validate
+from modelzoo.config import ExportConfig, load_config, register_configs, to_object
 from modelzoo.data.config import with_detected_format
 from modelzoo.errors import ModelZooError
+from modelzoo.validate import validate
 
 USAGE = """usage: modelzoo <command> [hydra overrides]
 
@@ -44,7 +45,7 @@ examples:
   modelzoo pretrain model=med sparsity=static_50 data=pubmed_abstracts task.max_steps=5000
   modelzoo pretrain sparsity=dense task.precision=bf16 task.device=cuda
   modelzoo pretrain run_dir=runs/tiny-static_75 task.resume=true
-  modelzoo pretrain backend=cerebras cluster=cs2 compile_only=true   (cerebras.pytorch venv: lower for a CS-2)
+  modelzoo pretrain backend=cerebras cluster=cs2 cluster.mode=compile_only   (cerebras.pytorch venv: lower for a CS-2)
   modelzoo prepare-data data=pubmed_abstracts data.num_workers=2 --dry-run
   modelzoo export run_dir=runs/tiny-static_75 task.output_dir=exported/
   modelzoo generate run_dir=runs/tiny-static_75 'task.prompt="The patient"' backend=torch_sparse
@@ -97,11 +98,7 @@ def pretrain(overrides: list[str]) -> None:
         try:
             config = to_object(cfg)
             validate(config)
-            trainer = Trainer(config)
-            if config.compile_only or config.validate_only:
-                print(trainer.lower().format())
-            else:
-                trainer.fit()
+            Trainer(config).fit()
         except (ModelZooError, OmegaConfBaseException) as e:
             _fail(e)
         finally:
@@ -130,21 +127,25 @@ def prepare_data(args: list[str]) -> None:
 
 def export(overrides: list[str]) -> None:
     from modelzoo.export.hf import export_hf
-    from modelzoo.train.checkpoint import resolve_checkpoint, restore_model
+    from modelzoo.restore import restore_model
+    from modelzoo.train.checkpoint import resolve_checkpoint
 
     cfg = to_object(load_config(["task=export", *overrides]))
+    validate(cfg)
     task: ExportConfig = cfg.task
     path = resolve_checkpoint(task.checkpoint, cfg.run_dir)
-    model, saved, tokenizer = restore_model(path)
+    run = restore_model(path)
     output = Path(task.output_dir) if task.output_dir else path.parent.parent / "hf"
-    info = {**(saved.sparsity.summary() if saved.sparsity.enabled else {}), "checkpoint": str(path)}
-    print(f"exported {path} -> {export_hf(model, output, tokenizer, info)}")
+    info = {**(run.config.sparsity.summary() if run.config.sparsity.enabled else {}), "checkpoint": str(path)}
+    print(f"exported {path} -> {export_hf(run.model, output, run.tokenizer, info)}")
 
 
 def generate(overrides: list[str]) -> None:
     from modelzoo.generate import format_speed, run
 
-    text, result = run(to_object(load_config(["task=generate", *overrides])))
+    cfg = to_object(load_config(["task=generate", *overrides]))
+    validate(cfg)
+    text, result = run(cfg)
     print(text)
     print(format_speed(result))
 
@@ -153,6 +154,7 @@ def prune(overrides: list[str]) -> None:
     from modelzoo.prune.task import run
 
     cfg = to_object(load_config(["task=prune", *overrides]))
+    validate(cfg)
     print(run(cfg).format(cfg.task))
 
 
@@ -161,6 +163,7 @@ def evaluate(overrides: list[str]) -> None:
     from modelzoo.downstream.results import markdown_table, write_results
 
     cfg = to_object(load_config(["task=evaluate", *overrides]))
+    validate(cfg)
     results = run(cfg)
     print(markdown_table(results))
     for what, path in write_results(results, cfg.task.output_dir).items():
@@ -220,6 +223,7 @@ def export_cerebras(overrides: list[str]) -> None:
     from modelzoo.train.checkpoint import resolve_checkpoint
 
     cfg = to_object(load_config(["task=export", *overrides]))
+    validate(cfg)
     path = resolve_checkpoint(cfg.task.checkpoint, cfg.run_dir)
     output = Path(cfg.task.output_dir) if cfg.task.output_dir else path.parent.parent / "cerebras"
     params, weights = export_checkpoint(path, output)

@@ -17,6 +17,7 @@ from modelzoo.errors import ConfigError
 TARGETS = ("auto", "CPU", "GPU", "CSX")
 JOB_PRIORITIES = ("p1", "p2", "p3")
 # cstorch's rules: `<host>:<port>`, and labels `key=value` of DNS-label-like tokens.
+MODES = ("train", "compile_only", "validate_only")  # the last two lower for a CS-2 and stop
 MGMT_ADDRESS = re.compile(r".+:[0-9]+")
 LABEL_TOKEN = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9]")
 
@@ -26,13 +27,15 @@ class ClusterConfig:
     """A Cerebras run's target and, for `CSX`, the appliance job (see `cstorch.distributed.ClusterConfig`).
 
     `mgmt_address` (`host:port`) and `credentials_path` (the cluster's TLS certificate) are needed to reach
-    the appliance; `compile_only` / `validate_only` runs lower the model locally without them and stop at
-    the remote compile. `mount_dirs` and `python_paths` are local directories the appliance's workers mount
-    (this checkout is added to `python_paths` automatically); `job_labels` are `key=value` strings.
+    the appliance; `mode` `compile_only` / `validate_only` lowers the training step locally without them and
+    stops at the remote compile (`train`, the default, trains). `mount_dirs` and `python_paths` are local
+    directories the appliance's workers mount (this checkout is added to `python_paths` automatically);
+    `job_labels` are `key=value` strings.
     """
 
     name: str = "local"
     target: str = "auto"
+    mode: str = "train"
     mgmt_address: str | None = None
     mgmt_namespace: str | None = None
     credentials_path: str | None = None
@@ -57,6 +60,8 @@ class ClusterConfig:
         """Check every field that applies to the resolved target; errors name `cluster.<key>`."""
         if self.target not in TARGETS:
             raise ConfigError("cluster.target", f"unknown {self.target!r}", TARGETS)
+        if self.mode not in MODES:
+            raise ConfigError("cluster.mode", f"unknown {self.mode!r}", MODES)
         target = self.resolved_target(device)
         if target == "GPU" and device != "cuda":
             raise ConfigError("cluster.target", "GPU needs task.device=cuda (or auto on a CUDA machine)")

@@ -17,13 +17,14 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from modelzoo.backends import check_supports, get_backend, resolve_name
-from modelzoo.config import Config, GenerateConfig, resolved_device
+from modelzoo.backends.converters import convert
+from modelzoo.config import Config, GenerateConfig
 from modelzoo.errors import ConfigError
 from modelzoo.export.hf import load_hf, restore_masks
 from modelzoo.models.gpt import GPT, KVCache
-from modelzoo.train.checkpoint import resolve_checkpoint, restore_model
-from modelzoo.train.config import DEVICES, PRECISIONS
+from modelzoo.restore import restore_model
+from modelzoo.train.checkpoint import resolve_checkpoint
+from modelzoo.train.config import resolved_device
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -126,35 +127,6 @@ def generate(
     return Generation(tokens, len(prompt), prefill_s, time.perf_counter() - start - prefill_s)
 
 
-def validate(cfg: Config) -> None:
-    """Reject invalid `task=generate` values and a backend that cannot run them, naming the key."""
-    task: GenerateConfig = cfg.task
-    if task.checkpoint and task.hf_dir:
-        raise ConfigError("task.hf_dir", "give task.checkpoint or task.hf_dir, not both")
-    if task.max_new_tokens < 1:
-        raise ConfigError("task.max_new_tokens", f"must be at least 1, got {task.max_new_tokens}")
-    if task.temperature < 0:
-        raise ConfigError("task.temperature", f"must be >= 0 (0 is greedy), got {task.temperature}")
-    if task.top_k < 0:
-        raise ConfigError("task.top_k", f"must be >= 0 (0 is off), got {task.top_k}")
-    if not 0 < task.top_p <= 1:
-        raise ConfigError("task.top_p", f"{task.top_p} is outside (0, 1] (1 is off)")
-    check_inference(task.device, task.precision, cfg.backend.name)
-
-
-def check_inference(device: str, precision: str, backend: str) -> None:
-    """Reject an unknown `task.device` / `task.precision`, an absent CUDA device, or a backend that cannot run
-    inference there."""
-    if device not in DEVICES:
-        raise ConfigError("task.device", f"unknown {device!r}", DEVICES)
-    if precision not in PRECISIONS:
-        raise ConfigError("task.precision", f"unknown {precision!r}", PRECISIONS)
-    device = resolved_device(device)
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("task.device", "cuda requested but no CUDA device is visible", ["auto", "cpu"])
-    check_supports(resolve_name(backend, train=False), algorithm=None, device=device, dtype=precision, train=False)
-
-
 def load_generator(cfg: Config) -> tuple[GPT, PreTrainedTokenizerBase]:
     """The model of `cfg.task`, on its device and dtype and converted by `cfg.backend` for batch-1 decoding.
 
@@ -169,12 +141,13 @@ def load_generator(cfg: Config) -> tuple[GPT, PreTrainedTokenizerBase]:
         tokenizer = AutoTokenizer.from_pretrained(source)
     else:
         source = resolve_checkpoint(task.checkpoint, cfg.run_dir)
-        model, _, tokenizer = restore_model(source)
+        run = restore_model(source)
+        model, tokenizer = run.model, run.tokenizer
         if tokenizer is None:
             raise ConfigError("run_dir", f"{source.parent.parent} has no tokenizer/ directory to encode the prompt")
     log.info("generate: model %s", source)
     model = model.to(resolved_device(task.device), DTYPES[task.precision]).eval()
-    return get_backend(cfg.backend.name, train=False).prepare_inference(model, tokens=1), tokenizer
+    return convert(model, cfg.backend.name, tokens=1), tokenizer
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
@@ -185,8 +158,7 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
 
 
 def run(cfg: Config) -> tuple[str, Generation]:
-    """`modelzoo generate`: validate `cfg`, load the model, decode; return the prompt with its continuation."""
-    validate(cfg)
+    """`modelzoo generate` on a validated `cfg`: load the model, decode; return the prompt with its continuation."""
     task: GenerateConfig = cfg.task
     model, tokenizer = load_generator(cfg)
     sampling = Sampling(task.temperature, task.top_k, task.top_p)

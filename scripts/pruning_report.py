@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from modelzoo.config import Config, validate
+from modelzoo.config import Config
 from modelzoo.data.corpus import load_corpus
 from modelzoo.data.loader import iter_eval
 from modelzoo.export.hf import export_hf
@@ -41,10 +41,11 @@ from modelzoo.prune.hessian import InputStats
 from modelzoo.prune.io import save_pruned
 from modelzoo.prune.layers import select_layers
 from modelzoo.prune.sequential import prune_model
+from modelzoo.restore import restore_model
 from modelzoo.sparsity.config import SparsityConfig
-from modelzoo.train.checkpoint import restore_model
 from modelzoo.train.config import TrainConfig
 from modelzoo.train.trainer import RunSummary, Trainer
+from modelzoo.validate import validate
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "pruning.md"
@@ -102,7 +103,8 @@ def continue_pretraining(
 
 def measure(args: argparse.Namespace) -> dict:
     """Every number of the document, as plain data."""
-    dense_model, cfg, tokenizer = restore_model(args.checkpoint)
+    run = restore_model(args.checkpoint)
+    dense_model, cfg, tokenizer = run.model, run.config, run.tokenizer
     corpus = load_corpus(cfg.data, tokenizer)
     tokens = calibration_tokens(corpus.train, args.samples, cfg.seed, ", ".join(cfg.data.train_files))
     dense = perplexity(dense_model, corpus.validation)

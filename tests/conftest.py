@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 
-from modelzoo.config import Config, load_config, to_object, validate
+from modelzoo.config import Config, load_config, to_object
 from modelzoo.models.gpt import GPT, GPTConfig
+from modelzoo.train.loop import TrainLoop
+from modelzoo.validate import validate
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -77,3 +81,21 @@ def make_config(run_dir: Path, cache_dir: Path, *overrides: str) -> Config:
 def train_losses(run_dir: Path) -> list[tuple[str, str]]:
     with (run_dir / "metrics.csv").open() as f:
         return [(row["step"], row["train_loss"]) for row in csv.DictReader(f) if row["train_loss"]]
+
+
+@contextmanager
+def killed_at_step(monkeypatch: pytest.MonkeyPatch, step: int) -> Iterator[None]:
+    """Inside, the training loop raises KeyboardInterrupt when it starts optimizer step `step` (as a kill would
+    stop it: after the checkpoints of the earlier steps, before this one's); the `with` expects that."""
+    original, calls = TrainLoop.train_step, {"n": 0}
+
+    def train_step(self: TrainLoop, *batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise KeyboardInterrupt("killed")
+        return original(self, *batch)
+
+    monkeypatch.setattr(TrainLoop, "train_step", train_step)
+    with pytest.raises(KeyboardInterrupt):
+        yield
+    monkeypatch.setattr(TrainLoop, "train_step", original)

@@ -15,9 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
-
 from modelzoo.backends.cerebras import (
     CSTORCH_VERSION,
     CerebrasBackend,
@@ -28,9 +25,13 @@ from modelzoo.backends.cerebras import (
     load_cstorch,
     mlir_sparsity,
 )
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
 from modelzoo.cluster import ClusterConfig
 from modelzoo.errors import CheckpointError, ConfigError
 from modelzoo.export.hf import export_hf
+from modelzoo.restore import restore_model
 from modelzoo.sparsity.config import NMPattern, SparsityConfig
 from modelzoo.sparsity.names import select_parameters
 from modelzoo.train import checkpoint as ckpt
@@ -195,7 +196,8 @@ def test_checkpoint_converts_to_cstorch_and_back_and_to_hf(cstorch, tmp_path: Pa
         ckpt.load_training_state(back)
     with pytest.raises(CheckpointError, match="already holds checkpoint"):  # never over an existing run
         cstorch_to_checkpoint(cs_file, tmp_path / "converted")
-    model, cfg, _ = ckpt.restore_model(back)
+    restored = restore_model(back)
+    model, cfg = restored.model, restored.config
     assert cfg.sparsity.algorithm == "rigl"
     reference = trainer.model.state_dict()
     assert all(torch.equal(v, reference[k]) for k, v in model.state_dict().items())
@@ -246,7 +248,7 @@ def check_lowering(result: subprocess.CompletedProcess, n_sparse: int) -> None:
 
 @pytest.mark.cerebras
 def test_compile_only_lowers_tiny_gpt_and_names_what_is_missing(cstorch, tmp_path: Path, cache_dir: Path) -> None:
-    result = lower(tmp_path, cache_dir, "model=tiny", "compile_only=true")
+    result = lower(tmp_path, cache_dir, "model=tiny", "cluster.mode=compile_only")
     check_lowering(result, n_sparse=4 * 4)  # 4 layers x (c_attn, attn.c_proj, c_fc, mlp.c_proj)
     assert "stopped at the remote compile (ClusterConfigError" in result.stdout
     assert "set cluster.mgmt_address=<host>:<port>" in result.stdout
@@ -256,12 +258,12 @@ def test_compile_only_lowers_tiny_gpt_and_names_what_is_missing(cstorch, tmp_pat
 @pytest.mark.cerebras
 @pytest.mark.slow
 def test_compile_only_lowers_med_gpt_at_75_percent(cstorch, tmp_path: Path, cache_dir: Path) -> None:
-    check_lowering(lower(tmp_path, cache_dir, "model=med", "compile_only=true"), n_sparse=24 * 4)
+    check_lowering(lower(tmp_path, cache_dir, "model=med", "cluster.mode=compile_only"), n_sparse=24 * 4)
 
 
 @pytest.mark.cerebras
 def test_validate_only_checks_the_program_offline(cstorch, tmp_path: Path, cache_dir: Path) -> None:
-    result = lower(tmp_path, cache_dir, "model=tiny", "validate_only=true")
+    result = lower(tmp_path, cache_dir, "model=tiny", "cluster.mode=validate_only")
     check_lowering(result, n_sparse=16)
     assert "passed cstorch's checks (nothing was sent to a cluster)" in result.stdout
 
@@ -341,11 +343,8 @@ def test_what_cstorch_lacks_is_refused_before_import(config: SparsityConfig, key
             r"cluster.mgmt_address: a CS-2 run needs cluster.mgmt_address=<host>:<port>",
         ),
         (["backend=masked_dense", "cluster=cs2"], r"cluster.target: CSX is a cstorch backend: use backend=cerebras"),
-        (["compile_only=true"], r"compile_only: lowers for a CS-2: it needs backend=cerebras cluster=cs2"),
-        (
-            ["backend=cerebras", "cluster=cs2", "compile_only=true", "validate_only=true"],
-            r"validate_only: compile_only",
-        ),
+        (["cluster.mode=compile_only"], r"cluster.mode: compile_only lowers for a CS-2: it needs backend=cerebras"),
+        (["backend=cerebras", "cluster=cs2", "cluster.mode=compile"], r"cluster.mode: unknown 'compile'"),
         (["backend=cerebras", "cluster=cs2", "cluster.mgmt_address=nohost"], r"cluster.mgmt_address: 'nohost' is not"),
         (["backend=cerebras", "cluster=cs2", "cluster.job_priority=p9"], r"cluster.job_priority: unknown 'p9'"),
         (["backend=cerebras", "cluster=cs2", 'cluster.job_labels=["a=b=c"]'], r"cluster.job_labels\[0\]: 'a=b=c'"),
@@ -357,7 +356,10 @@ def test_what_cstorch_lacks_is_refused_before_import(config: SparsityConfig, key
             ["backend=cerebras", "cluster=cs2", "cluster.credentials_path=/no/cert"],
             r"cluster.credentials_path: /no/cert",
         ),
-        (["backend=cerebras", "cluster=cs2", "compile_only=true", "task.micro_batch_size=4"], r"a CS-2 splits batches"),
+        (
+            ["backend=cerebras", "cluster=cs2", "cluster.mode=compile_only", "task.micro_batch_size=4"],
+            r"a CS-2 splits batches",
+        ),
     ],
 )
 def test_cluster_config_is_validated_before_anything_runs(

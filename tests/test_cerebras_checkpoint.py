@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from modelzoo.cli import main
-from modelzoo.config import load_config, to_object, validate
+from modelzoo.config import load_config, to_object
 from modelzoo.errors import CheckpointError
 from modelzoo.export.cerebras_checkpoint import (
     from_cerebras_state_dict,
@@ -19,10 +19,12 @@ from modelzoo.export.cerebras_checkpoint import (
 from modelzoo.export.cerebras_params import CerebrasRecipe, read_params, write_params
 from modelzoo.export.hf import load_hf, to_hf_state_dict
 from modelzoo.models.gpt import GPT, GPTConfig
+from modelzoo.restore import restore_model
 from modelzoo.sparsity.config import SparsityConfig
 from modelzoo.sparsity.plugin import MaskedSparsity
-from modelzoo.train.checkpoint import load_training_state, restore_model
+from modelzoo.train.checkpoint import load_training_state
 from modelzoo.train.trainer import Trainer
+from modelzoo.validate import validate
 from tests.conftest import make_config
 
 # Layer 0 and the model-level keys of a Cerebras Model Zoo 2.1+ GPT-2/GPT-3 state dict (its HF <-> CS converter).
@@ -107,7 +109,7 @@ def test_import_writes_a_checkpoint_that_export_reads(tmp_path: Path, tiny_confi
     torch.save({"model": to_cerebras_state_dict(model.state_dict()), "global_step": 7}, tmp_path / "model.mdl")
     params = write_params(CerebrasRecipe(model=tiny_config, sparsity=STATIC), tmp_path / "params.yaml")
     path = import_cerebras(params, tmp_path / "model.mdl", tmp_path / "run")
-    restored, _, _ = restore_model(path)
+    restored = restore_model(path).model
     idx = torch.randint(0, tiny_config.vocab_size, (2, 16))
     torch.testing.assert_close(restored.eval()(idx)[0], model(idx)[0], rtol=0, atol=0)
     assert sorted(k for k in restored.state_dict() if k.endswith("_mask")) == sorted(

@@ -9,8 +9,9 @@ import pytest
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from modelzoo.config import load_config, to_object, validate
+from modelzoo.config import load_config, to_object
 from modelzoo.errors import ConfigError
+from modelzoo.validate import validate
 
 
 def check(overrides: list[str]) -> None:

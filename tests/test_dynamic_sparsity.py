@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from modelzoo.config import load_config, to_object, validate
+from modelzoo.config import load_config, to_object
 from modelzoo.errors import ConfigError
 from modelzoo.flops import flop_report
 from modelzoo.models.gpt import GPT
@@ -24,6 +24,7 @@ from modelzoo.sparsity.plugin import MaskedSparsity
 from modelzoo.sparsity.schedules import make_schedule, make_update_schedule
 from modelzoo.train.config import OptimConfig
 from modelzoo.train.optim import build_optimizer
+from modelzoo.validate import validate
 
 BLOCK = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 

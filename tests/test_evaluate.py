@@ -17,13 +17,13 @@ from modelzoo.downstream.evaluate import (
     load_hf_model,
     macro_f1,
     run,
-    validate,
 )
 from modelzoo.downstream.lm_eval_parity import compare, lm_eval_scores
 from modelzoo.downstream.pubmedqa import load_pubmedqa
 from modelzoo.downstream.results import write_results
 from modelzoo.errors import ConfigError
 from modelzoo.train.trainer import Trainer
+from modelzoo.validate import validate
 from tests.conftest import make_config, needs_shared
 from tests.test_downstream_data import PQA
 

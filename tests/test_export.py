@@ -29,7 +29,8 @@ from modelzoo.export.hf import (
 )
 from modelzoo.models.gpt import GPT, GPTConfig
 from modelzoo.sparsity.config import SparsityConfig
-from modelzoo.sparsity.plugin import MASK_SUFFIX, MaskedSparsity
+from modelzoo.sparsity.masks import MASK_SUFFIX
+from modelzoo.sparsity.plugin import MaskedSparsity
 
 INFO = {"algorithm": "static", "target_sparsity": 0.75, "step": 10}
 

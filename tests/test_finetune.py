@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,18 +14,18 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, GPT2LMHeadModel
 
-from modelzoo.config import load_config, to_object, validate
+from modelzoo.config import load_config, to_object
 from modelzoo.downstream.evaluate import load_checkpoint_model
 from modelzoo.errors import CheckpointError, ConfigError
 from modelzoo.export.seq_cls import export_seq_cls
 from modelzoo.finetune.config import FinetuneConfig, output_dir
-from modelzoo.finetune.pretrained import checkpoint_masks
 from modelzoo.finetune.task import FinetuneSummary, run
 from modelzoo.models.classifier import GPTClassifier
 from modelzoo.models.gpt import GPT, GPTConfig
-from modelzoo.train.checkpoint import CONFIG_FILE, MODEL_FILE, latest_checkpoint
+from modelzoo.train.checkpoint import CONFIG_FILE, MODEL_FILE, checkpoint_masks, latest_checkpoint, selected_checkpoint
 from modelzoo.train.trainer import Trainer
-from tests.conftest import REPO, SHARED, make_config, needs_shared
+from modelzoo.validate import validate
+from tests.conftest import REPO, SHARED, killed_at_step, make_config, needs_shared, train_losses
 
 # A few steps of everything: enough to move weights, small enough for 2 cores.
 FAST = [
@@ -159,6 +162,8 @@ def test_config_errors_name_the_key(pretrained: Path) -> None:
     check("task.init", "task=prompt_tune", "task.init=zeros")
     check("task.limit", "task=finetune", "task.limit=-1")
     check("task.pretrained", "task=finetune", "task.pretrained=/nonexistent/run")
+    check("backend.name", "task=finetune", "backend=cerebras")  # fine-tuning runs on masked_dense, said by name
+    check("backend.name", "task=prompt_tune", "backend=torch_sparse")
 
 
 def test_finetune_benchmark_times_every_variant(tiny_config: GPTConfig, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -168,3 +173,62 @@ def test_finetune_benchmark_times_every_variant(tiny_config: GPTConfig, monkeypa
     timings = bench.measure(shape, steps=1, warmup=0, repeats=1)
     assert set(timings) == {f"{task}/{impl}" for task in bench.TASKS for impl in ("ours", "hf")}
     assert "PubMedQA soft prompting" in bench.report("test", shape, timings, 1)
+
+
+RESUMABLE = ["task.max_steps=6", "task.eval_every=2", "task.log_every=1", "task.micro_batch_size=2"]
+
+
+@needs_shared
+@pytest.mark.parametrize("dataset", ["pubmedqa", "hoc"])
+def test_killed_finetuning_resumes_exactly(pretrained: Path, tmp_path: Path, monkeypatch, dataset: str) -> None:
+    """A fine-tuning run killed after step 4's checkpoint and resumed equals the uninterrupted run bit for bit:
+    losses, best step, final weights (data position, model selection and RNG state come back)."""
+    extra = [*RESUMABLE, f"task.dataset={dataset}", "task.export=false"]
+    full = adapt("finetune", pretrained, tmp_path / "full", *extra)
+
+    with killed_at_step(monkeypatch, 5):
+        adapt("finetune", pretrained, tmp_path / "crashed", *extra)
+    assert latest_checkpoint(tmp_path / "crashed").name == "step_000004"
+    resumed = adapt("finetune", pretrained, tmp_path / "crashed", *extra, "task.resume=true")
+    assert train_losses(tmp_path / "crashed") == train_losses(tmp_path / "full")
+    assert (resumed.best_step, resumed.dev, resumed.test) == (full.best_step, full.dev, full.test)
+    assert resumed.finetune_flops == full.finetune_flops  # the tokens counted before the kill are kept
+    last = Path("checkpoints") / "step_000006" / MODEL_FILE
+    assert (tmp_path / "crashed" / last).read_bytes() == (tmp_path / "full" / last).read_bytes()
+
+
+@needs_shared
+def test_best_dev_checkpoint_is_kept_and_marked(pretrained: Path, tmp_path: Path) -> None:
+    """Checkpoints at every evaluation, rotation keeps the newest and the best; `selected_checkpoint` is the best."""
+    summary = adapt("finetune", pretrained, tmp_path / "ft", *RESUMABLE, "task.export=false")
+    kept = sorted(p.name for p in (tmp_path / "ft" / "checkpoints").glob("step_*"))
+    assert kept == sorted({"step_000006", f"step_{summary.best_step:06d}"})
+    assert selected_checkpoint(tmp_path / "ft").name == f"step_{summary.best_step:06d}" == Path(summary.checkpoint).name
+    assert latest_checkpoint(tmp_path / "ft").name == "step_000006"
+
+
+@needs_shared
+@pytest.mark.distributed
+def test_two_ranks_finetune_like_one_process(pretrained: Path, tmp_path: Path) -> None:
+    """torchrun with 2 CPU ranks fine-tunes to the losses of 1 process on the same global batch."""
+    data = SHARED / "data" / "pubmedqa"
+    overrides = [f"task.pretrained={pretrained}", f"task.data_dir={data}", *FAST[:2], *RESUMABLE, "task.export=false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name, launcher in (("one", []), ("ddp", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])):
+        command = [
+            sys.executable,
+            *launcher,
+            "-m",
+            "modelzoo",
+            "finetune",
+            *overrides,
+            f"task.output_dir={tmp_path / name}",
+        ]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    one, ddp = train_losses(tmp_path / "one"), train_losses(tmp_path / "ddp")
+    assert [step for step, _ in ddp] == [str(s) for s in range(1, 7)]
+    for (_, a), (_, b) in zip(one, ddp, strict=True):
+        assert float(a) == pytest.approx(float(b), abs=1e-5)
+    summaries = [json.loads((tmp_path / name / "summary.json").read_text()) for name in ("one", "ddp")]
+    assert summaries[0]["finetune_flops"] == summaries[1]["finetune_flops"]  # every rank's tokens counted once

@@ -20,7 +20,7 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from modelzoo.cli import main
-from modelzoo.config import load_config, to_object, validate
+from modelzoo.config import load_config, to_object
 from modelzoo.data import cerebras_hdf5, prepare
 from modelzoo.data.config import DataConfig, SourceConfig, TokenizerConfig, describe
 from modelzoo.data.corpus import load_corpus
@@ -29,6 +29,7 @@ from modelzoo.data.loader import BlockLoader
 from modelzoo.data.shards import ShardWriter
 from modelzoo.data.tokenizer import build_tokenizer
 from modelzoo.errors import ConfigError, DataError
+from modelzoo.validate import validate
 from tests.test_data import SEQ_LEN, TRAIN_DOCS, VALIDATION_DOCS, documents, encode_documents, write_lines
 
 REPO = Path(__file__).resolve().parents[1]

@@ -23,8 +23,8 @@ from modelzoo.prune.layers import select_layers
 from modelzoo.prune.magnitude import magnitude_mask
 from modelzoo.prune.sequential import prune_model
 from modelzoo.prune.sparsegpt import sparsegpt
-from modelzoo.sparsity.masks import num_kept
-from modelzoo.sparsity.plugin import MASK_SUFFIX
+from modelzoo.restore import restore_model
+from modelzoo.sparsity.masks import MASK_SUFFIX, num_kept
 from modelzoo.train import checkpoint as ckpt
 from modelzoo.train.trainer import Trainer
 from tests.conftest import make_config
@@ -164,7 +164,7 @@ def test_masks_from_weights_survive_continued_pretraining_and_its_checkpoint(tmp
     for sp in trainer.sparsifier.params:
         assert torch.equal(sp.mask, result.masks[sp.name]), sp.name
     trainer.fit()
-    restored, _, _ = ckpt.restore_model(ckpt.latest_checkpoint(tmp_path / "run"))
+    restored = restore_model(ckpt.latest_checkpoint(tmp_path / "run")).model
     state = restored.state_dict()
     for name, mask in result.masks.items():
         assert torch.equal(state[name + MASK_SUFFIX], mask), name

@@ -15,6 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from modelzoo.restore import restore_model
 from modelzoo.train import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
@@ -43,7 +44,7 @@ def test_default_run_learns_and_exports(tmp_path: Path) -> None:
     assert summary["sparsity"] == pytest.approx(0.75, abs=1e-4)
     assert summary["dense_flops"] / summary["sparse_flops"] == pytest.approx(1.69, abs=0.01)
 
-    model, _, _ = ckpt.restore_model(ckpt.latest_checkpoint(run))
+    model = restore_model(ckpt.latest_checkpoint(run)).model
     hf = AutoModelForCausalLM.from_pretrained(summary["export_dir"]).eval()
     x = torch.randint(0, 4096, (2, 128))
     with torch.no_grad():

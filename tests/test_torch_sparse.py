@@ -7,20 +7,21 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from modelzoo.backends import torch_sparse
 from modelzoo.backends.torch_sparse import (
     SparseLinear,
-    TorchSparseBackend,
+    TorchSparseConverter,
     block_size,
     bsr_from_mask,
     csr_from_mask,
     is_2_4,
 )
+
 from modelzoo.errors import ConfigError
 from modelzoo.models.gpt import GPT, GPTConfig
 from modelzoo.sparsity.config import SparsityConfig
-from modelzoo.sparsity.plugin import MASK_SUFFIX, MaskedSparsity
+from modelzoo.sparsity.masks import MASK_SUFFIX
+from modelzoo.sparsity.plugin import MaskedSparsity
 from tests.conftest import make_config
 
 
@@ -72,8 +73,8 @@ def idx(tiny_config: GPTConfig) -> torch.Tensor:
 def test_logits_equal_masked_dense(tiny_config: GPTConfig, idx: torch.Tensor, kernels: tuple[str, ...]) -> None:
     model = sparse_model(tiny_config)
     expected = logits(model, idx)
-    backend = TorchSparseBackend(kernels)
-    converted = backend.prepare_inference(copy.deepcopy(model), tokens=1)
+    backend = TorchSparseConverter(kernels)
+    converted = backend.convert(copy.deepcopy(model), tokens=1)
     if kernels == ("csr",):
         assert {c.kernel for c in backend.choices} == {"csr"}
     assert expected.abs().max() > 1.0
@@ -83,8 +84,8 @@ def test_logits_equal_masked_dense(tiny_config: GPTConfig, idx: torch.Tensor, ke
 def test_bsr_for_block_masks_equals_masked_dense(tiny_config: GPTConfig, idx: torch.Tensor) -> None:
     model = sparse_model(tiny_config)
     set_masks(model, block_mask)
-    backend = TorchSparseBackend(("bsr",))
-    converted = backend.prepare_inference(copy.deepcopy(model), tokens=1)
+    backend = TorchSparseConverter(("bsr",))
+    converted = backend.convert(copy.deepcopy(model), tokens=1)
     assert {c.kernel for c in backend.choices} == {"bsr"}
     assert (logits(converted, idx) - logits(model, idx)).abs().max().item() <= 1e-4
 
@@ -101,8 +102,8 @@ def test_kernel_choice_follows_timings_measured_once_per_group(
 
     monkeypatch.setattr(torch_sparse, "_MEASURED", {})
     monkeypatch.setattr(torch_sparse, "_measure", fake_measure)
-    backend = TorchSparseBackend()
-    model = backend.prepare_inference(sparse_model(tiny_config), tokens=1)
+    backend = TorchSparseConverter()
+    model = backend.convert(sparse_model(tiny_config), tokens=1)
 
     # 8 layers in 4 shape groups of 2 layers, each group timed once
     assert sorted(timed) == [((64, 64), 2), ((64, 256), 2), ((192, 64), 2), ((256, 64), 2)]
@@ -117,8 +118,8 @@ def test_kernel_choice_follows_timings_measured_once_per_group(
 
 def test_timing_runs_every_candidate_over_the_group(tiny_config: GPTConfig, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch_sparse, "_MEASURED", {})
-    backend = TorchSparseBackend()
-    backend.prepare_inference(sparse_model(tiny_config), tokens=3)
+    backend = TorchSparseConverter()
+    backend.convert(sparse_model(tiny_config), tokens=3)
     for choice in backend.choices:
         assert set(choice.ms) == {"dense", "csr"} and all(t > 0 for t in choice.ms.values())
         assert choice.kernel == min(choice.ms, key=choice.ms.__getitem__)
@@ -162,7 +163,7 @@ def test_pretrain_refuses_torch_sparse_naming_masked_dense(tmp_path: Path, cache
 def test_bf16_on_cpu_is_refused(tiny_config: GPTConfig) -> None:
     model = sparse_model(tiny_config).to(torch.bfloat16)
     with pytest.raises(ConfigError, match=r"task\.precision"):
-        TorchSparseBackend().prepare_inference(model, tokens=1)
+        TorchSparseConverter().convert(model, tokens=1)
 
 
 @pytest.mark.cuda
@@ -172,8 +173,8 @@ def test_2_4_semi_structured_on_cuda_equals_masked_dense(tiny_config: GPTConfig,
     set_masks(model, two_four_mask)
     model = model.to("cuda", torch.bfloat16)
     idx = idx.cuda()
-    backend = TorchSparseBackend(("semi_structured",))
-    converted = backend.prepare_inference(copy.deepcopy(model), tokens=1)
+    backend = TorchSparseConverter(("semi_structured",))
+    converted = backend.convert(copy.deepcopy(model), tokens=1)
     assert {c.kernel for c in backend.choices} == {"semi_structured"}
     expected = logits(model, idx).float()
     torch.testing.assert_close(

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from modelzoo.errors import CheckpointError
 from modelzoo.train import checkpoint as ckpt
 from modelzoo.train.trainer import Trainer
-from tests.conftest import make_config, train_losses
+from tests.conftest import killed_at_step, make_config, train_losses
 
 
 def test_pretrain_summary_checkpoint_and_export(tmp_path: Path, cache_dir: Path) -> None:
@@ -81,19 +81,8 @@ def test_resume_after_crash_is_exact(
     before, after = masks_at(tmp_path / "full", 4), masks_at(tmp_path / "full", 8)
     assert any(not torch.equal(v, after[k]) for k, v in before.items()) == (algorithm != "static")
 
-    original = Trainer._train_step
-    calls = {"n": 0}
-
-    def crash_at_step_6(self: Trainer, *batch: torch.Tensor):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt("killed")
-        return original(self, *batch)
-
-    monkeypatch.setattr(Trainer, "_train_step", crash_at_step_6)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at_step(monkeypatch, 6):
         Trainer(make_config(tmp_path / "crashed", cache_dir, *steps)).fit()
-    monkeypatch.setattr(Trainer, "_train_step", original)
     assert ckpt.latest_checkpoint(tmp_path / "crashed").name == "step_000004"
 
     resumed = Trainer(make_config(tmp_path / "crashed", cache_dir, *steps, "task.resume=true"))
@@ -131,7 +120,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path, cache_dir: 
     common = ["task.max_steps=2", "task.export=false", "task.batch_size=8"]
     accumulated = Trainer(make_config(tmp_path / "a", cache_dir, *common, "task.micro_batch_size=4"))
     single = Trainer(make_config(tmp_path / "b", cache_dir, *common, "task.micro_batch_size=8"))
-    assert accumulated.accumulation == 2 and single.accumulation == 1
+    assert accumulated.loop.accumulation == 2 and single.loop.accumulation == 1
     accumulated.fit()
     single.fit()
     for (name, a), b in zip(accumulated.model.state_dict().items(), single.model.state_dict().values(), strict=True):

@@ -22,52 +22,23 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, PreTrainedTokenizerBase
 
-from modelzoo.backends import get_backend
-from modelzoo.config import Config, resolved_device
+from modelzoo.backends.converters import convert
+from modelzoo.config import Config
 from modelzoo.downstream.config import EvaluateConfig
-from modelzoo.downstream.pubmedqa import CHOICES, SPLITS, load_pubmedqa, majority_baseline, pubmedqa_prompt
+from modelzoo.downstream.pubmedqa import CHOICES, load_pubmedqa, majority_baseline, pubmedqa_prompt
 from modelzoo.downstream.scoring import LogitsFn, choice_loglikelihoods
-from modelzoo.errors import CheckpointError, ConfigError
+from modelzoo.errors import CheckpointError
 from modelzoo.export.hf import load_hf, restore_masks
 from modelzoo.flops import flop_report
-from modelzoo.generate import DTYPES, check_inference
+from modelzoo.generate import DTYPES
 from modelzoo.models.gpt import GPT
-from modelzoo.train.checkpoint import MANIFEST_FILE, latest_checkpoint, read_config, restore_model
+from modelzoo.restore import require_tokenizer, restore_model
+from modelzoo.train.checkpoint import MANIFEST_FILE, latest_checkpoint, read_config, selected_checkpoint
+from modelzoo.train.config import resolved_device
 
 log = logging.getLogger(__name__)
-TASKS = ("pubmedqa",)
 LM_EVAL_DEFAULT_MAX_LENGTH = 2048  # lm-eval's window when neither config nor tokenizer gives one
 TOKENIZER_INFINITY = 1e29  # `model_max_length` of tokenizers that set none
-CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")  # e.g. LlamaForCausalLM, GPT2LMHeadModel
-
-
-def validate(cfg: Config) -> None:
-    """Reject invalid `task=evaluate` values before any model is loaded, naming the key."""
-    task: EvaluateConfig = cfg.task
-    for name in task.tasks:
-        if name not in TASKS:
-            raise ConfigError("task.tasks", f"unknown task {name!r}", TASKS)
-    if task.split not in SPLITS:
-        raise ConfigError("task.split", f"unknown split {task.split!r}", SPLITS)
-    if task.batch_size < 1:
-        raise ConfigError("task.batch_size", f"must be at least 1, got {task.batch_size}")
-    if task.limit < 0:
-        raise ConfigError("task.limit", f"must be >= 0 (0: every question), got {task.limit}")
-    check_inference(task.device, task.precision, cfg.backend.name)
-    for key, paths in (("task.checkpoints", task.checkpoints), ("task.hf_dirs", task.hf_dirs)):
-        for path in paths:
-            if not Path(path).is_dir():
-                raise ConfigError(key, f"{path} is not a directory")
-    for path in task.hf_dirs:
-        if not (Path(path) / "config.json").is_file():
-            raise ConfigError("task.hf_dirs", f"{path} has no config.json; give a directory written by save_pretrained")
-        architectures = json.loads((Path(path) / "config.json").read_text()).get("architectures") or []
-        if any(not name.endswith(CAUSAL_LM_SUFFIXES) for name in architectures):
-            raise ConfigError(
-                "task.hf_dirs",
-                f"{path} holds a {', '.join(architectures)} (config.json 'architectures'), not a causal LM; "
-                "a HoC classifier's test F1 is in the summary.json of its run",
-            )
 
 
 @dataclass
@@ -200,13 +171,12 @@ def hf_max_length(config: object, tokenizer: PreTrainedTokenizerBase) -> int:
 
 def load_checkpoint_model(path: str, cfg: Config) -> LoadedModel:
     """A run directory (its latest checkpoint) or a checkpoint directory, as our GPT on the task's device."""
-    checkpoint = latest_checkpoint(path) if not (Path(path) / MANIFEST_FILE).is_file() else Path(path)
+    checkpoint = selected_checkpoint(path) if not (Path(path) / MANIFEST_FILE).is_file() else Path(path)
     if checkpoint is None:
         raise CheckpointError(f"{path}: neither a checkpoint nor a run directory with checkpoints/latest")
     _refuse_adapted(checkpoint)
-    model, run_cfg, tokenizer = restore_model(checkpoint)
-    if tokenizer is None:
-        raise CheckpointError(f"{checkpoint.parent.parent} has no tokenizer/ directory to encode the questions")
+    run = restore_model(checkpoint)
+    model, run_cfg, tokenizer = run.model, run.config, require_tokenizer(run, "encode the questions")
     step = checkpoint_step(checkpoint)
     flops = run_flops(run_cfg, checkpoint)
     model = _prepare(model, cfg)
@@ -273,8 +243,7 @@ def _prepare(model: GPT, cfg: Config) -> GPT:
     """`model` on the task's device and dtype, converted by the backend for full-window batches."""
     task: EvaluateConfig = cfg.task
     model = model.to(resolved_device(task.device), DTYPES[task.precision]).eval()
-    backend = get_backend(cfg.backend.name, train=False)
-    return backend.prepare_inference(model, tokens=task.batch_size * model.config.n_positions)
+    return convert(model, cfg.backend.name, tokens=task.batch_size * model.config.n_positions)
 
 
 def evaluate_pubmedqa(
@@ -344,8 +313,7 @@ def model_loaders(cfg: Config) -> list[Callable[[], LoadedModel]]:
 
 
 def run(cfg: Config) -> list[PubMedQAResult]:
-    """`modelzoo evaluate`: validate, load the questions once, evaluate each model in turn."""
-    validate(cfg)
+    """`modelzoo evaluate` on a validated `cfg`: load the questions once, evaluate each model in turn."""
     task: EvaluateConfig = cfg.task
     examples = load_pubmedqa(task.pubmedqa_data, task.split)
     examples = examples[: task.limit] if task.limit else examples

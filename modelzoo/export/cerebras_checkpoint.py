@@ -29,9 +29,10 @@ from modelzoo.data.config import DataConfig
 from modelzoo.errors import CheckpointError
 from modelzoo.export.cerebras_params import CerebrasRecipe, read_params, write_params
 from modelzoo.models.gpt import GPT, GPTConfig
+from modelzoo.restore import build_model, restore_model
+from modelzoo.sparsity.masks import MASK_SUFFIX
 from modelzoo.sparsity.names import cerebras_names
-from modelzoo.sparsity.plugin import MASK_SUFFIX, MaskedSparsity
-from modelzoo.train.checkpoint import check_run_dir, restore_model, save_weights
+from modelzoo.train.checkpoint import check_run_dir, save_weights
 from modelzoo.train.config import TrainConfig
 
 TIED = ("lm_head.weight", "transformer.wte.weight")
@@ -186,11 +187,9 @@ def import_cerebras(params: str | Path, checkpoint: str | Path, run_dir: str | P
         seed=seed,
         run_dir=str(run_dir),
     )
-    model = GPT(cfg.model)
+    model, sparsity = build_model(cfg)
     sparse: list[str] = []
-    if cfg.sparsity.enabled:
-        sparsity = MaskedSparsity(cfg.sparsity, seed)
-        sparsity.apply(model)
+    if sparsity:
         sparse = [n.removesuffix(MASK_SUFFIX) for n in sparsity.mask_names()]
         for names, why in ((set(masks) - set(sparse), "masks"), (set(sparse) - set(masks), "no masks")):
             if names:
@@ -207,7 +206,8 @@ def import_cerebras(params: str | Path, checkpoint: str | Path, run_dir: str | P
 
 def export_cerebras(checkpoint: str | Path, output_dir: str | Path) -> tuple[Path, Path]:
     """One of our checkpoints as a Cerebras Model Zoo `params.yaml` and `model.mdl` (`{"model": state_dict}`)."""
-    model, cfg, _ = restore_model(checkpoint)
+    run = restore_model(checkpoint)
+    model, cfg = run.model, run.config
     task = asdict(cfg.task) if is_dataclass(cfg.task) else dict(cfg.task)
     train = TrainConfig(**{k: task[k] for k in ("max_steps", "batch_size", "micro_batch_size")})
     recipe = CerebrasRecipe(

@@ -19,7 +19,7 @@ from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel, PreTrainedMode
 from modelzoo.atomic import atomic_directory
 from modelzoo.errors import CheckpointError, ConfigError
 from modelzoo.models.gpt import ACTIVATIONS, GPT, GPTConfig
-from modelzoo.sparsity.plugin import MASK_SUFFIX
+from modelzoo.sparsity.masks import MASK_SUFFIX, attach_mask
 
 # The four projections HF GPT-2 stores as Conv1D (in, out); nn.Linear stores (out, in).
 CONV1D_WEIGHT = re.compile(r"transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight")
@@ -244,7 +244,5 @@ def restore_masks(model: GPT, directory: str | os.PathLike) -> list[str]:
     report = Path(directory) / SPARSITY_FILE
     names = list(json.loads(report.read_text())["per_tensor"]) if report.is_file() else []
     for name in names:
-        module_name, _, leaf = name.rpartition(".")
-        module = model.get_submodule(module_name)
-        module.register_buffer(leaf + MASK_SUFFIX, getattr(module, leaf).detach() != 0, persistent=True)
+        attach_mask(model, name, model.get_parameter(name).detach() != 0)
     return names

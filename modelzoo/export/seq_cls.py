@@ -15,7 +15,7 @@ from transformers import GPT2ForSequenceClassification, PreTrainedTokenizerBase
 from modelzoo.errors import CheckpointError
 from modelzoo.export.hf import TIED_KEY, save_hf_directory, sparsity_report, to_hf_config, to_hf_state_dict
 from modelzoo.models.classifier import GPTClassifier
-from modelzoo.sparsity.plugin import MASK_SUFFIX
+from modelzoo.sparsity.masks import MASK_SUFFIX
 
 PROBLEM_TYPES = ("multi_label_classification", "single_label_classification")
 

@@ -9,11 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
-from modelzoo.errors import ConfigError
-from modelzoo.models.soft_prompt import PROMPT_INITS
-from modelzoo.train.config import DEVICES, PRECISIONS
+from modelzoo.train.checkpoint import CONFIG_FILE
 
 DATASETS = ("pubmedqa", "hoc")
 SPARSITY_MODES = ("dense", "keep")
@@ -28,6 +24,9 @@ class FinetuneConfig:
     defaults to the model's positions minus any virtual tokens; `lr` overrides `optim.lr`. The run writes to
     `output_dir` (default: `output_dir()`), never over the pre-training run's own files.
     `limit` keeps the first N examples of every split (0: all), for smoke runs; its numbers are not comparable.
+    The run checkpoints at every evaluation (the best on dev is kept beside the newest `keep_checkpoints`) and
+    continues a killed run exactly with `resume: true`; it runs under torchrun like pre-training (`batch_size` is
+    the global batch).
     """
 
     name: str = "finetune"
@@ -48,6 +47,8 @@ class FinetuneConfig:
     lr: float | None = None
     device: str = "auto"
     precision: str = "fp32"
+    keep_checkpoints: int = 1
+    resume: bool = False
     export: bool = True
 
 
@@ -66,8 +67,6 @@ class PromptTuneConfig(FinetuneConfig):
 def output_dir(task: FinetuneConfig) -> Path:
     """`task.output_dir`, else `<pretrained run>/<name>-<dataset>-<sparsity>` (`-<step dir>` after it when
     `task.pretrained` is one checkpoint: never inside a checkpoint directory, which checkpoint rotation deletes)."""
-    from modelzoo.train.checkpoint import CONFIG_FILE
-
     if task.output_dir:
         return Path(task.output_dir)
     pretrained, name = Path(task.pretrained), f"{task.name}-{task.dataset}-{task.sparsity}"
@@ -78,59 +77,3 @@ def output_dir(task: FinetuneConfig) -> Path:
 
 def default_data_dir(dataset: str) -> str:
     return f"../shared/data/{dataset}"
-
-
-def pretrained_config(pretrained: str | Path):
-    """The `Config` (as a DictConfig) a pre-trained run or checkpoint was trained with."""
-    from modelzoo.train.checkpoint import CONFIG_FILE, latest_checkpoint
-
-    path = Path(pretrained)
-    checkpoint = path if (path / CONFIG_FILE).is_file() else latest_checkpoint(path) if path.is_dir() else None
-    if checkpoint is None:
-        raise ConfigError(
-            "task.pretrained", f"{pretrained} is neither a run directory with checkpoints nor a checkpoint directory"
-        )
-    return checkpoint, OmegaConf.load(checkpoint / CONFIG_FILE)
-
-
-def validate_finetune(task: FinetuneConfig) -> None:
-    """Check every key, and the token budget against the pre-trained model's positions, before any compute."""
-    if task.dataset not in DATASETS:
-        raise ConfigError("task.dataset", f"unknown {task.dataset!r}", DATASETS)
-    if task.sparsity not in SPARSITY_MODES:
-        raise ConfigError("task.sparsity", f"unknown {task.sparsity!r}", SPARSITY_MODES)
-    if task.limit < 0:
-        raise ConfigError("task.limit", f"must be >= 0 (0: every example), got {task.limit}")
-    for key in ("max_steps", "batch_size", "micro_batch_size", "eval_batch_size", "eval_every", "log_every"):
-        if getattr(task, key) <= 0:
-            raise ConfigError(f"task.{key}", f"must be positive, got {getattr(task, key)}")
-    if task.batch_size % task.micro_batch_size:
-        raise ConfigError("task.batch_size", f"{task.batch_size} is not divisible by task.micro_batch_size")
-    if task.precision not in PRECISIONS:
-        raise ConfigError("task.precision", f"unknown {task.precision!r}", PRECISIONS)
-    if task.device not in DEVICES:
-        raise ConfigError("task.device", f"unknown {task.device!r}", DEVICES)
-    if task.lr is not None and task.lr <= 0:
-        raise ConfigError("task.lr", f"must be positive, got {task.lr}")
-    data_dir = Path(task.data_dir or default_data_dir(task.dataset))
-    if not data_dir.is_dir():
-        raise ConfigError("task.data_dir", f"{data_dir} is not a directory (the {task.dataset} files)")
-    checkpoint, saved = pretrained_config(task.pretrained)
-    positions = int(saved.model.n_positions)
-    virtual = task.num_virtual_tokens if isinstance(task, PromptTuneConfig) else 0
-    if isinstance(task, PromptTuneConfig):
-        if task.init not in PROMPT_INITS:
-            raise ConfigError("task.init", f"unknown {task.init!r}", PROMPT_INITS)
-        if task.num_virtual_tokens <= 0:
-            raise ConfigError("task.num_virtual_tokens", f"must be positive, got {task.num_virtual_tokens}")
-        if task.init == "text" and not task.init_text:
-            raise ConfigError("task.init_text", "is empty but task.init=text")
-    seq_len = task.seq_len if task.seq_len is not None else positions - virtual
-    if seq_len < 2 or virtual + seq_len > positions:
-        key = "task.num_virtual_tokens" if virtual else "task.seq_len"
-        text = f"task.seq_len={seq_len}" if task.seq_len is not None else f"{seq_len} tokens of text"
-        raise ConfigError(
-            key,
-            f"{virtual} virtual tokens + {text} do not fit the model's {positions} positions "
-            f"(model.n_positions in {checkpoint}/config.yaml); at least 2 tokens of text must remain",
-        )

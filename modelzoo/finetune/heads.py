@@ -1,4 +1,4 @@
-"""The two downstream tasks as training heads: what trains, its loss on a batch, dev and test metrics, export.
+"""The two downstream tasks as training heads: what trains, its examples and loss, dev and test metrics, export.
 
 - PubMedQA (`LMHead`): generative; loss on the answer tokens after lm-eval's prompt; scored as lm-eval scores
   it (`choice_loglikelihoods`: the choice yes/no/maybe of highest log-likelihood); model selection by dev
@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -24,18 +25,21 @@ from modelzoo.export.peft import save_prompt_adapter
 from modelzoo.export.seq_cls import export_seq_cls
 from modelzoo.finetune.config import FinetuneConfig, PromptTuneConfig
 from modelzoo.finetune.data import IGNORE, encode_answer, encode_text, pad
-from modelzoo.finetune.pretrained import Pretrained
 from modelzoo.models.classifier import GPTClassifier
 from modelzoo.models.soft_prompt import PromptedLM, SoftPrompt
+from modelzoo.restore import Restored
+from modelzoo.train.loop import Forward
 
 
 class Head:
-    """What a downstream task gives the loop: `model`, `train_size`, `loss`, `dev`, `test`, `export`."""
+    """What a downstream task gives the fine-tuning loop: `model`, `train_size`, `example`, `loss`, `dev`, `test`,
+    `export`. `pad` holds the padding values of (inputs, targets) when examples are batched."""
 
     model: nn.Module
     train_size: int
+    pad: tuple[int, float]
 
-    def __init__(self, task: FinetuneConfig, pre: Pretrained, seq_len: int, prompt: SoftPrompt | None) -> None:
+    def __init__(self, task: FinetuneConfig, pre: Restored, seq_len: int, prompt: SoftPrompt | None) -> None:
         self.task, self.pre, self.seq_len, self.prompt = task, pre, seq_len, prompt
         self.pad_id = pre.tokenizer.pad_token_id
 
@@ -52,7 +56,7 @@ class Head:
 class LMHead(Head):
     """PubMedQA fine-tuning or soft prompting of the causal LM."""
 
-    def __init__(self, task: FinetuneConfig, pre: Pretrained, seq_len: int, prompt: SoftPrompt | None) -> None:
+    def __init__(self, task: FinetuneConfig, pre: Restored, seq_len: int, prompt: SoftPrompt | None) -> None:
         super().__init__(task, pre, seq_len, prompt)
         self.splits = {s: load_pubmedqa(task.data_dir, s)[: task.limit or None] for s in ("train", "dev", "test")}
         self.train = [
@@ -60,15 +64,16 @@ class LMHead(Head):
             for e in self.splits["train"]
         ]
         self.train_size = len(self.train)
+        self.pad = (self.pad_id, IGNORE)
         self.model = PromptedLM(pre.model, prompt) if prompt is not None else pre.model
 
-    def loss(self, batch: list[int], device: torch.device) -> tuple[torch.Tensor, int]:
-        """Mean loss over the answer tokens of the examples in `batch`, and how many input tokens they hold."""
-        examples = [self.train[i] for i in batch]
-        x = pad([e.ids for e in examples], self.pad_id).to(device)
-        y = pad([e.targets for e in examples], IGNORE).to(device)
-        _, loss = self.model(x, y)
-        return loss, sum(len(e.ids) for e in examples)
+    def example(self, i: int) -> tuple[Sequence[int], torch.Tensor]:
+        """Training example `i`: input ids (T) and next-token targets (T), IGNORE except at the answer."""
+        return self.train[i].ids, torch.tensor(self.train[i].targets)
+
+    def loss(self, forward: Forward, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean loss over the answer tokens of a (B, T) micro-batch."""
+        return forward(inputs, targets)[1]
 
     @torch.no_grad()
     def _scores(self, split: str, device: torch.device) -> dict[str, float]:
@@ -105,21 +110,25 @@ class LMHead(Head):
 class HoCHead(Head):
     """HoC multi-label classification: a head (and optionally a soft prompt) on the last non-pad token."""
 
-    def __init__(self, task: FinetuneConfig, pre: Pretrained, seq_len: int, prompt: SoftPrompt | None) -> None:
+    def __init__(self, task: FinetuneConfig, pre: Restored, seq_len: int, prompt: SoftPrompt | None) -> None:
         super().__init__(task, pre, seq_len, prompt)
         self.splits = {s: load_hoc(task.data_dir, s)[: task.limit or None] for s in ("train", "dev", "test")}
         self.inputs = {s: [encode_text(pre.tokenizer, e.text, seq_len) for e in ex] for s, ex in self.splits.items()}
         self.targets = torch.stack([e.label_vector() for e in self.splits["train"]])
         self.train_size = len(self.splits["train"])
+        self.pad = (self.pad_id, 0.0)  # label vectors are never padded: they have one length
         self.model = GPTClassifier(pre.model, len(HALLMARKS), self.pad_id, prompt)
 
     def _logits(self, split: str, batch: list[int] | range, device: torch.device) -> torch.Tensor:
         return self.model(pad([self.inputs[split][i] for i in batch], self.pad_id).to(device))
 
-    def loss(self, batch: list[int], device: torch.device) -> tuple[torch.Tensor, int]:
-        logits = self._logits("train", batch, device)
-        loss = F.binary_cross_entropy_with_logits(logits.float(), self.targets[batch].to(device))
-        return loss, sum(len(self.inputs["train"][i]) for i in batch)
+    def example(self, i: int) -> tuple[Sequence[int], torch.Tensor]:
+        """Training document `i`: its first `seq_len` token ids and its 10 hallmark labels (0/1 floats)."""
+        return self.inputs["train"][i], self.targets[i]
+
+    def loss(self, forward: Forward, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """BCE of the 10 hallmark logits of a (B, T) micro-batch against its (B, 10) labels."""
+        return F.binary_cross_entropy_with_logits(forward(inputs).float(), targets)
 
     @torch.no_grad()
     def probabilities(self, split: str, device: torch.device) -> torch.Tensor:

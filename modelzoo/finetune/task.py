@@ -1,9 +1,11 @@
 """`modelzoo finetune` / `modelzoo prompt_tune`: adapt a pre-trained checkpoint to PubMedQA or HoC.
 
-The loop reuses the pre-training pieces (AdamW and LR schedule, atomic checkpoints, metrics CSV/TensorBoard,
-the sparsity plug-in, a tqdm bar): every `eval_every` steps the head is scored on dev and the best state is
-kept; at the end it is restored, scored on test, checkpointed and exported (HF directory, and for soft
-prompts a PEFT adapter).
+A task adapter of the shared training loop (`modelzoo.train.loop`): the head (`modelzoo.finetune.heads`) gives the
+examples, the loss and the dev / test scores; `Finetuning` gives the loop its batches (`ExampleBatches`), its
+evaluation (dev score, model selection) and its resumable state. The loop brings micro-batching, autocast, DDP
+under torchrun, clipping, checkpoints every evaluation and exact resume (`task.resume=true`). At the end the best
+dev checkpoint is marked as the run's (`checkpoints/best`), loaded, scored on test and exported (HF directory, and
+for soft prompts a PEFT adapter).
 """
 
 from __future__ import annotations
@@ -12,33 +14,34 @@ import dataclasses
 import json
 import logging
 import math
-import sys
-import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
-from tqdm.auto import tqdm
 
-from modelzoo.config import Config, resolved_device
+from modelzoo.backends import get_backend
+from modelzoo.config import Config
+from modelzoo.distributed import init_distributed
 from modelzoo.downstream.evaluate import checkpoint_flops
-from modelzoo.finetune.config import PromptTuneConfig, default_data_dir, output_dir, pretrained_config
-from modelzoo.finetune.data import shuffled_batches
+from modelzoo.errors import CheckpointError
+from modelzoo.finetune.config import FinetuneConfig, PromptTuneConfig, default_data_dir, output_dir
+from modelzoo.finetune.data import ExampleBatches
 from modelzoo.finetune.heads import Head, HoCHead, LMHead
-from modelzoo.finetune.pretrained import Pretrained, load_pretrained
 from modelzoo.flops import TRAIN_MULTIPLIER, flop_report, format_flops
 from modelzoo.models.soft_prompt import SoftPrompt, freeze
+from modelzoo.restore import Restored, find_checkpoint, restore_model
 from modelzoo.sparsity.config import SparsityConfig
-from modelzoo.sparsity.plugin import MASK_SUFFIX
+from modelzoo.sparsity.masks import MASK_SUFFIX
 from modelzoo.train import checkpoint as ckpt
-from modelzoo.train.metrics import MetricsLogger
-from modelzoo.train.optim import build_optimizer, build_scheduler
+from modelzoo.train.config import resolved_device
+from modelzoo.train.loop import Forward, LoopSettings, TrainLoop, build_optimization, mask_buffer_names
 
 log = logging.getLogger(__name__)
 
 COLUMNS = ("step", "examples", "train_loss", "lr", "grad_norm", "examples_per_s", "sparsity", "dev_score")
+# Keys a resumed fine-tuning run must share with its checkpoint.
+RESUME_KEYS = ("task.pretrained", "task.dataset", "task.sparsity", "task.batch_size", "task.seq_len", "seed")
 
 
 @dataclass
@@ -60,7 +63,7 @@ class FinetuneSummary:
     exports: dict
 
 
-def build_prompt(task: PromptTuneConfig, pre: Pretrained, seed: int) -> SoftPrompt:
+def build_prompt(task: PromptTuneConfig, pre: Restored, seed: int) -> SoftPrompt:
     prompt = SoftPrompt(task.num_virtual_tokens, pre.model.config.n_embd)
     wte = pre.model.transformer.wte.weight
     if task.init == "text":
@@ -70,33 +73,60 @@ def build_prompt(task: PromptTuneConfig, pre: Pretrained, seed: int) -> SoftProm
     return prompt
 
 
-def _masked_nonzero(pre: Pretrained, checkpoint: Path) -> float:
-    """Fraction of the pre-training's pruned positions that are nonzero now (0 under `keep`, > 0 after dense)."""
-    from modelzoo.finetune.pretrained import checkpoint_masks
+class Finetuning:
+    """The loop's task for fine-tuning and soft prompting: batches of examples, the head's loss, dev-score model
+    selection (the best step's checkpoint is kept from rotation)."""
 
-    masks = checkpoint_masks(checkpoint)
-    if not masks:
-        return 0.0
-    params = dict(pre.model.named_parameters())
-    pruned = nonzero = 0
-    for key, mask in masks.items():
-        weight = params[key.removesuffix(MASK_SUFFIX)].detach().cpu()
-        pruned += int((~mask).sum())
-        nonzero += int((weight[~mask] != 0).sum())
-    return nonzero / max(pruned, 1)
+    unit = "examples"
+    columns = COLUMNS
+
+    def __init__(self, head: Head, batches: ExampleBatches, task: FinetuneConfig, device: torch.device) -> None:
+        self.head, self.examples, self.task, self.device = head, batches, task, device
+        self.name = task.name
+        self.units_per_step = task.batch_size
+        self.best: dict = {"score": -math.inf, "step": 0, "dev": {}}
+
+    def batches(self) -> ExampleBatches:
+        return self.examples
+
+    def loss(self, forward: Forward, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.head.loss(forward, inputs, targets)
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        score, dev = self.head.dev(self.device)
+        if score > self.best["score"]:
+            self.best = {"score": score, "step": step, "dev": dev}
+        return {"dev_score": score}
+
+    def protected_checkpoints(self) -> tuple[str, ...]:
+        return (f"step_{self.best['step']:06d}",) if self.best["step"] else ()
+
+    def state_dict(self) -> dict:
+        return {"examples": self.examples.state_dict(), "best": self.best}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.examples.load_state_dict(state["examples"])
+        self.best = state["best"]
 
 
 def run(cfg: Config) -> FinetuneSummary:
+    """Fine-tune (or soft-prompt) the pre-trained run of a validated `cfg` through the shared loop."""
     task = cfg.task
     if task.data_dir is None:
         task = dataclasses.replace(task, data_dir=default_data_dir(task.dataset))
     prompt_tuning = isinstance(task, PromptTuneConfig)
     run_dir = output_dir(task)
-    ckpt.check_run_dir(run_dir, resume=False)
-    checkpoint, _ = pretrained_config(task.pretrained)
-    device = torch.device(resolved_device(task.device))
+    ckpt.check_run_dir(run_dir, resume=task.resume)
+    checkpoint = find_checkpoint(task.pretrained, "task.pretrained")
+    device_type = resolved_device(task.device)
+    dist = init_distributed(device_type)
+    device = torch.device(f"cuda:{dist.local_rank}" if device_type == "cuda" else device_type)
     torch.manual_seed(cfg.seed)
-    pre = load_pretrained(checkpoint, keep_masks=task.sparsity == "keep", seed=cfg.seed)
+    pre = restore_model(checkpoint, masks="held" if task.sparsity == "keep" else "none")
+    if pre.tokenizer is None:
+        raise CheckpointError(f"{checkpoint.parent.parent / 'tokenizer'} is missing: it is needed to encode the data")
+    if pre.tokenizer.pad_token is None:
+        pre.tokenizer.pad_token = pre.tokenizer.eos_token
     virtual = task.num_virtual_tokens if prompt_tuning else 0
     seq_len = task.seq_len or pre.model.config.n_positions - virtual
     prompt = None
@@ -106,75 +136,14 @@ def run(cfg: Config) -> FinetuneSummary:
     head = (LMHead if task.dataset == "pubmedqa" else HoCHead)(task, pre, seq_len, prompt)
     model = head.model.to(device)
     optim = dataclasses.replace(cfg.optim, lr=task.lr) if task.lr else cfg.optim
-    optimizer = build_optimizer(model, optim)
-    if pre.sparsifier and not prompt_tuning:
-        pre.sparsifier.apply_optimizer(optimizer)
-    scheduler = build_scheduler(optimizer, optim, task.max_steps)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if task.precision == "bf16" else nullcontext()
-    accumulation = task.batch_size // task.micro_batch_size
-    batches = shuffled_batches(head.train_size, task.micro_batch_size, cfg.seed)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    pre.tokenizer.save_pretrained(run_dir / "tokenizer")
-    metrics = MetricsLogger(run_dir, columns=COLUMNS)
-    log.info(
-        "%s %s from %s (%s): %d trainable parameters, %d tokens per example",
-        task.name,
-        task.dataset,
-        checkpoint,
-        task.sparsity,
-        trainable,
-        seq_len,
-    )
-
-    best: tuple[float, int, dict, dict] = (-math.inf, 0, {}, {})
-    tokens = 0
-    train_seconds = 0.0
-    refresh = 0.1 if sys.stderr.isatty() else 30.0
-    with tqdm(total=task.max_steps, desc=task.name, unit="step", mininterval=refresh) as bar:
-        for step in range(1, task.max_steps + 1):
-            start = time.perf_counter()
-            model.train()
-            total = 0.0
-            for _ in range(accumulation):
-                with autocast:
-                    loss, n_tokens = head.loss(next(batches), device)
-                (loss / accumulation).backward()
-                total += float(loss.detach()) / accumulation
-                tokens += n_tokens
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                [p for p in model.parameters() if p.requires_grad], optim.grad_clip
-            )
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            train_seconds += time.perf_counter() - start
-            bar.update(1)
-            row: dict[str, float] = {}
-            if step % task.log_every == 0 or step == task.max_steps:
-                row.update(
-                    train_loss=total,
-                    lr=scheduler.get_last_lr()[0],
-                    grad_norm=float(grad_norm),
-                    examples_per_s=step * task.batch_size / train_seconds,
-                )
-                if pre.sparsifier and not prompt_tuning:
-                    row["sparsity"] = pre.sparsifier.stats().global_sparsity
-                bar.set_postfix(refresh=False, loss=f"{total:.3f}")
-            if step % task.eval_every == 0 or step == task.max_steps:
-                score, dev = head.dev(device)
-                row["dev_score"] = score
-                bar.write(f"step {step}: dev {_format(dev)}")
-                if score > best[0]:
-                    best = (score, step, dev, head_state(head))
-            if row:
-                metrics.log(step, examples=step * task.batch_size, **row)
-    metrics.close()
-
-    _, best_step, dev, state = best
-    load_head_state(head, state)
-    test = head.test(device)
-    log.info("best dev at step %d: %s; test: %s", best_step, _format(dev), _format(test))
+    backend = get_backend(cfg.backend.name)
+    sparsifier = pre.sparsifier if not prompt_tuning else None
+    optimizer, scheduler = build_optimization(model, optim, task.max_steps, backend, sparsifier)
+    examples = ExampleBatches(
+        head.example, head.train_size, head.pad, task.batch_size, task.micro_batch_size, cfg.seed,
+        dist.rank, dist.world_size,
+    )  # fmt: skip
+    adapter = Finetuning(head, examples, task, device)
     saved_cfg = dataclasses.replace(
         cfg,
         task=task,
@@ -183,51 +152,90 @@ def run(cfg: Config) -> FinetuneSummary:
         sparsity=pre.config.sparsity if task.sparsity == "keep" else SparsityConfig(),
         run_dir=str(run_dir),
     )
-    path = ckpt.save_checkpoint(
-        run_dir,
-        best_step,
-        model,
-        optimizer.state_dict(),
-        {"step": best_step, "test": test},
-        OmegaConf.to_yaml(OmegaConf.structured(saved_cfg)),
-        keep=1,
+    loop = TrainLoop(
+        task=adapter,
+        model=model,
+        forward=backend.compile(model),
+        optimizer=optimizer,
+        scheduler=scheduler,
+        backend=backend,
+        sparsifier=sparsifier,
+        settings=LoopSettings(
+            max_steps=task.max_steps,
+            batch_size=task.batch_size,
+            micro_batch_size=task.micro_batch_size,
+            precision=task.precision,
+            grad_clip=optim.grad_clip,
+            log_every=task.log_every,
+            eval_every=task.eval_every,
+            checkpoint_every=task.eval_every,  # every evaluation: model selection picks among checkpoints
+            keep_checkpoints=task.keep_checkpoints,
+        ),
+        dist=dist,
+        device=device,
+        run_dir=run_dir,
+        config_yaml=OmegaConf.to_yaml(OmegaConf.structured(saved_cfg)),
+        mask_names=mask_buffer_names(model),
     )
-    info = {"base_checkpoint": str(checkpoint), "task": task.name, "dataset": task.dataset, "step": best_step}
-    if pre.sparsifier:
-        info.update(pre.config.sparsity.summary())
-    exports = head.export(run_dir, info) if task.export else {}
-    stage_flops = _finetune_flops(pre, task, seq_len + virtual, tokens + virtual * task.max_steps * task.batch_size)
+    if task.resume:
+        loop.resume(RESUME_KEYS, "give a new task.output_dir")
+    elif dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        pre.tokenizer.save_pretrained(run_dir / "tokenizer")
+    trainable = sum(p.numel() for p in loop.trainable)
+    log.info(
+        "%s %s from %s (%s): %d trainable parameters, %d tokens per example",
+        task.name, task.dataset, checkpoint, task.sparsity, trainable, seq_len,
+    )  # fmt: skip
+    loop.fit()
+
+    best_step, dev = adapter.best["step"], adapter.best["dev"]
+    best = ckpt.checkpoint_dir(run_dir) / f"step_{best_step:06d}"
+    ckpt.load_model_weights(best, model, loop.mask_names)
+    test = head.test(device)
+    log.info("best dev at step %d: %s; test: %s", best_step, _format(dev), _format(test))
+    exports: dict = {}
+    if dist.is_main:
+        ckpt.mark_best(run_dir, best)
+        info = {"base_checkpoint": str(checkpoint), "task": task.name, "dataset": task.dataset, "step": best_step}
+        if pre.sparsifier:
+            info.update(pre.config.sparsity.summary())
+        exports = head.export(run_dir, info) if task.export else {}
+    stage_flops = _finetune_flops(pre, task, seq_len + virtual, examples.tokens + virtual * loop.step * task.batch_size)
     summary = FinetuneSummary(
         task=task.name,
         dataset=task.dataset,
         sparsity=task.sparsity,
-        steps=task.max_steps,
+        steps=loop.step,
         best_step=best_step,
-        examples_per_s=task.max_steps * task.batch_size / max(train_seconds, 1e-9),
+        examples_per_s=loop.step * task.batch_size / max(loop.train_seconds, 1e-9),
         trainable_params=trainable,
         dev=dev,
         test=test,
         pretrain_flops=_pretrain_flops(checkpoint),
         finetune_flops=stage_flops[0],
         finetune_dense_flops=stage_flops[1],
-        nonzero_fraction=_masked_nonzero(pre, checkpoint),
-        checkpoint=str(path),
+        nonzero_fraction=_masked_nonzero(pre.model, checkpoint),
+        checkpoint=str(best),
         exports=exports,
     )
-    (run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
+    if dist.is_main:
+        (run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
     return summary
 
 
-def head_state(head: Head) -> dict[str, torch.Tensor]:
-    """A copy of the trainable weights (what model selection keeps)."""
-    return {k: v.detach().clone() for k, v in head.model.named_parameters() if v.requires_grad}
-
-
-def load_head_state(head: Head, state: dict[str, torch.Tensor]) -> None:
-    params = dict(head.model.named_parameters())
-    with torch.no_grad():
-        for key, value in state.items():
-            params[key].copy_(value)
+def _masked_nonzero(backbone: torch.nn.Module, checkpoint: Path) -> float:
+    """Fraction of the pre-training's pruned positions that are nonzero now (0 under `keep`, > 0 after dense)."""
+    masks = ckpt.checkpoint_masks(checkpoint)
+    if not masks:
+        return 0.0
+    params = dict(backbone.named_parameters())
+    pruned = nonzero = 0
+    for key, mask in masks.items():
+        weight = params[key.removesuffix(MASK_SUFFIX)].detach().cpu()
+        pruned += int((~mask).sum())
+        nonzero += int((weight[~mask] != 0).sum())
+    return nonzero / max(pruned, 1)
 
 
 def _pretrain_flops(checkpoint: Path) -> float | None:
@@ -236,7 +244,7 @@ def _pretrain_flops(checkpoint: Path) -> float | None:
     return flops[0] if flops else None
 
 
-def _finetune_flops(pre: Pretrained, task, context: int, tokens: int) -> tuple[float, float]:
+def _finetune_flops(pre: Restored, task: FinetuneConfig, context: int, tokens: int) -> tuple[float, float]:
     """(training FLOPs, dense training FLOPs) over `tokens` of `context`-token inputs (6N per token +
     attention); the first is sparse-effective under `keep`, dense otherwise. The HoC classifier computes no LM
     head (its 10-way score layer is left out, like norms), so that term is dropped for it."""

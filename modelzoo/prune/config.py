@@ -117,8 +117,6 @@ def validate(task: PruneConfig, prefix: str = "task") -> None:
         )
     if task.checkpoint and task.hf_dir:
         raise ConfigError(f"{prefix}.hf_dir", "give either task.checkpoint or task.hf_dir, not both")
-    if task.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"{prefix}.device", f"unknown {task.device!r}", ["auto", "cpu", "cuda"])
 
 
 def _validate_n_m(task: PruneConfig, prefix: str) -> None:

@@ -23,7 +23,8 @@ from modelzoo.export.hf import export_hf, save_hf_directory, sparsity_report
 from modelzoo.models.gpt import GPT
 from modelzoo.prune.config import PruneConfig
 from modelzoo.prune.layers import attach_masks
-from modelzoo.train.checkpoint import resolve_checkpoint, restore_model
+from modelzoo.restore import restore_model
+from modelzoo.train.checkpoint import resolve_checkpoint
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -54,7 +55,8 @@ def load_source(task: PruneConfig, run_dir: str, tokenizer: TokenizerConfig) -> 
         default_output = path.parent / f"{path.name}-{task.tag}"
     else:
         path = resolve_checkpoint(task.checkpoint, run_dir)
-        model, _, own = restore_model(path)
+        run = restore_model(path)
+        model, own = run.model, run.tokenizer
         default_output = path.parent.parent / "pruned" / task.tag
     if own is None:
         if tokenizer.path is None:

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from modelzoo.sparsity.masks import attach_mask
 from modelzoo.sparsity.names import select_parameters
-from modelzoo.sparsity.plugin import MASK_SUFFIX
 
 BLOCK_LISTS = ("transformer.h", "model.layers")  # GPT / GPT-2, Llama family
 
@@ -85,9 +85,4 @@ def attach_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
     The layout `MaskedSparsity.apply` creates, so checkpoints and `export_hf` treat the model as sparse.
     """
     for name, mask in masks.items():
-        module_name, _, leaf = name.rpartition(".")
-        module = model.get_submodule(module_name)
-        weight = getattr(module, leaf)
-        if mask.shape != weight.shape:
-            raise ValueError(f"mask of {name} has shape {tuple(mask.shape)}, the weight {tuple(weight.shape)}")
-        module.register_buffer(leaf + MASK_SUFFIX, mask.to(device=weight.device, dtype=torch.bool), persistent=True)
+        attach_mask(model, name, mask)

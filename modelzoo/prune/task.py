@@ -11,18 +11,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import nn
 
-from modelzoo.config import Config, resolved_device
+from modelzoo.config import Config
 from modelzoo.data.corpus import load_corpus
 from modelzoo.errors import ConfigError
 from modelzoo.models.gpt import GPT
 from modelzoo.prune.calibration import calibration_tokens
-from modelzoo.prune.config import PruneConfig, validate
+from modelzoo.prune.config import PruneConfig
 from modelzoo.prune.io import load_source, save_pruned
 from modelzoo.prune.layers import select_layers
 from modelzoo.prune.sequential import PruneResult, prune_model
+from modelzoo.train.config import resolved_device
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +80,7 @@ def check_model(model: nn.Module, task: PruneConfig, seq_len: int) -> None:
 def run(cfg: Config) -> PruneSummary:
     """Prune the model `cfg.task` names with calibration data from `cfg.data`; write the HF directory."""
     task: PruneConfig = cfg.task
-    validate(task)
     device = resolved_device(task.device)
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("task.device", "cuda requested but no CUDA device is visible", ["auto", "cpu"])
     source = load_source(task, cfg.run_dir, cfg.tokenizer)
     check_model(source.model, task, cfg.data.seq_len)
     corpus = load_corpus(cfg.data, source.tokenizer)

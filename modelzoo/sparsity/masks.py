@@ -9,6 +9,22 @@ rule makes our masks the same size as cstorch's at every level a schedule produc
 from __future__ import annotations
 
 import torch
+from torch import nn
+
+MASK_SUFFIX = "_mask"  # a sparse parameter `<name>` has the persistent bool buffer `<name>_mask` beside it
+
+
+def attach_mask(model: nn.Module, name: str, mask: torch.Tensor) -> torch.Tensor:
+    """Register `mask` (bool, on the parameter's device) as the persistent buffer `<name>_mask` beside parameter
+    `name` of `model`, the one place masks enter a model (checkpoints and exports carry them by that name)."""
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    weight = getattr(module, leaf)
+    if mask.shape != weight.shape:
+        raise ValueError(f"mask of {name} has shape {tuple(mask.shape)}, the weight {tuple(weight.shape)}")
+    mask = mask.to(device=weight.device, dtype=torch.bool)
+    module.register_buffer(leaf + MASK_SUFFIX, mask, persistent=True)
+    return mask
 
 
 def num_kept(count: int, fraction_removed: float) -> int:

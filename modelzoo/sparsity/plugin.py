@@ -27,9 +27,8 @@ from torch import nn
 from modelzoo.distributed import average_across_ranks
 from modelzoo.sparsity.algorithms import Algorithm, make_algorithm
 from modelzoo.sparsity.config import SparsityConfig
+from modelzoo.sparsity.masks import MASK_SUFFIX, attach_mask
 from modelzoo.sparsity.plan import plan_groups
-
-MASK_SUFFIX = "_mask"
 
 
 @dataclass
@@ -118,10 +117,9 @@ class MaskedSparsity:
         for name, mask in self._draw_masks(model, owner).items():
             group = owner[name][0]
             weight = model.get_parameter(name)
+            mask = attach_mask(model, name, mask)
             module_name, _, leaf = name.rpartition(".")
-            module = model.get_submodule(module_name)
-            module.register_buffer(leaf + MASK_SUFFIX, mask, persistent=True)
-            sp = SparseParam(name, module, leaf)
+            sp = SparseParam(name, model.get_submodule(module_name), leaf)
             with torch.no_grad():
                 weight.mul_(mask)
             weight.register_hook(

@@ -28,6 +28,7 @@ from torch import nn
 
 from modelzoo.atomic import atomic_directory, write_text_atomically
 from modelzoo.errors import CheckpointError
+from modelzoo.sparsity.masks import MASK_SUFFIX
 
 FORMAT_VERSION = 1
 MODEL_FILE, OPTIMIZER_FILE, TRAINER_FILE, CONFIG_FILE, MANIFEST_FILE = (
@@ -38,6 +39,7 @@ MODEL_FILE, OPTIMIZER_FILE, TRAINER_FILE, CONFIG_FILE, MANIFEST_FILE = (
     "manifest.json",
 )
 LATEST = "latest"
+BEST = "best"  # written by runs that select a checkpoint (fine-tuning: the best on dev)
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -60,8 +62,10 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     config_yaml: str,
     keep: int,
+    protect: tuple[str, ...] = (),
 ) -> Path:
-    """Write checkpoint `step` atomically, point `latest` at it and keep the newest `keep` checkpoints."""
+    """Write checkpoint `step` atomically, point `latest` at it and keep the newest `keep` checkpoints (and the
+    checkpoints named in `protect`, e.g. the one model selection chose)."""
     root = checkpoint_dir(run_dir)
     final = root / f"step_{step:06d}"
     with atomic_directory(final) as tmp:
@@ -71,7 +75,7 @@ def save_checkpoint(
         (tmp / CONFIG_FILE).write_text(config_yaml)
         _write_manifest(tmp, step)
     write_text_atomically(root / LATEST, final.name + "\n")
-    _prune(root, keep, protect=final.name)
+    _prune(root, keep, protect={final.name, *protect})
     return final
 
 
@@ -96,10 +100,10 @@ def _write_manifest(directory: Path, step: int) -> None:
     (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
 
 
-def _prune(root: Path, keep: int, protect: str) -> None:
+def _prune(root: Path, keep: int, protect: set[str]) -> None:
     steps = sorted(p for p in root.glob("step_*") if p.is_dir())
     for old in steps[:-keep]:
-        if old.name != protect:
+        if old.name not in protect:
             shutil.rmtree(old)
 
 
@@ -115,9 +119,22 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return path
 
 
+def mark_best(run_dir: str | Path, checkpoint: Path) -> None:
+    """Record `checkpoint` as the run's selected one (`selected_checkpoint` returns it from then on)."""
+    write_text_atomically(checkpoint_dir(run_dir) / BEST, checkpoint.name + "\n")
+
+
+def selected_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint a run stands for: the one model selection marked best, else the newest; None if none."""
+    pointer = checkpoint_dir(run_dir) / BEST
+    if pointer.is_file() and (checkpoint_dir(run_dir) / pointer.read_text().strip()).is_dir():
+        return checkpoint_dir(run_dir) / pointer.read_text().strip()
+    return latest_checkpoint(run_dir)
+
+
 def resolve_checkpoint(checkpoint: str | None, run_dir: str | Path) -> Path:
-    """`checkpoint` when given (`task.checkpoint`), else the newest checkpoint of `run_dir`."""
-    path = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
+    """`checkpoint` when given (`task.checkpoint`), else the checkpoint `run_dir` stands for (`selected_checkpoint`)."""
+    path = Path(checkpoint) if checkpoint else selected_checkpoint(run_dir)
     if path is None:
         raise CheckpointError(f"{run_dir} holds no checkpoint; give run_dir=<run> or task.checkpoint=<dir>")
     return path
@@ -168,8 +185,9 @@ def read_config(path: str | Path) -> str:
     return (Path(path) / CONFIG_FILE).read_text()
 
 
-def load_model_weights(path: str | Path, model: nn.Module, mask_names: list[str]) -> None:
-    """Load weights and masks into `model`, refusing a checkpoint that lacks a mask the config needs."""
+def load_model_weights(path: str | Path, model: nn.Module, mask_names: list[str], drop_masks: bool = False) -> None:
+    """Load weights and masks into `model`, refusing a checkpoint that lacks a mask the config needs or holds one
+    it does not create; `drop_masks` loads the weights alone (the pruned entries are the exact zeros stored)."""
     file = Path(path) / MODEL_FILE
     with safe_open(str(file), framework="pt") as f:
         keys = set(f.keys())
@@ -180,15 +198,23 @@ def load_model_weights(path: str | Path, model: nn.Module, mask_names: list[str]
             "is sparse: resuming would silently change which weights are pruned. Resume with the sparsity config "
             "the checkpoint was trained with."
         )
-    unexpected_masks = sorted(k for k in keys if k.endswith("_mask") and k not in mask_names)
-    if unexpected_masks:
+    unexpected_masks = sorted(k for k in keys if k.endswith(MASK_SUFFIX) and k not in mask_names)
+    if unexpected_masks and not drop_masks:
         raise CheckpointError(
             f"{file} holds masks (e.g. {unexpected_masks[0]}) that this config does not create: it was trained "
             "with a different sparsity config"
         )
     missing, unexpected = load_model(model, str(file), strict=False)
+    unexpected = [k for k in unexpected if not (drop_masks and k in unexpected_masks)]
     if missing or unexpected:
         raise CheckpointError(f"{file} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+def checkpoint_masks(path: str | Path) -> dict[str, torch.Tensor]:
+    """The `<param>_mask` tensors stored in a checkpoint, by buffer name."""
+    with safe_open(str(Path(path) / MODEL_FILE), framework="pt") as f:
+        names = [key for key in f.keys() if key.endswith(MASK_SUFFIX)]  # noqa: SIM118 (safe_open is no dict)
+        return {key: f.get_tensor(key) for key in names}
 
 
 def load_training_state(path: str | Path) -> tuple[dict, dict]:
@@ -202,28 +228,3 @@ def load_training_state(path: str | Path) -> tuple[dict, dict]:
     optimizer_state = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=False)
     trainer_state = torch.load(path / TRAINER_FILE, map_location="cpu", weights_only=False)
     return optimizer_state, trainer_state
-
-
-def restore_model(path: str | Path) -> tuple[nn.Module, Any, Any]:
-    """(model with weights and masks, the run's config, its tokenizer or None) from a verified checkpoint."""
-    from omegaconf import OmegaConf
-    from transformers import AutoTokenizer
-
-    from modelzoo.config import Config
-    from modelzoo.models.gpt import GPT
-    from modelzoo.sparsity.plugin import MaskedSparsity
-
-    path = Path(path)
-    verify_checkpoint(path)
-    saved = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(read_config(path)))
-    cfg = OmegaConf.to_object(saved)
-    model = GPT(cfg.model)
-    masks: list[str] = []
-    if cfg.sparsity.enabled:
-        sparsity = MaskedSparsity(cfg.sparsity, cfg.seed)
-        sparsity.apply(model)
-        masks = sparsity.mask_names()
-    load_model_weights(path, model, masks)
-    tokenizer_dir = path.parent.parent / "tokenizer"
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir.is_dir() else None
-    return model, cfg, tokenizer

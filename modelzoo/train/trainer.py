@@ -1,11 +1,10 @@
-"""The pre-training loop: data, model, backend, sparsity, AdamW, checkpoints, metrics, export.
+"""Pre-training: the task that builds tokenizer, corpus, model, backend and sparsity, and runs the shared loop.
 
-One optimizer step is `_train_step`: `batch_size / micro_batch_size` micro-batches of forward+backward
-(gradients accumulate), grad-norm clipping, optimizer step, schedule step. The backend may wrap it
-(`Backend.wrap_step`; the Cerebras backend traces it). Sparsity acts through hooks the plug-in put on the
-model and optimizer, so the step itself knows nothing of masks. Distribution would wrap the model and
-shard the loader (`BlockLoader` takes rank / world_size); the model is never touched. Under `torchrun` the
-model is wrapped in `DistributedDataParallel` and rank 0 alone writes (`modelzoo.distributed`).
+`Trainer` assembles the parts from a validated `Config` and hands them to `modelzoo.train.loop.TrainLoop` (the one
+loop that fine-tuning and soft prompting share) as a `LoopTask`: its batches are packed token blocks
+(`BlockLoader`), its loss the LM loss, its evaluation the validation loss. At the end it writes the run summary and
+the Hugging Face export. Under `torchrun` the loop wraps the model in `DistributedDataParallel` and rank 0 alone
+writes (`modelzoo.distributed`).
 """
 
 from __future__ import annotations
@@ -13,41 +12,32 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
-import sys
-import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import OmegaConf
-from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
 
 from modelzoo.backends import get_backend, resolve_name
-from modelzoo.backends.cerebras import LoweringReport
-from modelzoo.config import Config, resolved_device
+from modelzoo.config import Config
 from modelzoo.data.config import describe
 from modelzoo.data.corpus import load_corpus, unigram_loss
 from modelzoo.data.loader import BlockLoader, StepBatches, iter_eval
 from modelzoo.data.tokenizer import build_tokenizer
 from modelzoo.distributed import init_distributed
-from modelzoo.errors import CheckpointError, ConfigError
+from modelzoo.errors import ConfigError
 from modelzoo.export.hf import export_hf, load_hf
 from modelzoo.flops import flop_report, format_flops
 from modelzoo.models.gpt import GPT, GPTConfig
-from modelzoo.sparsity.plugin import MASK_SUFFIX
 from modelzoo.train import checkpoint as ckpt
-from modelzoo.train.config import TrainConfig
-from modelzoo.train.metrics import MetricsLogger
-from modelzoo.train.optim import build_optimizer, build_scheduler
+from modelzoo.train.config import TrainConfig, resolved_device
+from modelzoo.train.loop import Forward, LoopSettings, TrainLoop, build_optimization
 
 log = logging.getLogger(__name__)
 
 # Keys a resumed run must share with the checkpoint: anything else changes what the saved state means.
 RESUME_KEYS = ("model", "sparsity", "tokenizer", "data.seq_len", "task.batch_size", "seed")
+COLUMNS = ("step", "tokens", "train_loss", "lr", "grad_norm", "tokens_per_s", "sparsity", "val_loss", "val_ppl")
 
 
 @dataclass
@@ -69,7 +59,11 @@ class RunSummary:
 
 
 class Trainer:
-    """Builds every part from a validated `Config` and runs `fit()`."""
+    """Builds every part of a pre-training run from a validated `Config`; `fit()` trains it (module docstring)."""
+
+    name = "pretrain"
+    unit = "tokens"
+    columns = COLUMNS
 
     def __init__(self, cfg: Config, run_dir: str | Path | None = None) -> None:
         self.cfg = cfg
@@ -77,7 +71,6 @@ class Trainer:
         self.run_dir = Path(run_dir or cfg.run_dir)
         device_type = resolved_device(self.task.device)
         self.dist = init_distributed(device_type)
-        self.accumulation = self.task.batch_size // (self.task.micro_batch_size * self.dist.world_size)
         self.device = torch.device(f"cuda:{self.dist.local_rank}" if device_type == "cuda" else device_type)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -98,23 +91,16 @@ class Trainer:
 
         # The backend's runtime comes first: cstorch needs it before any sparsity object or optimizer exists.
         self.backend = get_backend(cfg.backend.name)
-        self.backend.start(
-            cfg.cluster,
-            self.device,
-            self.run_dir / "cerebras",
-            compile_only=cfg.compile_only,
-            validate_only=cfg.validate_only,
-        )
+        self.backend.start(cfg.cluster, self.device, self.run_dir / "cerebras")
         torch.manual_seed(cfg.seed)
         self.model = self._build_model().to(self.device)
-        self.forward = self.backend.compile(self.model)
+        forward = self.backend.compile(self.model)
         self.sparsifier = self.backend.sparsifier(cfg.sparsity, cfg.seed) if cfg.sparsity.enabled else None
         if self.sparsifier:
             self.sparsifier.apply(self.model)
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.backend.optimizer_class())
-        if self.sparsifier:
-            self.sparsifier.apply_optimizer(self.optimizer)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.task.max_steps)
+        optimizer, scheduler = build_optimization(
+            self.model, cfg.optim, self.task.max_steps, self.backend, self.sparsifier
+        )
         self.loader = BlockLoader(
             [source.train for source in self.corpus.sources],
             self.task.micro_batch_size,
@@ -124,25 +110,36 @@ class Trainer:
             world_size=self.dist.world_size,
             names=[source.name if cfg.data.sources else describe(cfg.data) for source in self.corpus.sources],
         )
-        # Gradients are averaged over ranks by DDP; masks are buffers that every rank updates identically.
-        self.replica = DistributedDataParallel(self.model, broadcast_buffers=False) if self.dist.enabled else None
-        self.tokens_per_step = self.task.batch_size * cfg.data.seq_len
-        self.autocast = (
-            torch.autocast(self.device.type, dtype=torch.bfloat16) if self.task.precision == "bf16" else nullcontext()
-        )
+        self.units_per_step = self.task.batch_size * cfg.data.seq_len
         self.flops = flop_report(cfg.model, cfg.data.seq_len, cfg.sparsity)
-        self.step = 0
-        self.train_seconds = 0.0
-        self.train_step = self.backend.wrap_step(self._train_step, self._end_step)
-        if self.task.resume:
-            self._resume()
-        self.metrics = (
-            MetricsLogger(self.run_dir, resume_step=self.step if self.task.resume else None)
-            if self.dist.is_main
-            else None
+        self.loop = TrainLoop(
+            task=self,
+            model=self.model,
+            forward=forward,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            backend=self.backend,
+            sparsifier=self.sparsifier,
+            settings=LoopSettings(
+                max_steps=self.task.max_steps,
+                batch_size=self.task.batch_size,
+                micro_batch_size=self.task.micro_batch_size,
+                precision=self.task.precision,
+                grad_clip=cfg.optim.grad_clip,
+                log_every=self.task.log_every,
+                eval_every=self.task.eval_every,
+                checkpoint_every=self.task.checkpoint_every,
+                keep_checkpoints=self.task.keep_checkpoints,
+            ),
+            dist=self.dist,
+            device=self.device,
+            run_dir=self.run_dir,
+            config_yaml=OmegaConf.to_yaml(OmegaConf.structured(cfg)),
+            mask_names=self.sparsifier.mask_names() if self.sparsifier else [],
         )
+        if self.task.resume:
+            self.loop.resume(RESUME_KEYS, "start a new run_dir")
 
-    # ---- construction -------------------------------------------------------------------------------
     def _build_model(self) -> GPT:
         if not self.task.init_from:
             return GPT(self.cfg.model)
@@ -155,27 +152,15 @@ class Trainer:
                 )
         return model
 
-    # ---- one optimizer step -------------------------------------------------------------------------
-    def _train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward/backward over the micro-batches of one batch, clip, step. Returns (mean loss, grad norm)."""
-        self.model.train()
-        losses = []
-        for i in range(self.accumulation):
-            x, y = inputs[i], targets[i]
-            # DDP all-reduces the gradients once, on the last micro-batch of the step.
-            last = i == self.accumulation - 1
-            with self.autocast, nullcontext() if self.replica is None or last else self.replica.no_sync():
-                _, loss = (self.replica or self.forward)(x, y)
-            (loss / self.accumulation).backward()
-            losses.append(loss.detach())
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return torch.stack(losses).sum() / self.accumulation, grad_norm
+    # ---- the loop's task ----------------------------------------------------------------------------
+    def batches(self) -> StepBatches:
+        return StepBatches(self.loader, self.loop.accumulation)
+
+    def loss(self, forward: Forward, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return forward(inputs, targets)[1]
 
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self, step: int) -> dict[str, float]:
         """Mean validation loss (nats/token) over `task.eval_batches` batches (all if unset), shared among ranks."""
         self.model.eval()
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss x tokens, tokens
@@ -183,153 +168,39 @@ class Trainer:
         for i, (x, y) in enumerate(batches):
             if i % self.dist.world_size != self.dist.rank:
                 continue
-            with self.autocast:
+            with self.loop.autocast:
                 _, loss = self.model(x.to(self.device), y.to(self.device))
             sums += torch.tensor([float(loss) * y.numel(), y.numel()], dtype=torch.float64, device=self.device)
         total, count = self.dist.sum(sums).tolist()
-        return total / count
+        return {"val_loss": total / count, "val_ppl": math.exp(total / count)}
+
+    def protected_checkpoints(self) -> tuple[str, ...]:
+        return ()
+
+    def state_dict(self) -> dict:
+        return {"loader": self.loader.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state["loader"])
+
+    # ---- the run ------------------------------------------------------------------------------------
+    @property
+    def step(self) -> int:
+        return self.loop.step
+
+    def fit(self) -> RunSummary | None:
+        """Train (or, for `cluster.mode` compile_only / validate_only, let the backend lower one step) and
+        summarise; None when nothing trained."""
+        self._log_header()
+        if not self.backend.run(self.loop):
+            return None
+        return self._finish(self.loop.last_eval.get("val_loss", math.nan))
 
     def sparsity(self) -> tuple[float | None, dict[str, float]]:
         if not self.sparsifier:
             return None, {}
         stats = self.sparsifier.stats()
         return stats.global_sparsity, stats.per_param
-
-    # ---- the loop -----------------------------------------------------------------------------------
-    def fit(self) -> RunSummary:
-        t = self.task
-        self._log_header()
-        self._val_loss = math.nan
-        self._window_start, self._window_steps = time.perf_counter(), 0
-        # In a log file (no terminal) refresh the bar every 30 s instead of many times a second.
-        refresh = 0.1 if sys.stderr.isatty() else 30.0
-        self._bar = tqdm(
-            total=t.max_steps,
-            initial=self.step,
-            desc="pretrain",
-            unit="step",
-            mininterval=refresh,
-            disable=not self.dist.is_main,
-        )
-        with self._bar:
-            for batch in self.backend.batches(
-                StepBatches(self.loader, self.accumulation), t.max_steps - self.step, self.device
-            ):
-                self.train_step(*batch)
-        if self.metrics:
-            self.metrics.close()
-        self.dist.barrier()  # the last checkpoint is complete before any rank reads `latest`
-        return self._finish(self._val_loss)
-
-    def lower(self) -> LoweringReport:
-        """`compile_only` / `validate_only` (backend=cerebras cluster=cs2): one training step is lowered for the
-        CS-2 here and handed to the cluster's compiler; nothing trains, nothing is saved."""
-        step = self.backend.wrap_step(self._train_step, lambda *results: None)
-
-        def one_step() -> None:
-            for batch in self.backend.batches(StepBatches(self.loader, self.accumulation), 1, self.device):
-                step(*batch)
-
-        names = [n.removesuffix(MASK_SUFFIX) for n in self.sparsifier.mask_names()] if self.sparsifier else []
-        return self.backend.lower(one_step, names, self.cfg.cluster)
-
-    def _end_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        """After each optimizer step (the Cerebras backend calls it from a step closure): log, evaluate, save."""
-        t = self.task
-        self.step += 1
-        self._window_steps += 1
-        self._bar.update(1)
-        row: dict[str, float] = {}
-        if self.step % t.log_every == 0 or self.step == t.max_steps:
-            elapsed = time.perf_counter() - self._window_start
-            self.train_seconds += elapsed
-            sparsity, _ = self.sparsity()
-            row.update(
-                train_loss=float(self.dist.mean(loss)),
-                lr=self.scheduler.get_last_lr()[0],
-                grad_norm=float(grad_norm),
-                tokens_per_s=self._window_steps * self.tokens_per_step / elapsed,
-            )
-            if sparsity is not None:
-                row["sparsity"] = sparsity
-            self._bar.set_postfix(
-                refresh=False,
-                loss=f"{row['train_loss']:.3f}",
-                tok_s=f"{row['tokens_per_s']:,.0f}",
-                **({"sparsity": f"{sparsity:.1%}"} if sparsity is not None else {}),
-            )
-        if self.step % t.eval_every == 0 or self.step == t.max_steps:
-            self._val_loss = self.evaluate()
-            row.update(val_loss=self._val_loss, val_ppl=math.exp(self._val_loss))
-            if self.metrics:
-                self._bar.write(f"step {self.step}: val loss {self._val_loss:.4f}, ppl {math.exp(self._val_loss):.2f}")
-                self.metrics.log_scalars(self.step, "sparsity", self.sparsity()[1])
-        if row and self.metrics:
-            self.metrics.log(self.step, tokens=self.step * self.tokens_per_step, **row)
-        if self.dist.is_main and (self.step % t.checkpoint_every == 0 or self.step == t.max_steps):
-            self.save()
-        if "train_loss" in row:
-            self._window_start, self._window_steps = time.perf_counter(), 0
-
-    # ---- checkpoints --------------------------------------------------------------------------------
-    def trainer_state(self) -> dict:
-        return {
-            "step": self.step,
-            "train_seconds": self.train_seconds,
-            "scheduler": self.scheduler.state_dict(),
-            "loader": self.loader.state_dict(),
-            "sparsity": self.sparsifier.state_dict() if self.sparsifier else None,
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "python": random.getstate(),
-                "numpy": np.random.get_state(),
-            },
-        }
-
-    def save(self) -> Path:
-        config_yaml = OmegaConf.to_yaml(OmegaConf.structured(self.cfg))
-        return ckpt.save_checkpoint(
-            self.run_dir,
-            self.step,
-            self.model,
-            self.optimizer.state_dict(),
-            self.trainer_state(),
-            config_yaml,
-            keep=self.task.keep_checkpoints,
-        )
-
-    def _resume(self) -> None:
-        path = ckpt.latest_checkpoint(self.run_dir)
-        ckpt.verify_checkpoint(path)
-        self._check_same_config(path)
-        ckpt.load_model_weights(path, self.model, self.sparsifier.mask_names() if self.sparsifier else [])
-        optimizer_state, state = ckpt.load_training_state(path)
-        self.optimizer.load_state_dict(optimizer_state)
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.loader.load_state_dict(state["loader"])
-        if self.sparsifier:
-            self.sparsifier.load_state_dict(state["sparsity"])
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        self.step = state["step"]
-        self.train_seconds = state["train_seconds"]
-        log.info("resumed from %s at step %d", path, self.step)
-
-    def _check_same_config(self, path: Path) -> None:
-        saved = OmegaConf.create(ckpt.read_config(path))
-        current = OmegaConf.structured(self.cfg)
-        for key in RESUME_KEYS:
-            a, b = OmegaConf.select(saved, key), OmegaConf.select(current, key)
-            if a != b:
-                raise CheckpointError(
-                    f"{path} was trained with {key}={_plain(a)} but the config has {key}={_plain(b)}; "
-                    "resume with the original value or start a new run_dir"
-                )
 
     # ---- reporting ----------------------------------------------------------------------------------
     def _log_header(self) -> None:
@@ -353,11 +224,11 @@ class Trainer:
             len(self.corpus.train),
             len(self.corpus.validation),
             self.cfg.data.seq_len,
-            self.tokens_per_step,
+            self.units_per_step,
         )
 
     def _finish(self, val_loss: float) -> RunSummary:
-        tokens = self.step * self.tokens_per_step
+        tokens = self.step * self.units_per_step
         sparsity, per_param = self.sparsity()
         export_dir = None
         if self.task.export and self.dist.is_main:
@@ -366,8 +237,8 @@ class Trainer:
         summary = RunSummary(
             steps=self.step,
             tokens=tokens,
-            seconds=self.train_seconds,
-            tokens_per_s=tokens / max(self.train_seconds, 1e-9),
+            seconds=self.loop.train_seconds,
+            tokens_per_s=tokens / max(self.loop.train_seconds, 1e-9),
             val_loss=val_loss,
             val_ppl=math.exp(val_loss),
             unigram_loss=self.unigram_loss,
@@ -385,10 +256,6 @@ class Trainer:
         return summary
 
 
-def _plain(value: object) -> object:
-    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
-
-
 def format_summary(s: RunSummary) -> str:
     sparsity = "dense" if s.sparsity is None else f"{s.sparsity:.1%} of targeted weights are zero"
     lines = [
@@ -402,9 +269,7 @@ def format_summary(s: RunSummary) -> str:
         f"checkpoint       {s.checkpoint}",
     ]
     if len(s.tokens_per_source) > 1:
-        seen = ", ".join(
-            f"{name} {tokens:,} ({tokens / max(s.tokens, 1):.1%})" for name, tokens in s.tokens_per_source.items()
-        )
+        seen = ", ".join(f"{name} {n:,} ({n / max(s.tokens, 1):.1%})" for name, n in s.tokens_per_source.items())
         lines.insert(2, f"tokens/source    {seen}")
     if s.export_dir:
         lines.append(f"hugging face     {s.export_dir}  (AutoModelForCausalLM.from_pretrained loads it)")

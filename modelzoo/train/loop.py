@@ -1,0 +1,300 @@
+"""The one training loop: pre-training, fine-tuning and soft prompting all run through `TrainLoop`.
+
+A task brings what is its own (`LoopTask`: batches, the loss of one micro-batch, evaluation, the state it
+checkpoints); the loop does the rest, the same for every task:
+
+- one optimizer step (`train_step`): `batch_size / (micro_batch_size x ranks)` micro-batches of forward and
+  backward under autocast (gradients accumulate; under torchrun DDP all-reduces once, on the last one), gradient
+  clipping over the trainable parameters, optimizer and schedule step. The backend may wrap it
+  (`Backend.wrap_step`: the Cerebras backend traces it) and feeds it (`Backend.batches`);
+- bookkeeping after each step (`end_step`): the progress bar, a metrics row every `log_every` steps, the task's
+  evaluation every `eval_every`, an atomic checkpoint every `checkpoint_every` and at the last step (rank 0);
+- exact resume (`resume`): weights and masks, optimizer, schedule, the task's state (data position, model
+  selection), sparsity state and RNG states.
+
+Sparsity acts through hooks the plug-in put on the model and optimizer, so the step knows nothing of masks.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import sys
+import time
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from modelzoo.backends.base import Backend, Sparsifier
+from modelzoo.distributed import Distributed
+from modelzoo.errors import CheckpointError
+from modelzoo.sparsity.masks import MASK_SUFFIX
+from modelzoo.train import checkpoint as ckpt
+from modelzoo.train.config import OptimConfig
+from modelzoo.train.metrics import MetricsLogger
+from modelzoo.train.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+Forward = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """The loop's part of a task config (`task=pretrain`, `finetune`, `prompt_tune`) and `optim.grad_clip`."""
+
+    max_steps: int
+    batch_size: int  # global: sequences (examples) per optimizer step over all ranks
+    micro_batch_size: int
+    precision: str
+    grad_clip: float
+    log_every: int
+    eval_every: int
+    checkpoint_every: int
+    keep_checkpoints: int
+
+
+class LoopTask(Protocol):
+    """What a task gives the loop."""
+
+    name: str  # the progress bar's label
+    unit: str  # what a step processes, counted in the metrics: "tokens" or "examples"
+    units_per_step: int  # of `unit`, over all ranks
+    columns: tuple[str, ...]  # the metrics.csv columns
+
+    def batches(self) -> Iterable[tuple[torch.Tensor, ...]]:
+        """Endless step batches for this rank, on the CPU: tensors whose first dimension indexes micro-batches."""
+        ...
+
+    def loss(self, forward: Forward, *micro_batch: torch.Tensor) -> torch.Tensor:
+        """The mean loss of one micro-batch, computed through `forward` (the model, its DDP or compiled form)."""
+        ...
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Evaluation metrics at `step` (validation loss; dev score), on every rank."""
+        ...
+
+    def protected_checkpoints(self) -> tuple[str, ...]:
+        """Checkpoint directories that rotation must keep (e.g. the best step's)."""
+        ...
+
+    def state_dict(self) -> dict:
+        """The task's resumable state (data position, model selection)."""
+        ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def mask_buffer_names(model: nn.Module) -> list[str]:
+    """The `<param>_mask` buffers of `model` (what a checkpoint of it must hold)."""
+    return [name for name, _ in model.named_buffers() if name.endswith(MASK_SUFFIX)]
+
+
+def build_optimization(
+    model: nn.Module,
+    optim: OptimConfig,
+    max_steps: int,
+    backend: Backend,
+    sparsifier: Sparsifier | None,
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW over `model`'s trainable parameters (the backend's class), masked by `sparsifier`, and its schedule."""
+    optimizer = build_optimizer(model, optim, backend.optimizer_class())
+    if sparsifier:
+        sparsifier.apply_optimizer(optimizer)
+    return optimizer, build_scheduler(optimizer, optim, max_steps)
+
+
+class TrainLoop:
+    """Runs a task's optimizer steps with checkpoints, metrics and exact resume (module docstring)."""
+
+    def __init__(
+        self,
+        task: LoopTask,
+        model: nn.Module,
+        forward: Forward,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        backend: Backend,
+        sparsifier: Sparsifier | None,
+        settings: LoopSettings,
+        dist: Distributed,
+        device: torch.device,
+        run_dir: Path,
+        config_yaml: str,
+        mask_names: list[str],
+    ) -> None:
+        self.task, self.model, self.optimizer, self.scheduler = task, model, optimizer, scheduler
+        self.backend, self.sparsifier, self.settings, self.dist = backend, sparsifier, settings, dist
+        self.device, self.run_dir, self.config_yaml, self.mask_names = device, run_dir, config_yaml, mask_names
+        self.accumulation = settings.batch_size // (settings.micro_batch_size * dist.world_size)
+        # Gradients are averaged over ranks by DDP; masks are buffers that every rank updates identically.
+        self.replica = DistributedDataParallel(model, broadcast_buffers=False) if dist.enabled else None
+        self.forward = self.replica or forward
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.autocast = (
+            torch.autocast(device.type, dtype=torch.bfloat16) if settings.precision == "bf16" else nullcontext()
+        )
+        self.step = 0
+        self.train_seconds = 0.0
+        self.last_eval: dict[str, float] = {}
+        self.metrics: MetricsLogger | None = None
+        self._run_step = backend.wrap_step(self.train_step, self.end_step)
+
+    # ---- one optimizer step -------------------------------------------------------------------------
+    def train_step(self, *batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward/backward over the micro-batches of one batch, clip, step. Returns (mean loss, grad norm)."""
+        self.model.train()
+        losses = []
+        for i in range(self.accumulation):
+            # DDP all-reduces the gradients once, on the last micro-batch of the step.
+            last = i == self.accumulation - 1
+            with self.autocast, nullcontext() if self.replica is None or last else self.replica.no_sync():
+                loss = self.task.loss(self.forward, *(t[i] for t in batch))
+            (loss / self.accumulation).backward()
+            losses.append(loss.detach())
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.settings.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return torch.stack(losses).sum() / self.accumulation, grad_norm
+
+    def end_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """After each optimizer step (the Cerebras backend calls it from a step closure): log, evaluate, save."""
+        s = self.settings
+        self.step += 1
+        self._window_steps += 1
+        self._bar.update(1)
+        row: dict[str, float] = {}
+        if self.step % s.log_every == 0 or self.step == s.max_steps:
+            elapsed = time.perf_counter() - self._window_start
+            self.train_seconds += elapsed
+            row.update(
+                train_loss=float(self.dist.mean(loss)),
+                lr=self.scheduler.get_last_lr()[0],
+                grad_norm=float(grad_norm),
+                **{f"{self.task.unit}_per_s": self._window_steps * self.task.units_per_step / elapsed},
+            )
+            if self.sparsifier:
+                row["sparsity"] = self.sparsifier.stats().global_sparsity
+            self._bar.set_postfix(
+                refresh=False,
+                loss=f"{row['train_loss']:.3f}",
+                **{f"{self.task.unit[:3]}_s": f"{row[f'{self.task.unit}_per_s']:,.0f}"},
+                **({"sparsity": f"{row['sparsity']:.1%}"} if "sparsity" in row else {}),
+            )
+        if self.step % s.eval_every == 0 or self.step == s.max_steps:
+            self.last_eval = self.task.evaluate(self.step)
+            row.update(self.last_eval)
+            if self.metrics:
+                self._bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in self.last_eval.items()))
+                if self.sparsifier:
+                    self.metrics.log_scalars(self.step, "sparsity", self.sparsifier.stats().per_param)
+        if row and self.metrics:
+            self.metrics.log(self.step, **{self.task.unit: self.step * self.task.units_per_step}, **row)
+        if self.dist.is_main and (self.step % s.checkpoint_every == 0 or self.step == s.max_steps):
+            self.save()
+        if "train_loss" in row:
+            self._window_start, self._window_steps = time.perf_counter(), 0
+
+    # ---- driving ------------------------------------------------------------------------------------
+    def fit(self) -> None:
+        """Train from the current step to `max_steps` (through the backend's batches and step)."""
+        if self.dist.is_main:
+            self.metrics = MetricsLogger(self.run_dir, resume_step=self.step or None, columns=self.task.columns)
+        self._window_start, self._window_steps = time.perf_counter(), 0
+        # In a log file (no terminal) refresh the bar every 30 s instead of many times a second.
+        refresh = 0.1 if sys.stderr.isatty() else 30.0
+        self._bar = tqdm(
+            total=self.settings.max_steps,
+            initial=self.step,
+            desc=self.task.name,
+            unit="step",
+            mininterval=refresh,
+            disable=not self.dist.is_main,
+        )
+        with self._bar:
+            for batch in self.backend.batches(self.task.batches(), self.settings.max_steps - self.step, self.device):
+                self._run_step(*batch)
+        if self.metrics:
+            self.metrics.close()
+        self.dist.barrier()  # the last checkpoint is complete before any rank reads `latest`
+
+    def run_one_step(self) -> None:
+        """One training step through the backend, without bookkeeping (the Cerebras backend lowers it)."""
+        step = self.backend.wrap_step(self.train_step, lambda *results: None)
+        for batch in self.backend.batches(self.task.batches(), 1, self.device):
+            step(*batch)
+
+    def sparse_names(self) -> list[str]:
+        return [n.removesuffix(MASK_SUFFIX) for n in self.sparsifier.mask_names()] if self.sparsifier else []
+
+    # ---- checkpoints --------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "train_seconds": self.train_seconds,
+            "scheduler": self.scheduler.state_dict(),
+            "task": self.task.state_dict(),
+            "sparsity": self.sparsifier.state_dict() if self.sparsifier else None,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+            },
+        }
+
+    def save(self) -> Path:
+        return ckpt.save_checkpoint(
+            self.run_dir,
+            self.step,
+            self.model,
+            self.optimizer.state_dict(),
+            self.state_dict(),
+            self.config_yaml,
+            keep=self.settings.keep_checkpoints,
+            protect=self.task.protected_checkpoints(),
+        )
+
+    def resume(self, keys: tuple[str, ...], hint: str) -> None:
+        """Continue exactly from the run's newest checkpoint, refusing one whose config differs from this run's at
+        any of `keys` (what fixes the meaning of the saved state); `hint` says how to start afresh instead."""
+        path = ckpt.latest_checkpoint(self.run_dir)
+        ckpt.verify_checkpoint(path)
+        saved, current = OmegaConf.create(ckpt.read_config(path)), OmegaConf.create(self.config_yaml)
+        for key in keys:
+            a, b = OmegaConf.select(saved, key), OmegaConf.select(current, key)
+            if a != b:
+                raise CheckpointError(
+                    f"{path} was trained with {key}={_plain(a)} but the config has {key}={_plain(b)}; "
+                    f"resume with the original value or {hint}"
+                )
+        ckpt.load_model_weights(path, self.model, self.mask_names)
+        optimizer_state, state = ckpt.load_training_state(path)
+        self.optimizer.load_state_dict(optimizer_state)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.task.load_state_dict(state["task"])
+        if self.sparsifier:
+            self.sparsifier.load_state_dict(state["sparsity"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        self.step = state["step"]
+        self.train_seconds = state["train_seconds"]
+        log.info("resumed from %s at step %d", path, self.step)
+
+
+def _plain(value: object) -> object:
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value

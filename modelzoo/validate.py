@@ -1,0 +1,286 @@
+"""Config validation: every invalid value is refused before any compute, naming the key and what would work.
+
+`validate(cfg)` is the one entry (the CLI calls it for every command); it dispatches on the task node to one
+validator per task. Checks shared by tasks (device and precision, the model, the data) are written once here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from modelzoo.backends import backend_class, check_supports, resolve_name
+from modelzoo.backends.converters import check_converter
+from modelzoo.config import Config, ExportConfig, GenerateConfig
+from modelzoo.data.config import FORMATS, DataConfig, resolve_sources
+from modelzoo.distributed import world_size
+from modelzoo.downstream.config import EvaluateConfig
+from modelzoo.downstream.pubmedqa import SPLITS
+from modelzoo.errors import ConfigError
+from modelzoo.finetune.config import DATASETS, SPARSITY_MODES, FinetuneConfig, PromptTuneConfig, default_data_dir
+from modelzoo.models.gpt import ACTIVATIONS, GPT, GPTConfig
+from modelzoo.models.soft_prompt import PROMPT_INITS
+from modelzoo.prune.config import PruneConfig
+from modelzoo.prune.config import validate as validate_prune
+from modelzoo.restore import find_checkpoint
+from modelzoo.sparsity.plan import plan_groups
+from modelzoo.train import checkpoint as ckpt
+from modelzoo.train.config import DECAYS, DEVICES, PRECISIONS, OptimConfig, TrainConfig, resolved_device
+
+EVALUATE_TASKS = ("pubmedqa",)
+CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")  # e.g. LlamaForCausalLM, GPT2LMHeadModel
+
+
+def validate(cfg: Config) -> None:
+    """Reject every invalid value of `cfg` for its task (`cfg.task`'s type), before any data or model is touched."""
+    task = cfg.task
+    if isinstance(task, FinetuneConfig):  # the model and its sparsity come from task.pretrained
+        validate_finetune(cfg)
+        return
+    validate_model(cfg.model)
+    cfg.sparsity.validate()
+    validate_data(cfg.data, cfg.model)
+    if isinstance(task, TrainConfig):
+        validate_pretrain(cfg)
+    elif cfg.cluster.mode != "train":
+        raise ConfigError("cluster.mode", f"{cfg.cluster.mode} applies to pretrain only", ["train"])
+    if isinstance(task, GenerateConfig):
+        validate_generate(cfg)
+    elif isinstance(task, EvaluateConfig):
+        validate_evaluate(cfg)
+    elif isinstance(task, PruneConfig):
+        validate_prune(task)
+        check_device(task.device)
+    elif not isinstance(task, (TrainConfig, ExportConfig)):
+        raise ConfigError("task", f"no validator for {type(task).__name__}")
+    if cfg.sparsity.enabled:
+        with torch.device("meta"):
+            plan_groups(cfg.sparsity, GPT(cfg.model))
+
+
+# ---- shared --------------------------------------------------------------------------------------------
+def check_device(device: str, precision: str | None = None) -> str:
+    """`task.device` (and `task.precision`) known, and CUDA present when asked for; returns the resolved device."""
+    if device not in DEVICES:
+        raise ConfigError("task.device", f"unknown {device!r}", DEVICES)
+    if precision is not None and precision not in PRECISIONS:
+        raise ConfigError("task.precision", f"unknown {precision!r}", PRECISIONS)
+    resolved = resolved_device(device)
+    if resolved == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("task.device", "cuda requested but no CUDA device is visible", ["auto", "cpu"])
+    return resolved
+
+
+def check_positive(task: object, keys: tuple[str, ...]) -> None:
+    for key in keys:
+        if getattr(task, key) <= 0:
+            raise ConfigError(f"task.{key}", f"must be positive, got {getattr(task, key)}")
+
+
+def check_batches(batch_size: int, micro_batch_size: int) -> None:
+    """The global batch splits into micro-batches on every torchrun rank."""
+    per_step = micro_batch_size * world_size()  # one micro-batch on each torchrun rank
+    if batch_size % per_step:
+        ranks = f" x {world_size()} ranks" if world_size() > 1 else ""
+        raise ConfigError(
+            "task.batch_size",
+            f"{batch_size} is not divisible by task.micro_batch_size={micro_batch_size}{ranks}",
+            [n for n in range(per_step, 4 * per_step + 1, per_step)],
+        )
+
+
+def validate_model(m: GPTConfig) -> None:
+    for key in ("n_layer", "n_embd", "n_head", "n_inner", "n_positions", "vocab_size"):
+        if getattr(m, key) <= 0:
+            raise ConfigError(f"model.{key}", f"must be positive, got {getattr(m, key)}")
+    if m.n_embd % m.n_head:
+        raise ConfigError("model.n_head", f"n_embd={m.n_embd} is not divisible by n_head={m.n_head}")
+    if m.activation not in ACTIVATIONS:
+        raise ConfigError("model.activation", f"unknown {m.activation!r}", sorted(ACTIVATIONS))
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError("model.dropout", f"{m.dropout} is outside [0, 1)")
+
+
+def validate_data(d: DataConfig, m: GPTConfig) -> None:
+    if d.seq_len < 2:
+        raise ConfigError("data.seq_len", f"must be at least 2, got {d.seq_len}")
+    if d.seq_len > m.n_positions:
+        raise ConfigError(
+            "data.seq_len", f"{d.seq_len} exceeds the model's positions (model.n_positions={m.n_positions})"
+        )
+    if d.format not in FORMATS:
+        raise ConfigError("data.format", f"unknown {d.format!r}", FORMATS)
+    for i, source in enumerate(d.sources):
+        if source.format not in FORMATS:
+            raise ConfigError(f"data.sources[{i}].format", f"unknown {source.format!r}", FORMATS)
+    if not d.train_files and not d.hub_name and not d.sources:
+        raise ConfigError("data.train_files", "no training data: give data.train_files, data.hub_name or data.sources")
+    for source, _ in resolve_sources(d):
+        if not 0.0 <= source.validation_fraction < 1.0:
+            raise ConfigError("data.validation_fraction", f"{source.validation_fraction} is outside [0, 1)")
+    if d.num_workers is not None and d.num_workers < 1:
+        raise ConfigError("data.num_workers", f"must be at least 1 (or null: all cores), got {d.num_workers}")
+    if d.shard_blocks < 1:
+        raise ConfigError("data.shard_blocks", f"must be at least 1, got {d.shard_blocks}")
+
+
+def validate_optim(o: OptimConfig) -> None:
+    if o.decay not in DECAYS:
+        raise ConfigError("optim.decay", f"unknown {o.decay!r}", DECAYS)
+    if o.lr <= 0:
+        raise ConfigError("optim.lr", f"must be positive, got {o.lr}")
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        raise ConfigError("optim.betas", f"must be two numbers in [0, 1), got {list(o.betas)}")
+    if o.warmup_steps < 0:
+        raise ConfigError("optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise ConfigError("optim.min_lr_ratio", f"{o.min_lr_ratio} is outside [0, 1]")
+
+
+# ---- pretrain ------------------------------------------------------------------------------------------
+def validate_pretrain(cfg: Config) -> None:
+    t: TrainConfig = cfg.task
+    check_positive(t, ("max_steps", "batch_size", "micro_batch_size", "log_every", "eval_every", "checkpoint_every"))
+    check_batches(t.batch_size, t.micro_batch_size)
+    if t.keep_checkpoints < 1:
+        raise ConfigError("task.keep_checkpoints", f"must be at least 1, got {t.keep_checkpoints}")
+    device = check_device(t.device, t.precision)
+    validate_optim(cfg.optim)
+    backend = resolve_name(cfg.backend.name)
+    validate_cluster(cfg, backend, device)
+    for algorithm in cfg.sparsity.algorithms or [None]:
+        check_supports(backend, algorithm=algorithm, device=device, dtype=t.precision)
+    backend_class(backend).check_config(cfg.sparsity)
+
+
+def validate_cluster(cfg: Config, backend: str, device: str) -> None:
+    """The `cluster` node, and the CS-2 modes: they need backend=cerebras on a CSX cluster."""
+    cfg.cluster.validate(device)
+    target = cfg.cluster.resolved_target(device)
+    lowering = cfg.cluster.mode != "train"
+    if backend == "cerebras" and world_size() > 1:
+        raise ConfigError(
+            "backend.name",
+            "cerebras scales out on a CS-2 cluster (cluster.num_csx), not under torchrun: run one process, or use",
+            ["masked_dense"],
+        )
+    if backend != "cerebras" and cfg.cluster.target != "auto":
+        raise ConfigError(
+            "cluster.target", f"{target} is a cstorch backend: use backend=cerebras, or cluster=local with {backend}"
+        )
+    if lowering and (backend != "cerebras" or target != "CSX"):
+        raise ConfigError(
+            "cluster.mode", f"{cfg.cluster.mode} lowers for a CS-2: it needs backend=cerebras cluster=cs2"
+        )
+    missing = cfg.cluster.missing_for_submission()
+    if target == "CSX" and not lowering and missing:
+        raise ConfigError(
+            missing[0].split("=")[0],
+            f"a CS-2 run needs {' and '.join(missing)}; cluster.mode=compile_only or cluster.mode=validate_only "
+            "lower the model offline without them",
+        )
+    if target == "CSX" and cfg.task.micro_batch_size != cfg.task.batch_size:
+        raise ConfigError(
+            "task.micro_batch_size",
+            f"a CS-2 splits batches itself: set task.micro_batch_size={cfg.task.batch_size} (= task.batch_size)",
+        )
+
+
+# ---- finetune / prompt_tune ----------------------------------------------------------------------------
+def validate_finetune(cfg: Config) -> None:
+    """Check every key, and the token budget against the pre-trained model's positions, before any compute."""
+    task: FinetuneConfig = cfg.task
+    if task.dataset not in DATASETS:
+        raise ConfigError("task.dataset", f"unknown {task.dataset!r}", DATASETS)
+    if task.sparsity not in SPARSITY_MODES:
+        raise ConfigError("task.sparsity", f"unknown {task.sparsity!r}", SPARSITY_MODES)
+    if task.limit < 0:
+        raise ConfigError("task.limit", f"must be >= 0 (0: every example), got {task.limit}")
+    check_positive(task, ("max_steps", "batch_size", "micro_batch_size", "eval_batch_size", "eval_every", "log_every"))
+    check_batches(task.batch_size, task.micro_batch_size)
+    if task.keep_checkpoints < 1:
+        raise ConfigError("task.keep_checkpoints", f"must be at least 1, got {task.keep_checkpoints}")
+    check_device(task.device, task.precision)
+    if resolve_name(cfg.backend.name) != "masked_dense":
+        raise ConfigError(
+            "backend.name",
+            f"fine-tuning runs on masked_dense; {cfg.backend.name!r} trains pre-training only",
+            ["auto", "masked_dense"],
+        )
+    validate_optim(cfg.optim)
+    if task.lr is not None and task.lr <= 0:
+        raise ConfigError("task.lr", f"must be positive, got {task.lr}")
+    data_dir = Path(task.data_dir or default_data_dir(task.dataset))
+    if not data_dir.is_dir():
+        raise ConfigError("task.data_dir", f"{data_dir} is not a directory (the {task.dataset} files)")
+    checkpoint = find_checkpoint(task.pretrained, "task.pretrained")
+    positions = int(OmegaConf.create(ckpt.read_config(checkpoint)).model.n_positions)
+    virtual = task.num_virtual_tokens if isinstance(task, PromptTuneConfig) else 0
+    if isinstance(task, PromptTuneConfig):
+        if task.init not in PROMPT_INITS:
+            raise ConfigError("task.init", f"unknown {task.init!r}", PROMPT_INITS)
+        if task.num_virtual_tokens <= 0:
+            raise ConfigError("task.num_virtual_tokens", f"must be positive, got {task.num_virtual_tokens}")
+        if task.init == "text" and not task.init_text:
+            raise ConfigError("task.init_text", "is empty but task.init=text")
+    seq_len = task.seq_len if task.seq_len is not None else positions - virtual
+    if seq_len < 2 or virtual + seq_len > positions:
+        key = "task.num_virtual_tokens" if virtual else "task.seq_len"
+        text = f"task.seq_len={seq_len}" if task.seq_len is not None else f"{seq_len} tokens of text"
+        raise ConfigError(
+            key,
+            f"{virtual} virtual tokens + {text} do not fit the model's {positions} positions "
+            f"(model.n_positions in {checkpoint}/config.yaml); at least 2 tokens of text must remain",
+        )
+
+
+# ---- generate / evaluate -------------------------------------------------------------------------------
+def check_inference(device: str, precision: str, backend: str) -> None:
+    """Device and precision, and a backend that can run inference there (an inference converter, or none)."""
+    check_converter(backend, check_device(device, precision), precision)
+
+
+def validate_generate(cfg: Config) -> None:
+    task: GenerateConfig = cfg.task
+    if task.checkpoint and task.hf_dir:
+        raise ConfigError("task.hf_dir", "give task.checkpoint or task.hf_dir, not both")
+    if task.max_new_tokens < 1:
+        raise ConfigError("task.max_new_tokens", f"must be at least 1, got {task.max_new_tokens}")
+    if task.temperature < 0:
+        raise ConfigError("task.temperature", f"must be >= 0 (0 is greedy), got {task.temperature}")
+    if task.top_k < 0:
+        raise ConfigError("task.top_k", f"must be >= 0 (0 is off), got {task.top_k}")
+    if not 0 < task.top_p <= 1:
+        raise ConfigError("task.top_p", f"{task.top_p} is outside (0, 1] (1 is off)")
+    check_inference(task.device, task.precision, cfg.backend.name)
+
+
+def validate_evaluate(cfg: Config) -> None:
+    task: EvaluateConfig = cfg.task
+    for name in task.tasks:
+        if name not in EVALUATE_TASKS:
+            raise ConfigError("task.tasks", f"unknown task {name!r}", EVALUATE_TASKS)
+    if task.split not in SPLITS:
+        raise ConfigError("task.split", f"unknown split {task.split!r}", SPLITS)
+    if task.batch_size < 1:
+        raise ConfigError("task.batch_size", f"must be at least 1, got {task.batch_size}")
+    if task.limit < 0:
+        raise ConfigError("task.limit", f"must be >= 0 (0: every question), got {task.limit}")
+    check_inference(task.device, task.precision, cfg.backend.name)
+    for key, paths in (("task.checkpoints", task.checkpoints), ("task.hf_dirs", task.hf_dirs)):
+        for path in paths:
+            if not Path(path).is_dir():
+                raise ConfigError(key, f"{path} is not a directory")
+    for path in task.hf_dirs:
+        if not (Path(path) / "config.json").is_file():
+            raise ConfigError("task.hf_dirs", f"{path} has no config.json; give a directory written by save_pretrained")
+        architectures = json.loads((Path(path) / "config.json").read_text()).get("architectures") or []
+        if any(not name.endswith(CAUSAL_LM_SUFFIXES) for name in architectures):
+            raise ConfigError(
+                "task.hf_dirs",
+                f"{path} holds a {', '.join(architectures)} (config.json 'architectures'), not a causal LM; "
+                "a HoC classifier's test F1 is in the summary.json of its run",
+            )
