@@ -9,9 +9,11 @@ tokens written (train + validation, EOS included) over the process's wall time f
 the line-by-line check of every file included. Peak RSS is `ru_maxrss` of the preparing process and of
 its largest worker.
 
-The start-up comparison times the data part of the default `modelzoo pretrain` (`data=pubmed_sample`):
-tokenizer (cached) plus corpus, cold (empty corpus cache) and warm (cache hit), for the code before this
-change (`--before DIR`, a checkout of it) and now, in fresh processes, interleaved.
+The start-up comparison times what the default `modelzoo pretrain` (`data=pubmed_sample`) does before it
+builds the model: the imports, then config + tokenizer (trained once, cached) + corpus with an empty
+corpus cache and again with a cache hit, for the code before this change (`--before DIR`, a checkout of
+it) and now, in fresh processes, interleaved. The machine has 2 cores shared with other jobs (see the load
+averages): every number here is noisy, the start-up ones most.
 """
 
 from __future__ import annotations
@@ -63,10 +65,14 @@ start = time.perf_counter()
 from modelzoo.config import load_config, to_object
 from modelzoo.data.corpus import load_corpus
 from modelzoo.data.tokenizer import build_tokenizer
-cfg = to_object(load_config(["task=pretrain", "data.cache_dir=" + sys.argv[1]]))
-tokenizer = build_tokenizer(cfg.tokenizer, cfg.data)
-corpus = load_corpus(cfg.data, tokenizer)
-print(time.perf_counter() - start, len(corpus.train))
+imported = time.perf_counter()
+seconds = []
+for _ in range(2):  # an empty corpus cache, then a cache hit
+    begin = time.perf_counter()
+    cfg = to_object(load_config(["task=pretrain", "data.cache_dir=" + sys.argv[1]]))
+    corpus = load_corpus(cfg.data, build_tokenizer(cfg.tokenizer, cfg.data))
+    seconds.append(time.perf_counter() - begin)
+print(imported - start, *seconds)
 """
 
 
@@ -107,31 +113,38 @@ def prepare_case(root: Path, workers: int) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def startup(code: Path | None, cache: Path) -> float:
+def startup(code: Path | None, cache: Path) -> list[float]:
+    """Seconds of the imports, the cold and the warm data start-up of one fresh process."""
     env = {**os.environ, **({"PYTHONPATH": str(code)} if code else {})}
+    shutil.rmtree(cache / "corpus", ignore_errors=True)  # the trained tokenizer stays cached, as in a second run
     cache.mkdir(parents=True, exist_ok=True)  # also the cwd: `python -c` imports from its cwd first
     out = subprocess.run(
         [sys.executable, "-c", STARTUP, str(cache)], check=True, capture_output=True, text=True, env=env, cwd=cache
     ).stdout
-    return float(out.split()[0])
+    return [float(x) for x in out.split()[-3:]]
 
 
 def startup_rows(before: Path | None, repeats: int) -> list[list[str]]:
-    """Median seconds of the default run's data start-up, cold and warm, before and after."""
+    """Median seconds of the default run's imports and data start-up (cold and warm), before and after."""
     variants = {"before": before, "now": None} if before else {"now": None}
-    samples: dict[tuple[str, str], list[float]] = {}
+    samples: dict[str, list[list[float]]] = {name: [] for name in variants}
     with tempfile.TemporaryDirectory() as tmp:
+        for name, code in variants.items():  # untimed: trains the cached tokenizer
+            startup(code, Path(tmp) / name)
         for _ in range(repeats):
             for name, code in variants.items():
-                cache = Path(tmp) / name
-                shutil.rmtree(cache / "corpus", ignore_errors=True)
-                samples.setdefault((name, "cold"), []).append(startup(code, cache))
-                samples.setdefault((name, "warm"), []).append(startup(code, cache))
+                samples[name].append(startup(code, Path(tmp) / name))
     rows = []
-    for state in ("cold", "warm"):
-        cells = {name: sorted(samples[(name, state)])[len(samples[(name, state)]) // 2] for name in variants}
+    for i, what in enumerate(
+        [
+            "imports (torch, transformers, datasets, ...)",
+            "tokenizer + corpus, empty cache",
+            "tokenizer + corpus, cache hit",
+        ]
+    ):
+        cells = {name: sorted(run[i] for run in samples[name])[len(samples[name]) // 2] for name in variants}
         ratio = f"{cells['before'] / cells['now']:.2f}x" if before else "-"
-        rows.append([state, *(f"{cells[name]:.2f}" for name in variants), ratio])
+        rows.append([what, *(f"{cells[name]:.2f}" for name in variants), ratio])
     return rows
 
 
@@ -140,7 +153,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="10MB,100MB,1GB", help="corpus sizes (default: 10MB,100MB,1GB)")
     parser.add_argument("--workers", default="1,2", help="data.num_workers values (default: 1,2)")
     parser.add_argument("--before", type=Path, help="a checkout of the code before this change, for start-up")
-    parser.add_argument("--startup-repeats", type=int, default=3, help="interleaved start-up rounds (default: 3)")
+    parser.add_argument("--startup-repeats", type=int, default=5, help="interleaved start-up rounds (default: 5)")
     parser.add_argument("--work-dir", type=Path, help="where the corpora are built (default: a temporary dir)")
     add_common_arguments(parser)
     args = parser.parse_args()
@@ -202,12 +215,12 @@ def section_text(rows: list[list[object]], start_rows: list[list[str]], before: 
         "peak RSS MiB",
         "worker peak RSS MiB",
     ]
-    start_header = ["cache", *(["before s"] if before else []), "now s", "before / now"]
+    start_header = ["stage", *(["before s"] if before else []), "now s", "before / now"]
     return "\n\n".join(
         [
             __doc__.split("\n", 1)[1].strip(),
             markdown_table(header, rows),
-            "### Start-up of the default `modelzoo pretrain` (data=pubmed_sample): tokenizer + corpus, median s",
+            "### Start-up of the default `modelzoo pretrain` (data=pubmed_sample), median of fresh processes",
             markdown_table(start_header, start_rows),
         ]
     )
