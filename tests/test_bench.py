@@ -106,3 +106,13 @@ def test_write_section_replaces_only_its_own_section(common: ModuleType, tmp_pat
     common.write_section("Other", "replaced", path)
     text = path.read_text()
     assert "fenced" not in text and text.endswith("## Other\n\nreplaced\n") and "second" in text
+
+
+def test_data_bench_builds_distinct_documents_of_the_asked_size(common: ModuleType, tmp_path: Path) -> None:
+    data = importlib.import_module("data")
+    data.build_corpus(tmp_path, 5e6)
+    lines = (tmp_path / "train.txt").read_text(encoding="utf-8").splitlines()
+    size = (tmp_path / "train.txt").stat().st_size
+    assert 5e6 <= size < 5e6 + 4e6  # whole copies of the 3.7 MB sample, the last one crossing the size
+    assert len(set(lines)) == len(lines) and lines[0].startswith("[0] ") and lines[-1].startswith("[1] ")
+    assert (tmp_path / "validation.txt").read_text(encoding="utf-8").count("\n") == 149
