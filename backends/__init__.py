@@ -10,7 +10,6 @@ import importlib
 from collections.abc import Callable
 
 from modelzoo.backends.base import Backend, Capabilities, Sparsifier
-
 from modelzoo.errors import ConfigError
 
 # name -> "module:class", imported on first use.

@@ -11,9 +11,10 @@ from __future__ import annotations
 import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -21,6 +22,8 @@ from torch import nn
 from modelzoo.cluster import ClusterConfig
 from modelzoo.sparsity.config import SparsityConfig
 from modelzoo.sparsity.plugin import SparsityStats
+from modelzoo.train.config import OptimConfig
+from modelzoo.train.optim import build_scheduler
 
 
 @dataclass(frozen=True)
@@ -89,8 +92,22 @@ class Backend(ABC):
         """The AdamW implementation the loop builds (cstorch needs its own)."""
         return torch.optim.AdamW
 
-    def start(self, cluster: ClusterConfig, device: torch.device, artifact_dir: Path) -> None:
-        """Set up the runtime before the model, sparsity and optimizer are built; nothing by default."""
+    def scheduler(self, optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int) -> Any:
+        """The learning-rate schedule of `cfg` over `max_steps`, stepped once per optimizer step: torch's
+        `LambdaLR` of `lr_factor` by default (cstorch's own schedulers on the Cerebras backend)."""
+        return build_scheduler(optimizer, cfg, max_steps)
+
+    def start(self, cluster: ClusterConfig, device: torch.device, artifact_dir: Path, precision: str = "fp32") -> None:
+        """Set up the runtime (and its mixed precision) before the model, sparsity and optimizer are built;
+        nothing by default."""
+        return None
+
+    def autocast(self, device: torch.device, precision: str) -> AbstractContextManager:
+        """The context every forward pass runs in: torch's bfloat16 autocast for bf16, none for fp32."""
+        return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+    def grad_scaler(self, precision: str) -> Any:
+        """A loss scaler (`scale`, `unscale_`, `step`, `update`, `state_dict`) where `precision` needs one; None."""
         return None
 
     def compile(self, model: nn.Module) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:

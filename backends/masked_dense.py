@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from modelzoo.backends.base import Backend, Capabilities
-
 from modelzoo.sparsity.config import SparsityConfig
 from modelzoo.sparsity.plugin import MaskedSparsity
 

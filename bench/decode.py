@@ -14,10 +14,10 @@ from collections import defaultdict
 
 import torch
 from common import REPO, Timing, add_common_arguments, begin, markdown_table, publish, time_interleaved
-from modelzoo.backends.torch_sparse import TorchSparseConverter, kernel_summary
 from omegaconf import OmegaConf
 from torch import nn
 
+from modelzoo.backends.torch_sparse import TorchSparseConverter, kernel_summary
 from modelzoo.generate import generate
 from modelzoo.models.gpt import GPT, GPTConfig
 from modelzoo.sparsity.config import SparsityConfig

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from common import Timing, add_common_arguments, begin, markdown_table, publish, split_choices, time_interleaved
+
 from modelzoo.backends.torch_sparse import SparseLinear, bsr_from_mask, csr_from_mask
 
 METHOD = """\

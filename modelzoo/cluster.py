@@ -2,7 +2,7 @@
 
 `target` picks cstorch's backend: `auto` is `CPU` (or `GPU` with `task.device=cuda`) for `cluster=local`;
 `CSX` submits to a Cerebras Wafer-Scale Cluster through its appliance, whose fields mirror
-`cerebras.pytorch.distributed.ClusterConfig` one to one (`modelzoo.backends.cerebras.cluster_config` maps them).
+`cerebras.pytorch.distributed.ClusterConfig` one to one (`modelzoo.backends.cerebras.cluster.cluster_config` maps them).
 Everything is checked here, before any compute, without cerebras.pytorch or a network.
 """
 

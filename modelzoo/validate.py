@@ -28,7 +28,7 @@ from modelzoo.prune.config import validate as validate_prune
 from modelzoo.restore import find_checkpoint
 from modelzoo.sparsity.plan import plan_groups
 from modelzoo.train import checkpoint as ckpt
-from modelzoo.train.config import DECAYS, DEVICES, PRECISIONS, OptimConfig, TrainConfig, resolved_device
+from modelzoo.train.config import CS2_PRECISIONS, DECAYS, DEVICES, PRECISIONS, OptimConfig, TrainConfig, resolved_device
 
 EVALUATE_TASKS = ("pubmedqa",)
 CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")  # e.g. LlamaForCausalLM, GPT2LMHeadModel
@@ -62,12 +62,20 @@ def validate(cfg: Config) -> None:
 
 
 # ---- shared --------------------------------------------------------------------------------------------
-def check_device(device: str, precision: str | None = None) -> str:
-    """`task.device` (and `task.precision`) known, and CUDA present when asked for; returns the resolved device."""
+def check_device(device: str, precision: str | None = None, on_cs2: bool = False) -> str:
+    """`task.device` (and `task.precision`) known, and CUDA present when asked for; returns the resolved device.
+
+    cbf16 / fp16 (cstorch's, with loss scaling) only where `on_cs2`: a backend=cerebras cluster=cs2 run."""
     if device not in DEVICES:
         raise ConfigError("task.device", f"unknown {device!r}", DEVICES)
     if precision is not None and precision not in PRECISIONS:
         raise ConfigError("task.precision", f"unknown {precision!r}", PRECISIONS)
+    if precision in CS2_PRECISIONS and not on_cs2:
+        raise ConfigError(
+            "task.precision",
+            f"{precision} is cstorch's mixed precision on a CS-2: use backend=cerebras cluster=cs2 for pre-training, "
+            "or task.precision=bf16 here",
+        )
     resolved = resolved_device(device)
     if resolved == "cuda" and not torch.cuda.is_available():
         raise ConfigError("task.device", "cuda requested but no CUDA device is visible", ["auto", "cpu"])
@@ -147,9 +155,10 @@ def validate_pretrain(cfg: Config) -> None:
     check_batches(t.batch_size, t.micro_batch_size)
     if t.keep_checkpoints < 1:
         raise ConfigError("task.keep_checkpoints", f"must be at least 1, got {t.keep_checkpoints}")
-    device = check_device(t.device, t.precision)
-    validate_optim(cfg.optim)
     backend = resolve_name(cfg.backend.name)
+    on_cs2 = backend == "cerebras" and cfg.cluster.target == "CSX"
+    device = check_device(t.device, t.precision, on_cs2=on_cs2)
+    validate_optim(cfg.optim)
     validate_cluster(cfg, backend, device)
     for algorithm in cfg.sparsity.algorithms or [None]:
         check_supports(backend, algorithm=algorithm, device=device, dtype=t.precision)
@@ -182,10 +191,34 @@ def validate_cluster(cfg: Config, backend: str, device: str) -> None:
             f"a CS-2 run needs {' and '.join(missing)}; cluster.mode=compile_only or cluster.mode=validate_only "
             "lower the model offline without them",
         )
+    if target == "CSX":
+        check_cs2_data(cfg)
     if target == "CSX" and cfg.task.micro_batch_size != cfg.task.batch_size:
         raise ConfigError(
             "task.micro_batch_size",
             f"a CS-2 splits batches itself: set task.micro_batch_size={cfg.task.batch_size} (= task.batch_size)",
+        )
+
+
+def check_cs2_data(cfg: Config) -> None:
+    """What a CS-2's input workers need: a global batch that splits evenly over `cluster.num_csx` systems, and the
+    corpus cache (which they read) on a volume in `cluster.mount_dirs` (for a training run; given mount dirs,
+    always)."""
+    num_csx = cfg.cluster.num_csx
+    if cfg.task.batch_size % num_csx:
+        raise ConfigError(
+            "task.batch_size",
+            f"{cfg.task.batch_size} does not split over cluster.num_csx={num_csx} CS-2s: use a multiple of {num_csx}",
+        )
+    mounts = [Path(m).resolve() for m in cfg.cluster.mount_dirs]
+    if cfg.cluster.mode != "train" and not mounts:
+        return
+    cache = Path(cfg.data.cache_dir).resolve()
+    if not any(cache.is_relative_to(m) for m in mounts):
+        raise ConfigError(
+            "data.cache_dir",
+            f"{cache} is not under cluster.mount_dirs={[str(m) for m in mounts]}, so the CS-2's input workers cannot "
+            f"read the corpus: add its volume to cluster.mount_dirs or set data.cache_dir=<a dir on a mounted volume>",
         )
 
 

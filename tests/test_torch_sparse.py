@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from modelzoo.backends import torch_sparse
 from modelzoo.backends.torch_sparse import (
     SparseLinear,
@@ -16,7 +17,6 @@ from modelzoo.backends.torch_sparse import (
     csr_from_mask,
     is_2_4,
 )
-
 from modelzoo.errors import ConfigError
 from modelzoo.models.gpt import GPT, GPTConfig
 from modelzoo.sparsity.config import SparsityConfig

@@ -19,7 +19,7 @@ from modelzoo.data.cerebras_hdf5 import declared_tokenizer, hdf5_files
 from modelzoo.data.config import DataConfig, resolve_sources
 from modelzoo.data.documents import SPLITS, file_format, split_files
 from modelzoo.data.prepare import PrepareReport, prepare_source
-from modelzoo.data.shards import ShardedBlocks, open_split
+from modelzoo.data.shards import ShardedBlocks, open_prepared
 from modelzoo.errors import ConfigError
 
 
@@ -94,9 +94,8 @@ def load_corpus(cfg: DataConfig, tokenizer: PreTrainedTokenizerFast, progress: b
     _check_mixture([source for source, _ in resolved])
     sources = []
     for source_cfg, weight in resolved:
-        report, meta = prepare_source(source_cfg, tokenizer, progress)
-        directory, width = Path(report.directory), meta["seq_len"] + 1
-        splits = {split: open_split(directory / split, meta["splits"][split]["records"], width) for split in SPLITS}
+        report, _ = prepare_source(source_cfg, tokenizer, progress)
+        splits = {split: open_prepared(Path(report.directory) / split) for split in SPLITS}
         sources.append(Source(source_cfg.name, weight, splits["train"], splits["validation"], report))
     fingerprint = sources[0].report.fingerprint
     if len(sources) > 1:

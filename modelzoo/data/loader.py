@@ -16,9 +16,27 @@ from modelzoo.errors import DataError
 CHOICE_CHUNK = 4096  # global samples whose sources are drawn by one seeded generator
 
 
-def _to_batch(blocks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+def to_batch(blocks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     tokens = torch.from_numpy(np.asarray(blocks, dtype=np.int64))  # (B, T + 1)
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()  # (B, T) inputs, (B, T) targets
+
+
+def epoch_order(num_blocks: int, seed: int, epoch: int, shuffle: bool = True, source: int = 0) -> np.ndarray:
+    """All block indices of source `source` in the order its epoch `epoch` visits them (a permutation seeded
+    with (`seed`, `source`, `epoch`); file order without `shuffle`)."""
+    if shuffle:
+        return np.random.default_rng([seed, source, epoch]).permutation(num_blocks)
+    return np.arange(num_blocks)
+
+
+def stream_rows(num_blocks: int, seed: int, start: int, count: int, shuffle: bool = True) -> np.ndarray:
+    """The blocks of global samples `start .. start + count - 1` of a one-source `BlockLoader` stream."""
+    samples = np.arange(start, start + count)
+    rows = np.empty(count, dtype=np.int64)
+    for epoch in np.unique(samples // num_blocks):
+        where = samples // num_blocks == epoch
+        rows[where] = epoch_order(num_blocks, seed, int(epoch), shuffle)[samples[where] % num_blocks]
+    return rows
 
 
 class BlockLoader:
@@ -99,11 +117,7 @@ class BlockLoader:
         """Source `source`'s block order in its epoch `epoch` (the last two epochs' orders are kept)."""
         key = (source, epoch)
         if key not in self._orders:
-            size = self.sizes[source]
-            if self.shuffle:
-                order = np.random.default_rng([self.seed, source, epoch]).permutation(size)
-            else:
-                order = np.arange(size)
+            order = epoch_order(self.sizes[source], self.seed, epoch, self.shuffle, source)
             self._orders = {k: v for k, v in self._orders.items() if k[0] != source or k[1] == epoch - 1}
             self._orders[key] = order
         return self._orders[key]
@@ -123,7 +137,7 @@ class BlockLoader:
             self.sources[j][self._order(j, n // self.sizes[j])[n % self.sizes[j]]]
             for j, n in zip(chosen[mine].tolist(), nth[mine].tolist(), strict=True)
         ]
-        return _to_batch(np.stack(blocks))
+        return to_batch(np.stack(blocks))
 
     def tokens_per_source(self, seq_len: int) -> dict[str, int]:
         """Target tokens each source has given all ranks so far (`seq_len` per sample)."""
@@ -175,4 +189,4 @@ def iter_eval(
     """Sequential (x, y) batches over `blocks`, the last one possibly smaller; at most `max_batches` of them."""
     stops = range(0, len(blocks), batch_size)
     for start in stops if max_batches is None else stops[:max_batches]:
-        yield _to_batch(blocks[start : start + batch_size])
+        yield to_batch(blocks[start : start + batch_size])

@@ -216,3 +216,17 @@ def open_split(directory: Path, records: Sequence[dict[str, Any]], width: int) -
     dtype = np.dtype(dtypes.pop() if dtypes else np.uint16)
     paths = [directory / record["file"] for record in records]
     return ShardedBlocks(paths, [record["blocks"] for record in records], width, dtype)
+
+
+def open_prepared(split_directory: str | Path) -> ShardedBlocks:
+    """The blocks of one split of a complete prepared corpus (`<corpus>/<split>`, its `meta.json` beside it).
+
+    Raises:
+        DataError: the corpus is not complete (no `meta.json`: still being prepared, or interrupted).
+    """
+    split_directory = Path(split_directory)
+    meta_path = split_directory.parent / "meta.json"
+    if not meta_path.is_file():
+        raise DataError(meta_path, "missing: the corpus is not completely prepared (run `modelzoo prepare-data`)")
+    meta = json.loads(meta_path.read_text())
+    return open_split(split_directory, meta["splits"][split_directory.name]["records"], meta["seq_len"] + 1)

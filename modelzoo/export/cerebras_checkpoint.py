@@ -11,6 +11,8 @@ with `*_mask` buffers and the pruned weights at exact zero.
 
 Files: a `torch.save` dict (the state dict, or `{"model": state_dict, ...}` as Model Zoo checkpoints hold it),
 safetensors, or a `cstorch.save` HDF5 file, which only `cstorch.load` reads (so only in the Cerebras venv).
+`load_cstorch` / `save_cstorch` read and write those files; `checkpoint_to_cstorch` / `cstorch_to_checkpoint`
+convert our checkpoint directories to and from them.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from __future__ import annotations
 import pickle
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
@@ -29,10 +33,17 @@ from modelzoo.data.config import DataConfig
 from modelzoo.errors import CheckpointError
 from modelzoo.export.cerebras_params import CerebrasRecipe, read_params, write_params
 from modelzoo.models.gpt import GPT, GPTConfig
-from modelzoo.restore import build_model, restore_model
+from modelzoo.restore import build_model, config_from_yaml, restore_model
 from modelzoo.sparsity.masks import MASK_SUFFIX
 from modelzoo.sparsity.names import cerebras_names
-from modelzoo.train.checkpoint import check_run_dir, save_weights
+from modelzoo.train.checkpoint import (
+    MODEL_FILE,
+    check_run_dir,
+    load_training_state,
+    read_config,
+    save_weights,
+    verify_checkpoint,
+)
 from modelzoo.train.config import TrainConfig
 
 TIED = ("lm_head.weight", "transformer.wte.weight")
@@ -53,7 +64,7 @@ def load_cerebras_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     with path.open("rb") as f:
         hdf5 = f.read(4) == b"\x89HDF"
     if hdf5:
-        obj = _cstorch_load(path)
+        obj = load_cstorch(path)
     else:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -66,20 +77,84 @@ def load_cerebras_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def _cstorch_load(path: Path) -> object:
-    """A `cstorch.save` (HDF5) file, read with `cstorch.load` where `cerebras.pytorch` is installed."""
+def _cstorch(path: Path) -> ModuleType:
+    """`cerebras.pytorch`, needed for the `cstorch.save` (HDF5) file `path`; a `CheckpointError` where it is absent."""
     try:
         import cerebras.pytorch as cstorch
     except ImportError as e:
         raise CheckpointError(
-            f"{path} is a cstorch.save HDF5 file, which only cstorch.load reads: run this in the Cerebras venv "
-            f"(scripts/make_cerebras_venv.sh), or there torch.save(cstorch.load('{path}')['model'], 'model.pt') "
-            "and import model.pt"
+            f"{path} is a cstorch.save HDF5 file, which only cstorch reads and writes: run this in the Cerebras "
+            f"venv (scripts/make_cerebras_venv.sh), or there torch.save(cstorch.load('{path}')['model'], "
+            "'model.pt') and import model.pt"
         ) from e
+    return cstorch
+
+
+def load_cstorch(path: str | Path) -> dict[str, Any]:
+    """A `cstorch.save` (HDF5) file as plain tensors (cstorch hands out deferred tensors; they are read here)."""
+    path = Path(path)
+    cstorch = _cstorch(path)
     try:
-        return cstorch.load(str(path), map_location="cpu")
+        state = cstorch.load(str(path), map_location="cpu")
     except Exception as e:  # cstorch raises assorted h5py and runtime errors for damaged files
         raise CheckpointError(f"{path} looks like a cstorch.save HDF5 file but cstorch.load failed: {e}") from e
+
+    def materialise(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: materialise(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [materialise(v) for v in value]
+        return torch.as_tensor(value).clone() if torch.is_tensor(value) else value
+
+    return materialise(state)
+
+
+def save_cstorch(path: str | Path, state: dict[str, Any]) -> Path:
+    """Write `state` (`model`, `optimizer`, `global_step`, `config`, ...) with `cstorch.save` (HDF5)."""
+    path = Path(path)
+    cstorch = _cstorch(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cstorch.save(state, str(path))
+    return path
+
+
+def checkpoint_to_cstorch(checkpoint: str | Path, path: str | Path) -> Path:
+    """One of our checkpoint directories as a cstorch checkpoint file (masks kept as `<param>_mask`).
+
+    It holds `model` (weights and masks), `optimizer`, `global_step` and our run config under
+    `modelzoo_config`, from which `cstorch_to_checkpoint` rebuilds the model.
+    """
+    checkpoint = Path(checkpoint)
+    verify_checkpoint(checkpoint)
+    optimizer_state, trainer_state = load_training_state(checkpoint)
+    state = {
+        "model": load_file(str(checkpoint / MODEL_FILE)),
+        "optimizer": optimizer_state,
+        "global_step": trainer_state["step"],
+        "modelzoo_config": read_config(checkpoint),
+    }
+    return save_cstorch(path, state)
+
+
+def cstorch_to_checkpoint(path: str | Path, run_dir: str | Path) -> Path:
+    """A cstorch checkpoint file written by `checkpoint_to_cstorch` as our checkpoint in `run_dir`.
+
+    Weights, masks and config carry over, as a weights-only checkpoint (the file has no trainer state, so a
+    run cannot resume from it, and says so): `modelzoo export`, `generate` and `prune` take it. `run_dir`
+    must not hold a checkpoint yet.
+    """
+    check_run_dir(run_dir, resume=False)
+    state = load_cstorch(path)
+    if "modelzoo_config" not in state:
+        raise CheckpointError(f"{path} has no modelzoo_config: it was not written by checkpoint_to_cstorch")
+    config_yaml = state["modelzoo_config"]
+    model, _ = build_model(config_from_yaml(config_yaml))
+    missing, unexpected = model.load_state_dict(state["model"], strict=False)
+    if unexpected or len(missing) > 1 or not set(missing) <= set(TIED):  # one tensor, stored under one of its names
+        raise CheckpointError(
+            f"{path} does not match its config's model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    return save_weights(run_dir, int(state["global_step"]), model, config_yaml)
 
 
 def from_cerebras_state_dict(

@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 import torch
 
 DECAYS = ("cosine", "linear", "constant")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "cbf16", "fp16")
+# cstorch's 16-bit types with loss scaling: a CS-2 only (backend=cerebras cluster=cs2 pretraining).
+CS2_PRECISIONS = ("cbf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 
 

@@ -41,7 +41,7 @@ from modelzoo.sparsity.masks import MASK_SUFFIX
 from modelzoo.train import checkpoint as ckpt
 from modelzoo.train.config import OptimConfig
 from modelzoo.train.metrics import MetricsLogger
-from modelzoo.train.optim import build_optimizer, build_scheduler
+from modelzoo.train.optim import build_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -106,11 +106,12 @@ def build_optimization(
     backend: Backend,
     sparsifier: Sparsifier | None,
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """AdamW over `model`'s trainable parameters (the backend's class), masked by `sparsifier`, and its schedule."""
+    """AdamW over `model`'s trainable parameters (the backend's class), masked by `sparsifier`, and its schedule
+    (the backend's: cstorch's schedulers on the Cerebras backend)."""
     optimizer = build_optimizer(model, optim, backend.optimizer_class())
     if sparsifier:
         sparsifier.apply_optimizer(optimizer)
-    return optimizer, build_scheduler(optimizer, optim, max_steps)
+    return optimizer, backend.scheduler(optimizer, optim, max_steps)
 
 
 class TrainLoop:
@@ -140,9 +141,8 @@ class TrainLoop:
         self.replica = DistributedDataParallel(model, broadcast_buffers=False) if dist.enabled else None
         self.forward = self.replica or forward
         self.trainable = [p for p in model.parameters() if p.requires_grad]
-        self.autocast = (
-            torch.autocast(device.type, dtype=torch.bfloat16) if settings.precision == "bf16" else nullcontext()
-        )
+        self.autocast = backend.autocast(device, settings.precision)
+        self.scaler = backend.grad_scaler(settings.precision)  # loss scaling (cstorch's, for cbf16 / fp16 on a CS-2)
         self.step = 0
         self.train_seconds = 0.0
         self.last_eval: dict[str, float] = {}
@@ -150,8 +150,9 @@ class TrainLoop:
         self._run_step = backend.wrap_step(self.train_step, self.end_step)
 
     # ---- one optimizer step -------------------------------------------------------------------------
-    def train_step(self, *batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward/backward over the micro-batches of one batch, clip, step. Returns (mean loss, grad norm)."""
+    def train_step(self, *batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Forward/backward over the micro-batches of one batch, clip, step. Returns (mean loss, grad norm, the
+        learning rate this step used)."""
         self.model.train()
         losses = []
         for i in range(self.accumulation):
@@ -159,15 +160,23 @@ class TrainLoop:
             last = i == self.accumulation - 1
             with self.autocast, nullcontext() if self.replica is None or last else self.replica.no_sync():
                 loss = self.task.loss(self.forward, *(t[i] for t in batch))
-            (loss / self.accumulation).backward()
+            scaled = loss / self.accumulation
+            (scaled if self.scaler is None else self.scaler.scale(scaled)).backward()
             losses.append(loss.detach())
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.settings.grad_clip)
-        self.optimizer.step()
+        if self.scaler is None:
+            self.optimizer.step()
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        lr = self.optimizer.param_groups[0]["lr"]  # a tensor of the program on cstorch, a float elsewhere
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return torch.stack(losses).sum() / self.accumulation, grad_norm
+        return torch.stack(losses).sum() / self.accumulation, grad_norm, lr
 
-    def end_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+    def end_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, lr: torch.Tensor | float) -> None:
         """After each optimizer step (the Cerebras backend calls it from a step closure): log, evaluate, save."""
         s = self.settings
         self.step += 1
@@ -179,7 +188,7 @@ class TrainLoop:
             self.train_seconds += elapsed
             row.update(
                 train_loss=float(self.dist.mean(loss)),
-                lr=self.scheduler.get_last_lr()[0],
+                lr=float(lr),
                 grad_norm=float(grad_norm),
                 **{f"{self.task.unit}_per_s": self._window_steps * self.task.units_per_step / elapsed},
             )
@@ -245,6 +254,7 @@ class TrainLoop:
             "scheduler": self.scheduler.state_dict(),
             "task": self.task.state_dict(),
             "sparsity": self.sparsifier.state_dict() if self.sparsifier else None,
+            "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -285,6 +295,8 @@ class TrainLoop:
         self.task.load_state_dict(state["task"])
         if self.sparsifier:
             self.sparsifier.load_state_dict(state["sparsity"])
+        if self.scaler is not None:
+            self.scaler.load_state_dict(state["grad_scaler"])
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] is not None and torch.cuda.is_available():

@@ -91,7 +91,7 @@ class Trainer:
 
         # The backend's runtime comes first: cstorch needs it before any sparsity object or optimizer exists.
         self.backend = get_backend(cfg.backend.name)
-        self.backend.start(cfg.cluster, self.device, self.run_dir / "cerebras")
+        self.backend.start(cfg.cluster, self.device, self.run_dir / "cerebras", self.task.precision)
         torch.manual_seed(cfg.seed)
         self.model = self._build_model().to(self.device)
         forward = self.backend.compile(self.model)
