@@ -125,7 +125,6 @@ import sys
 from transformers import PreTrainedTokenizerFast
 from modelzoo.data.config import DataConfig
 from modelzoo.data.corpus import load_corpus
-from modelzoo.data.documents import held_out
 root, tokenizer = sys.argv[1], PreTrainedTokenizerFast(tokenizer_file=sys.argv[2], eos_token="<|endoftext|>")
 cfg = DataConfig(train_files=[root + "/train.txt"], validation_files=[root + "/validation.txt"], seq_len=16,
                  shard_blocks=64, cache_dir=root + "/cache", num_workers=2)

@@ -44,7 +44,9 @@ def run_identity(cfg: Config, tokenizer: PreTrainedTokenizerFast) -> dict[str, A
         "data.sources": [
             {"name": s.name, "weight": w, **{split: split_files(s, split) or s.hub_name for split in SPLITS}}
             for s, w in sources
-        ],
+        ]
+        if cfg.data.sources
+        else {split: split_files(cfg.data, split) or cfg.data.hub_name for split in SPLITS},
         "tokenizer.fingerprint": tokenizer_fingerprint(tokenizer),
     }
 
