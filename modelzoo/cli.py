@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from modelzoo.config import ExportConfig, load_config, register_configs, to_object
+from modelzoo.data.config import with_detected_format
 from modelzoo.errors import ModelZooError
 from modelzoo.validate import validate
 
@@ -22,6 +23,9 @@ USAGE = """usage: modelzoo <command> [hydra overrides]
 commands:
   pretrain   pre-train a GPT and export it to Hugging Face
              (default: tiny model, 75% static sparsity, the embedded PubMed sample)
+  prepare-data [--dry-run] [--cerebras-hdf5=DIR]
+             tokenise the data corpus in data.num_workers processes into memory-mapped shards (the cache
+             pretrain reads); --dry-run estimates the size; --cerebras-hdf5 also writes Cerebras GPT HDF5 shards
   export     export a run's checkpoint to a Hugging Face directory
   generate   continue a prompt with a run's model (greedy or sampled, KV cache), print tokens/s
   finetune   fine-tune a pre-trained run on PubMedQA or HoC, densely (masks dropped) or keeping its sparsity
@@ -42,6 +46,7 @@ examples:
   modelzoo pretrain sparsity=dense task.precision=bf16 task.device=cuda
   modelzoo pretrain run_dir=runs/tiny-static_75 task.resume=true
   modelzoo pretrain backend=cerebras cluster=cs2 cluster.mode=compile_only   (cerebras.pytorch venv: lower for a CS-2)
+  modelzoo prepare-data data=pubmed_abstracts data.num_workers=2 --dry-run
   modelzoo export run_dir=runs/tiny-static_75 task.output_dir=exported/
   modelzoo generate run_dir=runs/tiny-static_75 'task.prompt="The patient"' backend=torch_sparse
   modelzoo generate task.hf_dir=exported/ task.prompt=Aspirin task.temperature=0.8 task.top_p=0.95 seed=7
@@ -103,8 +108,24 @@ def pretrain(overrides: list[str]) -> None:
             shutdown()
 
     quiet = ["hydra.output_subdir=null", "hydra/job_logging=none"] if int(os.environ.get("RANK", "0")) else []
-    sys.argv = ["modelzoo pretrain", "task=pretrain", *overrides, *quiet]
+    sys.argv = ["modelzoo pretrain", "task=pretrain", *with_detected_format(overrides), *quiet]
     run()
+
+
+def prepare_data(args: list[str]) -> None:
+    """Prepare the `data` corpus (every source of a mixture) into the cache that `pretrain` reads."""
+    from modelzoo.data.prepare_task import run
+
+    flags = [a for a in args if a.startswith("--")]
+    unknown = [f for f in flags if f != "--dry-run" and not f.startswith("--cerebras-hdf5=")]
+    if unknown:
+        raise ModelZooError(
+            f"unknown flag {unknown[0]}; usage: modelzoo prepare-data [--dry-run] [--cerebras-hdf5=DIR] [overrides]"
+        )
+    cfg = to_object(load_config(["task=pretrain", *[a for a in args if not a.startswith("--")]]))
+    validate(cfg)
+    hdf5 = next((f.split("=", 1)[1] for f in flags if f.startswith("--cerebras-hdf5=")), None)
+    print(run(cfg.data, cfg.tokenizer, dry_run="--dry-run" in flags, cerebras_hdf5=hdf5))
 
 
 def export(overrides: list[str]) -> None:
@@ -218,6 +239,7 @@ def export_cerebras(overrides: list[str]) -> None:
 
 COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "pretrain": pretrain,
+    "prepare-data": prepare_data,
     "export": export,
     "generate": generate,
     "prune": prune,

@@ -20,7 +20,7 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
 from modelzoo.cluster import ClusterConfig
-from modelzoo.data.config import DataConfig, TokenizerConfig
+from modelzoo.data.config import DataConfig, TokenizerConfig, with_detected_format
 from modelzoo.downstream.config import EvaluateConfig
 from modelzoo.errors import ConfigError
 from modelzoo.finetune.config import FinetuneConfig, PromptTuneConfig
@@ -103,7 +103,7 @@ def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     register_configs()
     with initialize_config_module("modelzoo.conf", version_base="1.3"):
         try:
-            cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+            cfg = compose("config", overrides=with_detected_format(list(overrides)), return_hydra_config=True)
         except ConfigCompositionException as e:
             unknown = _unknown_key(e)
             if unknown is None:

@@ -8,6 +8,17 @@ from collections.abc import Iterable
 class ModelZooError(Exception):
     """Base class: the CLI prints these as one line and exits with status 2."""
 
+    def __reduce__(self) -> tuple:
+        """Pickle as the message and attributes (an error raised in a worker process reaches its parent whole)."""
+        return _rebuild, (type(self), str(self), self.__dict__)
+
+
+def _rebuild(cls: type[ModelZooError], text: str, attributes: dict) -> ModelZooError:
+    error = Exception.__new__(cls)
+    Exception.__init__(error, text)
+    error.__dict__.update(attributes)
+    return error
+
 
 class ConfigError(ModelZooError, ValueError):
     """An invalid config value, raised before any compute. `key` is the dotted config key."""

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from modelzoo.backends import backend_class, check_supports, resolve_name
 from modelzoo.backends.converters import check_converter
 from modelzoo.config import Config, ExportConfig, GenerateConfig
-from modelzoo.data.config import FORMATS, DataConfig
+from modelzoo.data.config import FORMATS, DataConfig, resolve_sources
 from modelzoo.distributed import world_size
 from modelzoo.downstream.config import EvaluateConfig
 from modelzoo.downstream.pubmedqa import SPLITS
@@ -135,8 +135,18 @@ def validate_data(d: DataConfig, m: GPTConfig) -> None:
         )
     if d.format not in FORMATS:
         raise ConfigError("data.format", f"unknown {d.format!r}", FORMATS)
-    if not d.train_files and not d.hub_name:
-        raise ConfigError("data.train_files", "no training data: give data.train_files or data.hub_name")
+    for i, source in enumerate(d.sources):
+        if source.format not in FORMATS:
+            raise ConfigError(f"data.sources[{i}].format", f"unknown {source.format!r}", FORMATS)
+    if not d.train_files and not d.hub_name and not d.sources:
+        raise ConfigError("data.train_files", "no training data: give data.train_files, data.hub_name or data.sources")
+    for source, _ in resolve_sources(d):
+        if not 0.0 <= source.validation_fraction < 1.0:
+            raise ConfigError("data.validation_fraction", f"{source.validation_fraction} is outside [0, 1)")
+    if d.num_workers is not None and d.num_workers < 1:
+        raise ConfigError("data.num_workers", f"must be at least 1 (or null: all cores), got {d.num_workers}")
+    if d.shard_blocks < 1:
+        raise ConfigError("data.shard_blocks", f"must be at least 1, got {d.shard_blocks}")
 
 
 def validate_optim(o: OptimConfig) -> None:

@@ -155,3 +155,13 @@ def test_gpu_bench_completes_on_cpu_with_tiny() -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     assert "this run should take about" in done.stdout
     assert "compiled / eager tokens/s, ours dense" in done.stdout and "n/a on CPU" in done.stdout
+
+
+def test_data_bench_builds_distinct_documents_of_the_asked_size(common: ModuleType, tmp_path: Path) -> None:
+    data = importlib.import_module("data")
+    data.build_corpus(tmp_path, 5e6)
+    lines = (tmp_path / "train.txt").read_text(encoding="utf-8").splitlines()
+    size = (tmp_path / "train.txt").stat().st_size
+    assert 5e6 <= size < 5e6 + 4e6  # whole copies of the 3.7 MB sample, the last one crossing the size
+    assert len(set(lines)) == len(lines) and lines[0].startswith("[0] ") and lines[-1].startswith("[1] ")
+    assert (tmp_path / "validation.txt").read_text(encoding="utf-8").count("\n") == 149

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,19 +13,23 @@ import pytest
 import torch
 
 from modelzoo.backends.cerebras.cluster import worker_python_path
-from modelzoo.data.csx_input import Shard, TrainBatches, eval_input, train_input
+from modelzoo.data.csx_input import Shard, TrainBatches, eval_input, read_blocks, train_input
 from modelzoo.data.loader import BlockLoader
+from modelzoo.data.shards import ShardWriter
 
 BLOCKS, SEQ = 50, 9  # 50 blocks of 9 tokens; block i starts with token i, so a batch names its blocks
 
 
 @pytest.fixture
 def corpus(tmp_path: Path) -> str:
+    """A prepared corpus's training split in shards of 16 blocks (as `modelzoo.data.prepare` writes them)."""
     blocks = np.arange(BLOCKS * SEQ, dtype=np.uint16).reshape(BLOCKS, SEQ) % 1000
     blocks[:, 0] = np.arange(BLOCKS)
-    path = tmp_path / "train.npy"
-    np.save(path, blocks)
-    return str(path)
+    writer = ShardWriter(tmp_path / "corpus" / "train", SEQ, np.uint16, shard_blocks=16)
+    writer.add(0, blocks.ravel(), BLOCKS)
+    meta = {"seq_len": SEQ - 1, "splits": {"train": {"records": writer.finish()}}}
+    (tmp_path / "corpus" / "meta.json").write_text(json.dumps(meta))
+    return str(tmp_path / "corpus" / "train")
 
 
 def block_ids(x: torch.Tensor) -> list[int]:
@@ -34,8 +39,8 @@ def block_ids(x: torch.Tensor) -> list[int]:
 def test_batches_follow_masked_dense_block_order_across_epochs(corpus: str) -> None:
     """1 worker on 1 CS-2 streams exactly BlockLoader's batches (one rank, micro-batch = global batch), (B, T)."""
     ours = iter(TrainBatches(corpus, 8, seed=3))
-    reference = BlockLoader(np.load(corpus), 8, seed=3)
-    for _ in range(3 * reference.batches_per_epoch):  # three epochs, each reshuffled
+    reference = BlockLoader([read_blocks(corpus)], 8, seed=3)
+    for _ in range(3 * BLOCKS // 8):  # three epochs, each reshuffled
         (x, y), (rx, ry) = next(ours), reference.next_batch()
         assert x.shape == (8, SEQ - 1) and x.dtype == torch.int64
         assert torch.equal(x, rx) and torch.equal(y, ry)
@@ -96,7 +101,7 @@ def test_input_function_pickles_by_reference_and_imports_from_the_python_path(co
     builder = dill.dumps(train_input, recurse=True)
     inputs = dill.dumps(((corpus, 8, 1), {}), recurse=True)
     assert len(builder) < 1024 and len(inputs) < 1024
-    assert len(builder) + len(inputs) < Path(corpus).stat().st_size
+    assert len(builder) + len(inputs) < sum(path.stat().st_size for path in Path(corpus).glob("*.bin"))
     site = [p for p in sys.path if p.endswith("site-packages")]
     worker = f"""
 import importlib.util, dill, sys

@@ -16,9 +16,10 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
+from modelzoo.data import prepare
 from modelzoo.data import tokenizer as tokenizer_module
 from modelzoo.data.config import DataConfig, TokenizerConfig
-from modelzoo.data.corpus import corpus_fingerprint, load_corpus, unigram_loss
+from modelzoo.data.corpus import load_corpus, unigram_loss
 from modelzoo.data.loader import BlockLoader, iter_eval
 from modelzoo.data.tokenizer import EOS, build_tokenizer
 from modelzoo.errors import ConfigError, DataError
@@ -141,7 +142,7 @@ def test_blocks_concatenate_back_to_the_documents(data: DataConfig, tokenizer: P
         assert count == len(stream)
         assert blocks.shape == (len(stream) // (SEQ_LEN + 1), SEQ_LEN + 1)
         assert blocks.dtype == np.uint16
-        assert blocks.ravel().tolist() == stream[: blocks.size]
+        assert np.asarray(blocks).ravel().tolist() == stream[: len(blocks) * (SEQ_LEN + 1)]
 
 
 def test_json_lines_and_blank_lines_give_the_same_blocks(
@@ -163,10 +164,12 @@ def test_second_load_hits_the_cache(
 ) -> None:
     first = load_corpus(data, tokenizer)
     directory = Path(data.cache_dir) / "corpus" / first.fingerprint
-    assert sorted(path.name for path in directory.iterdir()) == ["meta.json", "train.npy", "validation.npy"]
+    names = ["meta.json", "train", "train.json", "validation", "validation.json"]
+    assert sorted(path.name for path in directory.iterdir()) == names
+    assert sorted(path.name for path in (directory / "train").iterdir()) == ["shard_00000.bin", "shard_00000.json"]
     assert [path.name for path in directory.parent.iterdir()] == [first.fingerprint]  # no temporary left over
 
-    monkeypatch.setattr(datasets.Dataset, "map", lambda *args, **kwargs: pytest.fail("re-tokenised"))
+    monkeypatch.setattr(prepare, "_prepare_split", lambda *args, **kwargs: pytest.fail("re-tokenised"))
     second = load_corpus(data, tokenizer)
     assert second.fingerprint == first.fingerprint
     assert (second.train_tokens, second.validation_tokens) == (first.train_tokens, first.validation_tokens)
@@ -177,17 +180,17 @@ def test_second_load_hits_the_cache(
 def test_corpus_fingerprint_follows_content_seq_len_and_tokenizer(
     data: DataConfig, tokenizer: PreTrainedTokenizerFast, tmp_path: Path
 ) -> None:
-    base = corpus_fingerprint(data, tokenizer)
+    base = prepare.corpus_fingerprint(data, tokenizer)
     moved = tmp_path / "moved.txt.gz"
     moved.write_bytes(Path(data.train_files[0]).read_bytes())
-    assert corpus_fingerprint(data_config(tmp_path, [str(moved)], data.validation_files), tokenizer) == base
+    assert prepare.corpus_fingerprint(data_config(tmp_path, [str(moved)], data.validation_files), tokenizer) == base
     edited = write_lines(tmp_path / "edited.txt.gz", [*TRAIN_DOCS[:-1], TRAIN_DOCS[-1] + "."])
-    assert corpus_fingerprint(data_config(tmp_path, [edited], data.validation_files), tokenizer) != base
+    assert prepare.corpus_fingerprint(data_config(tmp_path, [edited], data.validation_files), tokenizer) != base
     longer = data_config(tmp_path, data.train_files, data.validation_files)
     longer.seq_len = SEQ_LEN + 1
-    assert corpus_fingerprint(longer, tokenizer) != base
+    assert prepare.corpus_fingerprint(longer, tokenizer) != base
     other_tokenizer = build_tokenizer(TokenizerConfig(vocab_size=280), data)
-    assert corpus_fingerprint(data, other_tokenizer) != base
+    assert prepare.corpus_fingerprint(data, other_tokenizer) != base
 
 
 # ---- corpus: bad data ----------------------------------------------------------------------------------------
@@ -274,37 +277,37 @@ def take(loader: BlockLoader, count: int) -> list[torch.Tensor]:
 
 def test_loader_batches_are_shifted_pairs_and_deterministic() -> None:
     blocks = make_blocks(10)
-    x, y = BlockLoader(blocks, batch_size=3, seed=0).next_batch()
+    x, y = BlockLoader([blocks], batch_size=3, seed=0).next_batch()
     assert x.shape == y.shape == (3, 4) and x.dtype == y.dtype == torch.int64
     torch.testing.assert_close(x[:, 1:], y[:, :-1])
-    first, second = (take(BlockLoader(blocks, batch_size=3, seed=0), 9) for _ in range(2))
+    first, second = (take(BlockLoader([blocks], batch_size=3, seed=0), 10) for _ in range(2))
     assert torch.equal(torch.cat(first), torch.cat(second))
-    assert not torch.equal(torch.cat(first), torch.cat(take(BlockLoader(blocks, batch_size=3, seed=1), 9)))
-    epoch = torch.cat(first[:3])[:, 0].tolist()  # 3 batches of 3 per epoch: 9 distinct blocks
-    assert len(set(epoch)) == 9
+    assert not torch.equal(torch.cat(first), torch.cat(take(BlockLoader([blocks], batch_size=3, seed=1), 10)))
+    stream = torch.cat(first)[:, 0].tolist()  # 30 samples: three epochs of the 10 blocks, each a permutation
+    assert [sorted(stream[i : i + 10]) for i in (0, 10, 20)] == [sorted(blocks[:, 0].tolist())] * 3
+    assert len({tuple(stream[i : i + 10]) for i in (0, 10, 20)}) == 3  # a new order every epoch
 
 
 @pytest.mark.parametrize("consumed", [2, 3, 4])  # mid-epoch, at the epoch boundary, into the next epoch
 def test_loader_resumes_exactly(consumed: int) -> None:
     blocks = make_blocks(10)
-    original = BlockLoader(blocks, batch_size=3, seed=7)
+    original = BlockLoader([blocks], batch_size=3, seed=7)
     take(original, consumed)
-    restored = BlockLoader(blocks, batch_size=3, seed=7)
+    restored = BlockLoader([blocks], batch_size=3, seed=7)
     restored.load_state_dict(json.loads(json.dumps(original.state_dict())))
     assert torch.equal(torch.cat(take(original, 5)), torch.cat(take(restored, 5)))
 
 
 def test_ranks_take_disjoint_shares_of_an_epoch() -> None:
     blocks = make_blocks(20)
-    loaders = [BlockLoader(blocks, batch_size=2, seed=3, rank=r, world_size=3) for r in range(3)]
-    assert {loader.batches_per_epoch for loader in loaders} == {3}
+    loaders = [BlockLoader([blocks], batch_size=2, seed=3, rank=r, world_size=3) for r in range(3)]
     shares = [set(torch.cat(take(loader, 3))[:, 0].tolist()) for loader in loaders]
     assert sum(map(len, shares)) == len(set().union(*shares)) == 18
 
 
 def test_loader_without_a_full_batch_names_the_keys() -> None:
     with pytest.raises(DataError, match=r"^train\.txt: 3 blocks .*task\.micro_batch_size=4.*data\.seq_len"):
-        BlockLoader(make_blocks(3), batch_size=4, seed=0, source="train.txt")
+        BlockLoader([make_blocks(3)], batch_size=4, seed=0, names=["train.txt"])
 
 
 def test_iter_eval_is_sequential_and_complete() -> None:

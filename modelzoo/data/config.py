@@ -2,18 +2,51 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-FORMATS = ("auto", "text", "json")
+from modelzoo.errors import ConfigError
+
+FORMATS = ("auto", "text", "json", "cerebras_hdf5")
+# Overrides that give a data node its own documents: its format is then detected from their extensions unless
+# the same command line sets `data.format` too (the node's own `format`, e.g. the shipped sample's `text`,
+# describes the node's own files, not the user's).
+OWN_FILES_KEYS = ("data.train_files", "data.validation_files")
+
+
+@dataclass
+class SourceConfig:
+    """One corpus of a mixture (`data.sources`): its documents and its sampling weight.
+
+    Unset fields (`None`) take the value of the enclosing `data` node; `seq_len` may only repeat it (every
+    source of a mixture is packed into blocks of the same length, with the same tokenizer).
+    """
+
+    name: str = "source"
+    weight: float = 1.0
+    train_files: list[str] = field(default_factory=list)
+    validation_files: list[str] = field(default_factory=list)
+    hub_name: str | None = None
+    hub_config: str | None = None
+    hub_revision: str | None = None
+    train_split: str | None = None
+    validation_split: str | None = None
+    format: str = "auto"
+    text_field: str | None = None
+    validation_fraction: float | None = None
+    seq_len: int | None = None
 
 
 @dataclass
 class DataConfig:
-    """A corpus: local text / JSON Lines files (optionally .gz), or a dataset on the Hugging Face hub.
+    """A corpus: local text / JSON Lines files (optionally .gz, globs allowed), a hub dataset, or a mixture.
 
-    Local files win when given; otherwise `hub_name` is loaded with `datasets.load_dataset`. Documents
-    are tokenised, joined with EOS and packed into blocks of `seq_len + 1` tokens (inputs and shifted
-    targets), cached under `cache_dir` by a fingerprint of the inputs.
+    Local files win when given; otherwise `hub_name` is streamed with `datasets.load_dataset(...,
+    streaming=True)`. Documents are tokenised in `num_workers` processes, joined with EOS and packed into
+    blocks of `seq_len + 1` tokens (inputs and shifted targets), written as memory-mapped shards of
+    `shard_blocks` blocks under `cache_dir` by a fingerprint of the inputs. `validation_fraction` > 0 holds
+    out that fraction of the training documents (chosen by a hash of each document) instead of
+    `validation_files`. `sources` (a list of `SourceConfig`) makes the corpus a weighted mixture; the fields
+    above are then the sources' defaults.
     """
 
     name: str = "pubmed_sample"
@@ -28,6 +61,10 @@ class DataConfig:
     text_field: str = "text"
     seq_len: int = 128
     cache_dir: str = ".cache/modelzoo"
+    validation_fraction: float = 0.0
+    num_workers: int | None = None
+    shard_blocks: int = 8192
+    sources: list[SourceConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -38,3 +75,71 @@ class TokenizerConfig:
     path: str | None = None
     vocab_size: int = 4096
     min_frequency: int = 2
+
+
+def with_detected_format(overrides: list[str]) -> list[str]:
+    """`overrides` plus `data.format=auto` when they give the data node its own files but no format."""
+    keys = {item.split("=", 1)[0].lstrip("+~") for item in overrides if "=" in item}
+    if keys & set(OWN_FILES_KEYS) and "data.format" not in keys:
+        return [*overrides, "data.format=auto"]
+    return list(overrides)
+
+
+def resolve_sources(cfg: DataConfig) -> list[tuple[DataConfig, float]]:
+    """The corpora of `cfg` with their sampling weights: `cfg` itself, or each of `cfg.sources` filled in.
+
+    Raises:
+        ConfigError: a weight <= 0, a source with its own `seq_len`, a repeated name, or a source that has
+            no documents; each names `data.sources[i].<key>`.
+    """
+    if not cfg.sources:
+        return [(cfg, 1.0)]
+    resolved, names = [], set()
+    for i, source in enumerate(cfg.sources):
+        key = f"data.sources[{i}]"
+        if not source.weight > 0:
+            raise ConfigError(f"{key}.weight", f"{source.name}: must be > 0, got {source.weight}")
+        if source.seq_len is not None and source.seq_len != cfg.seq_len:
+            raise ConfigError(
+                f"{key}.seq_len",
+                f"{source.name}: {source.seq_len} differs from data.seq_len={cfg.seq_len}; the sources of a mixture "
+                "are packed into blocks of one length (drop the key or prepare the source apart)",
+            )
+        if source.name in names:
+            raise ConfigError(f"{key}.name", f"{source.name!r} names two sources; give each a unique name")
+        if not source.train_files and not source.hub_name:
+            raise ConfigError(f"{key}.train_files", f"{source.name}: no documents; give train_files or hub_name")
+        names.add(source.name)
+        resolved.append((_source_config(cfg, source), source.weight))
+    return resolved
+
+
+def _source_config(cfg: DataConfig, source: SourceConfig) -> DataConfig:
+    inherited = {
+        key: getattr(source, key) if getattr(source, key) is not None else getattr(cfg, key)
+        for key in ("train_split", "validation_split", "text_field", "validation_fraction")
+    }
+    return replace(
+        cfg,
+        name=source.name,
+        train_files=list(source.train_files),
+        validation_files=list(source.validation_files),
+        hub_name=source.hub_name,
+        hub_config=source.hub_config,
+        hub_revision=source.hub_revision,
+        format=source.format,
+        sources=[],
+        **inherited,
+    )
+
+
+def describe(cfg: DataConfig) -> str:
+    """What a corpus reads, for logs: its files, its hub dataset, or its sources and weights."""
+    if cfg.sources:
+        return "mixture " + ", ".join(
+            f"{s.name} ({s.weight:g}): {describe(c)}"
+            for (c, _), s in zip(resolve_sources(cfg), cfg.sources, strict=True)
+        )
+    if cfg.train_files:
+        return ", ".join(cfg.train_files)
+    return f"{cfg.hub_name}[{cfg.train_split}]"

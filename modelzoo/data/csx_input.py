@@ -2,12 +2,13 @@
 
 cstorch pickles the input function by reference (module and name) and its arguments by value (dill) into every
 run request; each appliance worker imports this module from `cluster.python_paths` and calls the function itself.
-So this module imports only numpy, torch, `modelzoo.data.loader` (numpy and torch) and, on a worker, cstorch; the
-arguments are small (a file path, sizes, a seed); the blocks are read memory-mapped from the corpus file, which
-must be on a volume in `cluster.mount_dirs`.
+So this module imports only numpy, torch, `modelzoo.data.loader` (numpy and torch), `modelzoo.data.shards` (numpy)
+and, on a worker, cstorch; the arguments are small (a split directory, sizes, a seed); the blocks are read
+memory-mapped from the prepared corpus's shards, which must be on a volume in `cluster.mount_dirs`.
 
-Batches come in the order of masked_dense's `BlockLoader` with one rank (epoch e visits the blocks permuted with
-seed `seed + e`, in whole global batches), `(B, T)` with the batch in dim 0 as cstorch expects. Each worker
+Batches come in the order of masked_dense's one-source `BlockLoader` (global sample `i` is block `perm[i % N]` of
+epoch `i // N`'s permutation; a global batch is the next `B` samples), `(B, T)` with the batch in dim 0 as cstorch
+expects. Each worker
 streams every `workers`-th global batch (round-robin by its local rank) and each CS-2 takes its slice of it, as
 cstorch's `ShardedSampler` does: together the workers of all systems stream every global batch exactly once.
 """
@@ -21,13 +22,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from modelzoo.data.loader import epoch_order, to_batch
+from modelzoo.data.loader import stream_rows, to_batch
+from modelzoo.data.shards import ShardedBlocks, open_prepared
 
 
-def read_blocks(path: str) -> np.ndarray:
-    """The packed blocks `(num_blocks, seq_len + 1)` of the corpus file `path`, memory-mapped: the one place the
-    input workers read data."""
-    return np.load(path, mmap_mode="r")
+def read_blocks(path: str) -> ShardedBlocks:
+    """The packed blocks `(num_blocks, seq_len + 1)` of the prepared split directory `path` (`<corpus>/train`),
+    memory-mapped: the one place the input workers read data."""
+    return open_prepared(path)
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,8 @@ class Shard:
 class TrainBatches:
     """Endless `(x, y)` training batches of one shard, restartable (cstorch's `RestartableDataLoader` protocol).
 
-    The state is the number of global batches streamed so far; `BlockLoader`'s (epoch, position) follows from it.
+    The state is the number of global batches streamed so far; `BlockLoader`'s global sample index is that times
+    the global batch size.
     """
 
     def __init__(self, path: str, global_batch_size: int, seed: int, shuffle: bool = True, shard: Shard = Shard()):
@@ -66,22 +69,16 @@ class TrainBatches:
         self.seed = seed
         self.shuffle = shuffle
         self.shard = shard
-        self.batches_per_epoch = len(self.blocks) // global_batch_size
-        if self.batches_per_epoch == 0 or global_batch_size % shard.systems:
+        if len(self.blocks) < global_batch_size or global_batch_size % shard.systems:
             raise ValueError(
                 f"{path}: {len(self.blocks)} blocks in global batches of {global_batch_size} over {shard.systems} "
                 "CS-2(s) (refused at config time)"
             )
         self.next_global = 0
-        self._epoch, self._order = -1, torch.empty(0, dtype=torch.long)
 
     def global_batch(self, index: int) -> np.ndarray:
         """The block indices of global batch `index` (0 is the first batch of epoch 0)."""
-        epoch, position = divmod(index, self.batches_per_epoch)
-        if epoch != self._epoch:
-            self._epoch, self._order = epoch, epoch_order(len(self.blocks), self.seed, epoch, self.shuffle)
-        start = position * self.batch_size
-        return self._order[start : start + self.batch_size].numpy()
+        return stream_rows(len(self.blocks), self.seed, index * self.batch_size, self.batch_size, self.shuffle)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         local = self.batch_size // self.shard.systems

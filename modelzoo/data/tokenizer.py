@@ -16,8 +16,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from modelzoo.data.config import DataConfig, TokenizerConfig
-from modelzoo.data.corpus import describe_error, iter_documents, split_key
+from modelzoo.data.config import DataConfig, TokenizerConfig, resolve_sources
+from modelzoo.data.documents import describe_error, file_format, iter_documents, split_files, split_key
 from modelzoo.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def training_fingerprint(cfg: TokenizerConfig, data: DataConfig) -> str:
     """sha256 of what a trained tokenizer depends on: the training documents, vocab size, min frequency."""
     key = {
         "version": FORMAT_VERSION,
-        "data": split_key(data, "train"),
+        "data": [split_key(source, "train") for source, _ in resolve_sources(data)],
         "vocab_size": cfg.vocab_size,
         "min_frequency": cfg.min_frequency,
     }
@@ -86,7 +86,16 @@ def train_bpe(cfg: TokenizerConfig, data: DataConfig) -> Tokenizer:
         special_tokens=[EOS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tokenizer.train_from_iterator(iter_documents(data, "train"), trainer=trainer)
+    sources = [source for source, _ in resolve_sources(data)]
+    for source in sources:
+        if any(file_format(path, source.format) == "cerebras_hdf5" for path in split_files(source, "train")):
+            raise ConfigError(
+                "tokenizer.path",
+                f"{source.name} is already tokenised (cerebras_hdf5): give the tokenizer it was made with "
+                "(e.g. tokenizer=gpt2) instead of training one",
+            )
+    documents = (text for source in sources for text in iter_documents(source, "train"))
+    tokenizer.train_from_iterator(documents, trainer=trainer)
     return tokenizer
 
 

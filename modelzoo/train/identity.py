@@ -25,7 +25,9 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from modelzoo.config import Config
-from modelzoo.data.corpus import SPLITS, split_files, split_key, tokenizer_fingerprint
+from modelzoo.data.config import resolve_sources
+from modelzoo.data.documents import SPLITS, split_files, split_key
+from modelzoo.data.prepare import tokenizer_fingerprint
 from modelzoo.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -35,10 +37,16 @@ OPTIMIZER_HYPERPARAMETERS = ("initial_lr", "betas", "eps", "weight_decay")
 
 def run_identity(cfg: Config, tokenizer: PreTrainedTokenizerFast) -> dict[str, Any]:
     """The identity of run `cfg` trained with `tokenizer`, as stored in each checkpoint (JSON values)."""
-    documents = {split: split_key(cfg.data, split) for split in SPLITS}
+    sources = resolve_sources(cfg.data)  # one source, or each of a mixture with its weight
+    documents = [[s.name, w, {split: split_key(s, split) for split in SPLITS}] for s, w in sources]
     return {
         "data.documents": hashlib.sha256(json.dumps(documents, sort_keys=True).encode()).hexdigest(),
-        "data.sources": {split: split_files(cfg.data, split) or cfg.data.hub_name for split in SPLITS},
+        "data.sources": [
+            {"name": s.name, "weight": w, **{split: split_files(s, split) or s.hub_name for split in SPLITS}}
+            for s, w in sources
+        ]
+        if cfg.data.sources
+        else {split: split_files(cfg.data, split) or cfg.data.hub_name for split in SPLITS},
         "tokenizer.fingerprint": tokenizer_fingerprint(tokenizer),
     }
 

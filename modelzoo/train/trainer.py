@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 from modelzoo import runlock
 from modelzoo.backends import get_backend, resolve_name
 from modelzoo.config import Config
+from modelzoo.data.config import describe
 from modelzoo.data.corpus import load_corpus, unigram_loss
 from modelzoo.data.loader import BlockLoader, StepBatches, iter_eval
 from modelzoo.data.tokenizer import build_tokenizer
@@ -64,6 +65,7 @@ class RunSummary:
     peak_memory_gib: float | None  # peak CUDA memory of any step (None off CUDA)
     checkpoint: str
     export_dir: str | None
+    tokens_per_source: dict[str, int]
 
 
 class Trainer:
@@ -119,12 +121,13 @@ class Trainer:
             fuses_adamw(cfg.optim, device_type, backend),
         )
         self.loader = BlockLoader(
-            self.corpus.train,
+            [source.train for source in self.corpus.sources],
             self.task.micro_batch_size,
             seed=cfg.seed,
+            weights=[source.weight for source in self.corpus.sources],
             rank=self.dist.rank,
             world_size=self.dist.world_size,
-            source=", ".join(cfg.data.train_files),
+            names=[source.name if cfg.data.sources else describe(cfg.data) for source in self.corpus.sources],
         )
         self.units_per_step = self.task.batch_size * cfg.data.seq_len
         self.loop = TrainLoop(
@@ -261,7 +264,7 @@ class Trainer:
             resolve_name(self.cfg.backend.name),
             self.device,
             self.task.precision,
-            self.cfg.data.name,
+            describe(self.cfg.data),
             len(self.corpus.train),
             len(self.corpus.validation),
             self.cfg.data.seq_len,
@@ -295,6 +298,7 @@ class Trainer:
             peak_memory_gib=self.loop.peak_memory_gib,
             checkpoint=str(ckpt.latest_checkpoint(self.run_dir)),
             export_dir=export_dir,
+            tokens_per_source=self.loader.tokens_per_source(self.cfg.data.seq_len),
         )
         if self.dist.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
@@ -329,6 +333,9 @@ def format_summary(s: RunSummary) -> str:
         f"memory {format_gib(s.peak_memory_gib)}",
         f"checkpoint       {s.checkpoint}",
     ]
+    if len(s.tokens_per_source) > 1:
+        seen = ", ".join(f"{name} {n:,} ({n / max(s.tokens, 1):.1%})" for name, n in s.tokens_per_source.items())
+        lines.insert(2, f"tokens/source    {seen}")
     if s.export_dir:
         lines.append(f"hugging face     {s.export_dir}  (AutoModelForCausalLM.from_pretrained loads it)")
     lines.append("=" * 72)

@@ -1,0 +1,38 @@
+"""`modelzoo prepare-data`: build the tokenizer, prepare every source of the corpus, report (or estimate)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from modelzoo.data.cerebras_hdf5 import write_hdf5
+from modelzoo.data.config import DataConfig, TokenizerConfig, resolve_sources
+from modelzoo.data.corpus import load_corpus
+from modelzoo.data.prepare import estimate, tokenizer_fingerprint
+from modelzoo.data.tokenizer import build_tokenizer
+
+HDF5_SAMPLES_PER_FILE = 50_000
+
+
+def run(
+    data: DataConfig, tokenizer_cfg: TokenizerConfig, dry_run: bool = False, cerebras_hdf5: str | None = None
+) -> str:
+    """The corpus's report; with `dry_run`, an estimate (nothing but the tokenizer is written).
+
+    `cerebras_hdf5`: also write each split of each source as Cerebras Model Zoo GPT HDF5 shards under
+    `<cerebras_hdf5>/<source>/<split>/`.
+    """
+    tokenizer = build_tokenizer(tokenizer_cfg, data)
+    if dry_run:
+        return "\n".join(estimate(source, tokenizer) for source, _ in resolve_sources(data))
+    corpus = load_corpus(data, tokenizer, progress=True)
+    lines = [source.report.format() for source in corpus.sources]
+    if cerebras_hdf5:
+        processing = {"modelzoo_tokenizer_sha256": tokenizer_fingerprint(tokenizer), "eos_id": tokenizer.eos_token_id}
+        for source in corpus.sources:
+            for split, blocks in (("train", source.train), ("validation", source.validation)):
+                out = Path(cerebras_hdf5) / source.name / split
+                files = write_hdf5(blocks, out, HDF5_SAMPLES_PER_FILE, processing)
+                lines.append(
+                    f"cerebras_hdf5 {source.name} {split}: {len(blocks):,} samples in {len(files)} file(s) {out}"
+                )
+    return "\n".join(lines)
