@@ -21,6 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
+
+from modelzoo.models.gpt import GPTConfig
 
 REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS_MD = REPO / "docs" / "benchmarks.md"
@@ -191,3 +194,25 @@ def publish(section: str, text: str, env: dict[str, str], write: bool) -> None:
     if write:
         write_section(section, section_body(text, env=env))
         print(f"wrote section {section!r} of docs/benchmarks.md")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A model shape, the batch it is timed on, and its default number of timed steps per round."""
+
+    model: GPTConfig
+    batch: int
+    seq: int
+    steps: int
+    note: str = ""
+
+    @property
+    def tokens(self) -> int:
+        """Tokens per step."""
+        return self.batch * self.seq
+
+
+def model_size(size: str, **overrides: object) -> GPTConfig:
+    """A size from `conf/model/<size>.yaml` (the repository's one table of sizes), with `overrides`."""
+    values = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / f"{size}.yaml"))
+    return GPTConfig(**{**values, **overrides})

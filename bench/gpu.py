@@ -24,15 +24,25 @@ from dataclasses import dataclass
 
 import torch
 import torch._dynamo
-from common import REPO, Timing, add_common_arguments, begin, markdown_table, publish, split_choices, time_interleaved
-from train_step import model_size
+from common import (
+    REPO,
+    Shape,
+    Timing,
+    add_common_arguments,
+    begin,
+    markdown_table,
+    model_size,
+    publish,
+    split_choices,
+    time_interleaved,
+)
 from transformers import GPT2LMHeadModel
 
 from modelzoo.backends.masked_dense import MaskedDenseBackend
 from modelzoo.backends.torch_sparse import TorchSparseConverter, kernel_summary
 from modelzoo.export.hf import to_hf_config
 from modelzoo.flops import flop_report
-from modelzoo.models.gpt import GPT, GPTConfig
+from modelzoo.models.gpt import GPT
 from modelzoo.sparsity.config import NMPattern, SparsityConfig
 from modelzoo.sparsity.plugin import MaskedSparsity
 from modelzoo.train.accel import fuses_adamw, prepare_model, setup_device
@@ -77,20 +87,6 @@ LABELS = {
     "rigl75": "ours, RigL 75%, step without mask update",
     "rigl75_update": "ours, RigL 75%, mask-update step",
 }
-
-
-@dataclass(frozen=True)
-class Shape:
-    """A model, the micro-batch it is timed on, and its default steps per round."""
-
-    model: GPTConfig
-    batch: int
-    seq: int
-    steps: int
-
-    @property
-    def tokens(self) -> int:
-        return self.batch * self.seq
 
 
 SHAPES = {

@@ -8,11 +8,19 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
-from common import REPO, Timing, add_common_arguments, begin, markdown_table, publish, split_choices, time_interleaved
-from omegaconf import OmegaConf
+from common import (
+    Shape,
+    Timing,
+    add_common_arguments,
+    begin,
+    markdown_table,
+    model_size,
+    publish,
+    split_choices,
+    time_interleaved,
+)
 from transformers import GPT2LMHeadModel
 
 from modelzoo.export.hf import to_hf_config
@@ -62,28 +70,6 @@ LABELS = {
     **{a: f"ours, {NAMES[a]}, a step without mask update" for a in DYNAMIC},
     **{f"{a}_update": f"ours, {NAMES[a]}, a mask-update step" for a in DYNAMIC},
 }
-
-
-@dataclass(frozen=True)
-class Shape:
-    """A model shape, the batch it is timed on, and its default number of timed steps per round."""
-
-    model: GPTConfig
-    batch: int
-    seq: int
-    steps: int
-    note: str = ""
-
-    @property
-    def tokens(self) -> int:
-        """Tokens per step."""
-        return self.batch * self.seq
-
-
-def model_size(size: str, **overrides: object) -> GPTConfig:
-    """A size from `conf/model/<size>.yaml` (the repository's one table of sizes), with `overrides`."""
-    values = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / f"{size}.yaml"))
-    return GPTConfig(**{**values, **overrides})
 
 
 SHAPES = {
