@@ -310,6 +310,16 @@ def _pack_split(cfg: DataConfig, split: str, tokens: np.ndarray) -> np.ndarray:
     return blocks
 
 
+def cache_directory(cfg: DataConfig, fingerprint: str) -> Path:
+    return Path(cfg.cache_dir) / "corpus" / fingerprint
+
+
+def corpus_files(cfg: DataConfig, corpus: PackedCorpus) -> tuple[Path, Path]:
+    """The cache files of `corpus`'s train and validation blocks (written by `load_corpus`)."""
+    directory = cache_directory(cfg, corpus.fingerprint)
+    return directory / "train.npy", directory / "validation.npy"
+
+
 def _read_cache(directory: Path) -> PackedCorpus | None:
     if not (directory / "meta.json").is_file():
         return None
@@ -358,7 +368,7 @@ def load_corpus(cfg: DataConfig, tokenizer: PreTrainedTokenizerFast) -> PackedCo
     if tokenizer.eos_token_id is None:
         raise ConfigError("tokenizer.path", "the tokenizer has no EOS token, which separates documents")
     fingerprint = corpus_fingerprint(cfg, tokenizer)
-    directory = Path(cfg.cache_dir) / "corpus" / fingerprint
+    directory = cache_directory(cfg, fingerprint)
     cached = _read_cache(directory)
     if cached is not None:
         log.info("corpus: cache hit %s", directory)

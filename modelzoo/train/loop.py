@@ -21,8 +21,8 @@ import logging
 import random
 import sys
 import time
-from collections.abc import Callable, Iterable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -177,49 +177,83 @@ class TrainLoop:
         return torch.stack(losses).sum() / self.accumulation, grad_norm, lr
 
     def end_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, lr: torch.Tensor | float) -> None:
-        """After each optimizer step (the Cerebras backend calls it from a step closure): log, evaluate, save."""
-        s = self.settings
+        """After each optimizer step, on the host: count, log, evaluate, save. (The Cerebras backend runs these
+        parts apart: `train_row` in a step closure, the rest between its executors.)"""
+        self.count_step()
+        sparsity = self.sparsifier.stats().global_sparsity if self.sparsifier and self.log_due() else None
+        row = self.train_row(loss, grad_norm, lr, sparsity)
+        if self.eval_due():
+            row.update(self.record_evaluation(self.task.evaluate(self.step)))
+        self.log_row(row)
+        if self.save_due():
+            self.save()
+        if "train_loss" in row:
+            self.restart_window()
+
+    # ---- the parts of the bookkeeping ---------------------------------------------------------------
+    def count_step(self) -> None:
         self.step += 1
         self._window_steps += 1
         self._bar.update(1)
-        row: dict[str, float] = {}
-        if self.step % s.log_every == 0 or self.step == s.max_steps:
-            elapsed = time.perf_counter() - self._window_start
-            self.train_seconds += elapsed
-            row.update(
-                train_loss=float(self.dist.mean(loss)),
-                lr=float(lr),
-                grad_norm=float(grad_norm),
-                **{f"{self.task.unit}_per_s": self._window_steps * self.task.units_per_step / elapsed},
-            )
-            if self.sparsifier:
-                row["sparsity"] = self.sparsifier.stats().global_sparsity
-            self._bar.set_postfix(
-                refresh=False,
-                loss=f"{row['train_loss']:.3f}",
-                **{f"{self.task.unit[:3]}_s": f"{row[f'{self.task.unit}_per_s']:,.0f}"},
-                **({"sparsity": f"{row['sparsity']:.1%}"} if "sparsity" in row else {}),
-            )
-        if self.step % s.eval_every == 0 or self.step == s.max_steps:
-            self.last_eval = self.task.evaluate(self.step)
-            row.update(self.last_eval)
-            if self.metrics:
-                self._bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in self.last_eval.items()))
-                if self.sparsifier:
-                    self.metrics.log_scalars(self.step, "sparsity", self.sparsifier.stats().per_param)
+
+    def log_due(self) -> bool:
+        return self.step % self.settings.log_every == 0 or self.step == self.settings.max_steps
+
+    def eval_due(self) -> bool:
+        return self.step % self.settings.eval_every == 0 or self.step == self.settings.max_steps
+
+    def save_due(self) -> bool:
+        s = self.settings
+        return self.dist.is_main and (self.step % s.checkpoint_every == 0 or self.step == s.max_steps)
+
+    def train_row(
+        self, loss: torch.Tensor, grad_norm: torch.Tensor, lr: torch.Tensor | float, sparsity: float | None
+    ) -> dict[str, float]:
+        """The metrics of this step where logging is due (else none), from the values handed in and the host's
+        clock; it reads nothing of the model."""
+        if not self.log_due():
+            return {}
+        elapsed = time.perf_counter() - self._window_start
+        self.train_seconds += elapsed
+        row = dict(
+            train_loss=float(self.dist.mean(loss)),
+            lr=float(lr),
+            grad_norm=float(grad_norm),
+            **{f"{self.task.unit}_per_s": self._window_steps * self.task.units_per_step / elapsed},
+        )
+        if sparsity is not None:
+            row["sparsity"] = sparsity
+        self._bar.set_postfix(
+            refresh=False,
+            loss=f"{row['train_loss']:.3f}",
+            **{f"{self.task.unit[:3]}_s": f"{row[f'{self.task.unit}_per_s']:,.0f}"},
+            **({"sparsity": f"{row['sparsity']:.1%}"} if "sparsity" in row else {}),
+        )
+        return row
+
+    def record_evaluation(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Keep and print this step's evaluation; per-weight sparsity as scalars where the weights are on the host."""
+        self.last_eval = metrics
+        if self.metrics:
+            self._bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            if self.sparsifier and self.backend.weights_on_host:
+                self.metrics.log_scalars(self.step, "sparsity", self.sparsifier.stats().per_param)
+        return metrics
+
+    def log_row(self, row: dict[str, float]) -> None:
         if row and self.metrics:
             self.metrics.log(self.step, **{self.task.unit: self.step * self.task.units_per_step}, **row)
-        if self.dist.is_main and (self.step % s.checkpoint_every == 0 or self.step == s.max_steps):
-            self.save()
-        if "train_loss" in row:
-            self._window_start, self._window_steps = time.perf_counter(), 0
+
+    def restart_window(self) -> None:
+        self._window_start, self._window_steps = time.perf_counter(), 0
 
     # ---- driving ------------------------------------------------------------------------------------
-    def fit(self) -> None:
-        """Train from the current step to `max_steps` (through the backend's batches and step)."""
+    @contextmanager
+    def session(self) -> Iterator[None]:
+        """Metrics file and progress bar around training from the current step (`fit`, or a backend's run)."""
         if self.dist.is_main:
             self.metrics = MetricsLogger(self.run_dir, resume_step=self.step or None, columns=self.task.columns)
-        self._window_start, self._window_steps = time.perf_counter(), 0
+        self.restart_window()
         # In a log file (no terminal) refresh the bar every 30 s instead of many times a second.
         refresh = 0.1 if sys.stderr.isatty() else 30.0
         self._bar = tqdm(
@@ -231,17 +265,16 @@ class TrainLoop:
             disable=not self.dist.is_main,
         )
         with self._bar:
-            for batch in self.backend.batches(self.task.batches(), self.settings.max_steps - self.step, self.device):
-                self._run_step(*batch)
+            yield
         if self.metrics:
             self.metrics.close()
         self.dist.barrier()  # the last checkpoint is complete before any rank reads `latest`
 
-    def run_one_step(self) -> None:
-        """One training step through the backend, without bookkeeping (the Cerebras backend lowers it)."""
-        step = self.backend.wrap_step(self.train_step, lambda *results: None)
-        for batch in self.backend.batches(self.task.batches(), 1, self.device):
-            step(*batch)
+    def fit(self) -> None:
+        """Train from the current step to `max_steps` (through the backend's batches and step)."""
+        with self.session():
+            for batch in self.backend.batches(self.task.batches(), self.settings.max_steps - self.step, self.device):
+                self._run_step(*batch)
 
     def sparse_names(self) -> list[str]:
         return [n.removesuffix(MASK_SUFFIX) for n in self.sparsifier.mask_names()] if self.sparsifier else []

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from modelzoo.backends import get_backend, resolve_name
 from modelzoo.config import Config
-from modelzoo.data.corpus import load_corpus, unigram_loss
+from modelzoo.data.corpus import corpus_files, load_corpus, unigram_loss
 from modelzoo.data.loader import BlockLoader, StepBatches, iter_eval
 from modelzoo.data.tokenizer import build_tokenizer
 from modelzoo.distributed import init_distributed
@@ -28,6 +28,9 @@ from modelzoo.errors import ConfigError
 from modelzoo.export.hf import export_hf, load_hf
 from modelzoo.flops import flop_report, format_flops
 from modelzoo.models.gpt import GPT, GPTConfig
+from modelzoo.restore import restore_model
+from modelzoo.sparsity.masks import MASK_SUFFIX
+from modelzoo.sparsity.plugin import sparsity_stats
 from modelzoo.train import checkpoint as ckpt
 from modelzoo.train.config import TrainConfig, resolved_device
 from modelzoo.train.loop import Forward, LoopSettings, TrainLoop, build_optimization
@@ -72,6 +75,10 @@ class Trainer:
         self.device = torch.device(f"cuda:{self.dist.local_rank}" if device_type == "cuda" else device_type)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        self.backend = get_backend(cfg.backend.name)
+        artifacts = self.run_dir / self.backend.name  # what the backend writes besides checkpoints (cstorch)
+        if self.task.resume:
+            self.backend.prepare_resume(artifacts, self.run_dir, self.task.keep_checkpoints)
         ckpt.check_run_dir(self.run_dir, resume=self.task.resume)
 
         with self.dist.main_first():  # rank 0 trains the tokenizer and fills the data cache; the others read them
@@ -88,8 +95,7 @@ class Trainer:
         self.unigram_loss = unigram_loss(self.corpus.train, self.corpus.validation, cfg.model.vocab_size)
 
         # The backend's runtime comes first: cstorch needs it before any sparsity object or optimizer exists.
-        self.backend = get_backend(cfg.backend.name)
-        self.backend.start(cfg.cluster, self.device, self.run_dir / "cerebras", self.task.precision)
+        self.backend.start(cfg.cluster, self.device, artifacts, self.task.precision)
         torch.manual_seed(cfg.seed)
         self.model = self._build_model().to(self.device)
         forward = self.backend.compile(self.model)
@@ -171,6 +177,10 @@ class Trainer:
         total, count = self.dist.sum(sums).tolist()
         return {"val_loss": total / count, "val_ppl": math.exp(total / count)}
 
+    def corpus_files(self) -> tuple[Path, Path]:
+        """The corpus cache's packed train and validation blocks (`.npy`), which a CS-2's input workers read."""
+        return corpus_files(self.cfg.data, self.corpus)
+
     def protected_checkpoints(self) -> tuple[str, ...]:
         return ()
 
@@ -193,11 +203,19 @@ class Trainer:
             return None
         return self._finish(self.loop.last_eval.get("val_loss", math.nan))
 
-    def sparsity(self) -> tuple[float | None, dict[str, float]]:
+    def sparsity(self, model: GPT) -> tuple[float | None, dict[str, float]]:
         if not self.sparsifier:
             return None, {}
-        stats = self.sparsifier.stats()
+        masked = self.sparsifier.mask_names()
+        stats = sparsity_stats([(n, p) for n, p in model.named_parameters() if n + MASK_SUFFIX in masked])
         return stats.global_sparsity, stats.per_param
+
+    def trained_model(self) -> GPT:
+        """The trained model on the host: the live one, or where the weights stay on the device (a CS-2) the
+        one of the last checkpoint."""
+        if self.backend.weights_on_host:
+            return self.model
+        return restore_model(ckpt.latest_checkpoint(self.run_dir)).model
 
     # ---- reporting ----------------------------------------------------------------------------------
     def _log_header(self) -> None:
@@ -226,11 +244,12 @@ class Trainer:
 
     def _finish(self, val_loss: float) -> RunSummary:
         tokens = self.step * self.units_per_step
-        sparsity, per_param = self.sparsity()
+        model = self.trained_model()
+        sparsity, per_param = self.sparsity(model)
         export_dir = None
         if self.task.export and self.dist.is_main:
             info = self.cfg.sparsity.summary() if self.cfg.sparsity.enabled else {}
-            export_dir = str(export_hf(self.model, self.run_dir / "hf", self.tokenizer, {**info, "step": self.step}))
+            export_dir = str(export_hf(model, self.run_dir / "hf", self.tokenizer, {**info, "step": self.step}))
         summary = RunSummary(
             steps=self.step,
             tokens=tokens,
