@@ -83,12 +83,18 @@ def losses(trainer: Trainer) -> list[float]:
 
 
 def rewound(run_dir: Path, step: int, to: Path) -> Path:
-    """A copy of `run_dir` as it stood when it wrote its checkpoint of `step` (later checkpoints left out): the
-    run that resumes from it repeats the same config, as a job restarted after being killed does."""
+    """A copy of `run_dir` as it stood when it wrote its checkpoint of `step` (later checkpoints, ours and the
+    `cstorch.save` files, left out): the run that resumes from it repeats the same config, as a job restarted
+    after being killed does."""
     later = [p.name for p in ckpt.checkpoint_dir(run_dir).glob("step_*") if int(p.name.removeprefix("step_")) > step]
+    later += [name for n, name in ((int(p.stem.split("_")[1]), p.name) for p in cstorch_files(run_dir)) if n > step]
     shutil.copytree(run_dir, to, symlinks=True, ignore=lambda directory, names: [n for n in names if n in later])
     (ckpt.checkpoint_dir(to) / ckpt.LATEST).write_text(f"step_{step:06d}\n")
     return to
+
+
+def cstorch_files(run_dir: Path) -> list[Path]:
+    return list((run_dir / "cerebras" / CHECKPOINTS).glob("checkpoint_*.mdl"))
 
 
 def logged_lrs(trainer: Trainer) -> list[float]:
@@ -340,8 +346,13 @@ def test_step_closures_read_no_weights_and_run_no_model(
     with pytest.raises(AssertionError, match="on the model's weights"), NoWeights():  # the guard can fail
         trainer.model.transformer.wte.weight.sum()
     monkeypatch.setattr(cstorch, "step_closure", guarded)
-    trainer.fit()
+    summary = trainer.fit()
     assert calls["n"] >= 4 + 4  # 4 training steps, 4 evaluation batches
+    # The Hugging Face export and the summary's sparsity come from the last checkpoint, not the device's weights.
+    saved = load_file(str(ckpt.latest_checkpoint(trainer.run_dir) / ckpt.MODEL_FILE))
+    hf = AutoModelForCausalLM.from_pretrained(summary.export_dir).state_dict()
+    assert torch.equal(hf["transformer.h.0.mlp.c_fc.weight"], saved["transformer.h.0.mlp.c_fc.weight"].T)
+    assert summary.sparsity == pytest.approx(0.75, abs=2e-3)
     with (trainer.run_dir / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert all(r["sparsity"] and r["lr"] and r["grad_norm"] for r in rows if r["train_loss"])
@@ -443,12 +454,17 @@ def lower(tmp_path: Path, cache_dir: Path, *overrides: str) -> subprocess.Comple
     return subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=900)
 
 
-def check_lowering(result: subprocess.CompletedProcess, n_sparse: int) -> None:
+def check_lowering(result: subprocess.CompletedProcess, n_sparse: int, evaluation: bool = False) -> None:
+    """The training program lowered with its sparsity and schedule; with `evaluation`, the evaluation program
+    too (forward only: no optimizer state), else reported as not lowered."""
     assert result.returncode == 0, result.stderr[-3000:]
     mlir = Path(re.search(r"lowered the training step for the CS-2 to (\S+)", result.stdout).group(1))
-    evaluation = Path(re.search(r"lowered the evaluation step for the CS-2 to (\S+)", result.stdout).group(1))
-    assert evaluation != mlir and evaluation.is_file()
-    assert "state.optimizer" not in evaluation.read_text()  # forward only: no optimizer state in that program
+    if evaluation:
+        forward = Path(re.search(r"lowered the evaluation step for the CS-2 to (\S+)", result.stdout).group(1))
+        assert forward != mlir and "state.model." in forward.read_text()
+        assert "state.optimizer" not in forward.read_text() and "state.optimizer" in mlir.read_text()
+    else:
+        assert "the evaluation step was not lowered (stopped before it)" in result.stdout
     annotated = mlir_sparsity(mlir)
     sparse = {n for n, level in annotated.items() if level > 0}
     assert len(sparse) == n_sparse
@@ -504,7 +520,7 @@ def test_cbf16_lowers_with_dynamic_loss_scaling(cstorch, tmp_path: Path, cache_d
 @pytest.mark.cerebras
 def test_validate_only_checks_the_program_offline(cstorch, tmp_path: Path, cache_dir: Path) -> None:
     result = lower(tmp_path, cache_dir, "model=tiny", "cluster.mode=validate_only")
-    check_lowering(result, n_sparse=16)
+    check_lowering(result, n_sparse=16, evaluation=True)
     assert "passed cstorch's checks (nothing was sent to a cluster)" in result.stdout
 
 
