@@ -78,6 +78,7 @@ def pretrain(overrides: list[str]) -> None:
     Hydra flags (`--cfg`, `--multirun`, ...) Hydra composes on its own. Under torchrun only rank 0 writes
     Hydra's files and log.
     """
+    from modelzoo import runlock
     from modelzoo.distributed import shutdown
     from modelzoo.train.checkpoint import check_run_dir
     from modelzoo.train.trainer import Trainer
@@ -85,6 +86,8 @@ def pretrain(overrides: list[str]) -> None:
     if not any(arg.startswith("-") for arg in overrides):
         config = to_object(load_config(["task=pretrain", *overrides]))
         validate(config)
+        if not int(os.environ.get("RANK", "0")):  # before Hydra writes .hydra/ and the log into the run directory
+            runlock.acquire(config.run_dir)
         check_run_dir(config.run_dir, resume=config.task.resume)
     register_configs()
 
@@ -179,7 +182,8 @@ def flops(overrides: list[str]) -> None:
     cfg = to_object(load_config(overrides))
     validate(cfg)
     tokens = cfg.task.max_steps * cfg.task.batch_size * cfg.data.seq_len
-    print(format_report(flop_report(cfg.model, cfg.data.seq_len, cfg.sparsity), tokens=tokens))
+    report = flop_report(cfg.model, cfg.data.seq_len, cfg.sparsity, steps=cfg.task.max_steps)
+    print(format_report(report, tokens=tokens))
 
 
 def import_cerebras(args: list[str]) -> None:

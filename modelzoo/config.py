@@ -15,7 +15,9 @@ from typing import Any
 from hydra import compose, initialize_config_module
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
 from modelzoo.cluster import ClusterConfig
 from modelzoo.data.config import DataConfig, TokenizerConfig
@@ -100,12 +102,28 @@ def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """Compose the config as the CLI does (for tests and notebooks), `hydra:` interpolations included."""
     register_configs()
     with initialize_config_module("modelzoo.conf", version_base="1.3"):
-        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+        try:
+            cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+        except ConfigCompositionException as e:
+            unknown = _unknown_key(e)
+            if unknown is None:
+                raise
+            raise unknown from e
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         del cfg["hydra"]
     OmegaConf.resolve(cfg)
     return cfg
+
+
+def _unknown_key(error: ConfigCompositionException) -> ConfigError | None:
+    """Our error for an override of a key the schema lacks, naming the known keys; Hydra's own hint (append it
+    with `+key=value`) would only fail later, in `to_object`."""
+    cause = error.__cause__
+    schema = getattr(cause, "object_type", None)
+    if not isinstance(cause, (ConfigAttributeError, ConfigKeyError)) or not dataclasses.is_dataclass(schema):
+        return None
+    return ConfigError(cause.full_key, "unknown key", [f.name for f in dataclasses.fields(schema)])
 
 
 def to_object(cfg: DictConfig) -> Config:

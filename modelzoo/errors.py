@@ -30,3 +30,7 @@ class DataError(ModelZooError, ValueError):
 
 class CheckpointError(ModelZooError, RuntimeError):
     """A checkpoint that is missing, incomplete, corrupted or does not match the config."""
+
+
+class TrainingDiverged(ModelZooError, RuntimeError):
+    """A non-finite loss or gradient norm stopped training; the message names the step."""

@@ -8,20 +8,25 @@ Training is 3x forward (the backward pass computes input and weight gradients, e
 forward; sparse hardware such as the CS-2 skips the zeros in both). Norms, softmax, GELU and the
 embedding lookup are left out (well under 1% at these sizes).
 
-Sparse weights are charged at their group's target level (`SparsityGroupConfig.final_level`): a constant
-as given; a schedule at its last mask update (the level the model trains at from then on); an N:M pattern at
-density N/M; with `distribution: erk`, at each tensor's own level.
+Over a run of `steps` optimizer steps, each sparse weight is charged at the level its masks hold on each step
+(`modelzoo.sparsity.plan.run_levels`): a constant as given; a schedule (GMP) at the level of its last mask update
+so far, dense before its first; an N:M pattern at density N/M; with `distribution: erk`, at each tensor's own
+level. RigL computes the dense weight gradient on the step before each mask update: that third of the step's
+FLOPs is charged dense for its weights. The average over the run is what a sparse run costs and what predicts its
+loss (Jin et al., ICLR 2025, "The Journey Matters"); the report also gives what the final masks alone would cost.
+Without `steps`, the target masks are charged from the first step (what a fine-tuning run that holds them costs).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from modelzoo.models.gpt import GPT, GPTConfig
 from modelzoo.sparsity.config import SparsityConfig
-from modelzoo.sparsity.plan import target_levels
+from modelzoo.sparsity.plan import RunLevels, run_levels
 
 TRAIN_MULTIPLIER = 3  # forward + backward (2x forward)
 COMPONENTS = {
@@ -34,23 +39,34 @@ COMPONENTS = {
 
 @dataclass(frozen=True)
 class FlopTerm:
-    """One component's forward FLOPs per token, dense and with sparsity applied."""
+    """One component's forward FLOPs per token: dense, averaged over the run's steps (`sparse`) and at the final
+    masks (`final`); `dense_grad`: the training FLOPs per token, averaged over the steps, that RigL's dense weight
+    gradients add."""
 
     name: str
     dense: float
     sparse: float
+    final: float
+    dense_grad: float = 0.0
+
+    @property
+    def train_sparse(self) -> float:
+        """Training FLOPs per token over the run, on a sparsity-aware machine."""
+        return TRAIN_MULTIPLIER * self.sparse + self.dense_grad
 
 
 @dataclass(frozen=True)
 class FlopReport:
-    """`sparsity`: fraction of zeros over all sparse weights at their target levels; `scheduled`: whether
-    some level comes from a schedule (and so holds only after its last mask update)."""
+    """`steps`: the run length integrated over (None: the target masks from the first step);
+    `average_sparsity` / `final_sparsity`: fraction of zeros over all sparse weights, averaged over the steps / at
+    the end."""
 
     model: str
     seq_len: int
-    sparsity: float
+    steps: int | None
+    average_sparsity: float
+    final_sparsity: float
     terms: tuple[FlopTerm, ...]
-    scheduled: bool = False
 
     @property
     def dense_per_token(self) -> float:
@@ -59,21 +75,38 @@ class FlopReport:
 
     @property
     def sparse_per_token(self) -> float:
-        """Training FLOPs per token that a sparsity-aware machine executes."""
-        return TRAIN_MULTIPLIER * sum(t.sparse for t in self.terms)
+        """Training FLOPs per token that a sparsity-aware machine executes, averaged over the run."""
+        return sum(t.train_sparse for t in self.terms)
+
+    @property
+    def final_per_token(self) -> float:
+        """Training FLOPs per token at the final masks alone (what every step would cost at the final level)."""
+        return TRAIN_MULTIPLIER * sum(t.final for t in self.terms)
 
     @property
     def reduction(self) -> float:
-        """How many times fewer training FLOPs the sparse model needs (dense / sparse)."""
+        """How many times fewer training FLOPs the sparse run needs (dense / sparse, over the run)."""
         return self.dense_per_token / self.sparse_per_token
 
+    @property
+    def final_reduction(self) -> float:
+        """dense / sparse at the final masks alone."""
+        return self.dense_per_token / self.final_per_token
 
-def flop_report(config: GPTConfig, seq_len: int, sparsity: SparsityConfig | None = None) -> FlopReport:
-    """Forward FLOPs per token by component, each sparse weight at its group's target level."""
+    @property
+    def varies(self) -> bool:
+        """Whether the run's average differs from its final level (a schedule, a dense start, RigL's gradients)."""
+        return not math.isclose(self.sparse_per_token, self.final_per_token, rel_tol=1e-9)
+
+
+def flop_report(
+    config: GPTConfig, seq_len: int, sparsity: SparsityConfig | None = None, steps: int | None = None
+) -> FlopReport:
+    """Forward FLOPs per token by component over a run of `steps` optimizer steps (see the module docstring)."""
     enabled = sparsity is not None and sparsity.enabled
     with torch.device("meta"):
         model = GPT(config)
-    levels = target_levels(sparsity, model) if enabled else {}
+    levels = run_levels(sparsity, model, steps) if enabled else RunLevels({}, {}, {})
     params = dict(model.named_parameters())
     groups: dict[str, list[float]] = {}
     for name, p in params.items():
@@ -81,20 +114,31 @@ def flop_report(config: GPTConfig, seq_len: int, sparsity: SparsityConfig | None
         if component is None:
             continue
         dense = 2.0 * p.numel()
-        acc = groups.setdefault(component, [0.0, 0.0])
+        acc = groups.setdefault(component, [0.0, 0.0, 0.0, 0.0])
         acc[0] += dense
-        acc[1] += dense * (1.0 - levels.get(name, 0.0))
+        acc[1] += dense * (1.0 - levels.average.get(name, 0.0))
+        acc[2] += dense * (1.0 - levels.final.get(name, 0.0))
+        acc[3] += dense * levels.dense_grad.get(name, 0.0)  # the weight gradient, dense where the masks prune
     attention = 2 * 2.0 * config.n_layer * seq_len * config.n_embd  # Q K^T and A V, dense
     head = 2.0 * config.n_embd * config.vocab_size  # tied LM head, dense unless the embedding is sparse
+    wte = "transformer.wte.weight"
     terms = (
-        *(FlopTerm(k, v[0], v[1]) for k, v in groups.items()),
-        FlopTerm("attention scores", attention, attention),
-        FlopTerm("lm head", head, head * (1.0 - levels.get("transformer.wte.weight", 0.0))),
+        *(FlopTerm(k, *v) for k, v in groups.items()),
+        FlopTerm("attention scores", attention, attention, attention),
+        FlopTerm(
+            "lm head",
+            head,
+            head * (1.0 - levels.average.get(wte, 0.0)),
+            head * (1.0 - levels.final.get(wte, 0.0)),
+            head * levels.dense_grad.get(wte, 0.0),
+        ),
     )
-    numel = sum(params[n].numel() for n in levels)
-    overall = sum(level * params[n].numel() for n, level in levels.items()) / numel if numel else 0.0
-    scheduled = enabled and any(not isinstance(g.sparsity_spec, (int, float)) for _, g in sparsity.group_configs())
-    return FlopReport(config.name, seq_len, overall, terms, scheduled)
+    numel = sum(params[n].numel() for n in levels.final)
+
+    def overall(per_tensor: dict[str, float]) -> float:
+        return sum(level * params[n].numel() for n, level in per_tensor.items()) / numel if numel else 0.0
+
+    return FlopReport(config.name, seq_len, steps, overall(levels.average), overall(levels.final), terms)
 
 
 def format_flops(x: float) -> str:
@@ -106,22 +150,29 @@ def format_flops(x: float) -> str:
 
 
 def format_report(report: FlopReport, tokens: int | None = None) -> str:
-    """A plain-text table of training FLOPs per token (and in total for `tokens`)."""
+    """A plain-text table of training FLOPs per token (and in total for `tokens`); where the run's average level
+    differs from its final one, a column for the final masks alone and both reductions."""
+    over = "" if report.steps is None else f" over {report.steps:,} steps"
+    if math.isclose(report.average_sparsity, report.final_sparsity, abs_tol=1e-12):
+        level = f"sparsity={report.final_sparsity:.0%}"
+    else:
+        level = f"sparsity {report.average_sparsity:.1%} on average, {report.final_sparsity:.1%} at the end"
+    if any(t.dense_grad for t in report.terms):
+        level += ", dense weight gradients on the step before each RigL mask update"
+    columns = [("dense/token", TRAIN_MULTIPLIER, "dense"), ("sparse/token", 1, "train_sparse")]
+    if report.varies:
+        columns.append(("final/token", TRAIN_MULTIPLIER, "final"))
     lines = [
-        f"training FLOPs, model={report.model} seq_len={report.seq_len} sparsity={report.sparsity:.0%}"
-        + (" (scheduled: the level after the last mask update)" if report.scheduled else ""),
-        f"{'component':<18}{'dense/token':>14}{'sparse/token':>14}",
+        f"training FLOPs, model={report.model} seq_len={report.seq_len}{over}, {level}",
+        f"{'component':<18}" + "".join(f"{title:>14}" for title, _, _ in columns),
     ]
     for t in report.terms:
-        d, s = TRAIN_MULTIPLIER * t.dense, TRAIN_MULTIPLIER * t.sparse
-        lines.append(f"{t.name:<18}{format_flops(d):>14}{format_flops(s):>14}")
-    lines.append(
-        f"{'total':<18}{format_flops(report.dense_per_token):>14}{format_flops(report.sparse_per_token):>14}"
-        f"   -> {report.reduction:.2f}x fewer FLOPs"
-    )
+        lines.append(f"{t.name:<18}" + "".join(f"{format_flops(k * getattr(t, f)):>14}" for _, k, f in columns))
+    totals = [report.dense_per_token, report.sparse_per_token, report.final_per_token][: len(columns)]
+    verdict = f"   -> {report.reduction:.2f}x fewer FLOPs"
+    if report.varies:
+        verdict += f" over the run ({report.final_reduction:.2f}x at the final level alone)"
+    lines.append(f"{'total':<18}" + "".join(f"{format_flops(x):>14}" for x in totals) + verdict)
     if tokens is not None:
-        lines.append(
-            f"{'x ' + f'{tokens:,} tokens':<18}{format_flops(report.dense_per_token * tokens):>14}"
-            f"{format_flops(report.sparse_per_token * tokens):>14}"
-        )
+        lines.append(f"{'x ' + f'{tokens:,} tokens':<18}" + "".join(f"{format_flops(x * tokens):>14}" for x in totals))
     return "\n".join(lines)

@@ -14,6 +14,7 @@ Masks (`masks=`):
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -23,12 +24,14 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from modelzoo.config import Config
 from modelzoo.errors import CheckpointError, ConfigError
+from modelzoo.finite import refuse_nonfinite
 from modelzoo.models.gpt import GPT
 from modelzoo.sparsity.config import SparsityConfig
 from modelzoo.sparsity.masks import MASK_SUFFIX
 from modelzoo.sparsity.plugin import MaskedSparsity
 from modelzoo.train import checkpoint as ckpt
 
+log = logging.getLogger(__name__)
 Masks = Literal["config", "held", "none"]
 
 
@@ -97,7 +100,10 @@ def load_tokenizer(checkpoint: Path) -> PreTrainedTokenizerBase | None:
 def restore_model(checkpoint: str | Path, masks: Masks = "config") -> Restored:
     """The model of a verified checkpoint with its weights, and its masks as `masks` says (module docstring)."""
     checkpoint = Path(checkpoint)
-    ckpt.verify_checkpoint(checkpoint)
+    ckpt.verify_checkpoint(checkpoint, only=ckpt.WEIGHT_FILES)
+    log.info(
+        "%s: verified %s (all that is read here; a resume verifies the rest)", checkpoint, ", ".join(ckpt.WEIGHT_FILES)
+    )
     cfg = saved_config(checkpoint)
     sparsifier: MaskedSparsity | None = None
     if masks == "config":
@@ -111,6 +117,11 @@ def restore_model(checkpoint: str | Path, masks: Masks = "config") -> Restored:
     else:
         model = GPT(cfg.model)
         ckpt.load_model_weights(checkpoint, model, [], drop_masks=True)
+    refuse_nonfinite(
+        model.state_dict().items(),
+        checkpoint / ckpt.MODEL_FILE,
+        "use an earlier checkpoint (task.checkpoint=<its step_* dir>)",
+    )
     return Restored(model, cfg, load_tokenizer(checkpoint), sparsifier, checkpoint)
 
 

@@ -26,9 +26,18 @@ from modelzoo.models.soft_prompt import PROMPT_INITS
 from modelzoo.prune.config import PruneConfig
 from modelzoo.prune.config import validate as validate_prune
 from modelzoo.restore import find_checkpoint
-from modelzoo.sparsity.plan import plan_groups
+from modelzoo.sparsity.plan import check_run, plan_groups
 from modelzoo.train import checkpoint as ckpt
-from modelzoo.train.config import CS2_PRECISIONS, DECAYS, DEVICES, PRECISIONS, OptimConfig, TrainConfig, resolved_device
+from modelzoo.train.config import (
+    CS2_PRECISIONS,
+    DECAYS,
+    DEVICES,
+    NONFINITE_POLICIES,
+    PRECISIONS,
+    OptimConfig,
+    TrainConfig,
+    resolved_device,
+)
 
 EVALUATE_TASKS = ("pubmedqa",)
 CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")  # e.g. LlamaForCausalLM, GPT2LMHeadModel
@@ -58,7 +67,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError("task", f"no validator for {type(task).__name__}")
     if cfg.sparsity.enabled:
         with torch.device("meta"):
-            plan_groups(cfg.sparsity, GPT(cfg.model))
+            model = GPT(cfg.model)
+        if isinstance(task, TrainConfig):  # every level the run's masks take, up to task.max_steps
+            check_run(cfg.sparsity, model, task.max_steps)
+        else:
+            plan_groups(cfg.sparsity, model)
 
 
 # ---- shared --------------------------------------------------------------------------------------------
@@ -145,10 +158,18 @@ def validate_pretrain(cfg: Config) -> None:
     check_batches(t.batch_size, t.micro_batch_size)
     if t.keep_checkpoints < 1:
         raise ConfigError("task.keep_checkpoints", f"must be at least 1, got {t.keep_checkpoints}")
+    if t.on_nonfinite not in NONFINITE_POLICIES:
+        raise ConfigError("task.on_nonfinite", f"unknown {t.on_nonfinite!r}", NONFINITE_POLICIES)
+    if t.max_nonfinite_skips < 0:
+        raise ConfigError("task.max_nonfinite_skips", f"must be >= 0, got {t.max_nonfinite_skips}")
     backend = resolve_name(cfg.backend.name)
     on_cs2 = backend == "cerebras" and cfg.cluster.target == "CSX"
     device = check_device(t.device, t.precision, on_cs2=on_cs2)
     validate_optim(cfg.optim)
+    if backend == "cerebras" and t.on_nonfinite == "skip":
+        raise ConfigError(
+            "task.on_nonfinite", "skip decides on the host before each update; cstorch traces the step", ["stop"]
+        )
     validate_cluster(cfg, backend, device)
     for algorithm in cfg.sparsity.algorithms or [None]:
         check_supports(backend, algorithm=algorithm, device=device, dtype=t.precision)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import csv
+import math
 import os
+import signal
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -51,6 +54,11 @@ SMALL = [
 ]
 
 
+# sparsity=gmp_75 over 400 steps, from its formula: level 0.375 (1 - cos(pi u / 300)) set at u = 0, 10, ..., 300
+# and held until the next update (10 steps; the last one 100, to the end of the run): 45.9%.
+GMP_75_AVERAGE = (sum(10 * 0.375 * (1 - math.cos(math.pi * u / 300)) for u in range(0, 300, 10)) + 100 * 0.75) / 400
+
+
 @pytest.fixture(scope="session")
 def cstorch():
     """cerebras.pytorch, for tests marked `cerebras`: skipped where it cannot run, failed instead under
@@ -70,6 +78,21 @@ def cstorch():
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("cache")
+
+
+def run_command(command: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """`subprocess.run(command, capture_output=True, text=True, **kwargs)` in a session of its own, whose whole
+    process group (torchrun's workers too) is killed after `timeout` seconds, failing the test."""
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs
+    ) as process:
+        try:
+            out, err = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            out, err = process.communicate()
+            pytest.fail(f"{' '.join(map(str, command))} ran past {timeout} s; its stderr ends:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, out, err)
 
 
 def make_config(run_dir: Path, cache_dir: Path, *overrides: str) -> Config:

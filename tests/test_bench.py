@@ -1,4 +1,8 @@
-"""The benchmark harness: a training-step measurement on a tiny shape, interleaving, and the docs section writer."""
+"""The benchmark harness: a training-step measurement on a tiny shape, interleaving, and the docs section writer.
+
+The smoke tests that time real runs of the benchmarks are marked `bench` and run in their own CI stage
+(`pytest -m bench`); the harness's pure helpers stay in the default suite.
+"""
 
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ def decode(common: ModuleType) -> ModuleType:
     return importlib.import_module("decode")
 
 
+@pytest.mark.bench
 def test_train_step_measures_every_variant(train_step: ModuleType, tiny_config: GPTConfig) -> None:
     shape = train_step.Shape(tiny_config, batch=2, seq=8, steps=1)
     timings = train_step.measure(shape, steps=1, warmup=0, repeats=1)
@@ -44,6 +49,7 @@ def test_train_step_measures_every_variant(train_step: ModuleType, tiny_config: 
     assert "ours / HF tokens/s" in text and "overhead" in text
 
 
+@pytest.mark.bench
 def test_sparse_gemm_measures_every_kernel(sparse_gemm: ModuleType) -> None:
     case = sparse_gemm.Case("med", "c_fc", out_features=128, in_features=64, tokens=2)
     timings = sparse_gemm.measure(case, [0.5, 0.75], repeats=1, stream_bytes=3 * 128 * 64 * 4)  # 3 copies
@@ -55,6 +61,7 @@ def test_sparse_gemm_measures_every_kernel(sparse_gemm: ModuleType) -> None:
     assert mask.sum() == 128 * 64 // 4 and mask.view(4, 32, 2, 32).any(dim=(1, 3)).sum() == 2
 
 
+@pytest.mark.bench
 def test_decode_measures_every_variant_and_part(decode: ModuleType, tiny_config: GPTConfig) -> None:
     models, kernels = decode.build_models(tiny_config, 0.75, seed=0)
     assert set(models) == {"dense", "masked-dense", "torch_sparse", "dense, x @ Wt"} and "masked layers" in kernels

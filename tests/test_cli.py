@@ -22,7 +22,12 @@ def test_info_prints_the_papers_parameter_counts(capsys: pytest.CaptureFixture[s
 
 def test_flops_prints_the_reduction(capsys: pytest.CaptureFixture[str]) -> None:
     main(["flops", "model=xl", "sparsity=static_75"])
-    assert "2.49x fewer FLOPs" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "2.49x fewer FLOPs\n" in out and "final" not in out
+    main(["flops", "model=xl", "sparsity=gmp_75", "task.max_steps=400"])
+    out = capsys.readouterr().out
+    assert "over 400 steps, sparsity 45.9% on average, 75.0% at the end" in out
+    assert "1.58x fewer FLOPs over the run (2.49x at the final level alone)" in out
 
 
 def test_unknown_command_and_bad_override_exit_2(capsys: pytest.CaptureFixture[str]) -> None:

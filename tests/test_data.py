@@ -6,7 +6,6 @@ import gzip
 import json
 import random
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from modelzoo.data.corpus import corpus_fingerprint, load_corpus, unigram_loss
 from modelzoo.data.loader import BlockLoader, iter_eval
 from modelzoo.data.tokenizer import EOS, build_tokenizer
 from modelzoo.errors import ConfigError, DataError
+from tests.conftest import run_command
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "modelzoo" / "data" / "samples" / "pubmed"
@@ -333,6 +333,7 @@ def test_shipped_sample_matches_its_readme() -> None:
 def test_sample_rebuilds_byte_identically(tmp_path: Path) -> None:
     script = REPO / "scripts" / "build_pubmed_sample.py"
     source = SHARED / "data" / "pubmed_abstracts"
-    subprocess.run([sys.executable, script, "--source", source, "--output", tmp_path], check=True, capture_output=True)
+    done = run_command([sys.executable, script, "--source", source, "--output", str(tmp_path)], timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
     for path in SAMPLE.iterdir():
         assert (tmp_path / path.name).read_bytes() == path.read_bytes(), path.name

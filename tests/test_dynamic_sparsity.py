@@ -19,12 +19,13 @@ from modelzoo.models.gpt import GPT
 from modelzoo.sparsity.config import NMPattern, SparsityConfig, SparsityGroupConfig
 from modelzoo.sparsity.distribution import distribute
 from modelzoo.sparsity.init import checkerboard_mask
-from modelzoo.sparsity.plan import plan_groups
+from modelzoo.sparsity.plan import plan_groups, run_levels
 from modelzoo.sparsity.plugin import MaskedSparsity
 from modelzoo.sparsity.schedules import make_schedule, make_update_schedule
 from modelzoo.train.config import OptimConfig
 from modelzoo.train.optim import build_optimizer
 from modelzoo.validate import validate
+from tests.conftest import GMP_75_AVERAGE
 
 BLOCK = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
@@ -140,6 +141,68 @@ def test_invalid_sparsity_configs_name_the_key(config: SparsityConfig, key: str,
         config.validate()
     assert info.value.key == key
     assert hint in str(info.value)
+
+
+GMP_LINEAR = ["sparsity=dense", "sparsity.algorithm=gmp", "sparsity.update={freq: 10}"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "hint"),
+    [
+        (["sparsity=gmp_75", "sparsity.sparsity.minimum=1.0"], "sparsity.sparsity", "reaches 1 at step 300"),
+        ([*GMP_LINEAR, "sparsity.sparsity={type: linear, init: 0.0, slope: 0.01}"], "sparsity.sparsity", "step 100"),
+        (
+            [*GMP_LINEAR, "sparsity.sparsity={type: linear, init: 0.5, slope: -0.01}"],
+            "sparsity.sparsity",
+            "reaches -0.1 at step 60",
+        ),
+        (["sparsity.sparsity=0.99999"], "sparsity.sparsity", "at step 0 keeps no weight of transformer.h.0"),
+        (
+            [
+                *GMP_LINEAR,
+                "sparsity.algorithm=rigl",
+                "sparsity.sparsity=0.75",
+                "sparsity.drop_fraction={type: linear, init: 0.3, slope: 0.01}",
+            ],
+            "sparsity.drop_fraction",
+            "reaches 1.1 at step 80",  # 1.0 at step 70 drops every connection, allowed
+        ),
+        (
+            [
+                "sparsity=dense",
+                "sparsity.groups=[{param_filter: '*attn*', sparsity: 0.5}, "
+                "{sparsity: [0.5, 0.99999], algorithm: set, update: {freq: 10}}]",
+            ],
+            "sparsity.groups[1].sparsity",
+            "0.99999 at step 10 keeps no weight",
+        ),
+        ([*GMP_LINEAR, "sparsity.sparsity={type: exp, init: 0.0, gamma: 0.1}"], "sparsity.sparsity.gamma", "<= 0"),
+        ([*GMP_LINEAR, "sparsity.sparsity={type: power, init: 0.5, beta: -0.5}"], "sparsity.sparsity.beta", "positive"),
+        (
+            [*GMP_LINEAR, "sparsity.sparsity={type: linear, init: 0.5, slope: inf}"],
+            "sparsity.sparsity.slope",
+            "finite",
+        ),
+    ],
+)
+def test_schedules_are_checked_over_the_whole_run(overrides: list[str], key: str, hint: str) -> None:
+    """Every mask draw of the run (steps 0..task.max_steps=400) must stay in [0, 1) and keep a weight of each
+    tensor: the error names the key and the first step that does not."""
+    with pytest.raises(ConfigError) as info:
+        validate(to_object(load_config(["backend=masked_dense", *overrides])))
+    assert info.value.key == key
+    assert hint in str(info.value)
+
+
+def test_a_schedule_that_leaves_the_range_after_the_run_is_accepted() -> None:
+    """A linear schedule reaching 1 at step 100 is fine for a run of 99 steps, and one without `update.stop`
+    is bounded by the run, not by cstorch's 100,000-step annotation horizon."""
+    linear = ["sparsity=dense", "sparsity.algorithm=gmp", "sparsity.sparsity={type: linear, init: 0.0, slope: 0.01}"]
+    every_10 = [*linear, "backend=masked_dense", "sparsity.update={freq: 10}"]
+    validate(to_object(load_config([*every_10, "task.max_steps=99"])))
+    with pytest.raises(ConfigError, match="step 100"):
+        validate(to_object(load_config([*every_10, "task.max_steps=100"])))
+    validate(to_object(load_config([*linear, "backend=masked_dense", "sparsity.update={freq: 10, stop: 100}"])))
 
 
 def test_groups_and_patterns_compose_with_hydra_overrides() -> None:
@@ -423,7 +486,7 @@ def test_erk_follows_the_formula_and_keeps_the_group_level(tiny_model: GPT) -> N
     assert plugin.stats().global_sparsity == pytest.approx(0.75, abs=2e-4)  # one truncated entry per tensor
 
 
-def test_flops_use_each_groups_target_level(tiny_model: GPT, tiny_config) -> None:
+def test_flops_charge_each_group_along_its_own_schedule(tiny_model: GPT, tiny_config) -> None:
     groups = SparsityConfig(
         groups=[
             SparsityGroupConfig(param_filter="*attn.*.weight", pattern=NMPattern(2, 4)),
@@ -434,11 +497,59 @@ def test_flops_use_each_groups_target_level(tiny_model: GPT, tiny_config) -> Non
             ),
         ]
     )
-    report = flop_report(tiny_config, 64, groups)
-    terms = {t.name: t for t in report.terms}
-    assert terms["attention qkv"].sparse == pytest.approx(0.5 * terms["attention qkv"].dense)
-    assert terms["mlp in"].sparse == pytest.approx(0.25 * terms["mlp in"].dense)
-    assert report.scheduled and 0.5 < report.sparsity < 0.75
+    target, run = flop_report(tiny_config, 64, groups), flop_report(tiny_config, 64, groups, steps=400)
+    for report in (target, run):
+        terms = {t.name: t for t in report.terms}
+        assert (
+            terms["attention qkv"].sparse
+            == terms["attention qkv"].final
+            == pytest.approx(0.5 * terms["attention qkv"].dense)
+        )
+        assert terms["mlp in"].final == pytest.approx(0.25 * terms["mlp in"].dense)
+    assert not target.varies and {t.name: t for t in target.terms}["mlp in"].sparse == pytest.approx(
+        0.25 * terms["mlp in"].dense
+    )
+    assert terms["mlp in"].sparse == pytest.approx((1 - GMP_75_AVERAGE) * terms["mlp in"].dense, rel=1e-6)
+    assert run.varies and run.average_sparsity < 0.5 < run.final_sparsity < 0.75
+
+
+def recorded_run(model: GPT, config: SparsityConfig, steps: int) -> tuple[MaskedSparsity, list[dict[str, float]], int]:
+    """Train `steps` steps; the fraction each mask prunes during every step, and how many steps kept dense grads."""
+    plugin, optimizer, _ = setup(model, config)
+    held, captured = [], 0
+    for step in range(1, steps + 1):
+        held.append({sp.name: 1 - sp.mask.float().mean().item() for sp in plugin.params})
+        captured += plugin._capture
+        one_step(model, plugin, optimizer, step)
+    return plugin, held, captured
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        # dense until the first update at step 3, then a linear schedule every 3 steps
+        SparsityConfig(
+            sparsity={"type": "linear", "init": 0.2, "slope": 0.05}, algorithm="gmp", update={"freq": 3, "start": 3}
+        ),
+        SparsityConfig(sparsity=[0.5, 0.7, 0.6], algorithm="set", update={"freq": 2}),  # cycled, one per update
+        SparsityConfig(sparsity=0.75, algorithm="rigl", update={"freq": 4, "start": 2}, distribution="erk"),
+    ],
+    ids=["gmp-dense-start", "set-cycling", "rigl-erk"],
+)
+def test_run_levels_are_the_levels_a_run_holds(tiny_model: GPT, config: SparsityConfig) -> None:
+    """`run_levels` (what FLOPs integrate) against the masks of a real run of 10 steps, step by step."""
+    steps = 10
+    plugin, held, captured = recorded_run(tiny_model, config, steps)
+    levels = run_levels(config, tiny_model, steps)
+    for sp in plugin.params:
+        tolerance = 4 / sp.mask.numel()  # masks hold whole entries: one truncated entry per draw, <= 4 draws here
+        assert levels.average[sp.name] == pytest.approx(sum(h[sp.name] for h in held) / steps, abs=tolerance)
+        assert levels.final[sp.name] == pytest.approx(1 - sp.mask.float().mean().item(), abs=tolerance)
+        if config.algorithm == "rigl":  # dense gradients on the steps before the updates at 2, 6 and 10
+            assert captured == 3
+            filled = sum(held[k][sp.name] for k in (1, 5, 9)) / steps  # at the masks those steps ran with
+            assert levels.dense_grad[sp.name] == pytest.approx(filled, abs=tolerance)
+    assert config.algorithm == "rigl" or not levels.dense_grad
 
 
 # ---- an independent reference: plain torch, the cstorch rules, no library code ---------------------------

@@ -5,17 +5,19 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import subprocess
+import random
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForSequenceClassification, GPT2LMHeadModel
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, GPT2LMHeadModel
 
 from modelzoo.config import load_config, to_object
-from modelzoo.downstream.evaluate import load_checkpoint_model
+from modelzoo.downstream.evaluate import load_checkpoint_model, macro_f1
+from modelzoo.downstream.pubmedqa import CHOICES, DIR_FILES, load_pubmedqa, pubmedqa_prompt
+from modelzoo.downstream.scoring import choice_loglikelihoods
 from modelzoo.errors import CheckpointError, ConfigError
 from modelzoo.export.seq_cls import export_seq_cls
 from modelzoo.finetune.config import FinetuneConfig, output_dir
@@ -25,7 +27,7 @@ from modelzoo.models.gpt import GPT, GPTConfig
 from modelzoo.train.checkpoint import CONFIG_FILE, MODEL_FILE, checkpoint_masks, latest_checkpoint, selected_checkpoint
 from modelzoo.train.trainer import Trainer
 from modelzoo.validate import validate
-from tests.conftest import REPO, SHARED, killed_at_step, make_config, needs_shared, train_losses
+from tests.conftest import REPO, SHARED, killed_at_step, make_config, needs_shared, run_command, train_losses
 
 # A few steps of everything: enough to move weights, small enough for 2 cores.
 FAST = [
@@ -70,9 +72,41 @@ def masked_weights(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, to
     return load_file(str(path / MODEL_FILE)), checkpoint_masks(path)
 
 
+def shuffled_pubmedqa(directory: Path) -> Path:
+    """The PubMedQA files in a fixed random order: the shipped ones are sorted by label (the first 276 test answers
+    are all "yes"), so their first `task.limit=24` questions would hold one class only."""
+    for name in DIR_FILES.values():
+        lines = (SHARED / "data" / "pubmedqa" / name).read_text().rstrip("\n").split("\n")  # records hold U+2028
+        random.Random(0).shuffle(lines)
+        (directory / name).write_text("\n".join(lines) + "\n")
+    return directory
+
+
+def exported_test_scores(hf_dir: str, data_dir: Path) -> dict[str, float]:
+    """PubMedQA test accuracy and macro-F1 (the first `task.limit=24` questions, in the 48-token window FAST sets)
+    of the exported Hugging Face model, scored through `transformers` and counted here: what the summary must
+    report for the model it exported, on the test split."""
+    model, tokenizer = GPT2LMHeadModel.from_pretrained(hf_dir).eval(), AutoTokenizer.from_pretrained(hf_dir)
+    questions = load_pubmedqa(data_dir, "test")[:24]
+    assert len({q.label for q in questions}) == 3  # every class, so that the counts pin the split
+    with torch.no_grad():
+        scores = choice_loglikelihoods(
+            lambda ids, mask: model(input_ids=ids, attention_mask=mask).logits,
+            tokenizer,
+            [pubmedqa_prompt(q) for q in questions],
+            CHOICES,
+            progress=False,
+            max_length=48,
+        )
+    predicted, gold = scores.argmax(-1).tolist(), [q.label_index for q in questions]
+    correct = sum(p == g for p, g in zip(predicted, gold, strict=True))
+    return {"accuracy": correct / len(gold), "macro_f1": pytest.approx(macro_f1(gold, predicted), abs=1e-12)}
+
+
 @needs_shared
 def test_dense_finetuning_unfreezes_pruned_weights(pretrained: Path, tmp_path: Path) -> None:
-    summary = adapt("finetune", pretrained, tmp_path / "ft", "task.sparsity=dense")
+    data = shuffled_pubmedqa(tmp_path)
+    summary = adapt("finetune", pretrained, tmp_path / "ft", "task.sparsity=dense", f"task.data_dir={data}")
     weights, masks = masked_weights(tmp_path / "ft")
     _, pre_masks = masked_weights(pretrained)
     assert not masks and pre_masks  # the masks were dropped
@@ -80,7 +114,7 @@ def test_dense_finetuning_unfreezes_pruned_weights(pretrained: Path, tmp_path: P
         pruned = weights[key.removesuffix("_mask")][~mask]
         assert (pruned != 0).float().mean() > 0.5, key  # pruned entries learned again
     assert summary.nonzero_fraction > 0.5
-    assert set(summary.test) == {"accuracy", "macro_f1"} and 0 <= summary.test["accuracy"] <= 1
+    assert summary.test == exported_test_scores(summary.exports["hf"], data)
     assert GPT2LMHeadModel.from_pretrained(summary.exports["hf"]).config.n_positions == 64
     # `modelzoo evaluate` counts the pre-training up to the checkpoint used plus every fine-tuning step.
     evaluated, pre_summary = evaluate_checkpoint(tmp_path / "ft"), json.loads((pretrained / "summary.json").read_text())
@@ -224,7 +258,7 @@ def test_two_ranks_finetune_like_one_process(pretrained: Path, tmp_path: Path) -
             *overrides,
             f"task.output_dir={tmp_path / name}",
         ]
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        done = run_command(command, timeout=600, env=env)  # the whole process group is killed past it
         assert done.returncode == 0, done.stderr[-3000:]
     one, ddp = train_losses(tmp_path / "one"), train_losses(tmp_path / "ddp")
     assert [step for step, _ in ddp] == [str(s) for s in range(1, 7)]

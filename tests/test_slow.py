@@ -28,7 +28,12 @@ def modelzoo(*args: str, cwd: Path) -> subprocess.Popen:
 
 
 def finish(process: subprocess.Popen) -> str:
-    out, _ = process.communicate(timeout=900)
+    try:
+        out, _ = process.communicate(timeout=900)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, _ = process.communicate()
+        pytest.fail(f"{process.args} ran past 900 s; its output ends:\n{out[-3000:]}")
     assert process.returncode == 0, out[-3000:]
     return out
 

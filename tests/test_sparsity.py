@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modelzoo.models.gpt import GPT
+from modelzoo.models.gpt import GPT, GPTConfig
 from modelzoo.sparsity.config import SparsityConfig
 from modelzoo.sparsity.names import cerebras_names, select_parameters
-from modelzoo.sparsity.plugin import MaskedSparsity
+from modelzoo.sparsity.plugin import MaskedSparsity, masked, prune_
 from modelzoo.train.config import OptimConfig
 from modelzoo.train.optim import build_optimizer
 
@@ -115,11 +115,11 @@ def test_masks_follow_the_model_to_another_device_or_dtype(tiny_model: GPT) -> N
 
 
 def test_new_masks_loaded_in_place_take_effect(tiny_model: GPT) -> None:
-    """The cached float multiplier follows a mask refilled by `load_state_dict` (e.g. on resume)."""
+    """Hooks read the mask buffer at every use, so a mask refilled by `load_state_dict` (resume) is in force."""
     plugin = MaskedSparsity(SparsityConfig(sparsity=0.5), seed=0)
     plugin.apply(tiny_model)
     x = torch.randint(0, tiny_model.config.vocab_size, (2, 8))
-    tiny_model(x, x)[1].backward()  # builds the multiplier cache for the old masks
+    tiny_model(x, x)[1].backward()
     state = tiny_model.state_dict()
     new_masks = {sp.name + "_mask": ~state[sp.name + "_mask"] for sp in plugin.params}
     tiny_model.load_state_dict({**state, **new_masks})
@@ -128,3 +128,119 @@ def test_new_masks_loaded_in_place_take_effect(tiny_model: GPT) -> None:
     for sp in plugin.params:
         assert torch.equal(sp.mask, new_masks[sp.name + "_mask"])
         assert torch.all(sp.param.grad[~sp.mask] == 0)
+
+
+def test_initial_masks_leave_the_plugin_as_it_was_and_apply_runs_once(tiny_model: GPT) -> None:
+    plugin = MaskedSparsity(SparsityConfig(sparsity=0.75), seed=3)
+    generator_state = plugin.generator.get_state()
+    first, second = plugin.initial_masks(tiny_model), plugin.initial_masks(tiny_model)
+    assert plugin.groups == [] and plugin.params == [] and torch.equal(plugin.generator.get_state(), generator_state)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    plugin.apply(tiny_model)
+    assert all(torch.equal(sp.mask, first[sp.name]) for sp in plugin.params)  # the masks `apply` attaches
+    with pytest.raises(RuntimeError, match="already called"):
+        plugin.apply(tiny_model)
+    weight = plugin.params[0].param
+    assert len(weight._backward_hooks or {}) == 1  # one gradient hook per sparse weight
+
+
+# ---- non-finite gradients (cstorch selects with torch.where(mask, grad, 0); inf * 0 would be NaN) ---------
+
+NON_FINITE = (float("inf"), float("-inf"), float("nan"))
+ALGORITHM_CONFIGS = {
+    "static": SparsityConfig(sparsity=0.75),
+    "gmp": SparsityConfig(sparsity={"type": "linear", "init": 0.5, "slope": 0.05}, algorithm="gmp", update={"freq": 1}),
+    "set": SparsityConfig(sparsity=0.75, algorithm="set", update={"freq": 1}),
+    "rigl": SparsityConfig(sparsity=0.75, algorithm="rigl", update={"freq": 1}),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_masking_is_torch_where_bit_for_bit(dtype: torch.dtype) -> None:
+    """`masked` / `prune_` give exactly `torch.where(mask, x, 0)` (cstorch's select), inf, NaN and -0.0 included."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 16, generator=generator).to(dtype)
+    mask = torch.rand(8, 16, generator=generator) < 0.5
+    x.view(-1)[:6] = torch.tensor([float("inf"), float("nan"), -0.0, float("-inf"), float("nan"), -0.0], dtype=dtype)
+    mask.view(-1)[:6] = torch.tensor([False, False, False, True, True, True])  # pruned, then kept
+    expected = torch.where(mask, x, 0)
+    pruned = x.clone()
+    prune_(pruned, mask)
+    for result in (masked(x, mask), pruned):
+        assert result.dtype == dtype and torch.equal(result.view(torch.int8), expected.view(torch.int8))
+
+
+def poison_gradients(model: GPT, kept: bool) -> None:
+    """Put inf, -inf and NaN into every sparse weight's gradient at three pruned positions (and, with `kept`,
+    also at three kept ones), before the plug-in masks it: hooks registered before `apply` run before its own."""
+    for name in expected_matrices(model):
+        module_name, _, leaf = name.rpartition(".")
+        module = model.get_submodule(module_name)
+
+        def hook(grad: torch.Tensor, module=module, leaf=leaf) -> torch.Tensor:
+            mask = getattr(module, leaf + "_mask")
+            grad = grad.clone()
+            for positions in ((~mask).nonzero(), mask.nonzero()) if kept else ((~mask).nonzero(),):
+                for position, value in zip(positions[:3], NON_FINITE, strict=True):
+                    grad[tuple(position)] = value
+            return grad
+
+        model.get_parameter(name).register_hook(hook)
+
+
+def train_steps(config: GPTConfig, sparsity: SparsityConfig, steps: int, poison: bool | None) -> tuple:
+    """`steps` clipped AdamW steps as the trainer takes them; `poison`: None (clean), False (non-finite values at
+    pruned positions) or True (at pruned and kept ones). Returns the plug-in, optimizer and masks before each step."""
+    torch.manual_seed(0)
+    model = GPT(config)
+    if poison is not None:
+        poison_gradients(model, kept=poison)
+    plugin = MaskedSparsity(sparsity, seed=0)
+    plugin.apply(model)
+    optimizer = build_optimizer(model, OptimConfig(lr=1e-2))
+    plugin.apply_optimizer(optimizer)
+    generator, masks = torch.Generator().manual_seed(1), []
+    for _ in range(steps):
+        masks.append([sp.mask.clone() for sp in plugin.params])
+        x = torch.randint(0, config.vocab_size, (4, 32), generator=generator)
+        model(x, x.roll(-1, dims=1))[1].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return plugin, optimizer, masks
+
+
+@pytest.mark.parametrize("algorithm", ["static", "gmp", "set"])
+def test_non_finite_gradients_at_pruned_positions_change_nothing(tiny_config: GPTConfig, algorithm: str) -> None:
+    """inf / NaN where a mask prunes is selected away before clipping: three steps (with mask updates) equal a
+    clean run bit for bit, weights, masks and AdamW state (multiplying by the mask would make them NaN)."""
+    clean, clean_optimizer, _ = train_steps(tiny_config, ALGORITHM_CONFIGS[algorithm], 3, poison=None)
+    poisoned, poisoned_optimizer, _ = train_steps(tiny_config, ALGORITHM_CONFIGS[algorithm], 3, poison=False)
+    for a, b in zip(clean.params, poisoned.params, strict=True):
+        assert torch.equal(a.mask, b.mask) and torch.equal(a.param, b.param), a.name
+        assert torch.all(b.param[~b.mask] == 0)
+        for key, value in clean_optimizer.state[a.param].items():
+            assert torch.equal(value, poisoned_optimizer.state[b.param][key]), (a.name, key)
+
+
+def test_rigl_skips_updates_on_a_non_finite_dense_gradient_but_trains(tiny_config: GPTConfig) -> None:
+    """RigL regrows from the unmasked gradient, which holds the inf / NaN: its updates are skipped (masks as
+    drawn), while the masked gradient is finite, so the weights train and the pruned ones stay exactly 0."""
+    plugin, _, masks = train_steps(tiny_config, ALGORITHM_CONFIGS["rigl"], 3, poison=False)
+    for i, sp in enumerate(plugin.params):
+        assert torch.equal(sp.mask, masks[0][i]), sp.name
+        assert torch.isfinite(sp.param).all() and torch.all(sp.param[~sp.mask] == 0), sp.name
+
+
+@pytest.mark.parametrize("algorithm", list(ALGORITHM_CONFIGS))
+def test_non_finite_gradients_at_kept_positions_keep_masks_and_exact_zeros(
+    tiny_config: GPTConfig, algorithm: str
+) -> None:
+    """inf / NaN at kept positions too: clipping spreads NaN over every gradient and the kept weights diverge,
+    but each step's mask update is skipped (masks unchanged) and every pruned weight stays exactly 0."""
+    plugin, _, masks = train_steps(tiny_config, ALGORITHM_CONFIGS[algorithm], 2, poison=True)
+    for i, sp in enumerate(plugin.params):
+        assert torch.equal(sp.mask, masks[0][i]) and torch.equal(sp.mask, masks[1][i]), sp.name
+        assert torch.equal(sp.param[~sp.mask], torch.zeros(int((~sp.mask).sum()))), sp.name
+        assert not torch.isfinite(sp.param[sp.mask]).all()  # the poison did reach the kept weights
+    assert plugin.step == 2

@@ -140,9 +140,12 @@ def test_csr_pattern_comes_from_the_mask_and_keeps_exact_zeros() -> None:
 
 
 def test_block_masks_are_detected_and_converted() -> None:
+    """`block_size` is the largest size whose blocks are all kept or all pruned: a mask of 32 x 32 blocks is also
+    one of 16 x 16 blocks and must say 32; the random 16 x 16 blocks below do not pair up into 32 x 32 ones."""
+    assert block_size(block_mask(torch.Size([64, 128]), 32)) == 32
     mask = block_mask(torch.Size([64, 128]))
-    assert block_size(mask) == 32 or block_size(mask) == 16
-    assert block_size(torch.rand(64, 128) < 0.25) is None
+    assert block_size(mask) == 16
+    assert block_size(torch.rand(64, 128, generator=torch.Generator().manual_seed(0)) < 0.25) is None
     weight = torch.randn(64, 128)
     bsr = bsr_from_mask(weight, mask, 16)
     assert torch.equal(bsr.to_dense(), weight * mask)

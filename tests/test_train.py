@@ -12,8 +12,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from modelzoo.errors import CheckpointError
+from modelzoo.flops import flop_report
 from modelzoo.train import checkpoint as ckpt
-from modelzoo.train.trainer import Trainer
+from modelzoo.train.trainer import Trainer, format_summary
 from tests.conftest import killed_at_step, make_config, train_losses
 
 
@@ -28,6 +29,7 @@ def test_pretrain_summary_checkpoint_and_export(tmp_path: Path, cache_dir: Path)
     assert len(summary.sparsity_per_param) == 4 * 2
     assert math.isfinite(summary.val_loss)
     assert summary.dense_flops / summary.sparse_flops > 1.5
+    assert summary.sparse_flops == summary.final_sparse_flops and summary.mask_sparsity == pytest.approx(0.75, abs=1e-4)
     assert [step for step, _ in train_losses(tmp_path / "run")] == ["2", "4", "6"]
     assert (tmp_path / "run" / "summary.json").is_file()
     assert list((tmp_path / "run" / "tensorboard").iterdir())
@@ -40,6 +42,26 @@ def test_pretrain_summary_checkpoint_and_export(tmp_path: Path, cache_dir: Path)
         ours, _ = trainer.model(x)
         theirs = hf(x).logits
     assert (ours - theirs).abs().max().item() <= 1e-5
+
+
+def test_summary_charges_each_step_at_its_level_and_shows_mask_sparsity(tmp_path: Path, cache_dir: Path) -> None:
+    """GMP to 75% along a cosine of 4 steps, updates at 0, 2 and 4 of a 6-step run: the masks hold 0%, 37.5% and
+    75% for two steps each, 37.5% on average; then SET at 75% regrowing at its last step: the regrown
+    connections are kept by the masks but still exactly zero, so more weights are zero than the masks prune."""
+    gmp = ["sparsity=gmp_75", "sparsity.update.freq=2", "sparsity.sparsity.half_period=4", "sparsity.update.stop=5"]
+    cfg = make_config(tmp_path / "gmp", cache_dir, *gmp, "task.max_steps=6", "task.export=false")
+    summary = Trainer(cfg).fit()
+    assert summary.average_sparsity == pytest.approx(0.375, abs=1e-6)
+    assert summary.sparsity == pytest.approx(0.75, abs=1e-3) and summary.mask_sparsity == pytest.approx(0.75, abs=1e-3)
+    report = flop_report(cfg.model, cfg.data.seq_len, cfg.sparsity, steps=6)
+    assert summary.sparse_flops == pytest.approx(report.sparse_per_token * summary.tokens)
+    assert summary.dense_flops > summary.sparse_flops > summary.final_sparse_flops
+    assert "masks 37.5% sparse on average; the final masks alone would give" in format_summary(summary)
+
+    set_75 = ["sparsity=set_75", "sparsity.update.freq=2", "task.max_steps=4", "task.export=false"]
+    summary = Trainer(make_config(tmp_path / "set", cache_dir, *set_75)).fit()
+    assert summary.mask_sparsity == pytest.approx(0.75, abs=1e-3) and summary.mask_sparsity < summary.sparsity
+    assert f"are zero, masks prune {summary.mask_sparsity:.1%}" in format_summary(summary)
 
 
 def test_dense_run_has_no_masks(tmp_path: Path, cache_dir: Path) -> None:
@@ -163,8 +185,13 @@ def test_nm_run_exports_its_pattern(tmp_path: Path, cache_dir: Path) -> None:
 
 
 def test_bf16_autocast_trains_and_keeps_masks(tmp_path: Path, cache_dir: Path) -> None:
+    """The sparse matmuls run in bfloat16 (each block's MLP output is bf16 in the training and evaluation
+    forwards, which it would not be if autocast did nothing) while the master weights stay float32."""
     trainer = Trainer(make_config(tmp_path / "run", cache_dir, "task.precision=bf16", "task.max_steps=3"))
+    dtypes: list[torch.dtype] = []
+    trainer.model.transformer.h[0].mlp.c_fc.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
     summary = trainer.fit()
+    assert len(dtypes) > 3 and set(dtypes) == {torch.bfloat16}  # 3 steps x 2 micro-batches, then evaluation
     assert math.isfinite(summary.val_loss)
     assert summary.sparsity == pytest.approx(0.75, abs=1e-4)
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # autocast, fp32 master weights

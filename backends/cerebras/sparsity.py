@@ -113,7 +113,7 @@ class CerebrasSparsity:
         self.seed = seed
         self.group: Any = None
         self.names: list[str] = []
-        self._params: list[tuple[str, nn.Parameter]] = []
+        self._model: nn.Module | None = None
 
     def apply(self, model: nn.Module) -> None:
         """Configure cstorch's algorithms for the parameters each group selects and attach them.
@@ -129,7 +129,7 @@ class CerebrasSparsity:
         self.group = cstorch.sparse.configure([group_spec(p.config, p.names, init) for p in plans])
         model.apply(self.group)
         self.names = [n for n in params if n in by_name]
-        self._params = [(n, params[n]) for n in self.names]
+        self._model = model
 
     def apply_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """`optimizer.apply(sparsity)`, then on CPU / GPU the masks are initialised at once (cstorch leaves them
@@ -153,7 +153,9 @@ class CerebrasSparsity:
         return [n + MASK_SUFFIX for n in self.names]
 
     def stats(self) -> SparsityStats:
-        return sparsity_stats(self._params)
+        # cstorch keeps each mask as the buffer `<param>_mask` of the parameter's module, and may replace it.
+        model = self._model
+        return sparsity_stats([(n, model.get_parameter(n), model.get_buffer(n + MASK_SUFFIX)) for n in self.names])
 
     def state_dict(self) -> list[dict]:
         return self.group.state_dict()

@@ -127,7 +127,9 @@ class StagedRun:
         return (1 - kept / sum(buffers[n].numel() for n in self.masks),)
 
     def _log_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, lr: torch.Tensor, *sparsity: torch.Tensor) -> None:
-        """The step closure: the host's metrics row of this step from the values it is handed."""
+        """The step closure: the non-finite guard and the host's metrics row of this step, from the values it is
+        handed."""
+        self.loop.observe(loss, grad_norm)
         row = self.loop.train_row(loss, grad_norm, lr, float(sparsity[0]) if sparsity else None)
         self.loop.log_row(row)
         if row:

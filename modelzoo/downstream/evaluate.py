@@ -29,6 +29,7 @@ from modelzoo.downstream.pubmedqa import CHOICES, load_pubmedqa, majority_baseli
 from modelzoo.downstream.scoring import LogitsFn, choice_loglikelihoods
 from modelzoo.errors import CheckpointError
 from modelzoo.export.hf import load_hf, restore_masks
+from modelzoo.finite import refuse_nonfinite
 from modelzoo.flops import flop_report
 from modelzoo.generate import DTYPES
 from modelzoo.models.gpt import GPT
@@ -105,8 +106,9 @@ def run_flops(run_cfg: Config, checkpoint: Path) -> tuple[float, float] | None:
         return _stage_flops(checkpoint.parent.parent / "summary.json", Path(task["pretrained"]))
     if "batch_size" not in task:
         return None
-    report = flop_report(run_cfg.model, run_cfg.data.seq_len, run_cfg.sparsity)
-    tokens = checkpoint_step(checkpoint) * task["batch_size"] * run_cfg.data.seq_len
+    step = checkpoint_step(checkpoint)
+    report = flop_report(run_cfg.model, run_cfg.data.seq_len, run_cfg.sparsity, steps=step)  # each step at its level
+    tokens = step * task["batch_size"] * run_cfg.data.seq_len
     sparse, dense = report.sparse_per_token * tokens, report.dense_per_token * tokens
     if task.get("init_from"):
         parent = export_flops(Path(task["init_from"]))
@@ -221,6 +223,7 @@ def load_hf_model(path: str, cfg: Config) -> LoadedModel:
         logits_fn, kind = our_logits(model), "hf (ours)"
     else:
         model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True)
+        refuse_nonfinite(model.state_dict().items(), directory, "it cannot be evaluated")
         model = model.to(resolved_device(task.device), DTYPES[task.precision]).eval()
         logits_fn, kind = hf_logits(model), "hf (transformers)"
     run = latest_checkpoint(directory.resolve().parent)  # an export inside its run directory: `<run>/hf`

@@ -93,8 +93,15 @@ def _cstorch(path: Path) -> ModuleType:
 
 
 def load_cstorch(path: str | Path) -> dict[str, Any]:
-    """A `cstorch.save` (HDF5) file as plain tensors (cstorch hands out deferred tensors; they are read here)."""
+    """A `cstorch.save` (HDF5) file as plain tensors (cstorch hands out deferred tensors; they are read here).
+
+    Only HDF5 files are handed to `cstorch.load`: for anything else it falls back to `torch.load`, which on
+    torch 2.4 unpickles (and so may run) whatever the file holds.
+    """
     path = Path(path)
+    with path.open("rb") as f:
+        if f.read(4) != b"\x89HDF":
+            raise CheckpointError(f"{path} is not a cstorch.save (HDF5) file")
     cstorch = _cstorch(path)
     try:
         state = cstorch.load(str(path), map_location="cpu")

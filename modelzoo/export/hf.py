@@ -18,6 +18,7 @@ from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel, PreTrainedMode
 
 from modelzoo.atomic import atomic_directory
 from modelzoo.errors import CheckpointError, ConfigError
+from modelzoo.finite import refuse_nonfinite
 from modelzoo.models.gpt import ACTIVATIONS, GPT, GPTConfig
 from modelzoo.sparsity.masks import MASK_SUFFIX, attach_mask
 
@@ -190,6 +191,7 @@ def export_hf(
     """
     output_dir = Path(output_dir)
     state = model.state_dict()
+    refuse_nonfinite(state.items(), f"export to {output_dir}", "nothing was exported")
     hf_state = to_hf_state_dict(state)
     masked = [key.removesuffix(MASK_SUFFIX) for key in state if key.endswith(MASK_SUFFIX)]
     report = sparsity_report(hf_state, masked, sparsity_info)
@@ -232,6 +234,7 @@ def load_hf(directory: str | os.PathLike) -> GPT:
         raise CheckpointError(f"{directory}: weights missing from the checkpoint: {missing}")
     model = GPT(config)
     model.load_state_dict(from_hf_state_dict(hf_model.state_dict()))
+    refuse_nonfinite(model.state_dict().items(), directory, "it cannot be used; export an earlier checkpoint")
     return model
 
 

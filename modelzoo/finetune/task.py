@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from modelzoo import runlock
 from modelzoo.backends import get_backend
 from modelzoo.config import Config
-from modelzoo.distributed import init_distributed
+from modelzoo.distributed import Distributed, init_distributed
 from modelzoo.downstream.evaluate import checkpoint_flops
 from modelzoo.errors import CheckpointError
 from modelzoo.finetune.config import FinetuneConfig, PromptTuneConfig, default_data_dir, output_dir
@@ -114,12 +115,17 @@ def run(cfg: Config) -> FinetuneSummary:
     task = cfg.task
     if task.data_dir is None:
         task = dataclasses.replace(task, data_dir=default_data_dir(task.dataset))
-    prompt_tuning = isinstance(task, PromptTuneConfig)
     run_dir = output_dir(task)
+    dist = init_distributed(resolved_device(task.device))
+    with runlock.locked(run_dir, enabled=dist.is_main):  # one writer per run directory
+        return _train(cfg, task, run_dir, dist)
+
+
+def _train(cfg: Config, task: FinetuneConfig, run_dir: Path, dist: Distributed) -> FinetuneSummary:
+    prompt_tuning = isinstance(task, PromptTuneConfig)
     ckpt.check_run_dir(run_dir, resume=task.resume)
     checkpoint = find_checkpoint(task.pretrained, "task.pretrained")
     device_type = resolved_device(task.device)
-    dist = init_distributed(device_type)
     device = torch.device(f"cuda:{dist.local_rank}" if device_type == "cuda" else device_type)
     torch.manual_seed(cfg.seed)
     pre = restore_model(checkpoint, masks="held" if task.sparsity == "keep" else "none")
@@ -246,9 +252,10 @@ def _pretrain_flops(checkpoint: Path) -> float | None:
 
 def _finetune_flops(pre: Restored, task: FinetuneConfig, context: int, tokens: int) -> tuple[float, float]:
     """(training FLOPs, dense training FLOPs) over `tokens` of `context`-token inputs (6N per token +
-    attention); the first is sparse-effective under `keep`, dense otherwise. The HoC classifier computes no LM
-    head (its 10-way score layer is left out, like norms), so that term is dropped for it."""
-    sparsity = pre.config.sparsity if task.sparsity == "keep" else None
+    attention); the first is sparse-effective under `keep` (at the masks held, those the pre-training ended
+    with), dense otherwise. The HoC classifier computes no LM head (its 10-way score layer is left out, like
+    norms), so that term is dropped for it."""
+    sparsity = pre.sparsifier.config if task.sparsity == "keep" and pre.sparsifier else None
     report = flop_report(pre.model.config, context, sparsity)
     terms = [t for t in report.terms if task.dataset == "pubmedqa" or t.name != "lm head"]
     return (

@@ -34,9 +34,32 @@ class Algorithm:
         self.pattern = None if config.pattern is None else (config.pattern.n, config.pattern.m)
 
     def levels(self, step: int, shapes: list[tuple[int, ...]]) -> list[float]:
-        """Per-tensor sparsity at `step`: the schedule's value clamped to [0, 1], spread by `distribution`."""
-        level = min(max(self.sparsity(step), 0.0), 1.0)
-        return distribute(level, shapes, self.config.distribution)
+        """Per-tensor sparsity at `step`: the schedule's value, spread over the tensors (`spread`)."""
+        return self.spread(self.sparsity(step), shapes)
+
+    def spread(self, level: float, shapes: list[tuple[int, ...]]) -> list[float]:
+        """Per-tensor sparsity for the group level `level`: clamped to [0, 1] as cstorch clamps (config validation
+        refuses schedules that leave [0, 1) within the run, `modelzoo.sparsity.plan.check_run`), then spread by
+        `distribution`."""
+        return distribute(min(max(level, 0.0), 1.0), shapes, self.config.distribution)
+
+    def mask_draws(self, last_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """When this group's masks are set in a run up to step `last_step`, and at what scheduled level.
+
+        Returns (steps, levels): the steps in [0, `last_step`] (int64, ascending) at which masks are drawn, step 0
+        when the group starts sparse (the initial masks) and then its update steps from 1 on, assuming every
+        update step's gradients are finite; and the schedule's raw float32 value at each (before clamping).
+        """
+        steps = torch.zeros(1, dtype=torch.int64) if self.starts_sparse else torch.zeros(0, dtype=torch.int64)
+        if self.update_schedule is not None:
+            updates = self.update_schedule.steps_until(last_step)
+            steps = torch.cat([steps, updates[updates >= 1]])
+        return steps, self.sparsity.along(steps)
+
+    def held_levels(self, draws: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The sparsity each tensor's mask holds after each draw of `mask_draws`, from the per-tensor levels the
+        schedule gives there (`targets`, draws x tensors): those levels themselves (masks are drawn at them)."""
+        return targets
 
     def initial_mask(self, weight: torch.Tensor, level: float, generator: torch.Generator) -> torch.Tensor:
         """The mask at step 0 (all True when a dynamic algorithm starts dense)."""
@@ -120,6 +143,24 @@ class SET(Algorithm):
     def advance(self, is_update_step: bool) -> None:
         super().advance(is_update_step)
         self.drop_fraction.advance(is_update_step)
+
+    def drop_fractions(self, last_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(update steps in [1, `last_step`], the drop fraction read at each), as `mask_draws` for the level."""
+        steps = self.update_schedule.steps_until(last_step)
+        steps = steps[steps >= 1]
+        return steps, self.drop_fraction.along(steps)
+
+    def held_levels(self, draws: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """An update drops `drop_fraction` of the connections and regrows only up to the level, so it never
+        prunes more than it dropped: s = min(target, 1 - (1 - d) (1 - s_before)), from dense before the first
+        draw (cstorch SET / RigL: from a dense start each update sheds d of the connections)."""
+        fractions = self.drop_fraction.along(draws[draws >= 1]).double().tolist()
+        held, before = targets.clone(), torch.zeros(targets.shape[1], dtype=targets.dtype)
+        for i, step in enumerate(draws.tolist()):
+            if step >= 1:  # step 0: the initial masks, drawn at the level
+                held[i] = torch.minimum(targets[i], 1 - (1 - fractions.pop(0)) * (1 - before))
+            before = held[i]
+        return held
 
     def regrow_score(
         self, weight: torch.Tensor, generator: torch.Generator, dense_grad: torch.Tensor | None

@@ -1,11 +1,15 @@
 """Masked-dense sparsity with Cerebras semantics, applied to a model and its optimizer from outside.
 
 What `cerebras.pytorch.sparse` does, emulated on any device:
-- every sparse parameter gets a persistent bool buffer `<param>_mask` (so masks are in `state_dict`);
+- every sparse parameter gets a persistent bool buffer `<param>_mask` (so masks are in `state_dict`), and it is
+  the only copy of the mask: no float 0/1 copy is kept;
 - pruned weights are kept at exact zero in place (no mask multiply in the forward pass);
 - gradients are zeroed at pruned positions by a gradient hook, before clipping and accumulation;
 - optimizer state tensors of the parameter's shape are masked before each step, and the weights are
   re-pruned after it;
+- masking selects, as cstorch does (`torch.where(mask, x, 0)`; `masked` computes the same bits faster), and never
+  multiplies: an inf or NaN at a pruned position becomes an exact 0 (`inf * 0` would be NaN, and a NaN weight
+  would stay NaN through every re-pruning);
 - then, once per optimizer step, dynamic algorithms (GMP, SET, RigL) update their masks on the update steps
   of their schedule whose gradients are all finite. Weights and optimizer state are zeroed wherever a mask
   changed, so regrown connections start at exactly zero with fresh optimizer state.
@@ -36,8 +40,6 @@ class SparseParam:
     name: str
     module: nn.Module
     leaf: str
-    _multiplier: torch.Tensor | None = field(default=None, repr=False)
-    _multiplier_key: tuple | None = field(default=None, repr=False)
 
     @property
     def param(self) -> nn.Parameter:
@@ -48,41 +50,39 @@ class SparseParam:
         # Looked up each time: `model.to(device)` and `load_state_dict` may replace or refill the buffer.
         return getattr(self.module, self.leaf + MASK_SUFFIX)
 
-    def multiplier(self) -> torch.Tensor:
-        """The mask as 0/1 in the parameter's dtype, rebuilt whenever the mask tensor changes.
-
-        Multiplying by it is several times faster on CPU than by the bool mask (which converts on every
-        use); the bool buffer stays the checkpointed truth. `_version` counts in-place writes such as
-        `load_state_dict`'s copy or a mask update.
-        """
-        mask, param = self.mask, self.param
-        key = (mask.data_ptr(), mask._version, param.dtype, param.device)
-        if key != self._multiplier_key:
-            self._multiplier, self._multiplier_key = mask.to(param.dtype), key
-        return self._multiplier
-
 
 @dataclass
 class SparsityStats:
+    """Achieved zeros of the targeted weights, and the entries their masks prune.
+
+    The two differ after SET / RigL regrowth: a regrown connection is kept by its mask but starts at exactly zero.
+    """
+
     per_param: dict[str, float]
     sparse_zeros: int
     sparse_numel: int
+    mask_pruned: int
 
     @property
     def global_sparsity(self) -> float:
         """Fraction of zeros over all targeted weights."""
         return self.sparse_zeros / max(self.sparse_numel, 1)
 
+    @property
+    def mask_sparsity(self) -> float:
+        """Fraction of the targeted entries that their masks prune."""
+        return self.mask_pruned / max(self.sparse_numel, 1)
+
 
 @torch.no_grad()
-def sparsity_stats(params: list[tuple[str, torch.Tensor]]) -> SparsityStats:
-    """Fraction of exact zeros in each of the named weights and over all of them."""
-    per_param, zeros, numel = {}, 0, 0
-    for name, weight in params:
+def sparsity_stats(params: list[tuple[str, torch.Tensor, torch.Tensor]]) -> SparsityStats:
+    """Fraction of exact zeros in each of the named (weight, mask) pairs and over all of them, and of masked entries."""
+    per_param, zeros, numel, pruned = {}, 0, 0, 0
+    for name, weight, mask in params:
         z = int((weight == 0).sum())
         per_param[name] = z / weight.numel()
-        zeros, numel = zeros + z, numel + weight.numel()
-    return SparsityStats(per_param, zeros, numel)
+        zeros, numel, pruned = zeros + z, numel + weight.numel(), pruned + int((~mask).sum())
+    return SparsityStats(per_param, zeros, numel, pruned)
 
 
 @dataclass
@@ -92,6 +92,30 @@ class SparseGroup:
     key: str
     algorithm: Algorithm
     params: list[SparseParam] = field(default_factory=list)
+
+
+# Selecting by the bits: a float ANDed with all ones is itself, with all zeros +0.0, whatever it was (inf, NaN).
+# Bit for bit what `torch.where(mask, x, 0)` gives, and 4-5x faster on CPU (786k weights: 1.6 ms against 7.9 ms
+# for `where` and 0.5 ms for the old multiply by a cached float mask, one thread on a loaded 2-core machine).
+_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _keep_bits(tensor: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`tensor`'s bits as integers, and all ones where `mask` is True, all zeros where it is False."""
+    bits = _BITS[tensor.element_size()]
+    return tensor.view(bits), mask.to(bits).neg_()
+
+
+def masked(tensor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`tensor` with exact zeros where `mask` is False, selected as cstorch does (`torch.where(mask, x, 0)`)."""
+    values, keep = _keep_bits(tensor, mask)
+    return (values & keep).view(tensor.dtype)
+
+
+def prune_(tensor: torch.Tensor, mask: torch.Tensor) -> None:
+    """Zero `tensor` in place where `mask` is False, selecting as `masked` does (an inf or NaN there becomes 0)."""
+    values, keep = _keep_bits(tensor, mask)
+    values.bitwise_and_(keep)
 
 
 class MaskedSparsity:
@@ -112,20 +136,28 @@ class MaskedSparsity:
         self._capture = False  # whether gradient hooks keep RigL's dense gradients (during an update step)
 
     def apply(self, model: nn.Module) -> None:
-        """Create masks (deterministic in `seed`), zero the pruned weights and register gradient hooks."""
-        owner = self._assign(model)
-        for name, mask in self._draw_masks(model, owner).items():
+        """Create masks (deterministic in `seed`), zero the pruned weights and register gradient hooks.
+
+        Once per object: a second call would register a second hook on every weight and draw other masks.
+        """
+        if self.groups:
+            raise RuntimeError(
+                f"MaskedSparsity.apply was already called ({len(self.params)} sparse weights): "
+                "build a new MaskedSparsity for another model"
+            )
+        self.groups, owner = self._assign(model)
+        for name, mask in self._draw_masks(model, owner, self.generator).items():
             group = owner[name][0]
             weight = model.get_parameter(name)
             mask = attach_mask(model, name, mask)
             module_name, _, leaf = name.rpartition(".")
             sp = SparseParam(name, model.get_submodule(module_name), leaf)
             with torch.no_grad():
-                weight.mul_(mask)
+                prune_(weight, mask)
             weight.register_hook(
                 self._dense_grad_hook(sp)
                 if group.algorithm.needs_dense_grad
-                else lambda grad, sp=sp: grad * sp.multiplier()
+                else lambda grad, sp=sp: masked(grad, sp.mask)
             )
             self.params.append(sp)
             group.params.append(sp)
@@ -134,26 +166,32 @@ class MaskedSparsity:
         self._capture = self._captures_at(self.step + 1)
 
     def initial_masks(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The masks `apply` would attach (same seed, same draws) by parameter name, leaving `model` untouched.
+        """The masks `apply` would attach (same seed, same draws) by parameter name; `model` and this object are
+        left as they were (the draws come from a copy of the generator).
 
         Other backends (cerebras) start from these, so a seed gives the same masks everywhere.
         """
-        return self._draw_masks(model, self._assign(model))
+        generator = torch.Generator()
+        generator.set_state(self.generator.get_state())
+        return self._draw_masks(model, self._assign(model)[1], generator)
 
-    def _assign(self, model: nn.Module) -> dict[str, tuple[SparseGroup, float]]:
-        """Build the groups; each sparse parameter's name -> (its group, its initial level)."""
-        owner: dict[str, tuple[SparseGroup, float]] = {}
+    def _assign(self, model: nn.Module) -> tuple[list[SparseGroup], dict[str, tuple[SparseGroup, float]]]:
+        """New groups, and each sparse parameter's name -> (its group, its initial level)."""
+        groups, owner = [], {}
         for plan in plan_groups(self.config, model):
             group = SparseGroup(plan.key, make_algorithm(plan.config, plan.key))
-            self.groups.append(group)
+            groups.append(group)
             levels = group.algorithm.levels(0, [tuple(model.get_parameter(n).shape) for n in plan.names])
             owner.update({name: (group, level) for name, level in zip(plan.names, levels, strict=True)})
-        return owner
+        return groups, owner
 
-    def _draw_masks(self, model: nn.Module, owner: dict[str, tuple[SparseGroup, float]]) -> dict[str, torch.Tensor]:
-        """Initial masks in model order (the order the generator is drawn in)."""
+    @staticmethod
+    def _draw_masks(
+        model: nn.Module, owner: dict[str, tuple[SparseGroup, float]], generator: torch.Generator
+    ) -> dict[str, torch.Tensor]:
+        """Initial masks in model order (the order `generator` is drawn in)."""
         return {
-            name: owner[name][0].algorithm.initial_mask(weight, owner[name][1], self.generator)
+            name: owner[name][0].algorithm.initial_mask(weight, owner[name][1], generator)
             for name, weight in model.named_parameters()
             if name in owner
         }
@@ -163,7 +201,7 @@ class MaskedSparsity:
             if self._capture:
                 held = self._dense_grads.get(sp.name)
                 self._dense_grads[sp.name] = grad.clone() if held is None else held.add_(grad)
-            return grad * sp.multiplier()
+            return masked(grad, sp.mask)
 
         return hook
 
@@ -174,18 +212,20 @@ class MaskedSparsity:
 
     @torch.no_grad()
     def prune_weights(self) -> None:
-        torch._foreach_mul_([sp.param for sp in self.params], [sp.multiplier() for sp in self.params])
+        for sp in self.params:
+            prune_(sp.param, sp.mask)
+
+    @staticmethod
+    def _shaped_state(optimizer: torch.optim.Optimizer, sp: SparseParam) -> list[torch.Tensor]:
+        """The optimizer's state tensors of `sp`'s shape (AdamW's moments), which follow its mask."""
+        state = optimizer.state.get(sp.param, {}).values()
+        return [v for v in state if torch.is_tensor(v) and v.shape == sp.param.shape]
 
     @torch.no_grad()
     def _prune_state(self, optimizer: torch.optim.Optimizer) -> None:
-        states, multipliers = [], []
         for sp in self.params:
-            for value in optimizer.state.get(sp.param, {}).values():
-                if torch.is_tensor(value) and value.shape == sp.param.shape:
-                    states.append(value)
-                    multipliers.append(sp.multiplier().to(value.dtype))
-        if states:
-            torch._foreach_mul_(states, multipliers)
+            for value in self._shaped_state(optimizer, sp):
+                prune_(value, sp.mask)
 
     @torch.no_grad()
     def _after_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -224,19 +264,17 @@ class MaskedSparsity:
             new = algorithm.update_mask(
                 sp.param.detach(), mask, level, self.step, self.generator, self._dense_grads.get(sp.name)
             )
-            unchanged_kept = (new & mask).to(sp.param.dtype)
-            sp.param.mul_(unchanged_kept)
-            for value in optimizer.state.get(sp.param, {}).values():
-                if torch.is_tensor(value) and value.shape == sp.param.shape:
-                    value.mul_(unchanged_kept.to(value.dtype))
+            unchanged_kept = new & mask
+            for tensor in (sp.param, *self._shaped_state(optimizer, sp)):
+                prune_(tensor, unchanged_kept)
             mask.copy_(new)
 
     def _captures_at(self, step: int) -> bool:
         return any(g.algorithm.needs_dense_grad and g.algorithm.is_update_step(step) for g in self.groups)
 
     def stats(self) -> SparsityStats:
-        """Achieved sparsity: fraction of exact zeros in each targeted weight and over all of them."""
-        return sparsity_stats([(sp.name, sp.param) for sp in self.params])
+        """Achieved sparsity (exact zeros in each targeted weight and over all of them) and mask sparsity."""
+        return sparsity_stats([(sp.name, sp.param, sp.mask) for sp in self.params])
 
     def mask_names(self) -> list[str]:
         """State-dict keys of the masks."""

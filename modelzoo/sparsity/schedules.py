@@ -14,7 +14,9 @@ cstorch class of that name:
 `update` is `{freq, start, stop}` (steps `start + k * freq` before `stop`, which is exclusive) or `{steps: [...]}`;
 absent, every step is an update step. Steps count optimizer steps taken (1 after the first `optimizer.step()`).
 Values are computed in float32 from float32 parameters as cstorch computes them, so the mask sizes derived from
-them match cstorch's exactly.
+them match cstorch's exactly. Rates are range-checked here (finite slopes, exp `gamma <= 0`, power `beta > 0`,
+positive cosine `half_period`); where a schedule leads within a run is checked against the run's length at config
+time (`modelzoo.sparsity.plan.check_run`, over `Schedule.along` the run's mask updates).
 """
 
 from __future__ import annotations
@@ -48,6 +50,11 @@ class Schedule:
 
     def advance(self, is_update_step: bool) -> None:
         """Called once per optimizer step after the value was read; only `Cycling` keeps state."""
+
+    def along(self, steps: torch.Tensor) -> torch.Tensor:
+        """The float32 values a fresh schedule gives at successive mask updates at `steps` (int64, ascending),
+        in one vectorised evaluation (what planning a whole run reads; training reads one value per step)."""
+        return self._compute(steps).expand(steps.shape)
 
     def final(self, last_step: int) -> float:
         """The value used at the last mask update, `last_step`."""
@@ -117,6 +124,9 @@ class Cycling(Schedule):
         if is_update_step:
             self.index = (self.index + 1) % len(self.values)
 
+    def along(self, steps: torch.Tensor) -> torch.Tensor:
+        return torch.stack(self.values)[torch.arange(len(steps)) % len(self.values)]
+
     def final(self, last_step: int) -> float:
         # As cstorch's compiler annotation: assume the cycle has completed by the last update.
         return float(self.values[-1])
@@ -139,6 +149,14 @@ SCHEDULES: dict[str, tuple[Callable[..., Schedule], tuple[str, ...], tuple[str, 
 }
 # Arguments that are values of the hyperparameter itself (range-checked), as opposed to rates.
 VALUE_ARGS = ("value", "init", "final", "minimum")
+# Rates: (argument, what is allowed, (exclusive lower bound, inclusive upper bound)); None: unbounded. A slope of
+# either sign is finite here; where it leads over a run is checked against the run (`modelzoo.sparsity.plan`).
+RATE_RANGES: dict[str, tuple[tuple[str, str, tuple[float | None, float | None]], ...]] = {
+    "linear": (("slope", "a finite number", (None, None)),),
+    "exp": (("gamma", "<= 0 (exp approaches `final` only for gamma <= 0)", (None, 0.0)),),
+    "power": (("beta", "positive (init * beta ** step flips sign or vanishes for beta <= 0)", (0.0, None)),),
+    "cosine": (("half_period", "a positive number of steps", (0.0, None)),),
+}
 
 
 def _is_number(x: object) -> bool:
@@ -188,8 +206,10 @@ def make_schedule(spec: object, key: str, *, closed: bool = False) -> Schedule:
             _check_fraction(value, f"{key}.{name}", closed=True)
         elif not _is_number(value):
             raise ConfigError(f"{key}.{name}", f"must be a number, got {value!r}")
-    if kind == "cosine" and args["half_period"] <= 0:
-        raise ConfigError(f"{key}.half_period", f"must be positive, got {args['half_period']}")
+    for name, rule, (lo, hi) in RATE_RANGES.get(kind, ()):
+        value = args[name]
+        if not (math.isfinite(value) and (lo is None or value > lo) and (hi is None or value <= hi)):
+            raise ConfigError(f"{key}.{name}", f"must be {rule}, got {value!r}")
     return cls(**args)
 
 
@@ -203,6 +223,11 @@ class FreqSchedule:
 
     def __call__(self, step: int) -> bool:
         return (step - self.start) % self.freq == 0 and step >= self.start and (self.stop is None or step < self.stop)
+
+    def steps_until(self, last: int) -> torch.Tensor:
+        """The update steps in [0, `last`], ascending (int64)."""
+        stop = last + 1 if self.stop is None else min(self.stop, last + 1)
+        return torch.arange(self.start, max(stop, self.start), self.freq, dtype=torch.int64)
 
     @property
     def last_step(self) -> int:
@@ -219,6 +244,10 @@ class ListSchedule:
 
     def __call__(self, step: int) -> bool:
         return step in self.steps
+
+    def steps_until(self, last: int) -> torch.Tensor:
+        """The update steps in [0, `last`], ascending (int64)."""
+        return torch.tensor(sorted(s for s in self.steps if s <= last), dtype=torch.int64)
 
     @property
     def last_step(self) -> int:

@@ -5,6 +5,7 @@ Layout of one checkpoint, `<run_dir>/checkpoints/step_000100/`:
     optimizer.pt        optimizer state
     trainer.pt          step, scheduler, data position, sparsity state, RNG states
     config.yaml         the resolved run config
+    identity.json       what a resume must keep: data, tokenizer, model, sparsity, ... (`modelzoo.train.identity`)
     manifest.json       format version, step, sha256 and size of every file above (written last)
 `checkpoints/latest` names the newest complete checkpoint.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
@@ -31,13 +33,17 @@ from modelzoo.errors import CheckpointError
 from modelzoo.sparsity.masks import MASK_SUFFIX
 
 FORMAT_VERSION = 1
-MODEL_FILE, OPTIMIZER_FILE, TRAINER_FILE, CONFIG_FILE, MANIFEST_FILE = (
+MODEL_FILE, OPTIMIZER_FILE, TRAINER_FILE, CONFIG_FILE, IDENTITY_FILE, MANIFEST_FILE = (
     "model.safetensors",
     "optimizer.pt",
     "trainer.pt",
     "config.yaml",
+    "identity.json",
     "manifest.json",
 )
+# What export, generate, evaluate and prune read: they verify these alone, so a damaged optimizer state (only a
+# resume reads it) does not block exporting intact weights.
+WEIGHT_FILES = (MODEL_FILE, CONFIG_FILE)
 LATEST = "latest"
 BEST = "best"  # written by runs that select a checkpoint (fine-tuning: the best on dev)
 
@@ -63,9 +69,11 @@ def save_checkpoint(
     config_yaml: str,
     keep: int,
     protect: tuple[str, ...] = (),
+    identity: dict[str, Any] | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically, point `latest` at it and keep the newest `keep` checkpoints (and the
-    checkpoints named in `protect`, e.g. the one model selection chose)."""
+    checkpoints named in `protect`, e.g. the one model selection chose). `identity` (JSON values) is what a
+    resume of the run must keep (`modelzoo.train.identity`)."""
     root = checkpoint_dir(run_dir)
     final = root / f"step_{step:06d}"
     with atomic_directory(final) as tmp:
@@ -73,6 +81,8 @@ def save_checkpoint(
         torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
         torch.save(trainer_state, tmp / TRAINER_FILE)
         (tmp / CONFIG_FILE).write_text(config_yaml)
+        if identity is not None:
+            (tmp / IDENTITY_FILE).write_text(json.dumps(identity, indent=2, sort_keys=True))
         _write_manifest(tmp, step)
     write_text_atomically(root / LATEST, final.name + "\n")
     _prune(root, keep, protect={final.name, *protect})
@@ -155,8 +165,9 @@ def check_run_dir(run_dir: str | Path, resume: bool) -> None:
         )
 
 
-def verify_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Check that every file is present with its recorded size and sha256; return the manifest."""
+def verify_checkpoint(path: str | Path, only: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Check that every file (or those named in `only`) is present with its recorded size and sha256; return the
+    manifest."""
     path = Path(path)
     manifest_path = path / MANIFEST_FILE
     if not manifest_path.is_file():
@@ -168,7 +179,12 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{manifest_path} is corrupted ({e})") from e
     if manifest.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format version {manifest.get('format_version')}, expected {FORMAT_VERSION}")
+    missing = sorted(set(only or ()) - files.keys())
+    if missing:
+        raise CheckpointError(f"{path}: {MANIFEST_FILE} lists no {missing[0]}")
     for name, meta in files.items():
+        if only is not None and name not in only:
+            continue
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"{f} is missing")
@@ -183,6 +199,12 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def read_config(path: str | Path) -> str:
     return (Path(path) / CONFIG_FILE).read_text()
+
+
+def read_identity(path: str | Path) -> dict[str, Any] | None:
+    """The run identity a checkpoint recorded, or None (weights-only checkpoints, older versions)."""
+    file = Path(path) / IDENTITY_FILE
+    return json.loads(file.read_text()) if file.is_file() else None
 
 
 def load_model_weights(path: str | Path, model: nn.Module, mask_names: list[str], drop_masks: bool = False) -> None:
@@ -225,6 +247,21 @@ def load_training_state(path: str | Path) -> tuple[dict, dict]:
             f"{path} holds weights only (no optimizer or trainer state), so it cannot be resumed; export it "
             "(modelzoo export) and start a new run from it with task.init_from=<the export>"
         )
-    optimizer_state = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=False)
-    trainer_state = torch.load(path / TRAINER_FILE, map_location="cpu", weights_only=False)
-    return optimizer_state, trainer_state
+    return _load_plain(path / OPTIMIZER_FILE), _load_plain(path / TRAINER_FILE)
+
+
+def _load_plain(file: Path) -> Any:
+    """`torch.load` of tensors and plain containers only: a pickled object that would run code is refused unread.
+
+    The manifest proves a checkpoint intact, not where it came from, so nothing in it may execute.
+    """
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), type(e).__name__)
+        raise CheckpointError(
+            f"{file} holds pickled Python objects besides tensors and plain values; loading them could run code, "
+            f"so it was refused ({reason}). modelzoo writes only tensors and plain values there: this file was "
+            "written by something else (or by a version before weights-only checkpoints); export the weights "
+            "(modelzoo export) and start a new run from them with task.init_from=<the export>"
+        ) from e

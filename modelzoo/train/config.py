@@ -11,6 +11,7 @@ PRECISIONS = ("fp32", "bf16", "cbf16", "fp16")
 # cstorch's 16-bit types with loss scaling: a CS-2 only (backend=cerebras cluster=cs2 pretraining).
 CS2_PRECISIONS = ("cbf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
+NONFINITE_POLICIES = ("stop", "skip")  # see modelzoo.train.guards
 
 
 def resolved_device(requested: str) -> str:
@@ -53,3 +54,5 @@ class TrainConfig:
     resume: bool = False
     init_from: str | None = None
     export: bool = True
+    on_nonfinite: str = "stop"  # a NaN/Inf loss or gradient norm: "stop" the run, or "skip" the update
+    max_nonfinite_skips: int = 10  # "skip": the most steps left out over the run before it stops

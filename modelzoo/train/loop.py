@@ -10,7 +10,9 @@ checkpoints); the loop does the rest, the same for every task:
 - bookkeeping after each step (`end_step`): the progress bar, a metrics row every `log_every` steps, the task's
   evaluation every `eval_every`, an atomic checkpoint every `checkpoint_every` and at the last step (rank 0);
 - exact resume (`resume`): weights and masks, optimizer, schedule, the task's state (data position, model
-  selection), sparsity state and RNG states.
+  selection), sparsity state and RNG states; the config's optimizer hyperparameters apply, and a checkpoint of
+  another run (`modelzoo.train.identity`) or holding NaN/Inf is refused;
+- non-finite steps stop the run or skip their update (`modelzoo.train.guards`), and nothing non-finite is saved.
 
 Sparsity acts through hooks the plug-in put on the model and optimizer, so the step knows nothing of masks.
 """
@@ -18,7 +20,6 @@ Sparsity acts through hooks the plug-in put on the model and optimizer, so the s
 from __future__ import annotations
 
 import logging
-import random
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -27,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
 import torch
 from omegaconf import OmegaConf
 from torch import nn
@@ -37,11 +37,15 @@ from tqdm.auto import tqdm
 from modelzoo.backends.base import Backend, Sparsifier
 from modelzoo.distributed import Distributed
 from modelzoo.errors import CheckpointError
+from modelzoo.finite import refuse_nonfinite
 from modelzoo.sparsity.masks import MASK_SUFFIX
 from modelzoo.train import checkpoint as ckpt
 from modelzoo.train.config import OptimConfig
+from modelzoo.train.guards import NonFiniteGuard, training_tensors
+from modelzoo.train.identity import apply_optimizer_config, check_identity, log_optimizer_changes
 from modelzoo.train.metrics import MetricsLogger
 from modelzoo.train.optim import build_optimizer
+from modelzoo.train.rng import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +65,8 @@ class LoopSettings:
     eval_every: int
     checkpoint_every: int
     keep_checkpoints: int
+    on_nonfinite: str = "stop"  # `task.on_nonfinite` of pre-training; fine-tuning stops
+    max_nonfinite_skips: int = 0
 
 
 class LoopTask(Protocol):
@@ -132,7 +138,9 @@ class TrainLoop:
         run_dir: Path,
         config_yaml: str,
         mask_names: list[str],
+        identity: dict | None = None,
     ) -> None:
+        """`identity`: what a resume must keep beyond the config (`modelzoo.train.identity`), None to check none."""
         self.task, self.model, self.optimizer, self.scheduler = task, model, optimizer, scheduler
         self.backend, self.sparsifier, self.settings, self.dist = backend, sparsifier, settings, dist
         self.device, self.run_dir, self.config_yaml, self.mask_names = device, run_dir, config_yaml, mask_names
@@ -147,6 +155,8 @@ class TrainLoop:
         self.train_seconds = 0.0
         self.last_eval: dict[str, float] = {}
         self.metrics: MetricsLogger | None = None
+        self.identity = identity
+        self.guard = NonFiniteGuard(settings.on_nonfinite, settings.max_nonfinite_skips, dist)
         self._run_step = backend.wrap_step(self.train_step, self.end_step)
 
     # ---- one optimizer step -------------------------------------------------------------------------
@@ -166,20 +176,23 @@ class TrainLoop:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.settings.grad_clip)
-        if self.scaler is None:
-            self.optimizer.step()
-        else:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+        loss = torch.stack(losses).sum() / self.accumulation
         lr = self.optimizer.param_groups[0]["lr"]  # a tensor of the program on cstorch, a float elsewhere
-        self.scheduler.step()
+        if self.guard.allows_update(self.step + 1, loss, grad_norm):
+            if self.scaler is None:
+                self.optimizer.step()
+            else:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return torch.stack(losses).sum() / self.accumulation, grad_norm, lr
+        return loss, grad_norm, lr
 
     def end_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, lr: torch.Tensor | float) -> None:
         """After each optimizer step, on the host: count, log, evaluate, save. (The Cerebras backend runs these
         parts apart: `train_row` in a step closure, the rest between its executors.)"""
         self.count_step()
+        self.observe(loss, grad_norm)
         sparsity = self.sparsifier.stats().global_sparsity if self.sparsifier and self.log_due() else None
         row = self.train_row(loss, grad_norm, lr, sparsity)
         if self.eval_due():
@@ -195,6 +208,14 @@ class TrainLoop:
         self.step += 1
         self._window_steps += 1
         self._bar.update(1)
+
+    def observe(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """The non-finite guard sees this step's values, and stops the run before anything is logged, evaluated or
+        saved when it must."""
+        s = self.settings
+        self.guard.observe(self.step, loss, grad_norm)
+        if any(self.step % n == 0 for n in (s.log_every, s.eval_every, s.checkpoint_every)) or self.step == s.max_steps:
+            self.guard.check()
 
     def log_due(self) -> bool:
         return self.step % self.settings.log_every == 0 or self.step == self.settings.max_steps
@@ -288,15 +309,14 @@ class TrainLoop:
             "task": self.task.state_dict(),
             "sparsity": self.sparsifier.state_dict() if self.sparsifier else None,
             "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "python": random.getstate(),
-                "numpy": np.random.get_state(),
-            },
+            "nonfinite_skips": self.guard.skips,
+            "rng": rng_state(),
         }
 
     def save(self) -> Path:
+        refuse_nonfinite(
+            training_tensors(self.model, self.optimizer), f"step {self.step}", "the checkpoint was not written"
+        )
         return ckpt.save_checkpoint(
             self.run_dir,
             self.step,
@@ -306,6 +326,7 @@ class TrainLoop:
             self.config_yaml,
             keep=self.settings.keep_checkpoints,
             protect=self.task.protected_checkpoints(),
+            identity=self.identity,
         )
 
     def resume(self, keys: tuple[str, ...], hint: str) -> None:
@@ -321,23 +342,35 @@ class TrainLoop:
                     f"{path} was trained with {key}={_plain(a)} but the config has {key}={_plain(b)}; "
                     f"resume with the original value or {hint}"
                 )
+        if self.identity is not None:
+            check_identity(path, ckpt.read_identity(path), self.identity)
         ckpt.load_model_weights(path, self.model, self.mask_names)
         optimizer_state, state = ckpt.load_training_state(path)
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        fresh_base_lrs = list(self.scheduler.base_lrs)
         self.optimizer.load_state_dict(optimizer_state)
         self.scheduler.load_state_dict(state["scheduler"])
+        apply_optimizer_config(self.optimizer, self.scheduler, fresh, fresh_base_lrs)
+        log_optimizer_changes(path, _plain(saved.optim), _plain(current.optim))
+        refuse_nonfinite(
+            training_tensors(self.model, self.optimizer),
+            path,
+            "point checkpoints/latest at an earlier step_* directory or start afresh",
+        )
         self.task.load_state_dict(state["task"])
         if self.sparsifier:
             self.sparsifier.load_state_dict(state["sparsity"])
         if self.scaler is not None:
             self.scaler.load_state_dict(state["grad_scaler"])
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
+        set_rng_state(state["rng"])
         self.step = state["step"]
         self.train_seconds = state["train_seconds"]
+        self.guard.skips = state["nonfinite_skips"]
+        if self.step > self.settings.max_steps:
+            raise CheckpointError(
+                f"{path} is at step {self.step}, past task.max_steps={self.settings.max_steps}: raise "
+                "task.max_steps to train further"
+            )
         log.info("resumed from %s at step %d", path, self.step)
 
 

@@ -12,13 +12,16 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
+from modelzoo import runlock
 from modelzoo.backends import get_backend, resolve_name
+from modelzoo.backends.base import Sparsifier
 from modelzoo.config import Config
 from modelzoo.data.corpus import corpus_files, load_corpus, unigram_loss
 from modelzoo.data.loader import BlockLoader, StepBatches, iter_eval
@@ -29,10 +32,9 @@ from modelzoo.export.hf import export_hf, load_hf
 from modelzoo.flops import flop_report, format_flops
 from modelzoo.models.gpt import GPT, GPTConfig
 from modelzoo.restore import restore_model
-from modelzoo.sparsity.masks import MASK_SUFFIX
-from modelzoo.sparsity.plugin import sparsity_stats
 from modelzoo.train import checkpoint as ckpt
 from modelzoo.train.config import TrainConfig, resolved_device
+from modelzoo.train.identity import run_identity
 from modelzoo.train.loop import Forward, LoopSettings, TrainLoop, build_optimization
 
 log = logging.getLogger(__name__)
@@ -51,10 +53,13 @@ class RunSummary:
     val_loss: float
     val_ppl: float
     unigram_loss: float
-    sparsity: float | None
+    sparsity: float | None  # achieved: fraction of exact zeros in the targeted weights
     sparsity_per_param: dict[str, float]
+    mask_sparsity: float | None  # fraction the masks prune (below `sparsity` after SET / RigL regrowth)
+    average_sparsity: float | None  # the masks' level averaged over the steps trained (a schedule starts lower)
     dense_flops: float
-    sparse_flops: float
+    sparse_flops: float  # sparse-effective, each step at the level its masks held
+    final_sparse_flops: float  # the same tokens at the final masks alone
     checkpoint: str
     export_dir: str | None
 
@@ -75,6 +80,8 @@ class Trainer:
         self.device = torch.device(f"cuda:{self.dist.local_rank}" if device_type == "cuda" else device_type)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        if self.dist.is_main:  # one writer per run directory, until fit() ends or the process dies
+            runlock.acquire(self.run_dir)
         self.backend = get_backend(cfg.backend.name)
         artifacts = self.run_dir / self.backend.name  # what the backend writes besides checkpoints (cstorch)
         if self.task.resume:
@@ -89,7 +96,7 @@ class Trainer:
                     f"{cfg.model.vocab_size} is smaller than the tokenizer's {len(self.tokenizer)} tokens; "
                     f"set model.vocab_size={len(self.tokenizer)}",
                 )
-            if self.dist.is_main:
+            if self.dist.is_main and not self.task.resume:  # a resume checks it against the checkpoint instead
                 self.tokenizer.save_pretrained(self.run_dir / "tokenizer")
             self.corpus = load_corpus(cfg.data, self.tokenizer)
         self.unigram_loss = unigram_loss(self.corpus.train, self.corpus.validation, cfg.model.vocab_size)
@@ -114,7 +121,6 @@ class Trainer:
             source=", ".join(cfg.data.train_files),
         )
         self.units_per_step = self.task.batch_size * cfg.data.seq_len
-        self.flops = flop_report(cfg.model, cfg.data.seq_len, cfg.sparsity)
         self.loop = TrainLoop(
             task=self,
             model=self.model,
@@ -133,12 +139,15 @@ class Trainer:
                 eval_every=self.task.eval_every,
                 checkpoint_every=self.task.checkpoint_every,
                 keep_checkpoints=self.task.keep_checkpoints,
+                on_nonfinite=self.task.on_nonfinite,
+                max_nonfinite_skips=self.task.max_nonfinite_skips,
             ),
             dist=self.dist,
             device=self.device,
             run_dir=self.run_dir,
             config_yaml=OmegaConf.to_yaml(OmegaConf.structured(cfg)),
             mask_names=self.sparsifier.mask_names() if self.sparsifier else [],
+            identity=run_identity(cfg, self.tokenizer),
         )
         if self.task.resume:
             self.loop.resume(RESUME_KEYS, "start a new run_dir")
@@ -175,7 +184,7 @@ class Trainer:
                 _, loss = self.model(x.to(self.device), y.to(self.device))
             sums += torch.tensor([float(loss) * y.numel(), y.numel()], dtype=torch.float64, device=self.device)
         total, count = self.dist.sum(sums).tolist()
-        return {"val_loss": total / count, "val_ppl": math.exp(total / count)}
+        return {"val_loss": total / count, "val_ppl": perplexity(total / count)}
 
     def corpus_files(self) -> tuple[Path, Path]:
         """The corpus cache's packed train and validation blocks (`.npy`), which a CS-2's input workers read."""
@@ -197,25 +206,46 @@ class Trainer:
 
     def fit(self) -> RunSummary | None:
         """Train (or, for `cluster.mode` compile_only / validate_only, let the backend lower one step) and
-        summarise; None when nothing trained."""
-        self._log_header()
-        if not self.backend.run(self.loop):
-            return None
-        return self._finish(self.loop.last_eval.get("val_loss", math.nan))
+        summarise; None when nothing trained. A resumed finished run: see `_finished_summary`."""
+        try:
+            if self.step >= self.task.max_steps:
+                return self._finished_summary()
+            self._log_header()
+            if not self.backend.run(self.loop):
+                return None
+            return self._finish(self.loop.last_eval.get("val_loss", math.nan))
+        finally:
+            if self.dist.is_main:
+                runlock.release(self.run_dir)
 
-    def sparsity(self, model: GPT) -> tuple[float | None, dict[str, float]]:
+    def _finished_summary(self) -> RunSummary:
+        """A resumed run already at `task.max_steps`: its summary, nothing changed; or, when it was stopped
+        after its last checkpoint but before its summary, the summary (and export) it did not write."""
+        summary = self.run_dir / "summary.json"
+        if summary.is_file() and json.loads(summary.read_text())["steps"] == self.step:
+            log.info(
+                "%s already finished at step %d (task.max_steps=%d): nothing to do, nothing changed; "
+                "raise task.max_steps to train further",
+                self.run_dir,
+                self.step,
+                self.task.max_steps,
+            )
+            return RunSummary(**json.loads(summary.read_text()))
+        return self._finish(self.evaluate(self.step)["val_loss"])
+
+    def sparsity(self) -> tuple[float | None, dict[str, float]]:
         if not self.sparsifier:
             return None, {}
-        masked = self.sparsifier.mask_names()
-        stats = sparsity_stats([(n, p) for n, p in model.named_parameters() if n + MASK_SUFFIX in masked])
+        stats = self.sparsifier.stats()
         return stats.global_sparsity, stats.per_param
 
-    def trained_model(self) -> GPT:
-        """The trained model on the host: the live one, or where the weights stay on the device (a CS-2) the
-        one of the last checkpoint."""
+    def trained_model(self) -> tuple[GPT, Sparsifier | None]:
+        """The trained model on the host and its sparsity plug-in: the live ones, or where the weights stay on the
+        device (a CS-2) those of the last checkpoint."""
         if self.backend.weights_on_host:
-            return self.model
-        return restore_model(ckpt.latest_checkpoint(self.run_dir)).model
+            return self.model, self.sparsifier
+        restored = restore_model(ckpt.latest_checkpoint(self.run_dir))
+        return restored.model, restored.sparsifier
 
     # ---- reporting ----------------------------------------------------------------------------------
     def _log_header(self) -> None:
@@ -244,8 +274,9 @@ class Trainer:
 
     def _finish(self, val_loss: float) -> RunSummary:
         tokens = self.step * self.units_per_step
-        model = self.trained_model()
-        sparsity, per_param = self.sparsity(model)
+        model, sparsifier = self.trained_model()
+        stats = sparsifier.stats() if sparsifier else None
+        flops = flop_report(self.cfg.model, self.cfg.data.seq_len, self.cfg.sparsity, steps=self.step)
         export_dir = None
         if self.task.export and self.dist.is_main:
             info = self.cfg.sparsity.summary() if self.cfg.sparsity.enabled else {}
@@ -256,12 +287,15 @@ class Trainer:
             seconds=self.loop.train_seconds,
             tokens_per_s=tokens / max(self.loop.train_seconds, 1e-9),
             val_loss=val_loss,
-            val_ppl=math.exp(val_loss),
+            val_ppl=perplexity(val_loss),
             unigram_loss=self.unigram_loss,
-            sparsity=sparsity,
-            sparsity_per_param=per_param,
-            dense_flops=self.flops.dense_per_token * tokens,
-            sparse_flops=self.flops.sparse_per_token * tokens,
+            sparsity=stats.global_sparsity if stats else None,
+            sparsity_per_param=stats.per_param if stats else {},
+            mask_sparsity=stats.mask_sparsity if stats else None,
+            average_sparsity=flops.average_sparsity if stats else None,
+            dense_flops=flops.dense_per_token * tokens,
+            sparse_flops=flops.sparse_per_token * tokens,
+            final_sparse_flops=flops.final_per_token * tokens,
             checkpoint=str(ckpt.latest_checkpoint(self.run_dir)),
             export_dir=export_dir,
         )
@@ -271,8 +305,21 @@ class Trainer:
         return summary
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss), inf where that overflows a float (a diverging run's loss of 1e9 is no reason to crash)."""
+    return math.exp(loss) if loss < math.log(sys.float_info.max) else math.inf
+
+
 def format_summary(s: RunSummary) -> str:
-    sparsity = "dense" if s.sparsity is None else f"{s.sparsity:.1%} of targeted weights are zero"
+    sparsity = "dense"
+    if s.sparsity is not None:
+        sparsity = f"{s.sparsity:.1%} of targeted weights are zero, masks prune {s.mask_sparsity:.1%}"
+    flops = f"{s.dense_flops / s.sparse_flops:.2f}x fewer"
+    if not math.isclose(s.sparse_flops, s.final_sparse_flops, rel_tol=1e-9):
+        flops += (
+            f" over the run, masks {s.average_sparsity:.1%} sparse on average; the final masks alone would give "
+            f"{s.dense_flops / s.final_sparse_flops:.2f}x"
+        )
     lines = [
         "=" * 72,
         f"steps            {s.steps:,}  ({s.tokens:,} tokens, {s.seconds:.0f} s training, {s.tokens_per_s:,.0f} tok/s)",
@@ -280,7 +327,7 @@ def format_summary(s: RunSummary) -> str:
         f"{s.unigram_loss:.4f}, perplexity {math.exp(s.unigram_loss):.1f})",
         f"sparsity         {sparsity}",
         f"training FLOPs   dense {format_flops(s.dense_flops)}, sparse-effective {format_flops(s.sparse_flops)} "
-        f"({s.dense_flops / s.sparse_flops:.2f}x fewer)",
+        f"({flops})",
         f"checkpoint       {s.checkpoint}",
     ]
     if s.export_dir:

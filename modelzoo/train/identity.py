@@ -1,0 +1,102 @@
+"""What a resumed run must share with its checkpoint, and what it may change.
+
+A checkpoint's `config.yaml` holds the model, sparsity, tokenizer settings, sequence length, global batch and
+seed, which the loop's resume compares key by key (`TrainLoop.resume`). What the config does not show is recorded
+beside it as the run's identity (`identity.json`): the training and validation documents by content, where they
+came from, and the tokenizer by its full definition (a retrained or edited tokenizer under the same settings).
+Changing any of them under a checkpoint silently changes what the saved state means (embeddings of remapped token
+ids, data positions in other documents), so a resume that does is refused, naming the key and the saved value.
+
+Optimizer hyperparameters (`optim.*`) are the other way round: on resume the config's values apply (learning
+rate, betas, eps, weight decay, warm-up, decay, clipping), the checkpoint contributing only the moments and
+step counts. Lowering `optim.lr` after a loss spike is the usual reason to resume with other values; every
+value that differs from the saved run's is logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerFast
+
+from modelzoo.config import Config
+from modelzoo.data.corpus import SPLITS, split_files, split_key, tokenizer_fingerprint
+from modelzoo.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+# Applied to the restored optimizer's parameter groups from a freshly built one (`lr` via the schedule).
+OPTIMIZER_HYPERPARAMETERS = ("initial_lr", "betas", "eps", "weight_decay")
+
+
+def run_identity(cfg: Config, tokenizer: PreTrainedTokenizerFast) -> dict[str, Any]:
+    """The identity of run `cfg` trained with `tokenizer`, as stored in each checkpoint (JSON values)."""
+    documents = {split: split_key(cfg.data, split) for split in SPLITS}
+    return {
+        "data.documents": hashlib.sha256(json.dumps(documents, sort_keys=True).encode()).hexdigest(),
+        "data.sources": {split: split_files(cfg.data, split) or cfg.data.hub_name for split in SPLITS},
+        "tokenizer.fingerprint": tokenizer_fingerprint(tokenizer),
+    }
+
+
+def check_identity(checkpoint: Path, saved: dict[str, Any] | None, current: dict[str, Any]) -> None:
+    """Refuse to resume `checkpoint` (identity `saved`) as a run of identity `current`, naming the first change.
+
+    Raises:
+        CheckpointError: a key differs, or the checkpoint records no identity.
+    """
+    if saved is None:
+        raise CheckpointError(
+            f"{checkpoint} records no run identity (written by an older version), so a resume cannot check that "
+            "the data, tokenizer and model are the same; export it (modelzoo export) and start a new run from "
+            "it with task.init_from=<the export>"
+        )
+    for key, value in current.items():
+        if key == "data.sources" or saved.get(key) == value:
+            continue
+        if key == "data.documents":
+            raise CheckpointError(
+                f"{checkpoint} was trained on other documents: data {saved['data.sources']} (content sha256 "
+                f"{saved[key][:12]}), but the config reads {current['data.sources']} (sha256 {value[:12]}); "
+                "resume with the original data.train_files / data.validation_files or start a new run_dir"
+            )
+        raise CheckpointError(
+            f"{checkpoint} was trained with {key}={saved.get(key)} but the config gives {key}={value}: that "
+            "changes what the saved state means; resume with the original value or start a new run_dir"
+        )
+
+
+def apply_optimizer_config(
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    fresh_groups: list[dict[str, Any]],
+    fresh_base_lrs: list[float],
+) -> None:
+    """After loading a checkpoint into `optimizer` and `scheduler`: the config's hyperparameters, captured from
+    the freshly built ones (`fresh_groups` without their params, `fresh_base_lrs`), replace the saved ones, and
+    the learning rate of the next step is recomputed from the config's schedule at the restored step."""
+    scheduler.base_lrs = list(fresh_base_lrs)
+    for group, fresh, fn, base_lr in zip(
+        optimizer.param_groups, fresh_groups, scheduler.lr_lambdas, scheduler.base_lrs, strict=True
+    ):
+        for key in OPTIMIZER_HYPERPARAMETERS:
+            if key in fresh:
+                group[key] = fresh[key]
+        lr = base_lr * fn(scheduler.last_epoch)  # as LambdaLR.get_lr, so an unchanged config resumes bit for bit
+        if torch.is_tensor(group["lr"]):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
+def log_optimizer_changes(checkpoint: Path, saved_optim: dict[str, Any], optim: dict[str, Any]) -> None:
+    """Log each `optim.*` value the resumed run changes (they apply; see the module docstring)."""
+    for key, value in optim.items():
+        if saved_optim.get(key) != value:
+            log.warning(
+                "resume: optim.%s=%s applies (%s was trained with %s)", key, value, checkpoint, saved_optim.get(key)
+            )
