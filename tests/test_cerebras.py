@@ -138,8 +138,9 @@ def test_pretraining_matches_masked_dense(cstorch, tmp_path: Path, cache_dir: Pa
         )
         for trainer in (reference, cerebras):
             assert any(not torch.equal(v, masks(trainer)[k]) for k, v in start.items())
-    for name, param in cerebras.sparsifier._params:
-        mask = final[name + "_mask"]
+    params = dict(cerebras.model.named_parameters())
+    for name in cerebras.sparsifier.names:
+        param, mask = params[name], final[name + "_mask"]
         level = 1 - mask.float().mean()
         assert level == pytest.approx(0.75, abs=2e-3), name
         assert not param[~mask].any(), name

@@ -101,7 +101,6 @@ class StagedRun:
         )
         self.masks = loop.mask_names
         self._eval_sums: list[float] = []
-        self._sum_clock = 0.0
 
     # ---- the programs ---------------------------------------------------------------------------------
     def train_program(self, on_step: Callable[..., None] | None = None) -> Callable[..., None]:
