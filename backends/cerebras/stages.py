@@ -226,6 +226,8 @@ class StagedRun:
             "global_step": step,
             "modelzoo_config": loop.config_yaml,
         }
+        if loop.identity is not None:  # what a resume must keep beyond the config
+            cs_state["modelzoo_identity"] = loop.identity
         for key in ("sparsity", "grad_scaler"):
             if state[key] is not None:
                 cs_state[key] = state[key]

@@ -176,7 +176,8 @@ def _model(state: dict[str, Any], path: Path, cfg: Config) -> GPT:
 
 
 # What a backend=cerebras run's checkpoint closure writes with `cstorch.save`: the Cerebras Model Zoo's keys
-# (`sparsity` and `grad_scaler` where the run has them), our config and the rest of the loop's state.
+# (`sparsity` and `grad_scaler` where the run has them), our config and the rest of the loop's state (and
+# `modelzoo_identity`, the run identity a resume checks, where the run has one).
 RUN_KEYS = ("model", "optimizer", "schedulers", "dataloader", "global_step", "modelzoo_config", "modelzoo_state")
 
 
@@ -213,7 +214,14 @@ def run_checkpoint_to_checkpoint(path: str | Path, run_dir: str | Path, keep: in
     }
     model = _model(state, path, config_from_yaml(state["modelzoo_config"]))
     return save_checkpoint(
-        run_dir, trainer_state["step"], model, state["optimizer"], trainer_state, state["modelzoo_config"], keep
+        run_dir,
+        trainer_state["step"],
+        model,
+        state["optimizer"],
+        trainer_state,
+        state["modelzoo_config"],
+        keep,
+        identity=state.get("modelzoo_identity"),
     )
 
 

@@ -347,10 +347,12 @@ class TrainLoop:
         ckpt.load_model_weights(path, self.model, self.mask_names)
         optimizer_state, state = ckpt.load_training_state(path)
         fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
-        fresh_base_lrs = list(self.scheduler.base_lrs)
+        lambda_lr = isinstance(self.scheduler, torch.optim.lr_scheduler.LambdaLR)
+        fresh_base_lrs = list(self.scheduler.base_lrs) if lambda_lr else []
         self.optimizer.load_state_dict(optimizer_state)
         self.scheduler.load_state_dict(state["scheduler"])
-        apply_optimizer_config(self.optimizer, self.scheduler, fresh, fresh_base_lrs)
+        if lambda_lr:  # cstorch's schedulers (backend=cerebras) restore their saved settings with their state
+            apply_optimizer_config(self.optimizer, self.scheduler, fresh, fresh_base_lrs)
         log_optimizer_changes(path, _plain(saved.optim), _plain(current.optim))
         refuse_nonfinite(
             training_tensors(self.model, self.optimizer),
