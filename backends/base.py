@@ -54,10 +54,6 @@ class LoopDriver(Protocol):
         checkpoints."""
         ...
 
-    def run_one_step(self) -> None:
-        """One training step through the backend and nothing else (no bookkeeping, nothing saved)."""
-        ...
-
     def sparse_names(self) -> list[str]:
         """The names of the parameters the sparsity plug-in masks."""
         ...
@@ -68,6 +64,9 @@ class Backend(ABC):
 
     name: ClassVar[str]
     capabilities: ClassVar[Capabilities]
+    # Whether the host may read the model's weights between steps (not on a CS-2, where they live on the wafer
+    # and come back only in checkpoints).
+    weights_on_host: ClassVar[bool] = True
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -136,6 +135,11 @@ class Backend(ABC):
             end_step(*step(*batch))
 
         return run
+
+    def prepare_resume(self, artifact_dir: Path, run_dir: Path, keep: int) -> None:
+        """Before `task.resume` looks for the run's newest checkpoint, from the backend's `artifact_dir`: nothing by
+        default (the Cerebras backend converts the `cstorch.save` files its run wrote after that one)."""
+        return None
 
     def run(self, loop: LoopDriver) -> bool:
         """Drive `loop`; True when it trained (the Cerebras backend may only lower a step for a CS-2)."""

@@ -9,16 +9,16 @@ What each piece of the trainer becomes (cerebras-pytorch 2.10.0, facts in DESIGN
 - `sparsifier`: `CerebrasSparsity` (`sparsity.py`), cstorch's algorithms from the same `sparsity` node.
 - `optimizer_class`: `cstorch.optim.AdamW` (GMP, SET and RigL need a cstorch optimizer); `scheduler`: the
   LR schedule as cstorch schedulers, computed in the traced program from its step (`schedule.py`).
-- `batches`: `cstorch.utils.data.DataLoader` + `DataExecutor` (`data.py`); `wrap_step`: the step under
-  `@cstorch.trace`, its loss and gradient norm handed to the trainer's bookkeeping through a `step_closure`.
-- `run`: trains, or under `cluster.mode` compile_only / validate_only lowers one step and reports what was
-  lowered (`lowering.py`).
+- `run`: trains in stages of `DataExecutor`s with a checkpoint closure and evaluation between them
+  (`stages.py`), or under `cluster.mode` compile_only / validate_only lowers one training and one evaluation
+  step and reports what was lowered (`lowering.py`).
+- `prepare_resume`: the run's `cstorch.save` checkpoints not yet converted become our checkpoint directories.
 Checkpoint conversion to and from `cstorch.save` files lives in `modelzoo.export.cerebras_checkpoint`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -28,13 +28,13 @@ from torch import nn
 
 from modelzoo.backends.base import Backend, Capabilities, LoopDriver
 from modelzoo.backends.cerebras.cluster import cluster_config
-from modelzoo.backends.cerebras.data import executor
 from modelzoo.backends.cerebras.environment import CerebrasError, import_cstorch, put_venv_tools_on_path
 from modelzoo.backends.cerebras.environment import unavailable_reason as _unavailable_reason
 from modelzoo.backends.cerebras.lowering import lower
 from modelzoo.backends.cerebras.precision import autocast, grad_scaler, set_precision
 from modelzoo.backends.cerebras.schedule import build_scheduler
 from modelzoo.backends.cerebras.sparsity import CSTORCH_ALGORITHMS, CerebrasSparsity, check_sparsity
+from modelzoo.backends.cerebras.stages import StagedRun, convert_new_checkpoints
 from modelzoo.cluster import ClusterConfig
 from modelzoo.sparsity.config import SparsityConfig
 from modelzoo.train.config import OptimConfig
@@ -47,6 +47,7 @@ class CerebrasBackend(Backend):
         devices=frozenset({"cpu", "cuda"}),
         dtypes=frozenset({"fp32", "bf16", "cbf16", "fp16"}),
     )
+    weights_on_host = False
 
     def __init__(self) -> None:
         self.cs_backend: Any = None
@@ -108,30 +109,16 @@ class CerebrasBackend(Backend):
     def sparsifier(self, config: SparsityConfig, seed: int) -> CerebrasSparsity:
         return CerebrasSparsity(config, seed)
 
-    def batches(
-        self, batches: Iterable[tuple[torch.Tensor, ...]], steps: int, device: torch.device
-    ) -> Iterator[tuple[torch.Tensor, ...]]:
-        return iter(executor(batches, steps))
+    def prepare_resume(self, artifact_dir: Path, run_dir: Path, keep: int) -> None:
+        convert_new_checkpoints(artifact_dir, run_dir, keep)
 
     def run(self, loop: LoopDriver) -> bool:
-        """Train, or under `cluster.mode` compile_only / validate_only lower one step and print the report."""
-        if self.mode is None:
-            return super().run(loop)
+        """Train in stages, or under `cluster.mode` compile_only / validate_only lower one training and one
+        evaluation step and print the report."""
         artifacts = Path(self.cs_backend.artifact_dir)
-        report = lower(self.mode, artifacts, loop.run_one_step, loop.sparse_names(), self.cluster)
-        print(report.format())
+        staged = StagedRun(loop, artifacts)
+        if self.mode is None:
+            staged.run()
+            return True
+        print(lower(self.mode, artifacts, staged.one_step_each(), loop.sparse_names(), self.cluster).format())
         return False
-
-    def wrap_step(
-        self,
-        step: Callable[..., tuple[torch.Tensor, ...]],
-        end_step: Callable[..., None],
-    ) -> Callable[..., None]:
-        cstorch = import_cstorch()
-        closure = cstorch.step_closure(end_step)
-
-        @cstorch.trace
-        def traced(*batch: torch.Tensor) -> None:
-            closure(*step(*batch))
-
-        return traced

@@ -35,7 +35,8 @@ class LoweringReport:
     """What a compile_only / validate_only run produced locally and where it stopped."""
 
     mode: str
-    mlir: Path
+    mlir: dict[str, Path]  # by program: training, evaluation
+    skipped: list[str]  # programs not lowered
     annotations: dict[str, float]
     sparse_names: list[str]
     stopped: str | None
@@ -44,8 +45,9 @@ class LoweringReport:
     def format(self) -> str:
         covered = sum(n in self.annotations for n in self.sparse_names)
         levels = sorted({f"{v:g}" for v in self.annotations.values()})
-        lines = [
-            f"{self.mode}: lowered one training step for the CS-2 to {self.mlir}",
+        lines = [f"{self.mode}: lowered the {name} step for the CS-2 to {path}" for name, path in self.mlir.items()]
+        lines += [f"{self.mode}: the {name} step was not lowered (stopped before it)" for name in self.skipped]
+        lines += [
             f"sparsity annotations: {covered} of {len(self.sparse_names)} sparse weights "
             f"(cs.sparsity {', '.join(levels) or '-'})",
         ]
@@ -64,21 +66,34 @@ class LoweringReport:
 
 
 def lower(
-    mode: str, artifact_dir: Path, run_step: Callable[[], None], sparse_names: list[str], cluster: ClusterConfig
+    mode: str,
+    artifact_dir: Path,
+    programs: dict[str, Callable[[], None]],
+    sparse_names: list[str],
+    cluster: ClusterConfig,
 ) -> LoweringReport:
-    """Run one step under compile_only / validate_only: cstorch lowers it here, then the appliance compiles.
+    """Run one step of each program (training first) under compile_only / validate_only: cstorch lowers it here,
+    then the appliance compiles it; under compile_only the programs after one whose remote compile failed are
+    not lowered. Sparsity annotations are read from the training program.
 
-    A failure once the lowered program exists is the remote step's (no address, no network); it is
+    A failure once a program's lowered file exists is the remote step's (no address, no network); it is
     reported with what is missing. A failure before that is raised: the model does not lower.
     """
     executors = Path(artifact_dir) / "executors"
-    before = _lowered(executors)
     stopped = None
-    try:
-        run_step()
-    except Exception as e:
-        if not _lowered(executors) - before:
-            raise
-        stopped = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    mlir = max(_lowered(executors) - before, key=lambda p: p.stat().st_mtime)
-    return LoweringReport(mode, mlir, mlir_sparsity(mlir), sparse_names, stopped, cluster.missing_for_submission())
+    mlir = {}
+    for name, run_step in programs.items():
+        if stopped and mode == "compile_only":
+            break  # cstorch 2.10 aborts the process at a second remote compile after a failed one
+        before = _lowered(executors)
+        try:
+            run_step()
+        except Exception as e:
+            if not _lowered(executors) - before:
+                raise
+            stopped = stopped or f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        mlir[name] = max(_lowered(executors) - before, key=lambda p: p.stat().st_mtime)
+    training = mlir[next(iter(programs))]
+    skipped = [name for name in programs if name not in mlir]
+    missing = cluster.missing_for_submission()
+    return LoweringReport(mode, mlir, skipped, mlir_sparsity(training), sparse_names, stopped, missing)

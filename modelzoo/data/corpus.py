@@ -150,3 +150,16 @@ def _target_counts(blocks: ShardedBlocks | np.ndarray) -> np.ndarray:
         size = max(len(total), len(counts))
         total = np.pad(total, (0, size - len(total))) + np.pad(counts, (0, size - len(counts)))
     return total
+
+
+def corpus_files(corpus: PackedCorpus) -> tuple[Path, Path]:
+    """The prepared train and validation split directories of a one-source corpus: what a CS-2's input workers
+    read (`modelzoo.data.csx_input.read_blocks`) from a mounted volume.
+
+    Raises:
+        ConfigError: a mixture (the input workers read one corpus).
+    """
+    if len(corpus.sources) != 1:
+        raise ConfigError("data.sources", "a CS-2 run reads one prepared corpus; mixtures train with masked_dense")
+    directory = Path(corpus.sources[0].report.directory)
+    return directory / "train", directory / "validation"

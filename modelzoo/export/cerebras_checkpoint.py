@@ -23,6 +23,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
@@ -41,6 +42,7 @@ from modelzoo.train.checkpoint import (
     check_run_dir,
     load_training_state,
     read_config,
+    save_checkpoint,
     save_weights,
     verify_checkpoint,
 )
@@ -109,8 +111,10 @@ def load_cstorch(path: str | Path) -> dict[str, Any]:
     def materialise(value: Any) -> Any:
         if isinstance(value, dict):
             return {k: materialise(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [materialise(v) for v in value]
+        if isinstance(value, list | tuple):
+            return type(value)(materialise(v) for v in value)
+        if isinstance(value, np.ndarray):
+            return np.array(value)
         return torch.as_tensor(value).clone() if torch.is_tensor(value) else value
 
     return materialise(state)
@@ -155,13 +159,70 @@ def cstorch_to_checkpoint(path: str | Path, run_dir: str | Path) -> Path:
     if "modelzoo_config" not in state:
         raise CheckpointError(f"{path} has no modelzoo_config: it was not written by checkpoint_to_cstorch")
     config_yaml = state["modelzoo_config"]
-    model, _ = build_model(config_from_yaml(config_yaml))
+    return save_weights(
+        run_dir, int(state["global_step"]), _model(state, path, config_from_yaml(config_yaml)), config_yaml
+    )
+
+
+def _model(state: dict[str, Any], path: Path, cfg: Config) -> GPT:
+    """The model of `cfg` holding the weights and masks of `state["model"]`."""
+    model, _ = build_model(cfg)
     missing, unexpected = model.load_state_dict(state["model"], strict=False)
     if unexpected or len(missing) > 1 or not set(missing) <= set(TIED):  # one tensor, stored under one of its names
         raise CheckpointError(
             f"{path} does not match its config's model: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
-    return save_weights(run_dir, int(state["global_step"]), model, config_yaml)
+    return model
+
+
+# What a backend=cerebras run's checkpoint closure writes with `cstorch.save`: the Cerebras Model Zoo's keys
+# (`sparsity` and `grad_scaler` where the run has them), our config and the rest of the loop's state (and
+# `modelzoo_identity`, the run identity a resume checks, where the run has one).
+RUN_KEYS = ("model", "optimizer", "schedulers", "dataloader", "global_step", "modelzoo_config", "modelzoo_state")
+
+
+def required_run_keys(config_yaml: str) -> tuple[str, ...]:
+    """The keys a training checkpoint of a backend=cerebras run of the config `config_yaml` must hold."""
+    cfg = OmegaConf.create(config_yaml)
+    scaled = OmegaConf.select(cfg, "task.precision", default="fp32") in ("cbf16", "fp16")
+    sparse = config_from_yaml(config_yaml).sparsity.enabled
+    return (*RUN_KEYS, *(("sparsity",) if sparse else ()), *(("grad_scaler",) if scaled else ()))
+
+
+def run_checkpoint_to_checkpoint(path: str | Path, run_dir: str | Path, keep: int) -> Path:
+    """A training checkpoint of a backend=cerebras run (`cstorch.save`, Model Zoo keys) as our checkpoint
+    directory in `run_dir`, which `task.resume` continues from and `modelzoo export` reads; written on the user
+    node after the executor, never inside it. Refused, naming the keys, when any is missing."""
+    path = Path(path)
+    state = load_cstorch(path)
+    missing = [k for k in RUN_KEYS if k not in state]
+    if not missing:
+        missing = [k for k in required_run_keys(state["modelzoo_config"]) if k not in state]
+    if missing:
+        raise CheckpointError(
+            f"{path} lacks the key(s) {', '.join(missing)} of a backend=cerebras training checkpoint, so "
+            "task.resume cannot continue from it: resume from a file that a backend=cerebras run's checkpoint "
+            "closure wrote, delete this one to resume from the checkpoint before it, or start a new run_dir "
+            "(a Cerebras Model Zoo checkpoint without our config imports as weights with `modelzoo import-cerebras`)"
+        )
+    trainer_state = {
+        **state["modelzoo_state"],
+        "step": int(state["global_step"]),
+        "scheduler": state["schedulers"][0],
+        "sparsity": state.get("sparsity"),
+        "grad_scaler": state.get("grad_scaler"),
+    }
+    model = _model(state, path, config_from_yaml(state["modelzoo_config"]))
+    return save_checkpoint(
+        run_dir,
+        trainer_state["step"],
+        model,
+        state["optimizer"],
+        trainer_state,
+        state["modelzoo_config"],
+        keep,
+        identity=state.get("modelzoo_identity"),
+    )
 
 
 def from_cerebras_state_dict(

@@ -24,8 +24,8 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -204,49 +204,88 @@ class TrainLoop:
         return loss, grad_norm, lr
 
     def end_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, lr: torch.Tensor | float) -> None:
-        """After each optimizer step (the Cerebras backend calls it from a step closure): log, evaluate, save."""
-        s = self.settings
+        """After each optimizer step, on the host: count, log, evaluate, save. (The Cerebras backend runs these
+        parts apart: `train_row` in a step closure, the rest between its executors.)"""
+        self.count_step()
+        self.observe(loss, grad_norm)
+        sparsity = self.sparsifier.stats().global_sparsity if self.sparsifier and self.log_due() else None
+        row = self.train_row(loss, grad_norm, lr, sparsity)
+        if self.eval_due():
+            row.update(self.record_evaluation(self.task.evaluate(self.step)))
+        self.log_row(row)
+        if self.save_due():
+            self.save()
+        if "train_loss" in row:
+            self.restart_window()
+
+    # ---- the parts of the bookkeeping ---------------------------------------------------------------
+    def count_step(self) -> None:
         self.step += 1
         self._window_steps += 1
         self._bar.update(1)
+
+    def observe(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """The non-finite guard sees this step's values, and stops the run before anything is logged, evaluated or
+        saved when it must."""
+        s = self.settings
         self.guard.observe(self.step, loss, grad_norm)
         if any(self.step % n == 0 for n in (s.log_every, s.eval_every, s.checkpoint_every)) or self.step == s.max_steps:
-            self.guard.check()  # before anything is logged, evaluated or saved
-        row: dict[str, float] = {}
-        if self.step % s.log_every == 0 or self.step == s.max_steps:
-            elapsed = time.perf_counter() - self._window_start
-            self.train_seconds += elapsed
-            row.update(
-                train_loss=float(self.dist.mean(loss)),
-                lr=float(lr),
-                grad_norm=float(grad_norm),
-                **{f"{self.task.unit}_per_s": self._window_steps * self.task.units_per_step / elapsed},
-            )
-            if self.sparsifier:
-                row["sparsity"] = self.sparsifier.stats().global_sparsity
-            speed = self._speed(row[f"{self.task.unit}_per_s"])
-            row.update({k: v for k, v in speed.items() if v is not None})
-            self._bar.set_postfix(
-                refresh=False,
-                loss=f"{row['train_loss']:.3f}",
-                **{f"{self.task.unit[:3]}_s": f"{row[f'{self.task.unit}_per_s']:,.0f}"},
-                mfu=format_fraction(speed["mfu"]),
-                mem=format_gib(speed["peak_mem_gib"]),
-                **({"sparsity": f"{row['sparsity']:.1%}"} if "sparsity" in row else {}),
-            )
-        if self.step % s.eval_every == 0 or self.step == s.max_steps:
-            self.last_eval = self.task.evaluate(self.step)
-            row.update(self.last_eval)
-            if self.metrics:
-                self._bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in self.last_eval.items()))
-                if self.sparsifier:
-                    self.metrics.log_scalars(self.step, "sparsity", self.sparsifier.stats().per_param)
+            self.guard.check()
+
+    def log_due(self) -> bool:
+        return self.step % self.settings.log_every == 0 or self.step == self.settings.max_steps
+
+    def eval_due(self) -> bool:
+        return self.step % self.settings.eval_every == 0 or self.step == self.settings.max_steps
+
+    def save_due(self) -> bool:
+        s = self.settings
+        return self.dist.is_main and (self.step % s.checkpoint_every == 0 or self.step == s.max_steps)
+
+    def train_row(
+        self, loss: torch.Tensor, grad_norm: torch.Tensor, lr: torch.Tensor | float, sparsity: float | None
+    ) -> dict[str, float]:
+        """The metrics of this step where logging is due (else none), from the values handed in and the host's
+        clock; it reads nothing of the model."""
+        if not self.log_due():
+            return {}
+        elapsed = time.perf_counter() - self._window_start
+        self.train_seconds += elapsed
+        row = dict(
+            train_loss=float(self.dist.mean(loss)),
+            lr=float(lr),
+            grad_norm=float(grad_norm),
+            **{f"{self.task.unit}_per_s": self._window_steps * self.task.units_per_step / elapsed},
+        )
+        if sparsity is not None:
+            row["sparsity"] = sparsity
+        speed = self._speed(row[f"{self.task.unit}_per_s"])
+        row.update({k: v for k, v in speed.items() if v is not None})
+        self._bar.set_postfix(
+            refresh=False,
+            loss=f"{row['train_loss']:.3f}",
+            **{f"{self.task.unit[:3]}_s": f"{row[f'{self.task.unit}_per_s']:,.0f}"},
+            mfu=format_fraction(speed["mfu"]),
+            mem=format_gib(speed["peak_mem_gib"]),
+            **({"sparsity": f"{row['sparsity']:.1%}"} if "sparsity" in row else {}),
+        )
+        return row
+
+    def record_evaluation(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Keep and print this step's evaluation; per-weight sparsity as scalars where the weights are on the host."""
+        self.last_eval = metrics
+        if self.metrics:
+            self._bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            if self.sparsifier and self.backend.weights_on_host:
+                self.metrics.log_scalars(self.step, "sparsity", self.sparsifier.stats().per_param)
+        return metrics
+
+    def log_row(self, row: dict[str, float]) -> None:
         if row and self.metrics:
             self.metrics.log(self.step, **{self.task.unit: self.step * self.task.units_per_step}, **row)
-        if self.dist.is_main and (self.step % s.checkpoint_every == 0 or self.step == s.max_steps):
-            self.save()
-        if "train_loss" in row:
-            self._window_start, self._window_steps = time.perf_counter(), 0
+
+    def restart_window(self) -> None:
+        self._window_start, self._window_steps = time.perf_counter(), 0
 
     def _speed(self, units_per_s: float) -> dict[str, float | None]:
         """MFU over all ranks in this log window, and this rank's peak CUDA memory in it (n/a: None)."""
@@ -260,12 +299,13 @@ class TrainLoop:
         }
 
     # ---- driving ------------------------------------------------------------------------------------
-    def fit(self) -> None:
-        """Train from the current step to `max_steps` (through the backend's batches and step)."""
+    @contextmanager
+    def session(self) -> Iterator[None]:
+        """Metrics file and progress bar around training from the current step (`fit`, or a backend's run)."""
         if self.dist.is_main:
             columns = (*self.task.columns, *SPEED_COLUMNS)
             self.metrics = MetricsLogger(self.run_dir, resume_step=self.step or None, columns=columns)
-        self._window_start, self._window_steps = time.perf_counter(), 0
+        self.restart_window()
         # In a log file (no terminal) refresh the bar every 30 s instead of many times a second.
         refresh = 0.1 if sys.stderr.isatty() else 30.0
         self._bar = tqdm(
@@ -277,17 +317,16 @@ class TrainLoop:
             disable=not self.dist.is_main,
         )
         with self._bar:
-            for batch in self.backend.batches(self.task.batches(), self.settings.max_steps - self.step, self.device):
-                self._run_step(*batch)
+            yield
         if self.metrics:
             self.metrics.close()
         self.dist.barrier()  # the last checkpoint is complete before any rank reads `latest`
 
-    def run_one_step(self) -> None:
-        """One training step through the backend, without bookkeeping (the Cerebras backend lowers it)."""
-        step = self.backend.wrap_step(self.train_step, lambda *results: None)
-        for batch in self.backend.batches(self.task.batches(), 1, self.device):
-            step(*batch)
+    def fit(self) -> None:
+        """Train from the current step to `max_steps` (through the backend's batches and step)."""
+        with self.session():
+            for batch in self.backend.batches(self.task.batches(), self.settings.max_steps - self.step, self.device):
+                self._run_step(*batch)
 
     def sparse_names(self) -> list[str]:
         return [n.removesuffix(MASK_SUFFIX) for n in self.sparsifier.mask_names()] if self.sparsifier else []
@@ -339,10 +378,12 @@ class TrainLoop:
         ckpt.load_model_weights(path, self.model, self.mask_names)
         optimizer_state, state = ckpt.load_training_state(path)
         fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
-        fresh_base_lrs = list(self.scheduler.base_lrs)
+        lambda_lr = isinstance(self.scheduler, torch.optim.lr_scheduler.LambdaLR)
+        fresh_base_lrs = list(self.scheduler.base_lrs) if lambda_lr else []
         self.optimizer.load_state_dict(optimizer_state)
         self.scheduler.load_state_dict(state["scheduler"])
-        apply_optimizer_config(self.optimizer, self.scheduler, fresh, fresh_base_lrs)
+        if lambda_lr:  # cstorch's schedulers (backend=cerebras) restore their saved settings with their state
+            apply_optimizer_config(self.optimizer, self.scheduler, fresh, fresh_base_lrs)
         log_optimizer_changes(path, _plain(saved.optim), _plain(current.optim))
         refuse_nonfinite(
             training_tensors(self.model, self.optimizer),

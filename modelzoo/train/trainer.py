@@ -21,9 +21,10 @@ from omegaconf import OmegaConf
 
 from modelzoo import runlock
 from modelzoo.backends import get_backend, resolve_name
+from modelzoo.backends.base import Sparsifier
 from modelzoo.config import Config
 from modelzoo.data.config import describe
-from modelzoo.data.corpus import load_corpus, unigram_loss
+from modelzoo.data.corpus import corpus_files, load_corpus, unigram_loss
 from modelzoo.data.loader import BlockLoader, StepBatches, iter_eval
 from modelzoo.data.tokenizer import build_tokenizer
 from modelzoo.distributed import init_distributed
@@ -31,6 +32,7 @@ from modelzoo.errors import ConfigError
 from modelzoo.export.hf import export_hf, load_hf
 from modelzoo.flops import flop_report, format_flops
 from modelzoo.models.gpt import GPT, GPTConfig
+from modelzoo.restore import restore_model
 from modelzoo.train import checkpoint as ckpt
 from modelzoo.train.accel import fuses_adamw, prepare_model
 from modelzoo.train.config import TrainConfig, resolved_device
@@ -86,6 +88,10 @@ class Trainer:
             torch.cuda.set_device(self.device)
         if self.dist.is_main:  # one writer per run directory, until fit() ends or the process dies
             runlock.acquire(self.run_dir)
+        self.backend = get_backend(cfg.backend.name)
+        artifacts = self.run_dir / self.backend.name  # what the backend writes besides checkpoints (cstorch)
+        if self.task.resume:
+            self.backend.prepare_resume(artifacts, self.run_dir, self.task.keep_checkpoints)
         ckpt.check_run_dir(self.run_dir, resume=self.task.resume)
 
         with self.dist.main_first():  # rank 0 trains the tokenizer and fills the data cache; the others read them
@@ -102,8 +108,7 @@ class Trainer:
         self.unigram_loss = unigram_loss(self.corpus.train, self.corpus.validation, cfg.model.vocab_size)
 
         # The backend's runtime comes first: cstorch needs it before any sparsity object or optimizer exists.
-        self.backend = get_backend(cfg.backend.name)
-        self.backend.start(cfg.cluster, self.device, self.run_dir / "cerebras", self.task.precision)
+        self.backend.start(cfg.cluster, self.device, artifacts, self.task.precision)
         torch.manual_seed(cfg.seed)
         self.model = self._build_model().to(self.device)
         forward = self.backend.compile(self.model)
@@ -197,6 +202,10 @@ class Trainer:
         total, count = self.dist.sum(sums).tolist()
         return {"val_loss": total / count, "val_ppl": perplexity(total / count)}
 
+    def corpus_files(self) -> tuple[Path, Path]:
+        """The prepared train and validation shards of the corpus, which a CS-2's input workers read."""
+        return corpus_files(self.corpus)
+
     def protected_checkpoints(self) -> tuple[str, ...]:
         return ()
 
@@ -246,6 +255,14 @@ class Trainer:
         stats = self.sparsifier.stats()
         return stats.global_sparsity, stats.per_param
 
+    def trained_model(self) -> tuple[GPT, Sparsifier | None]:
+        """The trained model on the host and its sparsity plug-in: the live ones, or where the weights stay on the
+        device (a CS-2) those of the last checkpoint."""
+        if self.backend.weights_on_host:
+            return self.model, self.sparsifier
+        restored = restore_model(ckpt.latest_checkpoint(self.run_dir))
+        return restored.model, restored.sparsifier
+
     # ---- reporting ----------------------------------------------------------------------------------
     def _log_header(self) -> None:
         m: GPTConfig = self.cfg.model
@@ -273,12 +290,13 @@ class Trainer:
 
     def _finish(self, val_loss: float) -> RunSummary:
         tokens = self.step * self.units_per_step
-        stats = self.sparsifier.stats() if self.sparsifier else None
+        model, sparsifier = self.trained_model()
+        stats = sparsifier.stats() if sparsifier else None
         flops = flop_report(self.cfg.model, self.cfg.data.seq_len, self.cfg.sparsity, steps=self.step)
         export_dir = None
         if self.task.export and self.dist.is_main:
             info = self.cfg.sparsity.summary() if self.cfg.sparsity.enabled else {}
-            export_dir = str(export_hf(self.model, self.run_dir / "hf", self.tokenizer, {**info, "step": self.step}))
+            export_dir = str(export_hf(model, self.run_dir / "hf", self.tokenizer, {**info, "step": self.step}))
         summary = RunSummary(
             steps=self.step,
             tokens=tokens,
