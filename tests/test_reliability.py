@@ -280,6 +280,7 @@ def test_a_second_process_is_refused_naming_the_holder(tmp_path: Path, cache_dir
             [sys.executable, "-m", "modelzoo", "pretrain", f"run_dir={run}", "task.max_steps=1"],
             capture_output=True,
             text=True,
+            timeout=300,
         )
         assert done.returncode == 2 and f"in use by process {holder.pid}" in done.stderr
         cfg = to_object(load_config(["task=finetune", "task.pretrained=nowhere", f"task.output_dir={run}"]))
@@ -287,14 +288,16 @@ def test_a_second_process_is_refused_naming_the_holder(tmp_path: Path, cache_dir
             finetune(cfg)
     finally:
         holder.kill()
-        holder.wait()
+        holder.wait(timeout=60)
 
 
 def test_kill_9_leaves_no_stale_lock(tmp_path: Path) -> None:
     holder = hold_in_another_process(tmp_path)
+    with pytest.raises(runlock.RunDirLocked, match=rf"in use by process {holder.pid}"):
+        runlock.acquire(tmp_path)  # held while the holder lives
     os.kill(holder.pid, signal.SIGKILL)
-    holder.wait()
-    runlock.acquire(tmp_path)  # the kernel dropped the dead holder's lock
+    holder.wait(timeout=60)
+    runlock.acquire(tmp_path)  # the kernel dropped the dead holder's lock: no RunDirLocked
     runlock.release(tmp_path)
 
 
