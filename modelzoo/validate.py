@@ -260,7 +260,7 @@ def validate_finetune(cfg: Config) -> None:
     if task.keep_checkpoints < 1:
         raise ConfigError("task.keep_checkpoints", f"must be at least 1, got {task.keep_checkpoints}")
     check_device(task.device, task.precision)
-    if resolve_name(cfg.backend.name) != "masked_dense":
+    if cfg.backend.name not in ("auto", "masked_dense"):  # auto: masked_dense here, even where cstorch imports
         raise ConfigError(
             "backend.name",
             f"fine-tuning runs on masked_dense; {cfg.backend.name!r} trains pre-training only",

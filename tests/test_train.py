@@ -133,8 +133,17 @@ def test_resume_with_other_sparsity_is_refused(tmp_path: Path, cache_dir: Path) 
 
 
 # Matmuls over 4 and 8 sequences sum in different orders: after 2 steps the weights differ by up to 8.8e-7 on
-# torch 2.13 and 1.6e-6 on torch 2.4 (CPU), far below any real difference in the update.
+# torch 2.13 and 2.4e-7 on torch 2.4 (CPU), far below any real difference in the update. The tied embedding / LM head
+# is the exception on torch 2.4: rows of tokens absent from the batches get gradients of rounding size, which AdamW's
+# normalisation turns into full-size steps, and there the two runs differ by up to 1.6e-5 (measured on the sharded
+# corpus's batches; 8.8e-7 on torch 2.13).
 ACCUMULATION_ATOL = 5e-6
+EMBEDDING_ATOL = 5e-5
+EMBEDDINGS = ("transformer.wte.weight", "lm_head.weight")
+
+
+def atol(name: str) -> float:
+    return EMBEDDING_ATOL if name in EMBEDDINGS else ACCUMULATION_ATOL
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path, cache_dir: Path) -> None:
@@ -146,7 +155,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path, cache_dir: 
     accumulated.fit()
     single.fit()
     for (name, a), b in zip(accumulated.model.state_dict().items(), single.model.state_dict().values(), strict=True):
-        assert torch.allclose(a.float(), b.float(), atol=ACCUMULATION_ATOL), name
+        assert torch.allclose(a.float(), b.float(), atol=atol(name)), name
 
 
 def test_rigl_with_accumulation_matches_one_big_batch(tmp_path: Path, cache_dir: Path) -> None:
@@ -170,7 +179,7 @@ def test_rigl_with_accumulation_matches_one_big_batch(tmp_path: Path, cache_dir:
         if name.endswith("_mask"):
             assert torch.equal(a, b), name
         else:
-            assert torch.allclose(a.float(), b.float(), atol=ACCUMULATION_ATOL), name
+            assert torch.allclose(a.float(), b.float(), atol=atol(name)), name
 
 
 def test_nm_run_exports_its_pattern(tmp_path: Path, cache_dir: Path) -> None:

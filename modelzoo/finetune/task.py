@@ -142,7 +142,7 @@ def _train(cfg: Config, task: FinetuneConfig, run_dir: Path, dist: Distributed) 
     head = (LMHead if task.dataset == "pubmedqa" else HoCHead)(task, pre, seq_len, prompt)
     model = head.model.to(device)
     optim = dataclasses.replace(cfg.optim, lr=task.lr) if task.lr else cfg.optim
-    backend = get_backend(cfg.backend.name)
+    backend = get_backend("masked_dense")  # the only one fine-tuning runs on (validate refuses the others)
     sparsifier = pre.sparsifier if not prompt_tuning else None
     optimizer, scheduler = build_optimization(model, optim, task.max_steps, backend, sparsifier)
     examples = ExampleBatches(
