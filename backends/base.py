@@ -145,3 +145,7 @@ class Backend(ABC):
         """Drive `loop`; True when it trained (the Cerebras backend may only lower a step for a CS-2)."""
         loop.fit()
         return True
+
+    def lowering_left(self) -> list[str]:
+        """After a `run` that only lowered: the programs (`cluster.programs`) left to lower in a new process."""
+        return []

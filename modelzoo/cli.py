@@ -85,12 +85,14 @@ def pretrain(overrides: list[str]) -> None:
     """
     from modelzoo import runlock
     from modelzoo.distributed import shutdown
+    from modelzoo.train.budget import resolved
     from modelzoo.train.checkpoint import check_run_dir
     from modelzoo.train.trainer import Trainer
 
     if not any(arg.startswith("-") for arg in overrides):
         config = to_object(load_config(["task=pretrain", *overrides]))
         validate(config)
+        config = resolved(config)
         if not int(os.environ.get("RANK", "0")):  # before Hydra writes .hydra/ and the log into the run directory
             runlock.acquire(config.run_dir)
         check_run_dir(config.run_dir, resume=config.task.resume)
@@ -108,7 +110,10 @@ def pretrain(overrides: list[str]) -> None:
             shutdown()
 
     quiet = ["hydra.output_subdir=null", "hydra/job_logging=none"] if int(os.environ.get("RANK", "0")) else []
-    sys.argv = ["modelzoo pretrain", "task=pretrain", *with_detected_format(overrides), *quiet]
+    # Hydra's parser wants its flags (`-m`, `--cfg job`, ...) before one run of overrides.
+    plain = [a for a in overrides if "=" in a and not a.startswith("-")]
+    flags = [a for a in overrides if a not in plain]
+    sys.argv = ["modelzoo pretrain", *flags, "task=pretrain", *with_detected_format(plain), *quiet]
     run()
 
 
@@ -202,9 +207,11 @@ def info(overrides: list[str]) -> None:
 
 def flops(overrides: list[str]) -> None:
     from modelzoo.flops import flop_report, format_report
+    from modelzoo.train.budget import resolved
 
     cfg = to_object(load_config(overrides))
     validate(cfg)
+    cfg = resolved(cfg)
     tokens = cfg.task.max_steps * cfg.task.batch_size * cfg.data.seq_len
     report = flop_report(cfg.model, cfg.data.seq_len, cfg.sparsity, steps=cfg.task.max_steps)
     print(format_report(report, tokens=tokens))

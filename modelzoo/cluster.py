@@ -18,6 +18,7 @@ TARGETS = ("auto", "CPU", "GPU", "CSX")
 JOB_PRIORITIES = ("p1", "p2", "p3")
 # cstorch's rules: `<host>:<port>`, and labels `key=value` of DNS-label-like tokens.
 MODES = ("train", "compile_only", "validate_only")  # the last two lower for a CS-2 and stop
+PROGRAMS = ("training", "evaluation")  # what compile_only / validate_only lower, in this order
 MGMT_ADDRESS = re.compile(r".+:[0-9]+")
 LABEL_TOKEN = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9]")
 
@@ -30,12 +31,14 @@ class ClusterConfig:
     the appliance; `mode` `compile_only` / `validate_only` lowers the training step locally without them and
     stops at the remote compile (`train`, the default, trains). `mount_dirs` and `python_paths` are local
     directories the appliance's workers mount (this checkout is added to `python_paths` automatically);
-    `job_labels` are `key=value` strings.
+    `job_labels` are `key=value` strings. `programs` are the steps a lowering mode lowers (each of them in a
+    process of its own under compile_only, where cstorch 2.10 allows one remote compile per process).
     """
 
     name: str = "local"
     target: str = "auto"
     mode: str = "train"
+    programs: list[str] = field(default_factory=lambda: list(PROGRAMS))
     mgmt_address: str | None = None
     mgmt_namespace: str | None = None
     credentials_path: str | None = None
@@ -62,6 +65,9 @@ class ClusterConfig:
             raise ConfigError("cluster.target", f"unknown {self.target!r}", TARGETS)
         if self.mode not in MODES:
             raise ConfigError("cluster.mode", f"unknown {self.mode!r}", MODES)
+        unknown = [p for p in self.programs if p not in PROGRAMS]
+        if unknown or not self.programs:
+            raise ConfigError("cluster.programs", f"unknown {unknown[0]!r}" if unknown else "is empty", PROGRAMS)
         target = self.resolved_target(device)
         if target == "GPU" and device != "cuda":
             raise ConfigError("cluster.target", "GPU needs task.device=cuda (or auto on a CUDA machine)")

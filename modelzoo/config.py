@@ -23,6 +23,7 @@ from modelzoo.cluster import ClusterConfig
 from modelzoo.data.config import DataConfig, TokenizerConfig, with_detected_format
 from modelzoo.downstream.config import EvaluateConfig
 from modelzoo.errors import ConfigError
+from modelzoo.experiments.config import ExperimentConfig
 from modelzoo.finetune.config import FinetuneConfig, PromptTuneConfig
 from modelzoo.models.gpt import GPTConfig
 from modelzoo.prune.config import PruneConfig
@@ -75,6 +76,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     task: Any = MISSING  # TrainConfig | ExportConfig | GenerateConfig: typed by the chosen task option
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     seed: int = 1234
     run_dir: str = "runs/default"
 

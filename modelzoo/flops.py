@@ -143,7 +143,14 @@ def flop_report(
 
 def format_flops(x: float) -> str:
     """1.23e9 -> '1.23 GFLOP'."""
-    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+    for unit, scale in (
+        ("ZFLOP", 1e21),
+        ("EFLOP", 1e18),
+        ("PFLOP", 1e15),
+        ("TFLOP", 1e12),
+        ("GFLOP", 1e9),
+        ("MFLOP", 1e6),
+    ):
         if abs(x) >= scale:
             return f"{x / scale:.3g} {unit}"
     return f"{x:.3g} FLOP"
@@ -176,3 +183,22 @@ def format_report(report: FlopReport, tokens: int | None = None) -> str:
     if tokens is not None:
         lines.append(f"{'x ' + f'{tokens:,} tokens':<18}" + "".join(f"{format_flops(x * tokens):>14}" for x in totals))
     return "\n".join(lines)
+
+
+def iso_flop_steps(config: GPTConfig, seq_len: int, sparsity: SparsityConfig, dense_steps: int) -> int:
+    """The fewest steps whose sparse-effective training FLOPs reach those of `dense_steps` dense steps of the same
+    batch (the iso-FLOP run length: a 75% sparse run trains about 2.5x longer at GPT-3 XL size)."""
+    if not sparsity.enabled:
+        return dense_steps
+    budget = flop_report(config, seq_len).dense_per_token * dense_steps
+
+    def spent(steps: int) -> float:
+        return flop_report(config, seq_len, sparsity, steps).sparse_per_token * steps
+
+    low, high = dense_steps, dense_steps  # spent() grows with the steps; spent(dense_steps) <= budget
+    while spent(high) < budget:
+        low, high = high, high * 2
+    while low < high:  # the first step count in (low, high] that reaches the budget
+        middle = (low + high) // 2
+        low, high = (middle + 1, high) if spent(middle) < budget else (low, middle)
+    return high

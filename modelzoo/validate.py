@@ -30,6 +30,7 @@ from modelzoo.sparsity.plan import check_run, plan_groups
 from modelzoo.train import checkpoint as ckpt
 from modelzoo.train.accel import validate_accel
 from modelzoo.train.config import (
+    BUDGETS,
     CS2_PRECISIONS,
     DECAYS,
     DEVICES,
@@ -169,6 +170,8 @@ def validate_pretrain(cfg: Config) -> None:
     check_batches(t.batch_size, t.micro_batch_size)
     if t.keep_checkpoints < 1:
         raise ConfigError("task.keep_checkpoints", f"must be at least 1, got {t.keep_checkpoints}")
+    if t.budget not in BUDGETS:
+        raise ConfigError("task.budget", f"unknown {t.budget!r}", BUDGETS)
     if t.on_nonfinite not in NONFINITE_POLICIES:
         raise ConfigError("task.on_nonfinite", f"unknown {t.on_nonfinite!r}", NONFINITE_POLICIES)
     if t.max_nonfinite_skips < 0:

@@ -54,6 +54,7 @@ class CerebrasBackend(Backend):
         self.cluster: ClusterConfig | None = None
         self.precision = "fp32"
         self.mode: str | None = None  # compile_only | validate_only | None (a training run)
+        self._left: list[str] = []  # programs a compile_only run left for a new process
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -120,5 +121,11 @@ class CerebrasBackend(Backend):
         if self.mode is None:
             staged.run()
             return True
-        print(lower(self.mode, artifacts, staged.one_step_each(), loop.sparse_names(), self.cluster).format())
+        programs = {n: step for n, step in staged.one_step_each().items() if n in self.cluster.programs}
+        report = lower(self.mode, artifacts, programs, loop.sparse_names(), self.cluster)
+        self._left = report.skipped
+        print(report.format())
         return False
+
+    def lowering_left(self) -> list[str]:
+        return self._left

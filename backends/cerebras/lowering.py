@@ -46,11 +46,16 @@ class LoweringReport:
         covered = sum(n in self.annotations for n in self.sparse_names)
         levels = sorted({f"{v:g}" for v in self.annotations.values()})
         lines = [f"{self.mode}: lowered the {name} step for the CS-2 to {path}" for name, path in self.mlir.items()]
-        lines += [f"{self.mode}: the {name} step was not lowered (stopped before it)" for name in self.skipped]
         lines += [
-            f"sparsity annotations: {covered} of {len(self.sparse_names)} sparse weights "
-            f"(cs.sparsity {', '.join(levels) or '-'})",
+            f"{self.mode}: the {name} step is lowered next, in a new process (cstorch 2.10 aborts a process at its "
+            "second remote compile)"
+            for name in self.skipped
         ]
+        if "training" in self.mlir:
+            lines.append(
+                f"sparsity annotations: {covered} of {len(self.sparse_names)} sparse weights "
+                f"(cs.sparsity {', '.join(levels) or '-'})"
+            )
         if self.stopped is None and self.mode == "validate_only":
             ahead = f"; a submission also needs {' and '.join(self.missing)}" if self.missing else ""
             lines.append(f"validate_only: the program passed cstorch's checks (nothing was sent to a cluster){ahead}")
@@ -74,7 +79,7 @@ def lower(
 ) -> LoweringReport:
     """Run one step of each program (training first) under compile_only / validate_only: cstorch lowers it here,
     then the appliance compiles it; under compile_only the programs after one whose remote compile failed are
-    not lowered. Sparsity annotations are read from the training program.
+    left (`skipped`) for a new process. Sparsity annotations are read from the training program.
 
     A failure once a program's lowered file exists is the remote step's (no address, no network); it is
     reported with what is missing. A failure before that is raised: the model does not lower.
@@ -93,7 +98,7 @@ def lower(
                 raise
             stopped = stopped or f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         mlir[name] = max(_lowered(executors) - before, key=lambda p: p.stat().st_mtime)
-    training = mlir[next(iter(programs))]
+    annotations = mlir_sparsity(mlir["training"]) if "training" in mlir else {}
     skipped = [name for name in programs if name not in mlir]
     missing = cluster.missing_for_submission()
-    return LoweringReport(mode, mlir, skipped, mlir_sparsity(training), sparse_names, stopped, missing)
+    return LoweringReport(mode, mlir, skipped, annotations, sparse_names, stopped, missing)

@@ -58,13 +58,17 @@ def cstorch_checkpoints(artifact_dir: Path) -> dict[int, Path]:
 
 
 def convert_new_checkpoints(artifact_dir: Path, run_dir: Path, keep: int) -> None:
-    """Our checkpoint directory for each `cstorch.save` file newer than the run's latest one, on the user node."""
+    """Our checkpoint directory for each `cstorch.save` file newer than the run's latest one, on the user node;
+    then the `cstorch.save` files but the newest `keep` are deleted (converted, they rotate as ours do)."""
     latest = ckpt.latest_checkpoint(run_dir)
     done = ckpt.verify_checkpoint(latest)["step"] if latest else -1
-    for step, path in sorted(cstorch_checkpoints(artifact_dir).items()):
+    files = sorted(cstorch_checkpoints(artifact_dir).items())
+    for step, path in files:
         if step > done:
             run_checkpoint_to_checkpoint(path, run_dir, keep)
             log.info("converted %s to %s", path, ckpt.latest_checkpoint(run_dir))
+    for _, path in files[:-keep]:
+        path.unlink()
 
 
 def _block_position(global_batches: int, batch_size: int) -> dict[str, object]:

@@ -12,6 +12,9 @@ PRECISIONS = ("fp32", "bf16", "cbf16", "fp16")
 CS2_PRECISIONS = ("cbf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 NONFINITE_POLICIES = ("stop", "skip")  # see modelzoo.train.guards
+# How long a run trains: `steps`: task.max_steps; `dense_flops`: as many steps as spend the sparse-effective
+# training FLOPs that task.max_steps dense steps would (an iso-FLOP comparison; modelzoo.train.budget).
+BUDGETS = ("steps", "dense_flops")
 
 
 def resolved_device(requested: str) -> str:
@@ -53,6 +56,8 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     resume: bool = False
+    auto_resume: bool = False  # continue run_dir's latest checkpoint when it has one, else start (sweeps rerun)
+    budget: str = "steps"  # one of BUDGETS
     init_from: str | None = None
     export: bool = True
     on_nonfinite: str = "stop"  # a NaN/Inf loss or gradient norm: "stop" the run, or "skip" the update

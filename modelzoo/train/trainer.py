@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import multiprocessing
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -28,13 +29,14 @@ from modelzoo.data.corpus import corpus_files, load_corpus, unigram_loss
 from modelzoo.data.loader import BlockLoader, StepBatches, iter_eval
 from modelzoo.data.tokenizer import build_tokenizer
 from modelzoo.distributed import init_distributed
-from modelzoo.errors import ConfigError
+from modelzoo.errors import ConfigError, ModelZooError
 from modelzoo.export.hf import export_hf, load_hf
 from modelzoo.flops import flop_report, format_flops
 from modelzoo.models.gpt import GPT, GPTConfig
 from modelzoo.restore import restore_model
 from modelzoo.train import checkpoint as ckpt
 from modelzoo.train.accel import fuses_adamw, prepare_model
+from modelzoo.train.budget import resolved
 from modelzoo.train.config import TrainConfig, resolved_device
 from modelzoo.train.identity import run_identity
 from modelzoo.train.loop import Forward, LoopSettings, TrainLoop, build_optimization
@@ -78,7 +80,7 @@ class Trainer:
     columns = COLUMNS
 
     def __init__(self, cfg: Config, run_dir: str | Path | None = None) -> None:
-        self.cfg = cfg
+        self.cfg = cfg = resolved(cfg, run_dir)  # task.budget and task.auto_resume
         self.task: TrainConfig = cfg.task
         self.run_dir = Path(run_dir or cfg.run_dir)
         device_type = resolved_device(self.task.device)
@@ -227,12 +229,14 @@ class Trainer:
             if self.step >= self.task.max_steps:
                 return self._finished_summary()
             self._log_header()
-            if not self.backend.run(self.loop):
-                return None
-            return self._finish(self.loop.last_eval.get("val_loss", math.nan))
+            if self.backend.run(self.loop):
+                return self._finish(self.loop.last_eval.get("val_loss", math.nan))
         finally:
             if self.dist.is_main:
                 runlock.release(self.run_dir)
+        for program in self.backend.lowering_left():
+            lower_in_new_process(self.cfg, program, self.run_dir / self.backend.name / f"lower-{program}")
+        return None
 
     def _finished_summary(self) -> RunSummary:
         """A resumed run already at `task.max_steps`: its summary, nothing changed; or, when it was stopped
@@ -358,3 +362,18 @@ def format_summary(s: RunSummary) -> str:
         lines.append(f"hugging face     {s.export_dir}  (AutoModelForCausalLM.from_pretrained loads it)")
     lines.append("=" * 72)
     return "\n".join(lines)
+
+
+def lower_in_new_process(cfg: Config, program: str, run_dir: Path) -> None:
+    """Lower one program (`cluster.programs`) of a lowering run in a fresh process, writing under `run_dir`: cstorch
+    2.10 aborts a process at its second remote compile, so under compile_only each program needs its own."""
+    child = replace(cfg, cluster=replace(cfg.cluster, programs=[program]), run_dir=str(run_dir))
+    process = multiprocessing.get_context("spawn").Process(target=_fit, args=(child,))
+    process.start()
+    process.join()
+    if process.exitcode:
+        raise ModelZooError(f"lowering the {program} step in a new process failed (exit code {process.exitcode})")
+
+
+def _fit(cfg: Config) -> None:
+    Trainer(cfg).fit()

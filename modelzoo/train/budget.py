@@ -1,0 +1,35 @@
+"""How long a pre-training run trains and whether it continues, resolved once before it starts.
+
+- `task.budget=dense_flops`: `task.max_steps` names a dense run's length; the run trains as many steps as spend
+  the same sparse-effective training FLOPs (`modelzoo.flops.iso_flop_steps`), the iso-FLOP comparison of SPDF's
+  discussion and Sparse-IFT. The resolved config has the step count and `budget: steps`, so a saved config means
+  what it trained.
+- `task.auto_resume=true`: resume when the run directory holds a checkpoint, else start; a rerun sweep continues
+  its interrupted runs and finds its finished ones finished.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+from modelzoo.config import Config
+from modelzoo.flops import iso_flop_steps
+from modelzoo.train.checkpoint import latest_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def resolved(cfg: Config, run_dir: str | Path | None = None) -> Config:
+    """`cfg` with `task.budget` turned into `task.max_steps` and `task.auto_resume` into `task.resume`."""
+    task = cfg.task
+    if task.budget == "dense_flops":
+        steps = iso_flop_steps(cfg.model, cfg.data.seq_len, cfg.sparsity, task.max_steps)
+        if steps != task.max_steps:
+            log.info(f"task.budget=dense_flops: the FLOPs of {task.max_steps:,} dense steps buy {steps:,} steps here")
+        task = replace(task, max_steps=steps, budget="steps")
+    if task.auto_resume and not task.resume and latest_checkpoint(run_dir or cfg.run_dir) is not None:
+        log.info(f"task.auto_resume: continuing {run_dir or cfg.run_dir}")
+        task = replace(task, resume=True)
+    return replace(cfg, task=task)
