@@ -41,6 +41,7 @@ from modelzoo.sparsity.config import NMPattern, SparsityConfig
 from modelzoo.sparsity.names import select_parameters
 from modelzoo.train import checkpoint as ckpt
 from modelzoo.train.config import OptimConfig
+from modelzoo.train.loop import TrainLoop
 from modelzoo.train.optim import build_optimizer, lr_factor
 from modelzoo.train.trainer import Trainer
 from modelzoo.validate import validate
@@ -352,7 +353,12 @@ def test_step_closures_read_no_weights_and_run_no_model(
     with pytest.raises(AssertionError, match="on the model's weights"), NoWeights():  # the guard can fail
         trainer.model.transformer.wte.weight.sum()
     monkeypatch.setattr(cstorch, "step_closure", guarded)
+    per_weight: list[dict[str, float]] = []
+    monkeypatch.setattr(TrainLoop, "log_sparsity", lambda loop, values: per_weight.append(values))
     summary = trainer.fit()
+    # Each weight's sparsity, handed to the closure as tensors, is logged (TensorBoard `sparsity/<name>`).
+    assert per_weight and sorted(per_weight[-1]) == sorted(summary.sparsity_per_param)
+    assert all(v == pytest.approx(0.75, abs=2e-3) for v in per_weight[-1].values())
     assert calls["n"] >= 4 + 4  # 4 training steps, 4 evaluation batches
     # The Hugging Face export and the summary's sparsity come from the last checkpoint, not the device's weights.
     saved = load_file(str(ckpt.latest_checkpoint(trainer.run_dir) / ckpt.MODEL_FILE))

@@ -30,6 +30,7 @@ from modelzoo.backends.cerebras.environment import import_cstorch
 from modelzoo.data.csx_input import eval_input, read_blocks, train_input
 from modelzoo.errors import ConfigError
 from modelzoo.export.cerebras_checkpoint import run_checkpoint_to_checkpoint
+from modelzoo.sparsity.masks import MASK_SUFFIX
 from modelzoo.train import checkpoint as ckpt
 
 if TYPE_CHECKING:
@@ -122,20 +123,24 @@ class StagedRun:
         return train
 
     def _sparsity(self) -> tuple[torch.Tensor, ...]:
-        """In the program: the fraction of the sparse weights that their masks hold at zero (none when dense)."""
+        """In the program: the fraction of each sparse weight that its mask holds at zero, then of all of them
+        (none when dense)."""
         if not self.masks:
             return ()
         buffers = dict(self.loop.model.named_buffers())
-        kept = sum(buffers[n].sum(dtype=torch.float32) for n in self.masks)
-        return (1 - kept / sum(buffers[n].numel() for n in self.masks),)
+        kept = [buffers[n].sum(dtype=torch.float32) for n in self.masks]
+        sizes = [buffers[n].numel() for n in self.masks]
+        return (*(1 - k / size for k, size in zip(kept, sizes, strict=True)), 1 - sum(kept) / sum(sizes))
 
     def _log_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, lr: torch.Tensor, *sparsity: torch.Tensor) -> None:
-        """The step closure: the non-finite guard and the host's metrics row of this step, from the values it is
-        handed."""
+        """The step closure: the non-finite guard and the host's metrics row of this step (with each weight's
+        sparsity), from the values it is handed."""
         self.loop.observe(loss, grad_norm)
-        row = self.loop.train_row(loss, grad_norm, lr, float(sparsity[0]) if sparsity else None)
+        row = self.loop.train_row(loss, grad_norm, lr, float(sparsity[-1]) if sparsity else None)
         self.loop.log_row(row)
         if row:
+            names = [n.removesuffix(MASK_SUFFIX) for n in self.masks]
+            self.loop.log_sparsity({n: float(v) for n, v in zip(names, sparsity, strict=False)})
             self.loop.restart_window()
 
     def eval_program(self) -> Callable[..., None]:

@@ -277,8 +277,14 @@ class TrainLoop:
         if self.metrics:
             self._bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             if self.sparsifier and self.backend.weights_on_host:
-                self.metrics.log_scalars(self.step, "sparsity", self.sparsifier.stats().per_param)
+                self.log_sparsity(self.sparsifier.stats().per_param)
         return metrics
+
+    def log_sparsity(self, per_param: dict[str, float]) -> None:
+        """Each sparse weight's fraction of zeros, as TensorBoard scalars `sparsity/<name>` (masked_dense: at each
+        evaluation; cstorch: at each logged step, from the values its program hands over)."""
+        if self.metrics and per_param:
+            self.metrics.log_scalars(self.step, "sparsity", per_param)
 
     def log_row(self, row: dict[str, float]) -> None:
         if row and self.metrics:
