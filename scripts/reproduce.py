@@ -33,7 +33,7 @@ from common import environment  # noqa: E402
 from modelzoo.config import load_config, to_object  # noqa: E402
 from modelzoo.downstream.baselines import all_baselines  # noqa: E402
 from modelzoo.experiments.config import ExperimentConfig, StageConfig  # noqa: E402
-from modelzoo.experiments.results import Run, baselines_table, plot_results, results_table  # noqa: E402
+from modelzoo.experiments.results import Run, baselines_table, plot_results, read_json, results_table  # noqa: E402
 from modelzoo.finetune.config import default_data_dir  # noqa: E402
 from modelzoo.train.checkpoint import latest_checkpoint  # noqa: E402
 
@@ -50,7 +50,7 @@ class Timings:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.seconds: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
+        self.seconds: dict[str, float] = read_json(path) or {}
 
     def run(self, stage: str, *args: str) -> None:
         start = time.perf_counter()
@@ -100,8 +100,8 @@ def report(experiment: ExperimentConfig, args: argparse.Namespace, root: Path) -
         for budget in args.budgets
         for sparsity, seed, run_dir in sweep_runs(experiment.name, budget, args.sparsities, args.seeds)
     ]
-    baselines = json.loads((root / "baselines.json").read_text()) if (root / "baselines.json").is_file() else []
-    timings = json.loads((root / "timings.json").read_text()) if (root / "timings.json").is_file() else {}
+    baselines = read_json(root / "baselines.json") or []
+    timings = read_json(root / "timings.json") or {}
     plots = []
     for stage in experiment.stages:
         if stage.dataset == "hoc" and stage.sparsity == "dense":

@@ -148,7 +148,7 @@ def test_results_table_aggregates_seeds() -> None:
     table = results_table(runs, [stage]).splitlines()
     assert len(table) == 4  # header, rule, dense, static_75
     assert "| 5.2000 ± 0.1000 (3) |" in table[2] and "| 0.320 ± 0.010 (3) |" in table[2]
-    assert "| 2.00x fewer |" in table[3] and "| 0.400 ± 0.000 (2) |" in table[3]
+    assert "| 2.00x |" in table[3] and "| 0.400 ± 0.000 (2) |" in table[3]
     assert mean_std([1.0, 2.0, 4.0]) == (statistics.fmean([1, 2, 4]), statistics.stdev([1, 2, 4]))
     assert cell([]) == "-" and cell([0.5], percent=True) == "50.0% ± 0.0 (1)"
 

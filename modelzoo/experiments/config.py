@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from modelzoo.finetune.config import run_name
+
 STAGE_TASKS = ("finetune", "prompt_tune")
 
 
@@ -30,7 +32,7 @@ class StageConfig:
     @property
     def name(self) -> str:
         """The stage's output directory under the pre-trained run (`modelzoo.finetune.config.output_dir`)."""
-        return f"{self.task}-{self.dataset}-{self.sparsity}"
+        return run_name(self.task, self.dataset, self.sparsity)
 
     def overrides(self) -> list[str]:
         """The stage as `modelzoo <task>` overrides, without `task.pretrained` and `seed`."""

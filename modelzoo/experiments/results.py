@@ -13,6 +13,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from modelzoo.experiments.config import StageConfig
 
@@ -33,12 +34,13 @@ class Run:
     @classmethod
     def read(cls, budget: str, sparsity: str, seed: int, run_dir: Path, stages: Sequence[StageConfig]) -> Run:
         """The run's `summary.json` and each stage's `<stage>/summary.json`, where they exist."""
-        summary = _json(run_dir / "summary.json")
-        found = {s.name: _json(run_dir / s.name / "summary.json") for s in stages}
+        summary = read_json(run_dir / "summary.json")
+        found = {s.name: read_json(run_dir / s.name / "summary.json") for s in stages}
         return cls(budget, sparsity, seed, run_dir, summary, {k: v for k, v in found.items() if v is not None})
 
 
-def _json(path: Path) -> dict | None:
+def read_json(path: Path) -> Any:
+    """The JSON file at `path`, or None where there is none (a stage that has not run)."""
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -81,7 +83,7 @@ def results_table(runs: Sequence[Run], stages: Sequence[StageConfig]) -> str:
     """One row per (budget, sparsity): pre-training length, FLOPs and loss, then each stage's test score."""
     titles = [f"{s.dataset} {s.task.replace('_', ' ')} ({s.sparsity})" for s in stages]
     header = [
-        "comparison", "sparsity", "steps", "pre-training FLOPs (sparse-effective)", "vs dense", "val loss",
+        "comparison", "sparsity", "steps", "pre-training FLOPs (sparse-effective)", "dense run's / these", "val loss",
         "val ppl", *titles,
     ]  # fmt: skip
     rows = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
@@ -91,7 +93,7 @@ def results_table(runs: Sequence[Run], stages: Sequence[StageConfig]) -> str:
     for (budget, sparsity), members in grouped.items():
         summaries = [r.summary for r in members]
         flops = statistics.fmean(s["sparse_flops"] for s in summaries)
-        ratio = f"{dense_flops[budget] / flops:.2f}x fewer" if dense_flops.get(budget) else "-"
+        ratio = f"{dense_flops[budget] / flops:.2f}x" if dense_flops.get(budget) else "-"
         scores = [cell(stage_scores(members, st), percent=st.dataset == "pubmedqa") for st in stages]
         rows.append(
             f"| {BUDGET_TITLES[budget]} | {sparsity} | {summaries[0]['steps']:,} | {flops:.3g} | {ratio} | "
@@ -120,9 +122,7 @@ def dev_curve(run_dir: Path) -> list[tuple[int, float]]:
         return [(int(r["step"]), float(r["dev_score"])) for r in csv.DictReader(f) if r.get("dev_score")]
 
 
-def plot_results(
-    runs: Sequence[Run], stage: StageConfig, baselines: Sequence[dict], path: Path
-) -> Path:  # pragma: no cover - drawing
+def plot_results(runs: Sequence[Run], stage: StageConfig, baselines: Sequence[dict], path: Path) -> Path:
     """Three panels: validation loss vs pre-training FLOPs, `stage`'s test score vs pre-training FLOPs (both with
     seed error bars, one marker per comparison), and `stage`'s dev learning curve (mean over seeds)."""
     import matplotlib

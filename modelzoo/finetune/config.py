@@ -64,12 +64,17 @@ class PromptTuneConfig(FinetuneConfig):
     init_text: str = "Answer the biomedical question with yes, no or maybe."
 
 
+def run_name(task: str, dataset: str, sparsity: str) -> str:
+    """The default output directory's name under the pre-trained run, e.g. `finetune-hoc-dense`."""
+    return f"{task}-{dataset}-{sparsity}"
+
+
 def output_dir(task: FinetuneConfig) -> Path:
     """`task.output_dir`, else `<pretrained run>/<name>-<dataset>-<sparsity>` (`-<step dir>` after it when
     `task.pretrained` is one checkpoint: never inside a checkpoint directory, which checkpoint rotation deletes)."""
     if task.output_dir:
         return Path(task.output_dir)
-    pretrained, name = Path(task.pretrained), f"{task.name}-{task.dataset}-{task.sparsity}"
+    pretrained, name = Path(task.pretrained), run_name(task.name, task.dataset, task.sparsity)
     if (pretrained / CONFIG_FILE).is_file():
         return pretrained.parent.parent / f"{name}-{pretrained.name}"
     return pretrained / name
