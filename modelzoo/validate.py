@@ -20,6 +20,7 @@ from modelzoo.distributed import world_size
 from modelzoo.downstream.config import EvaluateConfig
 from modelzoo.downstream.pubmedqa import SPLITS
 from modelzoo.errors import ConfigError
+from modelzoo.experiments.config import STAGE_TASKS, ExperimentConfig
 from modelzoo.finetune.config import DATASETS, SPARSITY_MODES, FinetuneConfig, PromptTuneConfig, default_data_dir
 from modelzoo.models.gpt import ACTIVATIONS, GPT, GPTConfig
 from modelzoo.models.soft_prompt import PROMPT_INITS
@@ -56,6 +57,7 @@ def validate(cfg: Config) -> None:
     validate_data(cfg.data, cfg.model)
     if isinstance(task, TrainConfig):
         validate_pretrain(cfg)
+        validate_experiment(cfg.experiment)
     elif cfg.cluster.mode != "train":
         raise ConfigError("cluster.mode", f"{cfg.cluster.mode} applies to pretrain only", ["train"])
     if isinstance(task, GenerateConfig):
@@ -97,10 +99,27 @@ def check_device(device: str, precision: str | None = None, on_cs2: bool = False
     return resolved
 
 
-def check_positive(task: object, keys: tuple[str, ...]) -> None:
+def check_positive(task: object, keys: tuple[str, ...], prefix: str = "task") -> None:
     for key in keys:
         if getattr(task, key) <= 0:
-            raise ConfigError(f"task.{key}", f"must be positive, got {getattr(task, key)}")
+            raise ConfigError(f"{prefix}.{key}", f"must be positive, got {getattr(task, key)}")
+
+
+def check_choices(task: object, choices: dict[str, tuple[str, ...]], prefix: str = "task") -> None:
+    """Each `<prefix>.<key>` is one of its `choices[key]`."""
+    for key, allowed in choices.items():
+        if getattr(task, key) not in allowed:
+            raise ConfigError(f"{prefix}.{key}", f"unknown {getattr(task, key)!r}", allowed)
+
+
+def validate_experiment(experiment: ExperimentConfig) -> None:
+    """Every downstream stage of an experiment is a valid fine-tuning run, checked before its pre-training."""
+    for i, stage in enumerate(experiment.stages):
+        prefix = f"experiment.stages[{i}]"
+        check_choices(stage, {"task": STAGE_TASKS, "dataset": DATASETS, "sparsity": SPARSITY_MODES}, prefix)
+        check_positive(stage, ("max_steps", "eval_every", "batch_size"), prefix)
+        if stage.lr is not None and stage.lr <= 0:
+            raise ConfigError(f"{prefix}.lr", f"must be positive or null, got {stage.lr}")
 
 
 def check_batches(batch_size: int, micro_batch_size: int) -> None:
@@ -170,10 +189,7 @@ def validate_pretrain(cfg: Config) -> None:
     check_batches(t.batch_size, t.micro_batch_size)
     if t.keep_checkpoints < 1:
         raise ConfigError("task.keep_checkpoints", f"must be at least 1, got {t.keep_checkpoints}")
-    if t.budget not in BUDGETS:
-        raise ConfigError("task.budget", f"unknown {t.budget!r}", BUDGETS)
-    if t.on_nonfinite not in NONFINITE_POLICIES:
-        raise ConfigError("task.on_nonfinite", f"unknown {t.on_nonfinite!r}", NONFINITE_POLICIES)
+    check_choices(t, {"budget": BUDGETS, "on_nonfinite": NONFINITE_POLICIES})
     if t.max_nonfinite_skips < 0:
         raise ConfigError("task.max_nonfinite_skips", f"must be >= 0, got {t.max_nonfinite_skips}")
     backend = resolve_name(cfg.backend.name)
@@ -252,10 +268,7 @@ def check_cs2_data(cfg: Config) -> None:
 def validate_finetune(cfg: Config) -> None:
     """Check every key, and the token budget against the pre-trained model's positions, before any compute."""
     task: FinetuneConfig = cfg.task
-    if task.dataset not in DATASETS:
-        raise ConfigError("task.dataset", f"unknown {task.dataset!r}", DATASETS)
-    if task.sparsity not in SPARSITY_MODES:
-        raise ConfigError("task.sparsity", f"unknown {task.sparsity!r}", SPARSITY_MODES)
+    check_choices(task, {"dataset": DATASETS, "sparsity": SPARSITY_MODES})
     if task.limit < 0:
         raise ConfigError("task.limit", f"must be >= 0 (0: every example), got {task.limit}")
     check_positive(task, ("max_steps", "batch_size", "micro_batch_size", "eval_batch_size", "eval_every", "log_every"))

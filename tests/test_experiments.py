@@ -81,6 +81,16 @@ def test_auto_resume_starts_continues_and_finds_finished(tmp_path: Path, cache_d
     assert (tmp_path / "run" / "summary.json").read_text() == before
 
 
+def test_an_invalid_stage_is_refused_before_pretraining() -> None:
+    cfg = to_object(load_config(["experiment=spdf_tiny"]))
+    cfg.experiment.stages[1].dataset = "bioasq"
+    with pytest.raises(ConfigError, match=r"experiment\.stages\[1\]\.dataset.*unknown 'bioasq'"):
+        validate(cfg)
+    cfg.experiment.stages[1].dataset, cfg.experiment.stages[2].max_steps = "hoc", 0
+    with pytest.raises(ConfigError, match=r"experiment\.stages\[2\]\.max_steps: must be positive"):
+        validate(cfg)
+
+
 @pytest.mark.parametrize("name", ["spdf_tiny", *PAPERS])
 def test_experiments_compose_and_validate(name: str) -> None:
     cfg = to_object(load_config([f"experiment={name}"]))
