@@ -140,7 +140,7 @@ class StagedRun:
         self.loop.log_row(row)
         if row:
             names = [n.removesuffix(MASK_SUFFIX) for n in self.masks]
-            self.loop.log_sparsity({n: float(v) for n, v in zip(names, sparsity, strict=False)})
+            self.loop.log_sparsity({n: float(v) for n, v in zip(names, sparsity[:-1], strict=True)})
             self.loop.restart_window()
 
     def eval_program(self) -> Callable[..., None]:
