@@ -78,9 +78,14 @@ def run(tmp_path: Path, cache_dir: Path, backend: str, algorithm: str, *extra: s
     return trainer
 
 
-def losses(trainer: Trainer) -> list[float]:
+def logged(trainer: Trainer, column: str) -> list[float]:
+    """The values of `column` in the rows of the run's metrics.csv that have one."""
     with (trainer.run_dir / "metrics.csv").open() as f:
-        return [float(row["train_loss"]) for row in csv.DictReader(f) if row["train_loss"]]
+        return [float(row[column]) for row in csv.DictReader(f) if row[column]]
+
+
+def losses(trainer: Trainer) -> list[float]:
+    return logged(trainer, "train_loss")
 
 
 def rewound(run_dir: Path, step: int, to: Path) -> Path:
@@ -96,11 +101,6 @@ def rewound(run_dir: Path, step: int, to: Path) -> Path:
 
 def cstorch_files(run_dir: Path) -> list[Path]:
     return list((run_dir / "cerebras" / CHECKPOINTS).glob("checkpoint_*.mdl"))
-
-
-def logged_lrs(trainer: Trainer) -> list[float]:
-    with (trainer.run_dir / "metrics.csv").open() as f:
-        return [float(row["lr"]) for row in csv.DictReader(f) if row["lr"]]
 
 
 def masks(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -128,6 +128,15 @@ def test_pretraining_matches_masked_dense(cstorch, tmp_path: Path, cache_dir: Pa
     assert ours[0] == pytest.approx(theirs[0], rel=1e-6)  # the first step sees the same masks and weights
     assert theirs == pytest.approx(ours, rel=1e-4 if algorithm == "set" else 1e-5)
     assert theirs[-1] < theirs[0] - 0.2  # it learns
+    # Each step's sparsity comes from cstorch's computed-sparsity hook: its masks' level. masked_dense counts exact
+    # zeros, which after a SET / RigL update include the regrown connections (kept, at zero until trained).
+    sparsity = logged(cerebras, "sparsity")
+    if algorithm in ("static", "gmp"):  # every kept weight is non-zero; GMP's level follows its schedule
+        assert sparsity == pytest.approx(logged(reference, "sparsity"), abs=1e-6)
+        assert sparsity[-1] > sparsity[0] if algorithm == "gmp" else sparsity == [0.75] * STEPS
+    else:
+        assert sparsity == pytest.approx([0.75] * STEPS, abs=1e-6)
+        assert all(z >= s - 1e-6 for z, s in zip(logged(reference, "sparsity"), sparsity, strict=True))
     # Validation as masked_dense computes it, from cstorch's traced evaluation step in its own executor.
     val = cerebras.loop.last_eval["val_loss"]
     assert val == pytest.approx(reference.loop.last_eval["val_loss"], rel=1e-4 if algorithm == "set" else 1e-5)
@@ -208,7 +217,7 @@ def test_lr_of_every_step_matches_masked_dense_and_resumes(cstorch, tmp_path: Pa
     assert len(ours) == len(theirs) == 8
     assert ours[0] == pytest.approx(3e-3 / 3) and ours[2] == pytest.approx(3e-3) and ours[-1] < ours[3]
     assert theirs == pytest.approx(ours, rel=1e-5)
-    assert logged_lrs(cerebras) == pytest.approx(ours, rel=1e-5)
+    assert logged(cerebras, "lr") == pytest.approx(ours, rel=1e-5)
     # The cstorch.save files rotate with ours: the newest task.keep_checkpoints stay.
     assert sorted(int(p.stem.split("_")[1]) for p in cstorch_files(cerebras.run_dir)) == [4, 6, 8]
 
@@ -281,11 +290,7 @@ def killed_after_checkpoint(run_dir: Path, start: str, step: int) -> Path:
 def resumable_run(run_dir: str | Path, cache_dir: str | Path, algorithm: str, *extra: str) -> Trainer:
     """The 8-step run of `algorithm` that the kill-and-resume test repeats (importable by its subprocess)."""
     common = ["backend=cerebras", *ALGORITHMS[algorithm], "optim.warmup_steps=2", "optim.decay=cosine"]
-    # SET with an evaluation executor between its training executors resumes 1e-6 off from step 7 on (its random
-    # regrowth after the evaluation differs; not torch's CPU generator: forking it around the evaluation leaves
-    # the drift as it is): it evaluates at the end only.
-    eval_every = 8 if algorithm == "set" else 4
-    common += ["task.log_every=1", "task.max_steps=8", "task.checkpoint_every=4", f"task.eval_every={eval_every}"]
+    common += ["task.log_every=1", "task.max_steps=8", "task.checkpoint_every=4", "task.eval_every=4"]
     cfg = make_config(Path(run_dir), Path(cache_dir), *common, "task.export=false", *extra)
     if algorithm == "gmp":  # a cycling schedule (no command-line override spells it)
         cfg.sparsity.sparsity = {"type": "cycling", "values": [0.5, 0.6, 0.7, 0.75, 0.8]}
@@ -300,9 +305,10 @@ def test_killed_run_resumes_from_the_closure_checkpoint_bit_for_bit(
 ) -> None:
     """A run SIGKILLed after its checkpoint closure wrote step 4 and resumed from that `cstorch.save` file gives
     the losses, validation losses and final checkpoint of 8 steps in one go, bit for bit, for every algorithm,
-    with warm-up and cosine decay, two training executors and (but for SET, see `resumable_run`) an evaluation
-    between them: the data position (the loader's state), Adam state, LR schedule, mask update counters and RNG
-    come back from the file. GMP follows a cycling schedule, whose position cstorch's own load_state_dict drops."""
+    with warm-up and cosine decay, two training executors and an evaluation and a checkpoint conversion between
+    them (neither may move the CPU generator that SET's regrowth is seeded from): the data position (the loader's
+    state), Adam state, LR schedule, mask update counters and RNG come back from the file. GMP follows a cycling
+    schedule, whose position cstorch's own load_state_dict drops."""
     full = resumable_run(tmp_path / "full", cache_dir, algorithm)
     full.fit()
     start = "from tests.test_cerebras import resumable_run; "
@@ -425,7 +431,9 @@ def test_checkpoint_converts_to_cstorch_and_back_and_to_hf(cstorch, tmp_path: Pa
         for key in ("exp_avg", "exp_avg_sq")
     )
 
+    generator = torch.get_rng_state()
     back = cstorch_to_checkpoint(cs_file, tmp_path / "converted")
+    assert torch.equal(torch.get_rng_state(), generator)  # a conversion draws nothing from the caller's generator
     with pytest.raises(CheckpointError, match="holds weights only"):  # no trainer state: it cannot be resumed
         ckpt.load_training_state(back)
     with pytest.raises(CheckpointError, match="already holds checkpoint"):  # never over an existing run

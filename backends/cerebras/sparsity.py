@@ -114,6 +114,9 @@ class CerebrasSparsity:
         self.group: Any = None
         self.names: list[str] = []
         self._model: nn.Module | None = None
+        # Each sparse weight's level as cstorch's computed-sparsity hook reported it in the latest (traced)
+        # optimizer step: a tensor for a dynamic algorithm, the configured float for a static one.
+        self.levels: dict[str, torch.Tensor | float] = {}
 
     def apply(self, model: nn.Module) -> None:
         """Configure cstorch's algorithms for the parameters each group selects and attach them.
@@ -128,8 +131,15 @@ class CerebrasSparsity:
         init = _init_method({id(params[n]): mask for n, mask in by_name.items()})
         self.group = cstorch.sparse.configure([group_spec(p.config, p.names, init) for p in plans])
         model.apply(self.group)
+        self.group.register_computed_sparsity_hook(self._record_level)
         self.names = [n for n in params if n in by_name]
         self._model = model
+
+    def _record_level(self, algorithm: Any, name: str, level: torch.Tensor | float) -> None:
+        """cstorch's computed-sparsity hook, fired inside the optimizer step (so inside the traced program): the
+        level of the mask it computed for `name`; a static algorithm reports `*` for all of its weights."""
+        for param in algorithm.sparse_params if name == "*" else (name,):
+            self.levels[param] = level
 
     def apply_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """`optimizer.apply(sparsity)`, then on CPU / GPU the masks are initialised at once (cstorch leaves them

@@ -6,7 +6,7 @@
 - Stages: one `DataExecutor` per evaluation period, with `checkpoint_steps` at the global steps that are
   multiples of `task.checkpoint_every` (also after a resume) and the executor's last step.
 - The traced step is the loop's `train_step`; its step closure only logs the tensors handed to it (loss,
-  gradient norm, learning rate, the fraction of masked-out weights computed in the program). Step counting
+  gradient norm, learning rate, each sparse weight's level from cstorch's computed-sparsity hook). Step counting
   and the progress bar run on the host after each step; evaluation and checkpoint conversion between executors.
 - Checkpoints: a `cstorch.checkpoint_closure` writes `cstorch.save` files with the Model Zoo's keys to
   `<run_dir>/cerebras/checkpoints/`; after each executor they become our checkpoint directories
@@ -104,13 +104,17 @@ class StagedRun:
         self.train_loader = self.cstorch.utils.data.DataLoader(
             train_input, self.train_file, loop.settings.batch_size, self.cfg.seed
         )
-        self.masks = loop.mask_names
+        self.sparse = [n.removesuffix(MASK_SUFFIX) for n in loop.mask_names]
+        params = dict(loop.model.named_parameters())
+        self.sparse_sizes = [params[n].numel() for n in self.sparse]
+        # `CerebrasSparsity.levels`, which cstorch's computed-sparsity hook fills in each traced optimizer step
+        self.levels = loop.sparsifier.levels if self.sparse else {}
         self._eval_sums: list[float] = []
 
     # ---- the programs ---------------------------------------------------------------------------------
     def train_program(self, on_step: Callable[..., None] | None = None) -> Callable[..., None]:
         """The traced training step; its step closure (`on_step`, else the metrics row) gets the loss, gradient
-        norm, learning rate and sparsity as tensors and nothing else."""
+        norm, learning rate and each sparse weight's level as tensors and nothing else."""
         loop, cstorch = self.loop, self.cstorch
         log_step = cstorch.step_closure(on_step or self._log_step)
 
@@ -118,29 +122,22 @@ class StagedRun:
         def train(inputs: torch.Tensor, targets: torch.Tensor) -> None:
             micro = tuple(t.reshape(loop.accumulation, -1, t.shape[-1]) for t in (inputs, targets))
             loss, grad_norm, lr = loop.train_step(*micro)
-            log_step(loss, grad_norm, lr, *self._sparsity())
+            log_step(loss, grad_norm, lr, *(self.levels[n] for n in self.sparse))
 
         return train
 
-    def _sparsity(self) -> tuple[torch.Tensor, ...]:
-        """In the program: the fraction of each sparse weight that its mask holds at zero, then of all of them
-        (none when dense)."""
-        if not self.masks:
-            return ()
-        buffers = dict(self.loop.model.named_buffers())
-        kept = [buffers[n].sum(dtype=torch.float32) for n in self.masks]
-        sizes = [buffers[n].numel() for n in self.masks]
-        return (*(1 - k / size for k, size in zip(kept, sizes, strict=True)), 1 - sum(kept) / sum(sizes))
-
-    def _log_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, lr: torch.Tensor, *sparsity: torch.Tensor) -> None:
+    def _log_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, lr: torch.Tensor, *levels: torch.Tensor) -> None:
         """The step closure: the non-finite guard and the host's metrics row of this step (with each weight's
-        sparsity), from the values it is handed."""
+        sparsity and, weighted by size, all of theirs), from the values it is handed."""
         self.loop.observe(loss, grad_norm)
-        row = self.loop.train_row(loss, grad_norm, lr, float(sparsity[-1]) if sparsity else None)
+        per_weight = [float(v) for v in levels]
+        overall = None
+        if per_weight:
+            overall = sum(v * n for v, n in zip(per_weight, self.sparse_sizes, strict=True)) / sum(self.sparse_sizes)
+        row = self.loop.train_row(loss, grad_norm, lr, overall)
         self.loop.log_row(row)
         if row:
-            names = [n.removesuffix(MASK_SUFFIX) for n in self.masks]
-            self.loop.log_sparsity({n: float(v) for n, v in zip(names, sparsity[:-1], strict=True)})
+            self.loop.log_sparsity(dict(zip(self.sparse, per_weight, strict=True)))
             self.loop.restart_window()
 
     def eval_program(self) -> Callable[..., None]:

@@ -165,8 +165,13 @@ def cstorch_to_checkpoint(path: str | Path, run_dir: str | Path) -> Path:
 
 
 def _model(state: dict[str, Any], path: Path, cfg: Config) -> GPT:
-    """The model of `cfg` holding the weights and masks of `state["model"]`."""
-    model, _ = build_model(cfg)
+    """The model of `cfg` holding the weights and masks of `state["model"]`.
+
+    It is initialised on a fork of torch's CPU generator, so a conversion moves no random state of the caller: a
+    backend=cerebras run converts its checkpoints between executors, and SET's regrowth is seeded from it.
+    """
+    with torch.random.fork_rng(devices=[]):
+        model, _ = build_model(cfg)
     missing, unexpected = model.load_state_dict(state["model"], strict=False)
     if unexpected or len(missing) > 1 or not set(missing) <= set(TIED):  # one tensor, stored under one of its names
         raise CheckpointError(
