@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -544,9 +545,16 @@ def test_cbf16_lowers_with_dynamic_loss_scaling(cstorch, tmp_path: Path, cache_d
 
 
 @pytest.mark.cerebras
-def test_validate_only_checks_the_program_offline(cstorch, tmp_path: Path, cache_dir: Path) -> None:
-    result = lower(tmp_path, cache_dir, "model=tiny", "cluster.mode=validate_only")
+@pytest.mark.parametrize("sparsity", ["static_75", "set_75", "rigl_75"])
+def test_validate_only_checks_the_program_offline(cstorch, tmp_path: Path, cache_dir: Path, sparsity: str) -> None:
+    """Both programs pass cstorch's checks offline, for the dynamic algorithms too: their mask updates (drop and
+    grow: a top-k each per weight; SET's random regrowth scores) and the levels cstorch's computed-sparsity hook
+    hands the step closure are traced in the training program."""
+    result = lower(tmp_path, cache_dir, "model=tiny", "cluster.mode=validate_only", f"sparsity={sparsity}")
     check_lowering(result, 16, run_dir=None)
+    mlir = Path(re.search(r"lowered the training step for the CS-2 to (\S+)", result.stdout).group(1)).read_text()
+    updates = {"static_75": {}, "set_75": {"TopK": 32, "RandomUniform": 16}, "rigl_75": {"TopK": 32}}
+    assert Counter(re.findall(r"cirh\.(TopK|RandomUniform)\b", mlir)) == updates[sparsity]
     assert "passed cstorch's checks (nothing was sent to a cluster)" in result.stdout
 
 

@@ -30,7 +30,6 @@ from modelzoo.backends.cerebras.environment import import_cstorch
 from modelzoo.data.csx_input import eval_input, read_blocks, train_input
 from modelzoo.errors import ConfigError
 from modelzoo.export.cerebras_checkpoint import run_checkpoint_to_checkpoint
-from modelzoo.sparsity.masks import MASK_SUFFIX
 from modelzoo.train import checkpoint as ckpt
 
 if TYPE_CHECKING:
@@ -104,7 +103,7 @@ class StagedRun:
         self.train_loader = self.cstorch.utils.data.DataLoader(
             train_input, self.train_file, loop.settings.batch_size, self.cfg.seed
         )
-        self.sparse = [n.removesuffix(MASK_SUFFIX) for n in loop.mask_names]
+        self.sparse = loop.sparse_names()
         params = dict(loop.model.named_parameters())
         self.sparse_sizes = [params[n].numel() for n in self.sparse]
         # `CerebrasSparsity.levels`, which cstorch's computed-sparsity hook fills in each traced optimizer step
