@@ -129,15 +129,15 @@ class StagedRun:
         """The step closure: the non-finite guard and the host's metrics row of this step (with each weight's
         sparsity and, weighted by size, all of theirs), from the values it is handed."""
         self.loop.observe(loss, grad_norm)
+        if not self.loop.log_due():
+            return
         per_weight = [float(v) for v in levels]
         overall = None
         if per_weight:
             overall = sum(v * n for v, n in zip(per_weight, self.sparse_sizes, strict=True)) / sum(self.sparse_sizes)
-        row = self.loop.train_row(loss, grad_norm, lr, overall)
-        self.loop.log_row(row)
-        if row:
-            self.loop.log_sparsity(dict(zip(self.sparse, per_weight, strict=True)))
-            self.loop.restart_window()
+        self.loop.log_row(self.loop.train_row(loss, grad_norm, lr, overall))
+        self.loop.log_sparsity(dict(zip(self.sparse, per_weight, strict=True)))
+        self.loop.restart_window()
 
     def eval_program(self) -> Callable[..., None]:
         """The traced evaluation step (forward only); its step closure adds up the losses it is handed."""
