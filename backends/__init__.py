@@ -1,7 +1,8 @@
 """Training backends: `backend=<name>` picks one; `auto` takes the first available in `AUTO_ORDER`.
 
 A backend is imported only when it is used (`backend_class`). Inference converters (`torch_sparse`), which rewrite
-a loaded model for `generate` / `evaluate`, have their own registry in `modelzoo.backends.converters`.
+a loaded model for `generate` / `evaluate`, are another concept with their own key (`task.converter`) and registry
+(`modelzoo.backends.converters`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def resolve_name(name: str) -> str:
     if name == "auto":
         return next(n for n in AUTO_ORDER if backend_class(n).is_available())
     if name not in BACKENDS:
-        from_converters = "it is an inference converter (generate, evaluate), not a training backend; "
+        from_converters = "it is an inference converter (generate and evaluate take task.converter=torch_sparse); "
         raise ConfigError(
             "backend.name",
             f"backend {name!r} does not support training: {from_converters if name == 'torch_sparse' else ''}"

@@ -1,9 +1,10 @@
 """The training-backend protocol: how a training step runs, where its batches come from, what drives the loop.
 
 A backend owns the runtime (`start`), the model's compiled form (`compile`), the sparsity plug-in and the
-optimizer class, the step's execution (`wrap_step`, `batches`) and who drives the loop (`run`). It knows the loop
-only through `LoopDriver`. Inference converters, which rewrite a loaded model, are apart
-(`modelzoo.backends.converters`).
+optimizer class, the step's execution (`wrap_step`, `batches`) and who drives the loop (`run`). What it supports
+and how it behaves is declared in its `Capabilities`, which the rest of the library reads instead of its name. It
+knows the loop only through `LoopDriver` (the members of `modelzoo.train.loop.TrainLoop` a backend may use).
+Inference converters, which rewrite a loaded model, are apart (`modelzoo.backends.converters`).
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import nn
 
-from modelzoo.cluster import ClusterConfig
+from modelzoo.config import Config
+from modelzoo.config.train import OptimConfig
+from modelzoo.optim import build_scheduler
 from modelzoo.sparsity.config import SparsityConfig
 from modelzoo.sparsity.plugin import SparsityStats
-from modelzoo.train.config import OptimConfig
-from modelzoo.train.optim import build_scheduler
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,25 @@ class Capabilities:
     algorithms: frozenset[str]
     devices: frozenset[str]
     dtypes: frozenset[str]
+    # Compiles the step and brings its own optimizer and memory plan: no torch.compile, fused AdamW or activation
+    # checkpointing of ours.
+    own_compiler: bool = False
+    # The host may read the model's weights between steps (not on a CS-2, where they come back in checkpoints).
+    weights_on_host: bool = True
+    # Data parallel under torchrun (else the backend scales out on its own cluster).
+    torchrun: bool = True
+    # The host sees each step's loss before the update, so task.on_nonfinite=skip can leave an update out.
+    host_skips_updates: bool = True
+    # Honours the `cluster` node (targets other than `auto`, lowering modes).
+    clusters: bool = False
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """What `Backend.run` did: whether it trained, and runs it asks for in fresh processes (configs to run whole)."""
+
+    trained: bool
+    new_process_runs: tuple[Config, ...] = ()
 
 
 class Sparsifier(Protocol):
@@ -47,7 +67,14 @@ class Sparsifier(Protocol):
 
 
 class LoopDriver(Protocol):
-    """What a backend may call on the training loop (`modelzoo.train.loop.TrainLoop`)."""
+    """What a backend may use of the training loop (`modelzoo.train.loop.TrainLoop`), and nothing else."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    settings: Any  # `LoopSettings`: steps, batch sizes, log / eval / checkpoint intervals
+    step: int  # optimizer steps done
+    run_dir: Path
+    accumulation: int  # micro-batches per optimizer step on this rank
 
     def fit(self) -> None:
         """Train to the last step: steps through `Backend.wrap_step` / `batches`, with logging, evaluation and
@@ -58,15 +85,55 @@ class LoopDriver(Protocol):
         """The names of the parameters the sparsity plug-in masks."""
         ...
 
+    def train_step(self, *batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One optimizer step over a batch of micro-batches: (mean loss, grad norm, learning rate used)."""
+        ...
+
+    def eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The task's loss of one evaluation batch, under the run's autocast."""
+        ...
+
+    def after_step(
+        self, loss: torch.Tensor, grad_norm: torch.Tensor, lr: torch.Tensor | float, per_weight: dict[str, float]
+    ) -> None:
+        """A step's values, handed over after it ran: the non-finite guard, and where logging is due the metrics
+        row with each sparse weight's level (`per_weight`) and their size-weighted mean."""
+        ...
+
+    def log_due(self) -> bool: ...
+    def count_step(self) -> None: ...
+    def save_due(self) -> bool: ...
+    def eval_due(self) -> bool: ...
+
+    def log_evaluation(self, metrics: dict[str, float]) -> None:
+        """Keep, print and log an evaluation the backend made at the current step."""
+        ...
+
+    def session(self) -> AbstractContextManager:
+        """Metrics file and progress bar around training from the current step."""
+        ...
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What a checkpoint of the current step holds besides model and optimizer: the loop's `state_dict` and
+        the run's record (`config_yaml`, `identity`: what a resume must keep)."""
+        ...
+
+    def data_position(self) -> int:
+        """Global samples the task's data has delivered."""
+        ...
+
+    def set_data_position(self, samples: int) -> None: ...
+
+    def data_files(self) -> tuple[Path, Path]:
+        """The prepared train and validation shards the task reads (for input workers of the backend's own)."""
+        ...
+
 
 class Backend(ABC):
     """One way of running (sparse) training."""
 
     name: ClassVar[str]
     capabilities: ClassVar[Capabilities]
-    # Whether the host may read the model's weights between steps (not on a CS-2, where they live on the wafer
-    # and come back only in checkpoints).
-    weights_on_host: ClassVar[bool] = True
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -79,8 +146,9 @@ class Backend(ABC):
         return cls.unavailable_reason() is None
 
     @classmethod
-    def check_config(cls, sparsity: SparsityConfig) -> None:
-        """Refuse, before any compute, config values this backend cannot honour (a `ConfigError`)."""
+    def check_config(cls, cfg: Config, device: str) -> None:
+        """Refuse, before any compute, pre-training config values this backend cannot honour on `device` (a
+        `ConfigError` naming the key); what its `Capabilities` express is checked by `modelzoo.validate`."""
         return None
 
     @abstractmethod
@@ -96,9 +164,9 @@ class Backend(ABC):
         `LambdaLR` of `lr_factor` by default (cstorch's own schedulers on the Cerebras backend)."""
         return build_scheduler(optimizer, cfg, max_steps)
 
-    def start(self, cluster: ClusterConfig, device: torch.device, artifact_dir: Path, precision: str = "fp32") -> None:
-        """Set up the runtime (and its mixed precision) before the model, sparsity and optimizer are built;
-        nothing by default."""
+    def start(self, cfg: Config, device: torch.device, run_dir: Path) -> None:
+        """Set up the runtime of a run of `cfg` on `device` (and its mixed precision) before the model, sparsity
+        and optimizer are built; what it writes besides checkpoints goes to `<run_dir>/<name>`. Nothing by default."""
         return None
 
     def autocast(self, device: torch.device, precision: str) -> AbstractContextManager:
@@ -136,16 +204,12 @@ class Backend(ABC):
 
         return run
 
-    def prepare_resume(self, artifact_dir: Path, run_dir: Path, keep: int) -> None:
-        """Before `task.resume` looks for the run's newest checkpoint, from the backend's `artifact_dir`: nothing by
-        default (the Cerebras backend converts the `cstorch.save` files its run wrote after that one)."""
+    def sync_checkpoints(self, run_dir: Path, keep: int) -> None:
+        """Before a resume looks for the run's newest checkpoint: turn checkpoints the backend wrote in a format of
+        its own under `<run_dir>/<name>` into the run's checkpoint directories (keeping `keep`). Nothing by default."""
         return None
 
-    def run(self, loop: LoopDriver) -> bool:
-        """Drive `loop`; True when it trained (the Cerebras backend may only lower a step for a CS-2)."""
+    def run(self, loop: LoopDriver) -> RunOutcome:
+        """Drive `loop` (a backend may instead only lower a step for its hardware, and ask for more runs)."""
         loop.fit()
-        return True
-
-    def lowering_left(self) -> list[str]:
-        """After a `run` that only lowered: the programs (`cluster.programs`) left to lower in a new process."""
-        return []
+        return RunOutcome(trained=True)

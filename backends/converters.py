@@ -1,8 +1,8 @@
 """Inference converters: rewrite a loaded model for forward-only use (`generate`, `evaluate`), torchtitan's
-`ModelConverter` shape. Chosen with the same `backend=<name>` key as training backends.
+`ModelConverter` shape. Chosen with `task.converter` (training backends are `backend=`, a different concept).
 
-`auto` and `masked_dense` leave the model as it is (its pruned weights are already exact zeros); `torch_sparse`
-swaps masked linears for `torch.sparse` kernels. A converter is imported only when it is used.
+`none` leaves the model as it is (its pruned weights are already exact zeros); `torch_sparse` swaps masked linears
+for `torch.sparse` kernels. A converter is imported only when it is used.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from modelzoo.errors import ConfigError
 
 # name -> "module:class", imported on first use.
 CONVERTERS: dict[str, str] = {"torch_sparse": "modelzoo.backends.torch_sparse:TorchSparseConverter"}
-UNCONVERTED = ("auto", "masked_dense")  # the model runs as loaded
+UNCONVERTED = ("none",)  # the model runs as loaded
 
 
 class Converter(Protocol):
@@ -30,29 +30,28 @@ class Converter(Protocol):
 
 
 def converter(name: str) -> Converter | None:
-    """The converter `backend=name` selects for inference; None when the model runs as loaded."""
+    """The converter `task.converter=name` selects; None when the model runs as loaded."""
     if name in UNCONVERTED:
         return None
     if name not in CONVERTERS:
-        why = "trains only" if name == "cerebras" else "is unknown"
-        raise ConfigError("backend.name", f"backend {name!r} {why}; for generate and evaluate choose", OPTIONS)
+        raise ConfigError("task.converter", f"unknown inference converter {name!r}", OPTIONS)
     module, _, attr = CONVERTERS[name].partition(":")
     return getattr(importlib.import_module(module), attr)()
 
 
 def check_converter(name: str, device: str, dtype: str) -> None:
-    """Fail at config time if `backend=name` cannot run inference on `device` in `dtype`."""
+    """Fail at config time if converter `name` cannot run on `device` in `dtype`."""
     chosen = converter(name)
     if chosen is None:
         return
     if device not in chosen.devices:
-        raise ConfigError("backend.name", f"backend {name!r} does not support device {device!r}", UNCONVERTED)
+        raise ConfigError("task.converter", f"{name!r} does not support device {device!r}", UNCONVERTED)
     if dtype not in chosen.dtypes:
-        raise ConfigError("backend.name", f"backend {name!r} does not support dtype {dtype!r}", UNCONVERTED)
+        raise ConfigError("task.converter", f"{name!r} does not support dtype {dtype!r}", UNCONVERTED)
 
 
 def convert(model: nn.Module, name: str, tokens: int) -> nn.Module:
-    """`model` as `backend=name` runs it for inference of about `tokens` tokens per call."""
+    """`model` as converter `name` runs it for inference of about `tokens` tokens per call."""
     chosen = converter(name)
     return model if chosen is None else chosen.convert(model, tokens)
 

@@ -34,7 +34,7 @@ tied LM head), built from one seed:
   on weights with exact zeros, i.e. what `backend=masked_dense` runs;
 - torch_sparse: the masked-dense model converted by `TorchSparseConverter.convert(model, tokens=1)`
   (each layer shape gets the faster of dense and int32 CSR, timed at M = 1), i.e. what
-  `modelzoo generate backend=torch_sparse` runs;
+  `modelzoo generate task.converter=torch_sparse` runs;
 - dense, `x @ Wt`: the dense model with every `nn.Linear`, the LM head included, computing
   `addmm(b, x, Wt)` on a pre-transposed contiguous copy of its weight, a dense kernel that beats
   `F.linear` on some shapes here (see the sparse GEMM section): a second dense baseline.

@@ -13,7 +13,7 @@ from common import REPO, Timing, add_common_arguments, begin, markdown_table, pu
 from transformers import AutoModelForCausalLM
 
 from modelzoo.config import load_config, to_object
-from modelzoo.downstream.evaluate import LoadedModel, PubMedQAResult, evaluate_pubmedqa, hf_logits, load_hf_model
+from modelzoo.downstream.evaluate import LoadedModel, PubMedQAResult, evaluate_pubmedqa, hf_logits, load_model
 from modelzoo.downstream.pubmedqa import PubMedQAExample, load_pubmedqa
 
 METHOD = """\
@@ -21,7 +21,7 @@ METHOD = """\
 scored by log-likelihood, left-truncated to the model's window, requests with equal inputs sharing one
 forward pass, right-padded batches) of `questions` test questions (evenly spaced through the test file,
 which is sorted by label), fp32 on CPU, for two loadings of one Hugging Face export:
-- ours: `load_hf_model`, i.e. the export imported into our `GPT` (masks from `sparsity.json`, backend
+- ours: `load_model`, i.e. the export imported into our `GPT` (masks from `sparsity.json`, backend
   `masked_dense`), what `modelzoo evaluate task.hf_dirs=[...]` runs;
 - transformers: `AutoModelForCausalLM.from_pretrained` on the same directory (`GPT2LMHeadModel`, default
   attention, the attention mask passed), scored by the same function.
@@ -35,7 +35,7 @@ DEFAULT_HF_DIR = REPO / "runs" / "tiny-static_75" / "hf"
 def load_variants(hf_dir: Path) -> dict[str, LoadedModel]:
     """The two loadings of `METHOD`, by name."""
     cfg = to_object(load_config(["task=evaluate", "task.device=cpu", "backend=masked_dense"]))
-    ours = load_hf_model(str(hf_dir), cfg)
+    ours = load_model(str(hf_dir), cfg, "task.hf_dirs")
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True).eval()
     theirs = LoadedModel(**{**vars(ours), "kind": "transformers", "logits_fn": hf_logits(hf)})
     return {"ours": ours, "transformers": theirs}

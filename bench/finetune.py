@@ -20,6 +20,7 @@ from torch import nn
 from train_step import SHAPES, Shape
 from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
 
+from modelzoo.config.train import OptimConfig
 from modelzoo.export.hf import export_hf
 from modelzoo.export.peft import save_prompt_adapter
 from modelzoo.export.seq_cls import export_seq_cls
@@ -27,8 +28,7 @@ from modelzoo.finetune.data import IGNORE
 from modelzoo.models.classifier import GPTClassifier
 from modelzoo.models.gpt import GPT
 from modelzoo.models.soft_prompt import PromptedLM, SoftPrompt, freeze
-from modelzoo.train.config import OptimConfig
-from modelzoo.train.optim import build_optimizer
+from modelzoo.optim import build_optimizer
 
 METHOD = """\
 One fine-tuning step as `modelzoo finetune` / `modelzoo prompt_tune` take it: `zero_grad`, forward, loss,

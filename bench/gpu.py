@@ -40,15 +40,15 @@ from transformers import GPT2LMHeadModel
 
 from modelzoo.backends.masked_dense import MaskedDenseBackend
 from modelzoo.backends.torch_sparse import TorchSparseConverter, kernel_summary
+from modelzoo.config.train import OptimConfig, TrainConfig
 from modelzoo.export.hf import to_hf_config
 from modelzoo.flops import flop_report
 from modelzoo.models.gpt import GPT
+from modelzoo.optim import build_optimizer
 from modelzoo.sparsity.config import NMPattern, SparsityConfig
 from modelzoo.sparsity.plugin import MaskedSparsity
 from modelzoo.train.accel import fuses_adamw, prepare_model, setup_device
-from modelzoo.train.config import OptimConfig, TrainConfig
 from modelzoo.train.mfu import format_fraction, mfu, peak_flops
-from modelzoo.train.optim import build_optimizer
 
 METHOD = """\
 A training step is `zero_grad`, forward with loss under the precision's autocast, backward, gradient-norm clipping

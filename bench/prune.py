@@ -18,8 +18,8 @@ import torch
 from common import add_common_arguments, begin, markdown_table, publish, split_choices
 from train_step import model_size
 
+from modelzoo.config.prune import PruneConfig
 from modelzoo.models.gpt import GPT, GPTConfig
-from modelzoo.prune.config import PruneConfig
 from modelzoo.prune.sequential import prune_model
 
 METHOD = """\

@@ -23,12 +23,12 @@ from common import (
 )
 from transformers import GPT2LMHeadModel
 
+from modelzoo.config.train import OptimConfig
 from modelzoo.export.hf import to_hf_config
 from modelzoo.models.gpt import GPT, GPTConfig
+from modelzoo.optim import build_optimizer
 from modelzoo.sparsity.config import SparsityConfig
 from modelzoo.sparsity.plugin import MaskedSparsity
-from modelzoo.train.config import OptimConfig
-from modelzoo.train.optim import build_optimizer
 
 METHOD = """\
 A step is `zero_grad`, forward with loss, backward and an AdamW step (the trainer's `build_optimizer` with

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
+from typing import NoReturn
 
 
 class ModelZooError(Exception):
@@ -45,3 +47,9 @@ class CheckpointError(ModelZooError, RuntimeError):
 
 class TrainingDiverged(ModelZooError, RuntimeError):
     """A non-finite loss or gradient norm stopped training; the message names the step."""
+
+
+def fail(error: Exception) -> NoReturn:
+    """End the command on an anticipated error: its message as one line on stderr, exit code 2."""
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)

@@ -3,31 +3,19 @@
 `generate` runs the prompt once (prefill), then feeds one new token per step, reusing the keys and values
 of earlier positions from a `KVCache`; `use_cache=False` recomputes the whole context every step instead
 (same tokens, for checking). Greedy decoding picks the first arg-max, as `transformers`' `generate` does,
-so both give the same tokens for the same weights. `load_generator` builds the model of `modelzoo generate`:
-from a checkpoint or a Hugging Face export, on the requested device and dtype, converted by the backend.
+so both give the same tokens for the same weights.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
-from modelzoo.backends.converters import convert
-from modelzoo.config import Config, GenerateConfig
 from modelzoo.errors import ConfigError
-from modelzoo.export.hf import load_hf, restore_masks
 from modelzoo.models.gpt import GPT, KVCache
-from modelzoo.restore import restore_model
-from modelzoo.train.checkpoint import resolve_checkpoint
-from modelzoo.train.config import resolved_device
-
-log = logging.getLogger(__name__)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -127,44 +115,11 @@ def generate(
     return Generation(tokens, len(prompt), prefill_s, time.perf_counter() - start - prefill_s)
 
 
-def load_generator(cfg: Config) -> tuple[GPT, PreTrainedTokenizerBase]:
-    """The model of `cfg.task`, on its device and dtype and converted by `cfg.backend` for batch-1 decoding.
-
-    The model is `task.hf_dir` (masks recovered from its `sparsity.json`), `task.checkpoint`, or the latest
-    checkpoint of `run_dir`; the tokenizer is the one saved with it.
-    """
-    task: GenerateConfig = cfg.task
-    if task.hf_dir:
-        source = Path(task.hf_dir)
-        model = load_hf(source)
-        restore_masks(model, source)
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    else:
-        source = resolve_checkpoint(task.checkpoint, cfg.run_dir)
-        run = restore_model(source)
-        model, tokenizer = run.model, run.tokenizer
-        if tokenizer is None:
-            raise ConfigError("run_dir", f"{source.parent.parent} has no tokenizer/ directory to encode the prompt")
-    log.info("generate: model %s", source)
-    model = model.to(resolved_device(task.device), DTYPES[task.precision]).eval()
-    return convert(model, cfg.backend.name, tokens=1), tokenizer
-
-
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
     """Token ids of `prompt`; an empty prompt is the BOS token alone (none when the tokenizer has no BOS)."""
     if prompt:
         return tokenizer(prompt)["input_ids"]
     return [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-
-
-def run(cfg: Config) -> tuple[str, Generation]:
-    """`modelzoo generate` on a validated `cfg`: load the model, decode; return the prompt with its continuation."""
-    task: GenerateConfig = cfg.task
-    model, tokenizer = load_generator(cfg)
-    sampling = Sampling(task.temperature, task.top_k, task.top_p)
-    prompt = encode_prompt(tokenizer, task.prompt)
-    result = generate(model, prompt, task.max_new_tokens, sampling, tokenizer.eos_token_id, cfg.seed, task.use_cache)
-    return task.prompt + tokenizer.decode(result.tokens, skip_special_tokens=True), result
 
 
 def format_speed(result: Generation) -> str:

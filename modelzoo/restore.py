@@ -1,6 +1,6 @@
 """Restoring a run from its checkpoint: saved config, model with masks and weights, tokenizer. The one place.
 
-Checkpoint files are read by `modelzoo.train.checkpoint` (pure I/O); this module sits above models and sparsity
+Checkpoint files are read by `modelzoo.checkpoint` (pure I/O); this module sits above models and sparsity
 and turns them back into objects. Every command that starts from a checkpoint (`export`, `generate`, `evaluate`,
 `prune`, `finetune`, the Cerebras conversions) comes through here.
 
@@ -22,14 +22,14 @@ from typing import Literal
 from omegaconf import OmegaConf
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from modelzoo import checkpoint as ckpt
 from modelzoo.config import Config
-from modelzoo.errors import CheckpointError, ConfigError
+from modelzoo.errors import CheckpointError
 from modelzoo.finite import refuse_nonfinite
 from modelzoo.models.gpt import GPT
 from modelzoo.sparsity.config import SparsityConfig
 from modelzoo.sparsity.masks import MASK_SUFFIX
 from modelzoo.sparsity.plugin import MaskedSparsity
-from modelzoo.train import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
 Masks = Literal["config", "held", "none"]
@@ -52,21 +52,6 @@ def config_from_yaml(config_yaml: str) -> Config:
 def saved_config(checkpoint: str | Path) -> Config:
     """The `Config` a checkpoint was written with."""
     return config_from_yaml(ckpt.read_config(checkpoint))
-
-
-def find_checkpoint(path: str | Path, key: str) -> Path:
-    """`path` when it is a checkpoint directory, else the checkpoint the run directory `path` stands for.
-
-    Raises:
-        ConfigError: neither (naming `key`, the config key that gave `path`).
-    """
-    path = Path(path)
-    if (path / ckpt.CONFIG_FILE).is_file():
-        return path
-    found = ckpt.selected_checkpoint(path) if path.is_dir() else None
-    if found is None:
-        raise ConfigError(key, f"{path} is neither a run directory with checkpoints nor a checkpoint directory")
-    return found
 
 
 def build_model(cfg: Config) -> tuple[GPT, MaskedSparsity | None]:

@@ -12,25 +12,16 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from modelzoo.backends import backend_class, check_supports, resolve_name
+from modelzoo import checkpoint as ckpt
+from modelzoo.backends import BACKENDS, backend_class, check_supports, resolve_name
 from modelzoo.backends.converters import check_converter
-from modelzoo.config import Config, ExportConfig, GenerateConfig
-from modelzoo.data.config import FORMATS, DataConfig, resolve_sources
-from modelzoo.distributed import world_size
-from modelzoo.downstream.config import EvaluateConfig
-from modelzoo.downstream.pubmedqa import SPLITS
-from modelzoo.errors import ConfigError
-from modelzoo.experiments.config import STAGE_TASKS, ExperimentConfig
-from modelzoo.finetune.config import DATASETS, SPARSITY_MODES, FinetuneConfig, PromptTuneConfig, default_data_dir
-from modelzoo.models.gpt import ACTIVATIONS, GPT, GPTConfig
-from modelzoo.models.soft_prompt import PROMPT_INITS
-from modelzoo.prune.config import PruneConfig
-from modelzoo.prune.config import validate as validate_prune
-from modelzoo.restore import find_checkpoint
-from modelzoo.sparsity.plan import check_run, plan_groups
-from modelzoo.train import checkpoint as ckpt
-from modelzoo.train.accel import validate_accel
-from modelzoo.train.config import (
+from modelzoo.config import Config, ExportConfig, GenerateConfig, load_config, to_object
+from modelzoo.config.evaluate import EvaluateConfig
+from modelzoo.config.experiment import STAGE_TASKS, ExperimentConfig
+from modelzoo.config.finetune import DATASETS, SPARSITY_MODES, FinetuneConfig, PromptTuneConfig, default_data_dir
+from modelzoo.config.prune import PruneConfig
+from modelzoo.config.prune import validate as validate_prune
+from modelzoo.config.train import (
     BUDGETS,
     CS2_PRECISIONS,
     DECAYS,
@@ -41,9 +32,24 @@ from modelzoo.train.config import (
     TrainConfig,
     resolved_device,
 )
+from modelzoo.data.config import FORMATS, DataConfig, resolve_sources
+from modelzoo.distributed import world_size
+from modelzoo.downstream.pubmedqa import SPLITS
+from modelzoo.errors import ConfigError
+from modelzoo.models.gpt import ACTIVATIONS, GPT, GPTConfig
+from modelzoo.models.soft_prompt import PROMPT_INITS
+from modelzoo.sparsity.plan import check_run, plan_groups
+from modelzoo.train.accel import validate_accel
 
 EVALUATE_TASKS = ("pubmedqa",)
 CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")  # e.g. LlamaForCausalLM, GPT2LMHeadModel
+
+
+def validated_config(overrides: list[str], task: str | None = None) -> Config:
+    """The config of a command: composed from `overrides` (with `task=<task>` first, when given) and validated."""
+    cfg = to_object(load_config([*([f"task={task}"] if task else []), *overrides]))
+    validate(cfg)
+    return cfg
 
 
 def validate(cfg: Config) -> None:
@@ -193,74 +199,41 @@ def validate_pretrain(cfg: Config) -> None:
     if t.max_nonfinite_skips < 0:
         raise ConfigError("task.max_nonfinite_skips", f"must be >= 0, got {t.max_nonfinite_skips}")
     backend = resolve_name(cfg.backend.name)
-    on_cs2 = backend == "cerebras" and cfg.cluster.target == "CSX"
+    capabilities = backend_class(backend).capabilities
+    on_cs2 = capabilities.clusters and cfg.cluster.target == "CSX"
     device = check_device(t.device, t.precision, on_cs2=on_cs2)
     validate_optim(cfg.optim)
-    if backend == "cerebras" and t.on_nonfinite == "skip":
-        raise ConfigError(
-            "task.on_nonfinite", "skip decides on the host before each update; cstorch traces the step", ["stop"]
-        )
-    validate_accel(t, cfg.optim, device, backend)
+    if t.on_nonfinite == "skip" and not capabilities.host_skips_updates:
+        why = f"skip decides on the host before each update; {backend} runs the update itself"
+        raise ConfigError("task.on_nonfinite", why, ["stop"])
+    validate_accel(t, cfg.optim, device, capabilities.own_compiler)
     validate_cluster(cfg, backend, device)
+    backend_class(backend).check_config(cfg, device)  # before check_supports: it names what cstorch lacks too
     for algorithm in cfg.sparsity.algorithms or [None]:
         check_supports(backend, algorithm=algorithm, device=device, dtype=t.precision)
-    backend_class(backend).check_config(cfg.sparsity)
 
 
 def validate_cluster(cfg: Config, backend: str, device: str) -> None:
-    """The `cluster` node, and the CS-2 modes: they need backend=cerebras on a CSX cluster."""
+    """The `cluster` node, and what the backend's capabilities allow of it and of torchrun; the backend's
+    `check_config` checks the rest (a CS-2's needs)."""
     cfg.cluster.validate(device)
-    target = cfg.cluster.resolved_target(device)
-    lowering = cfg.cluster.mode != "train"
-    if backend == "cerebras" and world_size() > 1:
+    capabilities = backend_class(backend).capabilities
+    if world_size() > 1 and not capabilities.torchrun:
         raise ConfigError(
             "backend.name",
-            "cerebras scales out on a CS-2 cluster (cluster.num_csx), not under torchrun: run one process, or use",
-            ["masked_dense"],
+            f"{backend} scales out on a cluster of its own (cluster.num_csx), not under torchrun: run one process, "
+            "or use",
+            [name for name in BACKENDS if backend_class(name).capabilities.torchrun],
         )
-    if backend != "cerebras" and cfg.cluster.target != "auto":
+    if not capabilities.clusters and cfg.cluster.target != "auto":
         raise ConfigError(
-            "cluster.target", f"{target} is a cstorch backend: use backend=cerebras, or cluster=local with {backend}"
+            "cluster.target",
+            f"{cfg.cluster.resolved_target(device)} is a cstorch backend: use backend=cerebras, or cluster=local "
+            f"with {backend}",
         )
-    if lowering and (backend != "cerebras" or target != "CSX"):
+    if not capabilities.clusters and cfg.cluster.mode != "train":
         raise ConfigError(
             "cluster.mode", f"{cfg.cluster.mode} lowers for a CS-2: it needs backend=cerebras cluster=cs2"
-        )
-    missing = cfg.cluster.missing_for_submission()
-    if target == "CSX" and not lowering and missing:
-        raise ConfigError(
-            missing[0].split("=")[0],
-            f"a CS-2 run needs {' and '.join(missing)}; cluster.mode=compile_only or cluster.mode=validate_only "
-            "lower the model offline without them",
-        )
-    if target == "CSX":
-        check_cs2_data(cfg)
-    if target == "CSX" and cfg.task.micro_batch_size != cfg.task.batch_size:
-        raise ConfigError(
-            "task.micro_batch_size",
-            f"a CS-2 splits batches itself: set task.micro_batch_size={cfg.task.batch_size} (= task.batch_size)",
-        )
-
-
-def check_cs2_data(cfg: Config) -> None:
-    """What a CS-2's input workers need: a global batch that splits evenly over `cluster.num_csx` systems, and the
-    corpus cache (which they read) on a volume in `cluster.mount_dirs` (for a training run; given mount dirs,
-    always)."""
-    num_csx = cfg.cluster.num_csx
-    if cfg.task.batch_size % num_csx:
-        raise ConfigError(
-            "task.batch_size",
-            f"{cfg.task.batch_size} does not split over cluster.num_csx={num_csx} CS-2s: use a multiple of {num_csx}",
-        )
-    mounts = [Path(m).resolve() for m in cfg.cluster.mount_dirs]
-    if cfg.cluster.mode != "train" and not mounts:
-        return
-    cache = Path(cfg.data.cache_dir).resolve()
-    if not any(cache.is_relative_to(m) for m in mounts):
-        raise ConfigError(
-            "data.cache_dir",
-            f"{cache} is not under cluster.mount_dirs={[str(m) for m in mounts]}, so the CS-2's input workers cannot "
-            f"read the corpus: add its volume to cluster.mount_dirs or set data.cache_dir=<a dir on a mounted volume>",
         )
 
 
@@ -288,7 +261,7 @@ def validate_finetune(cfg: Config) -> None:
     data_dir = Path(task.data_dir or default_data_dir(task.dataset))
     if not data_dir.is_dir():
         raise ConfigError("task.data_dir", f"{data_dir} is not a directory (the {task.dataset} files)")
-    checkpoint = find_checkpoint(task.pretrained, "task.pretrained")
+    checkpoint = ckpt.find_checkpoint(task.pretrained, "task.pretrained")
     positions = int(OmegaConf.create(ckpt.read_config(checkpoint)).model.n_positions)
     virtual = task.num_virtual_tokens if isinstance(task, PromptTuneConfig) else 0
     if isinstance(task, PromptTuneConfig):
@@ -310,9 +283,9 @@ def validate_finetune(cfg: Config) -> None:
 
 
 # ---- generate / evaluate -------------------------------------------------------------------------------
-def check_inference(device: str, precision: str, backend: str) -> None:
-    """Device and precision, and a backend that can run inference there (an inference converter, or none)."""
-    check_converter(backend, check_device(device, precision), precision)
+def check_inference(device: str, precision: str, converter: str) -> None:
+    """Device and precision, and an inference converter (`task.converter`) that runs there."""
+    check_converter(converter, check_device(device, precision), precision)
 
 
 def validate_generate(cfg: Config) -> None:
@@ -327,7 +300,7 @@ def validate_generate(cfg: Config) -> None:
         raise ConfigError("task.top_k", f"must be >= 0 (0 is off), got {task.top_k}")
     if not 0 < task.top_p <= 1:
         raise ConfigError("task.top_p", f"{task.top_p} is outside (0, 1] (1 is off)")
-    check_inference(task.device, task.precision, cfg.backend.name)
+    check_inference(task.device, task.precision, task.converter)
 
 
 def validate_evaluate(cfg: Config) -> None:
@@ -341,7 +314,7 @@ def validate_evaluate(cfg: Config) -> None:
         raise ConfigError("task.batch_size", f"must be at least 1, got {task.batch_size}")
     if task.limit < 0:
         raise ConfigError("task.limit", f"must be >= 0 (0: every question), got {task.limit}")
-    check_inference(task.device, task.precision, cfg.backend.name)
+    check_inference(task.device, task.precision, task.converter)
     for key, paths in (("task.checkpoints", task.checkpoints), ("task.hf_dirs", task.hf_dirs)):
         for path in paths:
             if not Path(path).is_dir():

@@ -32,19 +32,19 @@ import torch
 from torch import nn
 
 from modelzoo.config import Config
+from modelzoo.config.prune import PruneConfig
+from modelzoo.config.train import TrainConfig
 from modelzoo.data.corpus import load_corpus
 from modelzoo.data.loader import iter_eval
 from modelzoo.export.hf import export_hf
 from modelzoo.prune.calibration import calibration_tokens
-from modelzoo.prune.config import PruneConfig
 from modelzoo.prune.hessian import InputStats
 from modelzoo.prune.io import save_pruned
 from modelzoo.prune.layers import select_layers
 from modelzoo.prune.sequential import prune_model
 from modelzoo.restore import restore_model
 from modelzoo.sparsity.config import SparsityConfig
-from modelzoo.train.config import TrainConfig
-from modelzoo.train.trainer import RunSummary, Trainer
+from modelzoo.tasks.pretrain import Pretraining, RunSummary
 from modelzoo.validate import validate
 
 REPO = Path(__file__).resolve().parent.parent
@@ -98,7 +98,7 @@ def continue_pretraining(
     optim = replace(cfg.optim, lr=args.lr, warmup_steps=args.warmup)
     config = replace(cfg, sparsity=sparsity, task=task, optim=optim, run_dir=str(run_dir))
     validate(config)
-    return Trainer(config).fit()
+    return Pretraining(config).fit()
 
 
 def measure(args: argparse.Namespace) -> dict:

@@ -30,12 +30,12 @@ sys.path.insert(0, str(REPO / "bench"))  # the benchmarks' environment descripti
 
 from common import environment  # noqa: E402
 
+from modelzoo.checkpoint import latest_checkpoint  # noqa: E402
 from modelzoo.config import load_config, to_object  # noqa: E402
+from modelzoo.config.experiment import ExperimentConfig, StageConfig  # noqa: E402
+from modelzoo.config.finetune import default_data_dir  # noqa: E402
 from modelzoo.downstream.baselines import all_baselines  # noqa: E402
-from modelzoo.experiments.config import ExperimentConfig, StageConfig  # noqa: E402
 from modelzoo.experiments.results import Run, baselines_table, plot_results, read_json, results_table  # noqa: E402
-from modelzoo.finetune.config import default_data_dir  # noqa: E402
-from modelzoo.train.checkpoint import latest_checkpoint  # noqa: E402
 
 BEGIN, END = "<!-- scripts/reproduce.py: begin -->", "<!-- scripts/reproduce.py: end -->"
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import math
 import os
+import shutil
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -16,6 +18,7 @@ import torch
 
 from modelzoo.config import Config, load_config, to_object
 from modelzoo.models.gpt import GPT, GPTConfig
+from modelzoo.tasks.pretrain import Pretraining
 from modelzoo.train.loop import TrainLoop
 from modelzoo.validate import validate
 
@@ -99,6 +102,54 @@ def make_config(run_dir: Path, cache_dir: Path, *overrides: str) -> Config:
     cfg = to_object(load_config([*SMALL, f"run_dir={run_dir}", f"data.cache_dir={cache_dir}", *overrides]))
     validate(cfg)
     return cfg
+
+
+# The shared pre-training run of `trained_run`: the overrides on top of SMALL (a test that resumes it repeats them,
+# raising task.max_steps past TRAINED_STEPS).
+TRAINED_STEPS = 4
+TRAINED_RUN = (
+    f"task.max_steps={TRAINED_STEPS}",
+    "task.checkpoint_every=2",
+    "task.eval_every=2",
+    "task.log_every=1",
+)
+
+
+def _fingerprint(run_dir: Path) -> dict[str, str]:
+    """sha256 of every file of a run directory but its lock file."""
+    return {
+        str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file() and ".lock" not in p.name
+    }
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Iterator[Path]:
+    """One finished pre-training run, trained once per session and shared read-only by the tests of evaluation,
+    fine-tuning, generation and the resume guards: the small test model of SMALL (2 layers, n_embd 64, vocab
+    1024, 64 positions) on the packaged PubMed sample, the default sparsity static_75 on the masked_dense backend,
+    TRAINED_STEPS=4 steps of batch 8, evaluated and checkpointed every 2 steps (step_000002 and step_000004 kept),
+    train loss logged every step, exported to `hf/`, with its summary.json. It lives in
+    `<pytest tmp>/trained_run0/run` (the directory is named `run`; the evaluation table shows `run/hf`).
+
+    Tests must not modify it: one that writes to a run (resumes it, damages a checkpoint, exports into it)
+    works on `copy_run(trained_run, tmp_path)`. The fixture checks at the end of the session that no file of the
+    run changed."""
+    run = tmp_path_factory.mktemp("trained_run") / "run"
+    Pretraining(make_config(run, cache_dir, *TRAINED_RUN)).fit()
+    before = _fingerprint(run)
+    yield run
+    assert _fingerprint(run) == before, f"a test modified the shared trained_run {run}: copy it with copy_run"
+
+
+def copy_run(run: Path, tmp_path: Path, without: tuple[str, ...] = ()) -> Path:
+    """A copy of `run` as `tmp_path / "run"` for a test to change, less the top-level entries named in `without`."""
+    target = tmp_path / "run"
+    shutil.copytree(run, target)
+    for name in without:
+        shutil.rmtree(target / name)
+    return target
 
 
 def train_losses(run_dir: Path) -> list[tuple[str, str]]:

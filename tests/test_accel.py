@@ -13,13 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from modelzoo import checkpoint as ckpt
 from modelzoo.config import load_config, to_object
+from modelzoo.config.train import OptimConfig, TrainConfig
 from modelzoo.errors import ConfigError
-from modelzoo.train import checkpoint as ckpt
+from modelzoo.tasks.pretrain import Pretraining
 from modelzoo.train.accel import compiles, fused_problem, fuses_adamw
-from modelzoo.train.config import OptimConfig, TrainConfig
 from modelzoo.train.mfu import mfu, peak_flops, table_peak_tflops
-from modelzoo.train.trainer import Trainer
 from modelzoo.validate import validate
 from tests.conftest import SMALL, killed_at_step, make_config, train_losses
 
@@ -65,7 +65,7 @@ def test_auto_compiles_and_fuses_on_cuda_except_for_a_backend_with_its_own_compi
     auto, optim = TrainConfig(), OptimConfig()
     assert compiles(auto, "cuda") and fuses_adamw(optim, "cuda")
     assert not compiles(auto, "cpu") and not fuses_adamw(optim, "cpu")
-    assert not compiles(auto, "cuda", "cerebras") and not fuses_adamw(optim, "cuda", "cerebras")  # cstorch's own
+    assert not compiles(auto, "cuda", own_compiler=True) and not fuses_adamw(optim, "cuda", own_compiler=True)
     assert compiles(TrainConfig(compile=True), "cpu") and fuses_adamw(OptimConfig(fused=True), "cpu")
 
 
@@ -89,9 +89,9 @@ def test_peak_table_and_mfu() -> None:
 
 def test_cpu_run_logs_mfu_only_against_a_given_peak(tmp_path: Path, cache_dir: Path) -> None:
     steps = ["task.max_steps=2", "task.log_every=1", "task.export=false", "task.device=cpu"]
-    summary = Trainer(make_config(tmp_path / "na", cache_dir, *steps)).fit()
+    summary = Pretraining(make_config(tmp_path / "na", cache_dir, *steps)).fit()
     assert summary.mfu is None and summary.peak_memory_gib is None
-    summary = Trainer(make_config(tmp_path / "peak", cache_dir, *steps, "task.peak_tflops=0.5")).fit()
+    summary = Pretraining(make_config(tmp_path / "peak", cache_dir, *steps, "task.peak_tflops=0.5")).fit()
     expected = summary.dense_flops / summary.seconds / 0.5e12
     assert summary.mfu == pytest.approx(expected, rel=1e-6)
     assert [float(row["mfu"]) > 0 for row in metrics(tmp_path / "peak")] == [True, True]
@@ -103,7 +103,7 @@ def metrics(run_dir: Path) -> list[dict[str, str]]:
         return [row for row in csv.DictReader(f) if row["train_loss"]]
 
 
-def masks_and_state(trainer: Trainer) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+def masks_and_state(trainer: Pretraining) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
     """Masks by name, and each sparse weight's AdamW moments at its pruned positions."""
     masks = {sp.name: sp.mask.clone() for sp in trainer.sparsifier.params}
     pruned = [
@@ -124,30 +124,30 @@ def test_fused_adamw_keeps_masks_state_masking_and_exact_resume(
     """Fused AdamW (CPU kernels since torch 2.4) with RigL: moments stay zero where masks are false, losses match
     the foreach AdamW to rounding, and a resumed run equals the uninterrupted one bit for bit."""
     steps = [*RIGL, "task.max_steps=8", "task.checkpoint_every=4", "task.eval_every=8"]
-    fused = Trainer(make_config(tmp_path / "fused", cache_dir, *steps, "optim.fused=true"))
+    fused = Pretraining(make_config(tmp_path / "fused", cache_dir, *steps, "optim.fused=true"))
     assert fused.loop.optimizer.defaults["fused"]
     fused.fit()
     masks, pruned = masks_and_state(fused)
     assert all(bool((p == 0).all()) for p in pruned) and pruned
     assert all(bool((fused.model.get_parameter(n)[~m] == 0).all()) for n, m in masks.items())
-    foreach = Trainer(make_config(tmp_path / "foreach", cache_dir, *steps, "optim.fused=false"))
+    foreach = Pretraining(make_config(tmp_path / "foreach", cache_dir, *steps, "optim.fused=false"))
     assert not foreach.loop.optimizer.defaults["fused"]
     foreach.fit()
     a, b = train_losses(tmp_path / "fused"), train_losses(tmp_path / "foreach")
     assert [float(x) for _, x in a] == pytest.approx([float(x) for _, x in b], rel=1e-5)
 
     with killed_at_step(monkeypatch, 6):
-        Trainer(make_config(tmp_path / "crashed", cache_dir, *steps, "optim.fused=true")).fit()
-    Trainer(make_config(tmp_path / "crashed", cache_dir, *steps, "optim.fused=true", "task.resume=true")).fit()
+        Pretraining(make_config(tmp_path / "crashed", cache_dir, *steps, "optim.fused=true")).fit()
+    Pretraining(make_config(tmp_path / "crashed", cache_dir, *steps, "optim.fused=true", "task.resume=true")).fit()
     assert train_losses(tmp_path / "crashed") == a
 
 
 def test_activation_checkpointing_gives_the_same_losses(tmp_path: Path, cache_dir: Path) -> None:
     """Bit for bit, with dropout on (checkpointing replays the RNG state, so the recomputed masks are the same)."""
     steps = [*RIGL, "task.max_steps=4", "task.eval_every=4", "model.dropout=0.1"]
-    plain = Trainer(make_config(tmp_path / "plain", cache_dir, *steps))
+    plain = Pretraining(make_config(tmp_path / "plain", cache_dir, *steps))
     plain.fit()
-    checkpointed = Trainer(make_config(tmp_path / "ac", cache_dir, *steps, "task.activation_checkpointing=true"))
+    checkpointed = Pretraining(make_config(tmp_path / "ac", cache_dir, *steps, "task.activation_checkpointing=true"))
     assert checkpointed.model.transformer.h[0].forward.__name__ == "run"  # the wrapper is on
     checkpointed.fit()
     assert train_losses(tmp_path / "ac") == train_losses(tmp_path / "plain")
@@ -173,14 +173,14 @@ TINY = [
 
 
 @pytest.fixture(scope="module")
-def compiled_run(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> tuple[Path, Trainer]:
+def compiled_run(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> tuple[Path, Pretraining]:
     import torch._dynamo
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
     run = tmp_path_factory.mktemp("compiled") / "run"
-    trainer = Trainer(make_config(run, cache_dir, *TINY, "task.compile=true"))
+    trainer = Pretraining(make_config(run, cache_dir, *TINY, "task.compile=true"))
     trainer.fit()
     trainer.graph_breaks = dict(counters["graph_break"])
     trainer.graphs = counters["stats"]["unique_graphs"]
@@ -189,12 +189,12 @@ def compiled_run(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> t
 
 @pytest.mark.slow
 def test_compiled_training_equals_eager_without_graph_breaks(
-    compiled_run: tuple[Path, Trainer], tmp_path: Path, cache_dir: Path
+    compiled_run: tuple[Path, Pretraining], tmp_path: Path, cache_dir: Path
 ) -> None:
     run, compiled = compiled_run
     assert compiled.graph_breaks == {}
     assert compiled.graphs == 2  # the training forward and the evaluation forward: nothing recompiles per step
-    eager = Trainer(make_config(tmp_path / "eager", cache_dir, *TINY, "task.compile=false"))
+    eager = Pretraining(make_config(tmp_path / "eager", cache_dir, *TINY, "task.compile=false"))
     eager.fit()
     got, want = train_losses(run), train_losses(tmp_path / "eager")
     assert [s for s, _ in got] == [s for s, _ in want] and len(got) == 20
@@ -207,7 +207,7 @@ def test_compiled_training_equals_eager_without_graph_breaks(
 
 @pytest.mark.slow
 def test_compiled_resume_is_exact(
-    compiled_run: tuple[Path, Trainer],
+    compiled_run: tuple[Path, Pretraining],
     tmp_path: Path,
     cache_dir: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -226,11 +226,11 @@ def test_compiled_resume_is_exact(
     request.addfinalizer(lambda: torch.set_num_threads(threads))
     torch._dynamo.reset()
     with killed_at_step(monkeypatch, 16):
-        Trainer(make_config(tmp_path / "crashed", cache_dir, *TINY, "task.compile=true")).fit()
+        Pretraining(make_config(tmp_path / "crashed", cache_dir, *TINY, "task.compile=true")).fit()
     before = train_losses(tmp_path / "crashed")
     assert [s for s, _ in before] == [str(s) for s in range(1, 16)]
     torch._dynamo.reset()
-    Trainer(make_config(tmp_path / "crashed", cache_dir, *TINY, "task.compile=true", "task.resume=true")).fit()
+    Pretraining(make_config(tmp_path / "crashed", cache_dir, *TINY, "task.compile=true", "task.resume=true")).fit()
     after = train_losses(tmp_path / "crashed")
     assert after[:15] == before
     want = train_losses(run)
@@ -244,7 +244,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 @cuda
 def test_cuda_defaults_compile_fuse_tf32_and_log_mfu_and_memory(tmp_path: Path, cache_dir: Path) -> None:
     steps = ["task.max_steps=4", "task.log_every=2", "task.export=false", "task.precision=bf16", "task.device=cuda"]
-    trainer = Trainer(make_config(tmp_path / "run", cache_dir, *steps, "task.peak_tflops=100"))
+    trainer = Pretraining(make_config(tmp_path / "run", cache_dir, *steps, "task.peak_tflops=100"))
     assert trainer.loop.optimizer.defaults["fused"]
     assert torch.get_float32_matmul_precision() == "high"
     summary = trainer.fit()
@@ -256,8 +256,8 @@ def test_cuda_defaults_compile_fuse_tf32_and_log_mfu_and_memory(tmp_path: Path, 
 @cuda
 def test_cuda_compiled_checkpointed_bf16_matches_eager(tmp_path: Path, cache_dir: Path) -> None:
     steps = [*RIGL, "task.max_steps=6", "task.eval_every=6", "task.precision=bf16", "task.device=cuda"]
-    Trainer(make_config(tmp_path / "eager", cache_dir, *steps, "task.compile=false")).fit()
-    Trainer(
+    Pretraining(make_config(tmp_path / "eager", cache_dir, *steps, "task.compile=false")).fit()
+    Pretraining(
         make_config(tmp_path / "fast", cache_dir, *steps, "task.compile=true", "task.activation_checkpointing=true")
     ).fit()
     got, want = train_losses(tmp_path / "fast"), train_losses(tmp_path / "eager")

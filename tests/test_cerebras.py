@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from modelzoo import checkpoint as ckpt
 from modelzoo.backends.cerebras import CSTORCH_VERSION, CerebrasBackend
 from modelzoo.backends.cerebras.cluster import cluster_config
 from modelzoo.backends.cerebras.environment import environment_problem
@@ -29,6 +30,8 @@ from modelzoo.backends.cerebras.lowering import mlir_sparsity
 from modelzoo.backends.cerebras.sparsity import check_algorithms
 from modelzoo.backends.cerebras.stages import CHECKPOINTS, check_eval_batches, checkpoint_steps
 from modelzoo.cluster import ClusterConfig
+from modelzoo.config import Config
+from modelzoo.config.train import OptimConfig, TrainConfig
 from modelzoo.errors import CheckpointError, ConfigError
 from modelzoo.export.cerebras_checkpoint import (
     checkpoint_to_cstorch,
@@ -37,14 +40,12 @@ from modelzoo.export.cerebras_checkpoint import (
     save_cstorch,
 )
 from modelzoo.export.hf import export_hf
+from modelzoo.optim import build_optimizer, lr_factor
 from modelzoo.restore import restore_model
 from modelzoo.sparsity.config import NMPattern, SparsityConfig
 from modelzoo.sparsity.names import select_parameters
-from modelzoo.train import checkpoint as ckpt
-from modelzoo.train.config import OptimConfig
+from modelzoo.tasks.pretrain import Pretraining
 from modelzoo.train.loop import TrainLoop
-from modelzoo.train.optim import build_optimizer, lr_factor
-from modelzoo.train.trainer import Trainer
 from modelzoo.validate import validate
 from tests.conftest import REPO, make_config
 
@@ -69,8 +70,8 @@ ALGORITHMS = {
 RUN = ["task.log_every=1", f"task.max_steps={STEPS}", f"task.eval_every={STEPS}", f"task.checkpoint_every={STEPS}"]
 
 
-def run(tmp_path: Path, cache_dir: Path, backend: str, algorithm: str, *extra: str) -> Trainer:
-    trainer = Trainer(
+def run(tmp_path: Path, cache_dir: Path, backend: str, algorithm: str, *extra: str) -> Pretraining:
+    trainer = Pretraining(
         make_config(
             tmp_path / f"{backend}-{algorithm}", cache_dir, f"backend={backend}", *ALGORITHMS[algorithm], *RUN, *extra
         )
@@ -79,13 +80,13 @@ def run(tmp_path: Path, cache_dir: Path, backend: str, algorithm: str, *extra: s
     return trainer
 
 
-def logged(trainer: Trainer, column: str) -> list[float]:
+def logged(trainer: Pretraining, column: str) -> list[float]:
     """The values of `column` in the rows of the run's metrics.csv that have one."""
     with (trainer.run_dir / "metrics.csv").open() as f:
         return [float(row[column]) for row in csv.DictReader(f) if row[column]]
 
 
-def losses(trainer: Trainer) -> list[float]:
+def losses(trainer: Pretraining) -> list[float]:
     return logged(trainer, "train_loss")
 
 
@@ -104,7 +105,7 @@ def cstorch_files(run_dir: Path) -> list[Path]:
     return list((run_dir / "cerebras" / CHECKPOINTS).glob("checkpoint_*.mdl"))
 
 
-def masks(trainer: Trainer) -> dict[str, torch.Tensor]:
+def masks(trainer: Pretraining) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in trainer.model.state_dict().items() if k.endswith("_mask")}
 
 
@@ -146,7 +147,7 @@ def test_pretraining_matches_masked_dense(cstorch, tmp_path: Path, cache_dir: Pa
         assert all(torch.equal(final[k], v) for k, v in masks(reference).items())
     else:  # both moved their masks from the common start (SET regrows at random: the two need not agree)
         start = masks(
-            Trainer(make_config(tmp_path / "start", cache_dir, "backend=masked_dense", *ALGORITHMS[algorithm]))
+            Pretraining(make_config(tmp_path / "start", cache_dir, "backend=masked_dense", *ALGORITHMS[algorithm]))
         )
         for trainer in (reference, cerebras):
             assert any(not torch.equal(v, masks(trainer)[k]) for k, v in start.items())
@@ -210,7 +211,7 @@ def test_lr_of_every_step_matches_masked_dense_and_resumes(cstorch, tmp_path: Pa
     resume = ["backend=cerebras", *common, "task.resume=true"]
     runs = {}
     for backend in ("masked_dense", "cerebras"):
-        trainer = Trainer(make_config(tmp_path / backend, cache_dir, f"backend={backend}", *common))
+        trainer = Pretraining(make_config(tmp_path / backend, cache_dir, f"backend={backend}", *common))
         runs[backend] = (trainer, used_lrs(trainer.loop.optimizer))
         trainer.fit()
     (_, ours), (cerebras, theirs) = runs["masked_dense"], runs["cerebras"]
@@ -222,7 +223,7 @@ def test_lr_of_every_step_matches_masked_dense_and_resumes(cstorch, tmp_path: Pa
     # The cstorch.save files rotate with ours: the newest task.keep_checkpoints stay.
     assert sorted(int(p.stem.split("_")[1]) for p in cstorch_files(cerebras.run_dir)) == [4, 6, 8]
 
-    resumed = Trainer(make_config(rewound(cerebras.run_dir, 4, tmp_path / "resumed"), cache_dir, *resume))
+    resumed = Pretraining(make_config(rewound(cerebras.run_dir, 4, tmp_path / "resumed"), cache_dir, *resume))
     assert resumed.step == 4
     after = used_lrs(resumed.loop.optimizer)
     resumed.fit()
@@ -234,8 +235,8 @@ def test_cerebras_initial_masks_are_masked_dense_masks(cstorch, tmp_path: Path, 
     """Before any step, both backends hold the masks drawn from the seed (also for the dynamic algorithms)."""
     for algorithm in ("static", "rigl"):
         extra = (*ALGORITHMS[algorithm], "task.max_steps=1", "task.export=false")
-        a = Trainer(make_config(tmp_path / f"a-{algorithm}", cache_dir, "backend=masked_dense", *extra))
-        b = Trainer(make_config(tmp_path / f"b-{algorithm}", cache_dir, "backend=cerebras", *extra))
+        a = Pretraining(make_config(tmp_path / f"a-{algorithm}", cache_dir, "backend=masked_dense", *extra))
+        b = Pretraining(make_config(tmp_path / f"b-{algorithm}", cache_dir, "backend=cerebras", *extra))
         assert masks(a).keys() == masks(b).keys()
         assert all(torch.equal(v, masks(b)[k]) for k, v in masks(a).items())
 
@@ -246,7 +247,7 @@ def test_filters_select_the_same_weights_both_ways(cstorch, tmp_path: Path, cach
     default selects what cstorch's default selects in a Cerebras model: applied to our names, cstorch's own
     default would also take the embeddings (`wte`, `wpe` do not say "embedding"), which is why the backend
     hands cstorch the resolved names."""
-    recipe = Trainer(
+    recipe = Pretraining(
         make_config(
             tmp_path / "recipe",
             cache_dir,
@@ -259,10 +260,10 @@ def test_filters_select_the_same_weights_both_ways(cstorch, tmp_path: Path, cach
     assert [n.removesuffix("_mask") for n in recipe.sparsifier.mask_names()] == expected
     assert set(recipe.sparsifier.group.sparse_params) == set(expected)
 
-    ours = Trainer(make_config(tmp_path / "default", cache_dir, "backend=cerebras", "task.export=false"))
+    ours = Pretraining(make_config(tmp_path / "default", cache_dir, "backend=cerebras", "task.export=false"))
     assert set(ours.sparsifier.group.sparse_params) == set(select_parameters(ours.model, None)) == set(expected)
 
-    model = Trainer(make_config(tmp_path / "dense", cache_dir, "backend=cerebras", "sparsity=dense")).model
+    model = Pretraining(make_config(tmp_path / "dense", cache_dir, "backend=cerebras", "sparsity=dense")).model
     raw = cstorch.sparse.configure({"sparsity": 0.5})
     raw.apply(model)
     assert set(raw.sparse_params) - set(expected) == {"transformer.wte.weight", "transformer.wpe.weight"}
@@ -288,7 +289,7 @@ def killed_after_checkpoint(run_dir: Path, start: str, step: int) -> Path:
     return run_dir
 
 
-def resumable_run(run_dir: str | Path, cache_dir: str | Path, algorithm: str, *extra: str) -> Trainer:
+def resumable_run(run_dir: str | Path, cache_dir: str | Path, algorithm: str, *extra: str) -> Pretraining:
     """The 8-step run of `algorithm` that the kill-and-resume test repeats (importable by its subprocess)."""
     common = ["backend=cerebras", *ALGORITHMS[algorithm], "optim.warmup_steps=2", "optim.decay=cosine"]
     common += ["task.log_every=1", "task.max_steps=8", "task.checkpoint_every=4", "task.eval_every=4"]
@@ -296,7 +297,7 @@ def resumable_run(run_dir: str | Path, cache_dir: str | Path, algorithm: str, *e
     if algorithm == "gmp":  # a cycling schedule (no command-line override spells it)
         cfg.sparsity.sparsity = {"type": "cycling", "values": [0.5, 0.6, 0.7, 0.75, 0.8]}
         validate(cfg)
-    return Trainer(cfg)
+    return Pretraining(cfg)
 
 
 @pytest.mark.cerebras
@@ -336,7 +337,7 @@ def test_step_closures_read_no_weights_and_run_no_model(
     """On a CS-2 weights come back only in checkpoints: every step closure (training and evaluation) gets its
     values as arguments and touches no parameter or buffer of the model (any torch call on one fails here),
     while the run still logs loss, LR, gradient norm and sparsity, evaluates and saves."""
-    trainer = Trainer(
+    trainer = Pretraining(
         make_config(tmp_path / "run", cache_dir, "backend=cerebras", "sparsity=rigl_75", "task.max_steps=4")
     )
     state = {id(t) for t in (*trainer.model.parameters(), *trainer.model.buffers())}
@@ -385,7 +386,7 @@ def test_resume_from_a_cstorch_file_missing_keys_is_refused(cstorch, tmp_path: P
     run_dir = tmp_path / "run"
     save_cstorch(run_dir / "cerebras" / CHECKPOINTS / "checkpoint_4.mdl", {"model": {}, "global_step": 4})
     with pytest.raises(CheckpointError, match=r"lacks the key\(s\) optimizer, schedulers, dataloader") as e:
-        Trainer(make_config(run_dir, cache_dir, "backend=cerebras", "task.resume=true"))
+        Pretraining(make_config(run_dir, cache_dir, "backend=cerebras", "task.resume=true"))
     assert "delete this one to resume from the checkpoint before it" in str(e.value)
 
 
@@ -404,7 +405,7 @@ def test_checkpoint_steps_follow_the_global_step(cstorch) -> None:
     assert list(checkpoint_steps(4, 3, 5).intervals[0]) == [0, 2]  # global step 5, and the executor's last
 
 
-def metrics(trainer: Trainer) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+def metrics(trainer: Pretraining) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """(step, training loss) and (step, validation loss) of each metrics row that has them."""
     with (trainer.run_dir / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
@@ -527,8 +528,8 @@ def test_bf16_on_cstorch_cpu_is_cstorch_amp_not_torch_autocast(cstorch, tmp_path
     """task.precision=bf16 on backend=cerebras: cstorch's half dtype is set before the model is built and the step
     runs under `cstorch.amp.autocast`, not torch's; it trains, close to masked_dense's bf16 run."""
     extra = ("sparsity=static_75", "task.precision=bf16", "task.max_steps=4", "task.log_every=1", "task.export=false")
-    reference = Trainer(make_config(tmp_path / "md", cache_dir, "backend=masked_dense", *extra))
-    trainer = Trainer(make_config(tmp_path / "cs", cache_dir, "backend=cerebras", *extra))
+    reference = Pretraining(make_config(tmp_path / "md", cache_dir, "backend=masked_dense", *extra))
+    trainer = Pretraining(make_config(tmp_path / "cs", cache_dir, "backend=cerebras", *extra))
     assert cstorch.amp.get_half_dtype_str() == "bfloat16"
     assert not isinstance(trainer.loop.autocast, torch.autocast) and trainer.loop.scaler is None
     reference.fit()
@@ -620,7 +621,7 @@ def test_algorithm_missing_from_their_version_is_refused() -> None:
 )
 def test_what_cstorch_lacks_is_refused_before_import(config: SparsityConfig, key: str) -> None:
     with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: [^.]*: .*backend=masked_dense$"):
-        CerebrasBackend.check_config(config)
+        CerebrasBackend.check_config(Config(sparsity=config, task=TrainConfig()), "cpu")
 
 
 @pytest.mark.parametrize(

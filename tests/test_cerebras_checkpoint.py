@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from modelzoo.checkpoint import load_training_state
 from modelzoo.cli import main
 from modelzoo.config import load_config, to_object
 from modelzoo.errors import CheckpointError
@@ -22,8 +23,7 @@ from modelzoo.models.gpt import GPT, GPTConfig
 from modelzoo.restore import restore_model
 from modelzoo.sparsity.config import SparsityConfig
 from modelzoo.sparsity.plugin import MaskedSparsity
-from modelzoo.train.checkpoint import load_training_state
-from modelzoo.train.trainer import Trainer
+from modelzoo.tasks.pretrain import Pretraining
 from modelzoo.validate import validate
 from tests.conftest import make_config
 
@@ -185,7 +185,7 @@ def test_an_imported_checkpoint_continues_training_with_its_masks(tmp_path: Path
     params = write_params(CerebrasRecipe(model=config, sparsity=STATIC), tmp_path / "params.yaml")
     import_cerebras(params, tmp_path / "model.pt", tmp_path / "imported")
     main(["export", f"run_dir={tmp_path / 'imported'}"])
-    trainer = Trainer(
+    trainer = Pretraining(
         make_config(
             tmp_path / "continued",
             cache_dir,

@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from modelzoo import checkpoint as ckpt
+from modelzoo.config.train import OptimConfig
 from modelzoo.errors import CheckpointError
 from modelzoo.models.gpt import GPT
+from modelzoo.optim import build_optimizer
 from modelzoo.sparsity.config import SparsityConfig
 from modelzoo.sparsity.plugin import MaskedSparsity
-from modelzoo.train import checkpoint as ckpt
-from modelzoo.train.config import OptimConfig
-from modelzoo.train.optim import build_optimizer
 
 
 def sparse_setup(model: GPT) -> tuple[MaskedSparsity, torch.optim.Optimizer]:

@@ -9,7 +9,7 @@ import torch
 
 from modelzoo.cli import main
 from modelzoo.export.hf import load_hf
-from modelzoo.train.trainer import Trainer
+from modelzoo.tasks.pretrain import Pretraining
 from tests.conftest import make_config
 
 
@@ -43,7 +43,7 @@ def test_unknown_command_and_bad_override_exit_2(capsys: pytest.CaptureFixture[s
 def test_export_command_and_init_from(tmp_path: Path, cache_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cache = cache_dir
     run = tmp_path / "run"
-    trainer = Trainer(make_config(run, cache, "task.max_steps=2", "task.export=false"))
+    trainer = Pretraining(make_config(run, cache, "task.max_steps=2", "task.export=false"))
     trainer.fit()
     main(["export", f"run_dir={run}", f"task.output_dir={tmp_path / 'hf'}"])
     assert "exported" in capsys.readouterr().out
@@ -56,5 +56,5 @@ def test_export_command_and_init_from(tmp_path: Path, cache_dir: Path, capsys: p
         assert torch.equal(imported.state_dict()[name], expected), name
 
     # continue training from the HF directory: same weights at step 0
-    cont = Trainer(make_config(tmp_path / "cont", cache, f"task.init_from={tmp_path / 'hf'}", "sparsity=dense"))
+    cont = Pretraining(make_config(tmp_path / "cont", cache, f"task.init_from={tmp_path / 'hf'}", "sparsity=dense"))
     assert all(torch.equal(cont.model.state_dict()[k], v) for k, v in imported.state_dict().items())

@@ -13,17 +13,17 @@ import torch
 from torch import nn
 
 from modelzoo.config import load_config, to_object
+from modelzoo.config.train import OptimConfig
 from modelzoo.errors import ConfigError
 from modelzoo.flops import flop_report
 from modelzoo.models.gpt import GPT
+from modelzoo.optim import build_optimizer
 from modelzoo.sparsity.config import NMPattern, SparsityConfig, SparsityGroupConfig
 from modelzoo.sparsity.distribution import distribute
 from modelzoo.sparsity.init import checkerboard_mask
 from modelzoo.sparsity.plan import plan_groups, run_levels
 from modelzoo.sparsity.plugin import MaskedSparsity
 from modelzoo.sparsity.schedules import make_schedule, make_update_schedule
-from modelzoo.train.config import OptimConfig
-from modelzoo.train.optim import build_optimizer
 from modelzoo.validate import validate
 from tests.conftest import GMP_75_AVERAGE
 

@@ -13,18 +13,16 @@ from modelzoo.config import load_config, to_object
 from modelzoo.downstream.evaluate import (
     evaluate_pubmedqa,
     hf_logits,
-    load_checkpoint_model,
-    load_hf_model,
+    load_model,
     macro_f1,
-    run,
 )
 from modelzoo.downstream.lm_eval_parity import compare, lm_eval_scores
 from modelzoo.downstream.pubmedqa import load_pubmedqa
 from modelzoo.downstream.results import write_results
 from modelzoo.errors import ConfigError
-from modelzoo.train.trainer import Trainer
+from modelzoo.tasks.evaluate import run
 from modelzoo.validate import validate
-from tests.conftest import make_config, needs_shared
+from tests.conftest import TRAINED_STEPS, needs_shared
 from tests.test_downstream_data import PQA
 
 LIMIT = 12
@@ -71,20 +69,14 @@ def test_macro_f1() -> None:
     assert macro_f1([0, 0, 0, 2], [0, 0, 1, 2]) == pytest.approx((0.8 + 0 + 1) / 3)
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
-    """A 3-step sparse run with its checkpoint, HF export and summary (the small test model of conftest)."""
-    root = tmp_path_factory.mktemp("evaluate")
-    Trainer(make_config(root / "run", cache_dir, "task.max_steps=3", "task.eval_every=3")).fit()
-    return root / "run"
-
-
 @needs_shared
 def test_checkpoint_export_and_transformers_agree(trained_run: Path, tmp_path: Path) -> None:
     cfg = evaluate_config(trained_run, f"task.limit={LIMIT}")
     examples = load_pubmedqa(PQA, "test")[:LIMIT]
-    from_checkpoint = evaluate_pubmedqa(load_checkpoint_model(str(trained_run), cfg), examples, "test", progress=False)
-    exported = load_hf_model(str(trained_run / "hf"), cfg)
+    from_checkpoint = evaluate_pubmedqa(
+        load_model(str(trained_run), cfg, "task.checkpoints"), examples, "test", progress=False
+    )
+    exported = load_model(str(trained_run / "hf"), cfg, "task.hf_dirs")
     from_export = evaluate_pubmedqa(exported, examples, "test", progress=False)
     exported.logits_fn = hf_logits(AutoModelForCausalLM.from_pretrained(trained_run / "hf").eval())
     through_transformers = evaluate_pubmedqa(exported, examples, "test", batch_size=5, progress=False)
@@ -96,7 +88,7 @@ def test_checkpoint_export_and_transformers_agree(trained_run: Path, tmp_path: P
     summary = json.loads((trained_run / "summary.json").read_text())
     assert from_checkpoint.train_flops == pytest.approx(summary["sparse_flops"])
     assert from_export.dense_train_flops == pytest.approx(summary["dense_flops"])
-    assert from_checkpoint.step == from_export.step == 3
+    assert from_checkpoint.step == from_export.step == TRAINED_STEPS
     assert from_checkpoint.baseline_accuracy == sum(e.label == "yes" for e in examples) / LIMIT
     accuracy = sum(q["predicted"] == q["label"] for q in from_checkpoint.questions) / LIMIT
     assert from_checkpoint.accuracy == accuracy
@@ -118,7 +110,7 @@ def test_cli_writes_table_json_plot(trained_run: Path, tmp_path: Path, capsys: p
         ]
     )
     printed = capsys.readouterr().out
-    assert "majority-class baseline: always 'yes'" in printed and "| run/hf | hf (ours) | 3 |" in printed
+    assert "majority-class baseline: always 'yes'" in printed and f"| run/hf | hf (ours) | {TRAINED_STEPS} |" in printed
     results = json.loads((out / "results.json").read_text())
     assert [r["kind"] for r in results] == ["checkpoint", "hf (ours)"] and results[0]["n"] == LIMIT
     assert (out / "accuracy_vs_flops.png").read_bytes()[:4] == b"\x89PNG"
@@ -129,7 +121,7 @@ def test_cli_writes_table_json_plot(trained_run: Path, tmp_path: Path, capsys: p
 @needs_shared
 def test_run_defaults_to_latest_checkpoint_of_run_dir(trained_run: Path, tmp_path: Path) -> None:
     (result,) = run(evaluate_config(trained_run, "task.limit=3"))
-    assert result.kind == "checkpoint" and result.source.endswith("step_000003") and result.n == 3
+    assert result.kind == "checkpoint" and result.source.endswith(f"step_{TRAINED_STEPS:06d}") and result.n == 3
     written = write_results([result], tmp_path)
     assert "plot" in written  # FLOPs are known, so the plot is drawn
 

@@ -13,16 +13,16 @@ from pathlib import Path
 import pytest
 
 from modelzoo.config import load_config, to_object
+from modelzoo.config.experiment import StageConfig
 from modelzoo.downstream.baselines import hoc_all_hallmarks, hoc_constant_k, hoc_tfidf_logreg
 from modelzoo.downstream.hoc import HoCExample, load_hoc
 from modelzoo.errors import ConfigError
-from modelzoo.experiments.config import StageConfig
 from modelzoo.experiments.results import Run, cell, mean_std, results_table
 from modelzoo.flops import flop_report, iso_flop_steps
 from modelzoo.models.gpt import GPTConfig
 from modelzoo.sparsity.config import SparsityConfig
+from modelzoo.tasks.pretrain import Pretraining
 from modelzoo.train.budget import resolved
-from modelzoo.train.trainer import Trainer
 from modelzoo.validate import validate
 from tests.conftest import REPO, SHARED, killed_at_step, make_config, needs_shared, run_command
 
@@ -70,14 +70,14 @@ def test_auto_resume_starts_continues_and_finds_finished(tmp_path: Path, cache_d
     cfg = make_config(tmp_path / "run", cache_dir, *args, "task.auto_resume=true", "task.export=false")
     assert resolved(cfg).task.resume is False  # nothing to continue: a new run
     with killed_at_step(monkeypatch, 5):
-        Trainer(cfg).fit()
+        Pretraining(cfg).fit()
     assert resolved(cfg).task.resume is True
-    summary = Trainer(cfg).fit()
+    summary = Pretraining(cfg).fit()
     assert summary.steps == 6
     reference = make_config(tmp_path / "ref", cache_dir, *args, "task.export=false")
-    assert Trainer(reference).fit().val_loss == summary.val_loss  # the continued run equals an uninterrupted one
+    assert Pretraining(reference).fit().val_loss == summary.val_loss  # the continued run equals an uninterrupted one
     before = (tmp_path / "run" / "summary.json").read_text()
-    assert Trainer(cfg).fit().steps == 6  # finished: nothing trains, nothing changes
+    assert Pretraining(cfg).fit().steps == 6  # finished: nothing trains, nothing changes
     assert (tmp_path / "run" / "summary.json").read_text() == before
 
 

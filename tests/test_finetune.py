@@ -14,20 +14,19 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, GPT2LMHeadModel
 
+from modelzoo.checkpoint import CONFIG_FILE, MODEL_FILE, checkpoint_masks, latest_checkpoint, selected_checkpoint
 from modelzoo.config import load_config, to_object
-from modelzoo.downstream.evaluate import load_checkpoint_model, macro_f1
+from modelzoo.config.finetune import FinetuneConfig, output_dir
+from modelzoo.downstream.evaluate import load_model, macro_f1
 from modelzoo.downstream.pubmedqa import CHOICES, DIR_FILES, load_pubmedqa, pubmedqa_prompt
 from modelzoo.downstream.scoring import choice_loglikelihoods
 from modelzoo.errors import CheckpointError, ConfigError
 from modelzoo.export.seq_cls import export_seq_cls
-from modelzoo.finetune.config import FinetuneConfig, output_dir
-from modelzoo.finetune.task import FinetuneSummary, run
 from modelzoo.models.classifier import GPTClassifier
 from modelzoo.models.gpt import GPT, GPTConfig
-from modelzoo.train.checkpoint import CONFIG_FILE, MODEL_FILE, checkpoint_masks, latest_checkpoint, selected_checkpoint
-from modelzoo.train.trainer import Trainer
+from modelzoo.tasks.finetune import FinetuneSummary, run
 from modelzoo.validate import validate
-from tests.conftest import REPO, SHARED, killed_at_step, make_config, needs_shared, run_command, train_losses
+from tests.conftest import REPO, SHARED, killed_at_step, needs_shared, run_command, train_losses
 
 # A few steps of everything: enough to move weights, small enough for 2 cores.
 FAST = [
@@ -40,13 +39,11 @@ FAST = [
 ]
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
-    """A tiny 75% static-sparse pre-training run of 4 steps."""
-    run_dir = tmp_path_factory.mktemp("pretrain") / "run"
-    overrides = ["task.max_steps=4", "task.eval_every=4", "task.checkpoint_every=4", "task.export=false"]
-    Trainer(make_config(run_dir, cache_dir, *overrides)).fit()
-    return run_dir
+@pytest.fixture
+def pretrained(trained_run: Path) -> Path:
+    """The pre-trained run fine-tuned here: conftest's shared `trained_run` (the tiny 75% static-sparse run of
+    4 steps), read only (every fine-tuning writes to its own task.output_dir)."""
+    return trained_run
 
 
 def adapt(task: str, pretrained: Path, out: Path, *overrides: str) -> FinetuneSummary:
@@ -64,7 +61,7 @@ def adapt(task: str, pretrained: Path, out: Path, *overrides: str) -> FinetuneSu
 
 def evaluate_checkpoint(run_dir: Path):
     cfg = to_object(load_config(["task=evaluate", "backend=masked_dense", "task.device=cpu", f"run_dir={run_dir}"]))
-    return load_checkpoint_model(str(run_dir), cfg)
+    return load_model(str(run_dir), cfg, "task.checkpoints")
 
 
 def masked_weights(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -197,7 +194,7 @@ def test_config_errors_name_the_key(pretrained: Path) -> None:
     check("task.limit", "task=finetune", "task.limit=-1")
     check("task.pretrained", "task=finetune", "task.pretrained=/nonexistent/run")
     check("backend.name", "task=finetune", "backend=cerebras")  # fine-tuning runs on masked_dense, said by name
-    check("backend.name", "task=prompt_tune", "backend=torch_sparse")
+    check("backend.name", "task=prompt_tune", "backend.name=torch_sparse")
 
 
 def test_finetune_benchmark_times_every_variant(tiny_config: GPTConfig, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,13 +10,11 @@ from transformers import AutoModelForCausalLM
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from modelzoo.cli import main
-from modelzoo.config import load_config, to_object
 from modelzoo.errors import ConfigError
 from modelzoo.export.hf import export_hf
-from modelzoo.generate import Sampling, filter_logits, generate, load_generator
+from modelzoo.generate import Sampling, filter_logits, generate
+from modelzoo.inference import load_for_inference
 from modelzoo.models.gpt import GPT, KVCache
-from modelzoo.train.trainer import Trainer
-from tests.conftest import make_config
 from tests.test_export import make_model, make_tokenizer
 
 PROMPT = [37, 97, 72, 55, 45]
@@ -49,10 +47,10 @@ def test_greedy_equals_transformers_generate_on_the_export(tmp_path: Path, model
     hf = AutoModelForCausalLM.from_pretrained(directory).eval()
     ids = torch.tensor([PROMPT])
     expected = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=30, do_sample=False)
-    cfg = to_object(load_config(["task=generate", f"task.hf_dir={directory}", "backend=torch_sparse"]))
-    loaded, tokenizer = load_generator(cfg)  # masks recovered from sparsity.json, layers converted
-    for ours in (model, loaded):
-        result = generate(ours, PROMPT, 30, eos_token_id=tokenizer.eos_token_id)
+    loaded = load_for_inference(directory, "task.hf_dir", "cpu", "fp32", "torch_sparse", tokens=1)
+    assert loaded.kind == "hf (ours)"  # masks recovered from sparsity.json, layers converted
+    for ours in (model, loaded.model):
+        result = generate(ours, PROMPT, 30, eos_token_id=loaded.tokenizer.eos_token_id)
         assert PROMPT + result.tokens == expected[0].tolist()
 
 
@@ -90,11 +88,18 @@ def test_refuses_more_tokens_than_positions(model: GPT) -> None:
         generate(model, PROMPT, model.config.n_positions)
 
 
-def test_cli_generates_from_a_trained_run(tmp_path: Path, cache_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    run = tmp_path / "run"
-    Trainer(make_config(run, cache_dir, "task.max_steps=2", "task.export=false")).fit()
+def test_cli_generates_from_a_trained_run(trained_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = trained_run
     capsys.readouterr()
-    main(["generate", f"run_dir={run}", "task.prompt=The patient", "task.max_new_tokens=6", "backend=torch_sparse"])
+    main(
+        [
+            "generate",
+            f"run_dir={run}",
+            "task.prompt=The patient",
+            "task.max_new_tokens=6",
+            "task.converter=torch_sparse",
+        ]
+    )
     text, speed = capsys.readouterr().out.strip().rsplit("\n", 1)
     assert text.startswith("The patient") and "new tokens in" in speed and "tokens/s" in speed
     with pytest.raises(SystemExit) as info:

@@ -1,9 +1,10 @@
-"""Layers point down: no import cycle among our modules (function-local imports included), leaves stay leaves,
-and a backend is imported only when it is used."""
+"""Layers point down: no import cycle among our modules (function-local imports included) or packages, floors
+imported only downward, leaves stay leaves, and a backend is imported only when it is used."""
 
 from __future__ import annotations
 
 import ast
+import importlib
 import re
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import networkx as nx
 
+from modelzoo.cli import COMMANDS
 from tests.conftest import REPO
 
 # Imports that are allowed to stay out of the graph: optional dependencies behind a guard or a lazy import.
@@ -36,9 +38,10 @@ def _modules() -> dict[str, Path]:
     return modules
 
 
-def import_graph() -> nx.DiGraph:
-    """module -> module it imports (anywhere in the file: top level, functions, TYPE_CHECKING blocks)."""
-    modules = _modules()
+def import_graph(modules: dict[str, Path] | None = None) -> nx.DiGraph:
+    """module -> module it imports (anywhere in the file: top level, functions, TYPE_CHECKING blocks), among
+    `modules` (default: every module of the package)."""
+    modules = modules or _modules()
 
     def resolve(name: str) -> str | None:
         while name and name not in modules:
@@ -76,26 +79,71 @@ def test_no_import_cycles() -> None:
     assert not cycles, f"import cycles: {cycles}"
 
 
-def test_the_graph_sees_function_local_imports() -> None:
-    """The CLI imports its commands inside functions: those edges must be in the graph, or a cycle through a
-    function-local import would go unseen."""
+def test_the_graph_sees_function_local_imports(tmp_path: Path) -> None:
+    """An import inside a function is an edge too, or a cycle through one would go unseen."""
+    (tmp_path / "a.py").write_text("def f():\n    from pkg import b\n")
+    (tmp_path / "b.py").write_text("")
+    graph = import_graph({"pkg.a": tmp_path / "a.py", "pkg.b": tmp_path / "b.py"})
+    assert graph.has_edge("pkg.a", "pkg.b")
+
+
+# The floors, bottom up, by package unit (`modelzoo.train.loop` counts as `modelzoo.train`): a unit imports only
+# units on its own floor or below.
+FLOORS: list[set[str]] = [
+    {"modelzoo", "modelzoo.errors", "modelzoo.atomic", "modelzoo.finite", "modelzoo.runlock", "modelzoo.distributed"},
+    {"modelzoo.cluster", "modelzoo.models", "modelzoo.sparsity", "modelzoo.data", "modelzoo.checkpoint"},
+    {"modelzoo.config", "modelzoo.optim", "modelzoo.flops", "modelzoo.memory", "modelzoo.report"},
+    {  # components
+        "modelzoo.restore", "modelzoo.backends", "modelzoo.backends.base", "modelzoo.backends.masked_dense",
+        "modelzoo.backends.converters", "modelzoo.backends.torch_sparse", "modelzoo.train", "modelzoo.export",
+        "modelzoo.inference", "modelzoo.generate", "modelzoo.downstream", "modelzoo.finetune", "modelzoo.prune",
+        "modelzoo.experiments",
+    },
+    {"modelzoo.validate", "modelzoo.backends.cerebras"},
+    {"modelzoo.tasks", "modelzoo.cli", "modelzoo.__main__"},
+]  # fmt: skip
+
+
+def _unit(module: str) -> str:
+    parts = module.split(".")
+    return ".".join(parts[:3] if parts[1:2] == ["backends"] else parts[:2])
+
+
+def test_packages_point_down() -> None:
+    """No cycle among packages (two folders importing each other through different files), and no import from a
+    lower floor up to a higher one."""
     graph = import_graph()
-    assert graph.has_edge("modelzoo.cli", "modelzoo.train.trainer")
-    assert graph.has_edge("modelzoo.cli", "modelzoo.finetune.task")
+    units = nx.DiGraph()
+    for a, b in graph.edges:
+        if _unit(a) != _unit(b):
+            units.add_edge(_unit(a), _unit(b))
+    cycles = [sorted(c) for c in nx.strongly_connected_components(units) if len(c) > 1]
+    assert not cycles, f"package cycles: {cycles}"
+    floor = {unit: i for i, units_on in enumerate(FLOORS) for unit in units_on}
+    assert set(units) <= set(floor), f"units on no floor: {set(units) - set(floor)}"
+    upward = [(a, b) for a, b in units.edges if floor[a] < floor[b]]
+    assert not upward, f"imports from a lower floor up: {upward}"
+
+
+def test_every_command_is_a_task_module() -> None:
+    """`modelzoo.cli` only dispatches: each command names a function of a module in `modelzoo.tasks`."""
+    for command, target in COMMANDS.items():
+        module, _, function = target.partition(":")
+        assert callable(getattr(importlib.import_module(f"modelzoo.tasks.{module}"), function)), command
 
 
 def test_leaves_import_nothing_above_them() -> None:
     """Checkpoint files, the model and the config schema sit at the bottom: what they may reach is bounded."""
     graph = import_graph()
     below = {
-        "modelzoo.train.checkpoint": {"modelzoo.atomic", "modelzoo.errors", "modelzoo.sparsity.masks"},
+        "modelzoo.checkpoint": {"modelzoo.atomic", "modelzoo.errors", "modelzoo.sparsity.masks"},
         "modelzoo.models.gpt": set(),
         "modelzoo.sparsity.masks": set(),
     }
     for module, allowed in below.items():
         assert nx.descendants(graph, module) <= allowed, module
     schema = nx.descendants(graph, "modelzoo.config")
-    assert not {m for m in schema if m.startswith(("modelzoo.backends", "modelzoo.train.trainer", "modelzoo.restore"))}
+    assert not {m for m in schema if m.startswith(("modelzoo.backends", "modelzoo.tasks.pretrain", "modelzoo.restore"))}
 
 
 def test_backends_are_imported_only_when_used() -> None:

@@ -13,10 +13,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from modelzoo import checkpoint as ckpt
 from modelzoo.cli import main
+from modelzoo.config.prune import PruneConfig
 from modelzoo.export.hf import SPARSITY_FILE, load_hf, restore_masks
 from modelzoo.models.gpt import GPT
-from modelzoo.prune.config import PruneConfig
 from modelzoo.prune.hessian import HessianError, InputStats, inverse_cholesky, relative_error
 from modelzoo.prune.io import load_causal_lm, save_pruned
 from modelzoo.prune.layers import select_layers
@@ -25,8 +26,7 @@ from modelzoo.prune.sequential import prune_model
 from modelzoo.prune.sparsegpt import sparsegpt
 from modelzoo.restore import restore_model
 from modelzoo.sparsity.masks import MASK_SUFFIX, num_kept
-from modelzoo.train import checkpoint as ckpt
-from modelzoo.train.trainer import Trainer
+from modelzoo.tasks.pretrain import Pretraining
 from tests.conftest import make_config
 from tests.test_export import make_tokenizer
 
@@ -159,7 +159,7 @@ def test_masks_from_weights_survive_continued_pretraining_and_its_checkpoint(tmp
     result = prune_model(dense, calibration(shape.vocab_size), PruneConfig(method="wanda", sparsity=0.5))
     pruned = save_pruned(dense, tmp_path / "pruned", None, result.masks, {"method": "one-shot wanda"})
 
-    trainer = Trainer(make_config(tmp_path / "run", cache_dir, f"task.init_from={pruned}", *overrides))
+    trainer = Pretraining(make_config(tmp_path / "run", cache_dir, f"task.init_from={pruned}", *overrides))
     assert {sp.name: sp.mask for sp in trainer.sparsifier.params}.keys() == result.masks.keys()
     for sp in trainer.sparsifier.params:
         assert torch.equal(sp.mask, result.masks[sp.name]), sp.name
@@ -174,7 +174,7 @@ def test_masks_from_weights_survive_continued_pretraining_and_its_checkpoint(tmp
 @pytest.fixture(scope="module")
 def dense_run(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
     run = tmp_path_factory.mktemp("dense")
-    Trainer(make_config(run, cache_dir, "sparsity=dense", "task.max_steps=1", "task.export=false")).fit()
+    Pretraining(make_config(run, cache_dir, "sparsity=dense", "task.max_steps=1", "task.export=false")).fit()
     return run
 
 
@@ -208,7 +208,7 @@ def test_prune_command_writes_a_sparse_hf_directory(dense_run: Path, cache_dir: 
 def test_bad_inputs_fail_before_any_pruning(
     dense_run: Path, cache_dir: Path, override: str, message: str, capsys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("modelzoo.prune.task.prune_model", pytest.fail)
+    monkeypatch.setattr("modelzoo.tasks.prune.prune_model", pytest.fail)
     with pytest.raises(SystemExit) as exit_info:
         prune_cli(dense_run, cache_dir, override)
     assert exit_info.value.code == 2

@@ -16,41 +16,29 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from modelzoo import checkpoint as ckpt
 from modelzoo import runlock
 from modelzoo.cli import main
 from modelzoo.config import load_config, to_object
 from modelzoo.distributed import Distributed
-from modelzoo.downstream.evaluate import load_checkpoint_model
+from modelzoo.downstream.evaluate import load_model
 from modelzoo.errors import CheckpointError, TrainingDiverged
 from modelzoo.export.cerebras_checkpoint import load_cstorch
 from modelzoo.export.hf import export_hf, load_hf
-from modelzoo.finetune.task import run as finetune
 from modelzoo.finite import nonfinite_tensors
-from modelzoo.generate import load_generator
+from modelzoo.inference import load_for_inference
 from modelzoo.models.gpt import GPT
-from modelzoo.train import checkpoint as ckpt
+from modelzoo.optim import lr_factor
+from modelzoo.tasks.finetune import run as finetune
+from modelzoo.tasks.pretrain import Pretraining
 from modelzoo.train.guards import NonFiniteGuard, training_tensors
-from modelzoo.train.optim import lr_factor
-from modelzoo.train.trainer import Trainer
-from tests.conftest import REPO, make_config, train_losses
+from tests.conftest import REPO, TRAINED_RUN, TRAINED_STEPS, copy_run, make_config, train_losses
 
 TWO_STEPS = ("task.max_steps=2", "task.checkpoint_every=2", "task.eval_every=2", "task.log_every=1")
 DIVERGING = ("optim.lr=1e4", "optim.warmup_steps=0")  # NaN from the second step on (the issue's repro)
 SAMPLE = REPO / "modelzoo" / "data" / "samples" / "pubmed"
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
-    """A finished 2-step run, copied by the tests that change it."""
-    run = tmp_path_factory.mktemp("trained") / "run"
-    Trainer(make_config(run, cache_dir, *TWO_STEPS, "task.export=false")).fit()
-    return run
-
-
-def copy_run(run: Path, tmp_path: Path) -> Path:
-    target = tmp_path / "run"
-    shutil.copytree(run, target)
-    return target
+# Resuming conftest's finished `trained_run` for two more steps.
+RESUME = (*TRAINED_RUN, f"task.max_steps={TRAINED_STEPS + 2}", "task.resume=true")
 
 
 def rewrite(checkpoint: Path, name: str, write) -> None:
@@ -78,14 +66,14 @@ def test_divergence_stops_the_run_naming_the_step_and_writes_nothing(tmp_path: P
     run = tmp_path / "run"
     cfg = make_config(run, cache_dir, *DIVERGING, "task.max_steps=6", "task.checkpoint_every=2", "task.log_every=2")
     with pytest.raises(TrainingDiverged, match=r"^step 2: loss .*gradient norm nan"):
-        Trainer(cfg).fit()
+        Pretraining(cfg).fit()
     assert ckpt.latest_checkpoint(run) is None
     assert not (run / "hf").exists()
 
 
 def test_skip_leaves_out_a_bounded_number_of_updates(tmp_path: Path, cache_dir: Path) -> None:
     skip = ("task.on_nonfinite=skip", "task.max_nonfinite_skips=2")
-    trainer = Trainer(make_config(tmp_path / "run", cache_dir, *DIVERGING, "task.max_steps=8", *skip))
+    trainer = Pretraining(make_config(tmp_path / "run", cache_dir, *DIVERGING, "task.max_steps=8", *skip))
     with pytest.raises(TrainingDiverged, match=r"^step 4: .*3 non-finite steps exceed task\.max_nonfinite_skips=2"):
         trainer.fit()
     assert nonfinite_tensors(training_tensors(trainer.model, trainer.loop.optimizer)) == []  # no skipped update applied
@@ -128,18 +116,20 @@ print(NonFiniteGuard("skip", 5, Distributed(dist.get_rank(), 0, 2)).allows_updat
     assert [p.communicate(timeout=120)[0].strip() for p in ranks] == ["False", "False"]
 
 
-def test_nonfinite_checkpoint_is_refused_by_resume_export_generate_evaluate(trained: Path, tmp_path: Path, cache_dir):
-    run = copy_run(trained, tmp_path)
+def test_nonfinite_checkpoint_is_refused_by_resume_export_generate_evaluate(
+    trained_run: Path, tmp_path: Path, cache_dir
+):
+    run = copy_run(trained_run, tmp_path, without=("hf",))  # the run with no export, as the test expects
     key = poison_weights(ckpt.latest_checkpoint(run))
     with pytest.raises(CheckpointError, match=rf"{key} holds NaN or Inf"):
-        Trainer(make_config(run, cache_dir, *TWO_STEPS, "task.max_steps=4", "task.resume=true"))
+        Pretraining(make_config(run, cache_dir, *RESUME))
     with pytest.raises(SystemExit):
         main(["export", f"run_dir={run}"])
     assert not (run / "hf").exists()
     with pytest.raises(CheckpointError, match=rf"{key} holds NaN or Inf"):
-        load_generator(to_object(load_config(["task=generate", f"run_dir={run}"])))
+        load_for_inference(run, "run_dir", "cpu", "fp32", "none", tokens=1)
     with pytest.raises(CheckpointError, match=rf"{key} holds NaN or Inf"):
-        load_checkpoint_model(str(run), to_object(load_config(["task=evaluate", f"run_dir={run}"])))
+        load_model(str(run), to_object(load_config(["task=evaluate", f"run_dir={run}"])), "run_dir")
 
 
 def test_nonfinite_weights_are_neither_exported_nor_imported(tmp_path: Path, tiny_model: GPT) -> None:
@@ -170,14 +160,14 @@ class Payload:
         return (Path.touch, (self.marker,))
 
 
-def test_pickle_payload_in_trainer_state_does_not_run(trained: Path, tmp_path: Path, cache_dir: Path) -> None:
-    run = copy_run(trained, tmp_path)
+def test_pickle_payload_in_trainer_state_does_not_run(trained_run: Path, tmp_path: Path, cache_dir: Path) -> None:
+    run = copy_run(trained_run, tmp_path)
     marker = tmp_path / "pwned"
     checkpoint = ckpt.latest_checkpoint(run)
     state = ckpt.load_training_state(checkpoint)[1]  # loads with weights_only=True: tensors and plain values only
     rewrite(checkpoint, ckpt.TRAINER_FILE, lambda path: torch.save({**state, "x": Payload(marker)}, path))
     with pytest.raises(CheckpointError, match=r"trainer\.pt holds pickled Python objects"):
-        Trainer(make_config(run, cache_dir, *TWO_STEPS, "task.max_steps=4", "task.resume=true"))
+        Pretraining(make_config(run, cache_dir, *RESUME))
     assert not marker.exists()
 
 
@@ -192,12 +182,12 @@ def test_a_pickle_given_as_a_cstorch_checkpoint_is_not_unpickled(tmp_path: Path)
 # ---- resume guards -----------------------------------------------------------------------------------------
 
 
-def test_resume_on_other_documents_is_refused_and_keeps_the_tokenizer(trained: Path, tmp_path: Path, cache_dir):
-    run = copy_run(trained, tmp_path)
+def test_resume_on_other_documents_is_refused_and_keeps_the_tokenizer(trained_run: Path, tmp_path: Path, cache_dir):
+    run = copy_run(trained_run, tmp_path)
     tokenizer = (run / "tokenizer" / "tokenizer.json").read_bytes()
     other = [f"data.train_files=[{SAMPLE / 'validation.txt.gz'}]"]
     with pytest.raises(CheckpointError, match=r"trained on other documents: data \{'train': \[.*train\.txt\.gz"):
-        Trainer(make_config(run, cache_dir, *TWO_STEPS, "task.max_steps=4", "task.resume=true", *other))
+        Pretraining(make_config(run, cache_dir, *RESUME, *other))
     assert (run / "tokenizer" / "tokenizer.json").read_bytes() == tokenizer
 
 
@@ -210,51 +200,51 @@ def test_resume_on_other_documents_is_refused_and_keeps_the_tokenizer(trained: P
         ("model.n_layer=3", "model="),
     ],
 )
-def test_resume_changing_the_runs_meaning_is_refused(trained: Path, cache_dir: Path, override: str, message: str):
+def test_resume_changing_the_runs_meaning_is_refused(trained_run: Path, cache_dir: Path, override: str, message: str):
     with pytest.raises(CheckpointError, match=message):
-        Trainer(make_config(trained, cache_dir, *TWO_STEPS, "task.max_steps=4", "task.resume=true", override))
+        Pretraining(make_config(trained_run, cache_dir, *RESUME, override))
 
 
-def test_resume_with_a_changed_tokenizer_directory_is_refused(trained: Path, tmp_path: Path, cache_dir: Path):
+def test_resume_with_a_changed_tokenizer_directory_is_refused(trained_run: Path, tmp_path: Path, cache_dir: Path):
     """Same config (`tokenizer.path`), other tokenizer: only its fingerprint in the checkpoint tells."""
-    shutil.copytree(trained / "tokenizer", tmp_path / "tok")
+    shutil.copytree(trained_run / "tokenizer", tmp_path / "tok")
     steps = (*TWO_STEPS, "task.export=false", f"tokenizer.path={tmp_path / 'tok'}")
-    Trainer(make_config(tmp_path / "run", cache_dir, *steps)).fit()
+    Pretraining(make_config(tmp_path / "run", cache_dir, *steps)).fit()
     definition = json.loads((tmp_path / "tok" / "tokenizer.json").read_text())
     definition["model"]["merges"] = definition["model"]["merges"][:-1]  # one merge fewer: other token ids
     (tmp_path / "tok" / "tokenizer.json").write_text(json.dumps(definition))
     with pytest.raises(CheckpointError, match=r"was trained with tokenizer\.fingerprint=\w+ but the config gives"):
-        Trainer(make_config(tmp_path / "run", cache_dir, *steps, "task.max_steps=4", "task.resume=true"))
+        Pretraining(make_config(tmp_path / "run", cache_dir, *steps, "task.max_steps=4", "task.resume=true"))
 
 
-def test_resume_applies_the_configs_optimizer_hyperparameters(trained: Path, tmp_path: Path, cache_dir: Path):
-    run = copy_run(trained, tmp_path)
-    cfg = make_config(run, cache_dir, *TWO_STEPS, "task.max_steps=4", "task.resume=true", "optim.lr=1e-3")
+def test_resume_applies_the_configs_optimizer_hyperparameters(trained_run: Path, tmp_path: Path, cache_dir: Path):
+    run = copy_run(trained_run, tmp_path)
+    cfg = make_config(run, cache_dir, *RESUME, "optim.lr=1e-3")
     cfg.optim.weight_decay = 0.05
     cfg.optim.betas = [0.8, 0.9]
-    resumed = Trainer(cfg)
+    resumed = Pretraining(cfg)
     decayed, other = resumed.loop.optimizer.param_groups
-    assert decayed["lr"] == 1e-3 * lr_factor(2, cfg.optim, 4)
+    assert decayed["lr"] == 1e-3 * lr_factor(TRAINED_STEPS, cfg.optim, TRAINED_STEPS + 2)
     assert decayed["initial_lr"] == 1e-3 and resumed.loop.scheduler.base_lrs == [1e-3, 1e-3]
     assert (decayed["weight_decay"], other["weight_decay"]) == (0.05, 0.0)
     assert decayed["betas"] == (0.8, 0.9)
     assert resumed.loop.optimizer.state  # the moments came from the checkpoint
 
 
-def test_resuming_a_finished_run_changes_nothing(trained: Path, tmp_path: Path, cache_dir: Path) -> None:
-    run = copy_run(trained, tmp_path)
+def test_resuming_a_finished_run_changes_nothing(trained_run: Path, tmp_path: Path, cache_dir: Path) -> None:
+    run = copy_run(trained_run, tmp_path)
     files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and ".lock" not in p.name}
-    summary = Trainer(make_config(run, cache_dir, *TWO_STEPS, "task.export=false", "task.resume=true")).fit()
-    assert math.isfinite(summary.val_loss) and summary.steps == 2
+    summary = Pretraining(make_config(run, cache_dir, *TRAINED_RUN, "task.export=false", "task.resume=true")).fit()
+    assert math.isfinite(summary.val_loss) and summary.steps == TRAINED_STEPS
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and ".lock" not in p.name} == files
 
 
-def test_a_run_stopped_after_its_last_checkpoint_writes_its_summary_on_resume(trained, tmp_path, cache_dir) -> None:
-    run = copy_run(trained, tmp_path)
+def test_a_run_stopped_after_its_last_checkpoint_writes_its_summary_on_resume(trained_run, tmp_path, cache_dir) -> None:
+    run = copy_run(trained_run, tmp_path)
     (run / "summary.json").unlink()
-    summary = Trainer(make_config(run, cache_dir, *TWO_STEPS, "task.export=false", "task.resume=true")).fit()
+    summary = Pretraining(make_config(run, cache_dir, *TRAINED_RUN, "task.export=false", "task.resume=true")).fit()
     assert math.isfinite(summary.val_loss) and (run / "summary.json").is_file()
-    assert [step for step, _ in train_losses(run)] == ["1", "2"]
+    assert [step for step, _ in train_losses(run)] == [str(s) for s in range(1, TRAINED_STEPS + 1)]
 
 
 # ---- one writer per run directory --------------------------------------------------------------------------
@@ -275,7 +265,7 @@ def test_a_second_process_is_refused_naming_the_holder(tmp_path: Path, cache_dir
     holder = hold_in_another_process(run)
     try:
         with pytest.raises(runlock.RunDirLocked, match=rf"in use by process {holder.pid}"):
-            Trainer(make_config(run, cache_dir, "task.max_steps=1"))
+            Pretraining(make_config(run, cache_dir, "task.max_steps=1"))
         done = subprocess.run(
             [sys.executable, "-m", "modelzoo", "pretrain", f"run_dir={run}", "task.max_steps=1"],
             capture_output=True,
@@ -304,12 +294,12 @@ def test_kill_9_leaves_no_stale_lock(tmp_path: Path) -> None:
 # ---- the smaller edges -------------------------------------------------------------------------------------
 
 
-def test_leftovers_of_a_killed_latest_switch_are_removed(trained: Path, tmp_path: Path) -> None:
-    run = copy_run(trained, tmp_path)
+def test_leftovers_of_a_killed_latest_switch_are_removed(trained_run: Path, tmp_path: Path) -> None:
+    run = copy_run(trained_run, tmp_path)
     stale = ckpt.checkpoint_dir(run) / ".latest.tmp-999999"
     stale.write_text("step_000001\n")
     model = GPT(to_object(load_config(["model.n_layer=1", "model.n_embd=32", "model.n_head=2"])).model)
-    ckpt.save_weights(run, 3, model, "seed: 1\n")
+    ckpt.save_weights(run, TRAINED_STEPS + 1, model, "seed: 1\n")
     assert not stale.exists()
 
 
@@ -324,8 +314,8 @@ def test_checkpoints_and_exports_follow_the_umask(tmp_path: Path, tiny_model: GP
     assert hf.stat().st_mode & 0o777 == 0o755
 
 
-def test_corrupted_optimizer_state_blocks_resume_but_not_export(trained: Path, tmp_path: Path, cache_dir, capsys):
-    run = copy_run(trained, tmp_path)
+def test_corrupted_optimizer_state_blocks_resume_but_not_export(trained_run: Path, tmp_path: Path, cache_dir, capsys):
+    run = copy_run(trained_run, tmp_path, without=("hf",))  # the run with no export, as the test expects
     optimizer = ckpt.latest_checkpoint(run) / ckpt.OPTIMIZER_FILE
     data = bytearray(optimizer.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -334,7 +324,7 @@ def test_corrupted_optimizer_state_blocks_resume_but_not_export(trained: Path, t
     assert "exported" in capsys.readouterr().out
     load_hf(run / "hf")
     with pytest.raises(CheckpointError, match=r"optimizer\.pt is corrupted"):
-        Trainer(make_config(run, cache_dir, *TWO_STEPS, "task.max_steps=4", "task.resume=true"))
+        Pretraining(make_config(run, cache_dir, *RESUME))
 
 
 def test_an_unknown_key_is_named_with_the_known_ones(capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,8 +15,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from modelzoo import checkpoint as ckpt
 from modelzoo.restore import restore_model
-from modelzoo.train import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
 

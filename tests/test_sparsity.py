@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from modelzoo.config.train import OptimConfig
 from modelzoo.models.gpt import GPT, GPTConfig
+from modelzoo.optim import build_optimizer
 from modelzoo.sparsity.config import SparsityConfig
 from modelzoo.sparsity.names import cerebras_names, select_parameters
 from modelzoo.sparsity.plugin import MaskedSparsity, masked, prune_
-from modelzoo.train.config import OptimConfig
-from modelzoo.train.optim import build_optimizer
 
 BLOCK_MATRICES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # The `param_filter` of Cerebras' GPT-3 sparsity recipes, copied unchanged.

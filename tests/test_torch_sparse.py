@@ -159,7 +159,7 @@ def test_2_4_detection() -> None:
 
 def test_pretrain_refuses_torch_sparse_naming_masked_dense(tmp_path: Path, cache_dir: Path) -> None:
     with pytest.raises(ConfigError, match=r"backend 'torch_sparse' does not support training.*masked_dense") as info:
-        make_config(tmp_path / "run", cache_dir, "backend=torch_sparse")
+        make_config(tmp_path / "run", cache_dir, "backend.name=torch_sparse")
     assert info.value.key == "backend.name"
 
 

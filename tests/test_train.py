@@ -11,16 +11,16 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from modelzoo import checkpoint as ckpt
 from modelzoo.errors import CheckpointError
 from modelzoo.flops import flop_report
-from modelzoo.train import checkpoint as ckpt
-from modelzoo.train.trainer import Trainer, format_summary
+from modelzoo.tasks.pretrain import Pretraining, format_summary
 from tests.conftest import killed_at_step, make_config, train_losses
 
 
 def test_pretrain_summary_checkpoint_and_export(tmp_path: Path, cache_dir: Path) -> None:
     cfg = make_config(tmp_path / "run", cache_dir, "task.max_steps=6", "task.eval_every=3", "task.log_every=2")
-    trainer = Trainer(cfg)
+    trainer = Pretraining(cfg)
     summary = trainer.fit()
     assert summary.steps == 6
     assert summary.tokens == 6 * 8 * 64
@@ -50,7 +50,7 @@ def test_summary_charges_each_step_at_its_level_and_shows_mask_sparsity(tmp_path
     connections are kept by the masks but still exactly zero, so more weights are zero than the masks prune."""
     gmp = ["sparsity=gmp_75", "sparsity.update.freq=2", "sparsity.sparsity.half_period=4", "sparsity.update.stop=5"]
     cfg = make_config(tmp_path / "gmp", cache_dir, *gmp, "task.max_steps=6", "task.export=false")
-    summary = Trainer(cfg).fit()
+    summary = Pretraining(cfg).fit()
     assert summary.average_sparsity == pytest.approx(0.375, abs=1e-6)
     assert summary.sparsity == pytest.approx(0.75, abs=1e-3) and summary.mask_sparsity == pytest.approx(0.75, abs=1e-3)
     report = flop_report(cfg.model, cfg.data.seq_len, cfg.sparsity, steps=6)
@@ -59,14 +59,14 @@ def test_summary_charges_each_step_at_its_level_and_shows_mask_sparsity(tmp_path
     assert "masks 37.5% sparse on average; the final masks alone would give" in format_summary(summary)
 
     set_75 = ["sparsity=set_75", "sparsity.update.freq=2", "task.max_steps=4", "task.export=false"]
-    summary = Trainer(make_config(tmp_path / "set", cache_dir, *set_75)).fit()
+    summary = Pretraining(make_config(tmp_path / "set", cache_dir, *set_75)).fit()
     assert summary.mask_sparsity == pytest.approx(0.75, abs=1e-3) and summary.mask_sparsity < summary.sparsity
     assert f"are zero, masks prune {summary.mask_sparsity:.1%}" in format_summary(summary)
 
 
 def test_dense_run_has_no_masks(tmp_path: Path, cache_dir: Path) -> None:
     cfg = make_config(tmp_path / "run", cache_dir, "sparsity=dense", "task.max_steps=2", "task.export=false")
-    trainer = Trainer(cfg)
+    trainer = Pretraining(cfg)
     summary = trainer.fit()
     assert summary.sparsity is None
     assert summary.dense_flops == summary.sparse_flops
@@ -99,15 +99,15 @@ def test_resume_after_crash_is_exact(
         "task.export=false",
         *ALGORITHMS[algorithm],
     ]
-    Trainer(make_config(tmp_path / "full", cache_dir, *steps)).fit()
+    Pretraining(make_config(tmp_path / "full", cache_dir, *steps)).fit()
     before, after = masks_at(tmp_path / "full", 4), masks_at(tmp_path / "full", 8)
     assert any(not torch.equal(v, after[k]) for k, v in before.items()) == (algorithm != "static")
 
     with killed_at_step(monkeypatch, 6):
-        Trainer(make_config(tmp_path / "crashed", cache_dir, *steps)).fit()
+        Pretraining(make_config(tmp_path / "crashed", cache_dir, *steps)).fit()
     assert ckpt.latest_checkpoint(tmp_path / "crashed").name == "step_000004"
 
-    resumed = Trainer(make_config(tmp_path / "crashed", cache_dir, *steps, "task.resume=true"))
+    resumed = Pretraining(make_config(tmp_path / "crashed", cache_dir, *steps, "task.resume=true"))
     assert resumed.step == 4
     resumed.fit()
     assert train_losses(tmp_path / "crashed") == train_losses(tmp_path / "full")  # bit for bit
@@ -119,17 +119,17 @@ def test_resume_after_crash_is_exact(
 def test_refuses_to_overwrite_and_to_resume_nothing(tmp_path: Path, cache_dir: Path) -> None:
     run = tmp_path / "run"
     with pytest.raises(CheckpointError, match="holds no checkpoint"):
-        Trainer(make_config(run, cache_dir, "task.resume=true"))
-    Trainer(make_config(run, cache_dir, "task.max_steps=1", "task.export=false")).fit()
+        Pretraining(make_config(run, cache_dir, "task.resume=true"))
+    Pretraining(make_config(run, cache_dir, "task.max_steps=1", "task.export=false")).fit()
     with pytest.raises(CheckpointError, match=r"task\.resume=true"):
-        Trainer(make_config(run, cache_dir, "task.max_steps=1"))
+        Pretraining(make_config(run, cache_dir, "task.max_steps=1"))
 
 
 def test_resume_with_other_sparsity_is_refused(tmp_path: Path, cache_dir: Path) -> None:
     run = tmp_path / "run"
-    Trainer(make_config(run, cache_dir, "sparsity=dense", "task.max_steps=1", "task.export=false")).fit()
+    Pretraining(make_config(run, cache_dir, "sparsity=dense", "task.max_steps=1", "task.export=false")).fit()
     with pytest.raises(CheckpointError, match="was trained with sparsity="):
-        Trainer(make_config(run, cache_dir, "sparsity=static_75", "task.max_steps=2", "task.resume=true"))
+        Pretraining(make_config(run, cache_dir, "sparsity=static_75", "task.max_steps=2", "task.resume=true"))
 
 
 # Matmuls over 4 and 8 sequences sum in different orders: after 2 steps the weights differ by up to 8.8e-7 on
@@ -149,8 +149,8 @@ def atol(name: str) -> float:
 def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path, cache_dir: Path) -> None:
     """8 sequences as 2 micro-batches of 4 give the same update as one micro-batch of 8 (same data order)."""
     common = ["task.max_steps=2", "task.export=false", "task.batch_size=8"]
-    accumulated = Trainer(make_config(tmp_path / "a", cache_dir, *common, "task.micro_batch_size=4"))
-    single = Trainer(make_config(tmp_path / "b", cache_dir, *common, "task.micro_batch_size=8"))
+    accumulated = Pretraining(make_config(tmp_path / "a", cache_dir, *common, "task.micro_batch_size=4"))
+    single = Pretraining(make_config(tmp_path / "b", cache_dir, *common, "task.micro_batch_size=8"))
     assert accumulated.loop.accumulation == 2 and single.loop.accumulation == 1
     accumulated.fit()
     single.fit()
@@ -168,8 +168,8 @@ def test_rigl_with_accumulation_matches_one_big_batch(tmp_path: Path, cache_dir:
         "sparsity=rigl_75",
         "sparsity.update.freq=1",
     ]
-    accumulated = Trainer(make_config(tmp_path / "a", cache_dir, *common, "task.micro_batch_size=4"))
-    single = Trainer(make_config(tmp_path / "b", cache_dir, *common, "task.micro_batch_size=8"))
+    accumulated = Pretraining(make_config(tmp_path / "a", cache_dir, *common, "task.micro_batch_size=4"))
+    single = Pretraining(make_config(tmp_path / "b", cache_dir, *common, "task.micro_batch_size=8"))
     initial = {k: v.clone() for k, v in single.model.state_dict().items() if k.endswith("_mask")}
     accumulated.fit()
     single.fit()
@@ -183,7 +183,7 @@ def test_rigl_with_accumulation_matches_one_big_batch(tmp_path: Path, cache_dir:
 
 
 def test_nm_run_exports_its_pattern(tmp_path: Path, cache_dir: Path) -> None:
-    trainer = Trainer(make_config(tmp_path / "run", cache_dir, "sparsity=nm_2_4", "task.max_steps=2"))
+    trainer = Pretraining(make_config(tmp_path / "run", cache_dir, "sparsity=nm_2_4", "task.max_steps=2"))
     summary = trainer.fit()
     assert summary.sparsity == pytest.approx(0.5, abs=1e-4)
     sidecar = json.loads((Path(summary.export_dir) / "sparsity.json").read_text())
@@ -196,7 +196,7 @@ def test_nm_run_exports_its_pattern(tmp_path: Path, cache_dir: Path) -> None:
 def test_bf16_autocast_trains_and_keeps_masks(tmp_path: Path, cache_dir: Path) -> None:
     """The sparse matmuls run in bfloat16 (each block's MLP output is bf16 in the training and evaluation
     forwards, which it would not be if autocast did nothing) while the master weights stay float32."""
-    trainer = Trainer(make_config(tmp_path / "run", cache_dir, "task.precision=bf16", "task.max_steps=3"))
+    trainer = Pretraining(make_config(tmp_path / "run", cache_dir, "task.precision=bf16", "task.max_steps=3"))
     dtypes: list[torch.dtype] = []
     trainer.model.transformer.h[0].mlp.c_fc.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
     summary = trainer.fit()
@@ -214,7 +214,7 @@ def test_bf16_autocast_with_rigl_updates_masks(tmp_path: Path, cache_dir: Path) 
         "sparsity=rigl_75",
         "sparsity.update.freq=1",
     ]
-    trainer = Trainer(make_config(tmp_path / "run", cache_dir, *overrides))
+    trainer = Pretraining(make_config(tmp_path / "run", cache_dir, *overrides))
     initial = [sp.mask.clone() for sp in trainer.sparsifier.params]
     trainer.fit()
     for sp, mask in zip(trainer.sparsifier.params, initial, strict=True):

@@ -12,7 +12,8 @@ What each piece of the trainer becomes (cerebras-pytorch 2.10.0, facts in DESIGN
 - `run`: trains in stages of `DataExecutor`s with a checkpoint closure and evaluation between them
   (`stages.py`), or under `cluster.mode` compile_only / validate_only lowers one training and one evaluation
   step and reports what was lowered (`lowering.py`).
-- `prepare_resume`: the run's `cstorch.save` checkpoints not yet converted become our checkpoint directories.
+- `sync_checkpoints`: the run's `cstorch.save` checkpoints not yet converted become our checkpoint directories.
+- `check_config`: what a CS-2 run needs of the config (`checks.py`).
 Checkpoint conversion to and from `cstorch.save` files lives in `modelzoo.export.cerebras_checkpoint`.
 """
 
@@ -20,13 +21,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from modelzoo.backends.base import Backend, Capabilities, LoopDriver
+from modelzoo.backends.base import Backend, Capabilities, LoopDriver, RunOutcome
+from modelzoo.backends.cerebras.checks import check_cerebras_config
 from modelzoo.backends.cerebras.cluster import cluster_config
 from modelzoo.backends.cerebras.environment import CerebrasError, import_cstorch, put_venv_tools_on_path
 from modelzoo.backends.cerebras.environment import unavailable_reason as _unavailable_reason
@@ -36,8 +39,9 @@ from modelzoo.backends.cerebras.schedule import build_scheduler
 from modelzoo.backends.cerebras.sparsity import CSTORCH_ALGORITHMS, CerebrasSparsity, check_sparsity
 from modelzoo.backends.cerebras.stages import StagedRun, convert_new_checkpoints
 from modelzoo.cluster import ClusterConfig
+from modelzoo.config import Config
+from modelzoo.config.train import OptimConfig
 from modelzoo.sparsity.config import SparsityConfig
-from modelzoo.train.config import OptimConfig
 
 
 class CerebrasBackend(Backend):
@@ -46,23 +50,30 @@ class CerebrasBackend(Backend):
         algorithms=frozenset(CSTORCH_ALGORITHMS),
         devices=frozenset({"cpu", "cuda"}),
         dtypes=frozenset({"fp32", "bf16", "cbf16", "fp16"}),
+        own_compiler=True,  # cstorch traces the step, brings its AdamW and plans memory on the wafer
+        weights_on_host=False,  # on a CS-2 the weights stay on the wafer; they come back in checkpoints
+        torchrun=False,  # scales out over cluster.num_csx systems instead
+        host_skips_updates=False,  # the update is in the traced program
+        clusters=True,
     )
-    weights_on_host = False
 
     def __init__(self) -> None:
         self.cs_backend: Any = None
+        self.cfg: Config | None = None
+        self.run_dir: Path | None = None
         self.cluster: ClusterConfig | None = None
         self.precision = "fp32"
         self.mode: str | None = None  # compile_only | validate_only | None (a training run)
-        self._left: list[str] = []  # programs a compile_only run left for a new process
+        self.sparsity: CerebrasSparsity | None = None
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
         return _unavailable_reason()
 
     @classmethod
-    def check_config(cls, sparsity: SparsityConfig) -> None:
-        check_sparsity(sparsity)
+    def check_config(cls, cfg: Config, device: str) -> None:
+        check_cerebras_config(cfg, device)
+        check_sparsity(cfg.sparsity)
 
     def optimizer_class(self) -> type[torch.optim.Optimizer]:
         return import_cstorch().optim.AdamW
@@ -70,10 +81,10 @@ class CerebrasBackend(Backend):
     def scheduler(self, optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int) -> Any:
         return build_scheduler(optimizer, cfg, max_steps)
 
-    def start(self, cluster: ClusterConfig, device: torch.device, artifact_dir: Path, precision: str = "fp32") -> None:
+    def start(self, cfg: Config, device: torch.device, run_dir: Path) -> None:
         cstorch = import_cstorch()
-        self.cluster = cluster
-        self.precision = precision
+        cluster, precision, artifact_dir = cfg.cluster, cfg.task.precision, run_dir / self.name
+        self.cfg, self.cluster, self.precision, self.run_dir = cfg, cluster, precision, run_dir
         self.mode = None if cluster.mode == "train" else cluster.mode
         target = cluster.resolved_target(device.type)
         existing = cstorch.current_backend(raise_exception=False, raise_warning=False)
@@ -108,24 +119,33 @@ class CerebrasBackend(Backend):
         return import_cstorch().compile(model, self.cs_backend)
 
     def sparsifier(self, config: SparsityConfig, seed: int) -> CerebrasSparsity:
-        return CerebrasSparsity(config, seed)
+        self.sparsity = CerebrasSparsity(config, seed)
+        return self.sparsity
 
-    def prepare_resume(self, artifact_dir: Path, run_dir: Path, keep: int) -> None:
-        convert_new_checkpoints(artifact_dir, run_dir, keep)
+    def sync_checkpoints(self, run_dir: Path, keep: int) -> None:
+        convert_new_checkpoints(run_dir / self.name, run_dir, keep)
 
-    def run(self, loop: LoopDriver) -> bool:
+    def run(self, loop: LoopDriver) -> RunOutcome:
         """Train in stages, or under `cluster.mode` compile_only / validate_only lower one training and one
-        evaluation step and print the report."""
+        evaluation step, print the report and ask for the programs cstorch could not lower in this process (it
+        aborts at a second remote compile) to be lowered each in a new process."""
         artifacts = Path(self.cs_backend.artifact_dir)
-        staged = StagedRun(loop, artifacts)
+        staged = StagedRun(loop, artifacts, self.cfg, self.sparsity.levels if self.sparsity else {})
         if self.mode is None:
             staged.run()
-            return True
+            return RunOutcome(trained=True)
         programs = {n: step for n, step in staged.one_step_each().items() if n in self.cluster.programs}
         report = lower(self.mode, artifacts, programs, loop.sparse_names(), self.cluster)
-        self._left = report.skipped
         print(report.format())
-        return False
-
-    def lowering_left(self) -> list[str]:
-        return self._left
+        cfg = self.cfg
+        return RunOutcome(
+            trained=False,
+            new_process_runs=tuple(
+                replace(
+                    cfg,
+                    cluster=replace(cfg.cluster, programs=[program]),
+                    run_dir=str(self.run_dir / self.name / f"lower-{program}"),
+                )
+                for program in report.skipped
+            ),
+        )

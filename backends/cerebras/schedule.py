@@ -1,4 +1,4 @@
-"""Our learning-rate schedule (`modelzoo.train.optim.lr_factor`) as `cstorch.optim.lr_scheduler` objects.
+"""Our learning-rate schedule (`modelzoo.optim.lr_factor`) as `cstorch.optim.lr_scheduler` objects.
 
 torch's `LambdaLR` writes a Python float into the param groups, which a CS-2 traces once per execution: it would
 train at a constant LR. cstorch's schedulers compute the LR in the program from their step counter
@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from modelzoo.backends.cerebras.environment import import_cstorch
-from modelzoo.train.config import OptimConfig
+from modelzoo.config.train import OptimConfig
 
 
 def build_scheduler(optimizer: Any, cfg: OptimConfig, max_steps: int) -> Any:

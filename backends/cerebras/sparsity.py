@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from modelzoo.backends.cerebras.environment import CSTORCH_VERSION, import_cstorch
+from modelzoo.backends.cerebras.environment import CSTORCH_VERSION, import_cstorch, unavailable_reason
 from modelzoo.errors import ConfigError
 from modelzoo.sparsity.config import DROP_ALGORITHMS, SparsityConfig, SparsityGroupConfig
 from modelzoo.sparsity.masks import MASK_SUFFIX
@@ -62,6 +62,8 @@ def check_sparsity(sparsity: SparsityConfig) -> None:
                 f"{group.distribution!r} is not a cstorch distribution: set {key}.distribution=uniform, "
                 "or train it with backend=masked_dense",
             )
+    if unavailable_reason() is not None:  # `check_supports` refuses the backend next, saying why
+        return
     cstorch = import_cstorch()
     available = {name for name in CSTORCH_ALGORITHMS.values() if hasattr(cstorch.sparse, name)}
     check_algorithms(sparsity, cstorch.__version__, available)

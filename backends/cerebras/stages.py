@@ -26,14 +26,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from modelzoo import checkpoint as ckpt
 from modelzoo.backends.cerebras.environment import import_cstorch
+from modelzoo.config import Config
 from modelzoo.data.csx_input import eval_input, read_blocks, train_input
 from modelzoo.errors import ConfigError
 from modelzoo.export.cerebras_checkpoint import run_checkpoint_to_checkpoint
-from modelzoo.train import checkpoint as ckpt
+from modelzoo.train.metrics import perplexity
 
 if TYPE_CHECKING:
-    from modelzoo.train.loop import TrainLoop
+    from modelzoo.backends.base import LoopDriver
 
 log = logging.getLogger(__name__)
 
@@ -71,27 +73,18 @@ def convert_new_checkpoints(artifact_dir: Path, run_dir: Path, keep: int) -> Non
         path.unlink()
 
 
-def _block_position(global_batches: int, batch_size: int) -> dict[str, object]:
-    """The pre-training loader state (`BlockLoader`: the global sample index and the samples drawn from each
-    source; a CS-2 run reads one) after `global_batches` steps of `batch_size` samples."""
-    sample = global_batches * batch_size
-    return {"sample": sample, "drawn": [sample]}
-
-
-def _global_batches(position: dict[str, object], batch_size: int) -> int:
-    return int(position["sample"]) // batch_size
-
-
 class StagedRun:
-    """A pre-training `TrainLoop` driven through cstorch executors (module docstring)."""
+    """A pre-training loop driven through cstorch executors (module docstring); it uses the loop only through
+    `LoopDriver`."""
 
-    def __init__(self, loop: TrainLoop, artifact_dir: Path) -> None:
+    def __init__(self, loop: LoopDriver, artifact_dir: Path, cfg: Config, levels: dict[str, torch.Tensor]) -> None:
+        """`levels`: each sparse weight's mask level, which cstorch's computed-sparsity hook fills in each traced
+        optimizer step (`CerebrasSparsity.levels`)."""
         self.cstorch = import_cstorch()
         self.loop = loop
         self.artifact_dir = artifact_dir
-        trainer = loop.task  # pre-training's task: its config and corpus cache files
-        self.cfg = trainer.cfg
-        self.train_file, self.validation_file = (str(f) for f in trainer.corpus_files())
+        self.cfg = cfg
+        self.train_file, self.validation_file = (str(f) for f in loop.data_files())
         validation = read_blocks(self.validation_file)
         size, limit = self.cfg.task.micro_batch_size, self.cfg.task.eval_batches
         check_eval_batches(len(validation), size)
@@ -104,10 +97,7 @@ class StagedRun:
             train_input, self.train_file, loop.settings.batch_size, self.cfg.seed
         )
         self.sparse = loop.sparse_names()
-        params = dict(loop.model.named_parameters())
-        self.sparse_sizes = [params[n].numel() for n in self.sparse]
-        # `CerebrasSparsity.levels`, which cstorch's computed-sparsity hook fills in each traced optimizer step
-        self.levels = loop.sparsifier.levels if self.sparse else {}
+        self.levels = levels
         self._eval_sums: list[float] = []
 
     # ---- the programs ---------------------------------------------------------------------------------
@@ -126,18 +116,11 @@ class StagedRun:
         return train
 
     def _log_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, lr: torch.Tensor, *levels: torch.Tensor) -> None:
-        """The step closure: the non-finite guard and the host's metrics row of this step (with each weight's
-        sparsity and, weighted by size, all of theirs), from the values it is handed."""
-        self.loop.observe(loss, grad_norm)
-        if not self.loop.log_due():
-            return
-        per_weight = [float(v) for v in levels]
-        overall = None
-        if per_weight:
-            overall = sum(v * n for v, n in zip(per_weight, self.sparse_sizes, strict=True)) / sum(self.sparse_sizes)
-        self.loop.log_row(self.loop.train_row(loss, grad_norm, lr, overall))
-        self.loop.log_sparsity(dict(zip(self.sparse, per_weight, strict=True)))
-        self.loop.restart_window()
+        """The step closure: hands the loop this step's values (each weight's sparsity read only where a row is
+        logged)."""
+        logged = self.loop.log_due()
+        per_weight = dict(zip(self.sparse, (float(v) for v in levels), strict=True)) if logged else {}
+        self.loop.after_step(loss, grad_norm, lr, per_weight)
 
     def eval_program(self) -> Callable[..., None]:
         """The traced evaluation step (forward only); its step closure adds up the losses it is handed."""
@@ -147,8 +130,7 @@ class StagedRun:
         @cstorch.trace
         @torch.no_grad()
         def evaluate(inputs: torch.Tensor, targets: torch.Tensor) -> None:
-            with loop.autocast:
-                add_loss(loop.task.loss(loop.forward, inputs, targets), targets.numel())
+            add_loss(loop.eval_loss(inputs, targets), targets.numel())
 
         return evaluate
 
@@ -177,8 +159,7 @@ class StagedRun:
     def run(self) -> None:
         """Train from the loop's step to its last, evaluating and checkpointing between executors."""
         loop, settings = self.loop, self.loop.settings
-        start = _global_batches(loop.task.state_dict()["loader"], settings.batch_size)
-        self.train_loader.load_state_dict({"global_batches": start})
+        self.train_loader.load_state_dict({"global_batches": loop.data_position() // settings.batch_size})
         train, evaluate = self.train_program(), self.eval_program()
         save = self.cstorch.checkpoint_closure(self._save)
         with loop.session():
@@ -197,7 +178,7 @@ class StagedRun:
                         save(loop.step)
                 convert_new_checkpoints(self.artifact_dir, loop.run_dir, settings.keep_checkpoints)
                 if loop.eval_due():
-                    loop.log_row(loop.record_evaluation(self._evaluate(evaluate)))
+                    loop.log_evaluation(self._evaluate(evaluate))
 
     def _evaluate(self, evaluate: Callable[..., None]) -> dict[str, float]:
         """Mean validation loss over the fixed-size batches, in an executor of its own over a fresh loader."""
@@ -207,7 +188,7 @@ class StagedRun:
             evaluate(*batch)
         self.loop.model.train()
         val_loss = sum(self._eval_sums) / self.eval_tokens
-        return {"val_loss": val_loss, "val_ppl": math.exp(val_loss)}
+        return {"val_loss": val_loss, "val_ppl": perplexity(val_loss)}
 
     def _eval_loader(self) -> Any:
         """A fresh loader over the validation file: each evaluation streams it from its start."""
@@ -219,19 +200,19 @@ class StagedRun:
         """The checkpoint closure: the Model Zoo's keys with `cstorch.save` (written whole, then renamed)."""
         loop = self.loop
         dataloader = self.train_loader.state_dict()
-        position = _block_position(dataloader["global_batches"], loop.settings.batch_size)
-        loop.task.load_state_dict({"loader": position})  # the host's data position follows the workers'
-        state = loop.state_dict()
+        loop.set_data_position(dataloader["global_batches"] * loop.settings.batch_size)  # follows the workers'
+        record = loop.checkpoint_state()
+        state = record["state"]
         cs_state = {
             "model": loop.model.state_dict(),
             "optimizer": loop.optimizer.state_dict(),
             "schedulers": [state.pop("scheduler")],
             "dataloader": dataloader,
             "global_step": step,
-            "modelzoo_config": loop.config_yaml,
+            "modelzoo_config": record["config_yaml"],
         }
-        if loop.identity is not None:  # what a resume must keep beyond the config
-            cs_state["modelzoo_identity"] = loop.identity
+        if record["identity"] is not None:  # what a resume must keep beyond the config
+            cs_state["modelzoo_identity"] = record["identity"]
         for key in ("sparsity", "grad_scaler"):
             if state[key] is not None:
                 cs_state[key] = state[key]

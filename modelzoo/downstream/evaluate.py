@@ -1,43 +1,33 @@
-"""`modelzoo evaluate`: zero-shot PubMedQA accuracy and macro-F1 of checkpoints and Hugging Face directories.
+"""Zero-shot PubMedQA accuracy and macro-F1 of a loaded model, and the training FLOPs behind it.
 
-Each model is one of our checkpoints (a run directory: its latest checkpoint; or a checkpoint directory) or a
-local Hugging Face causal-LM directory (GPT-2 exports load into our GPT, so sparse backends apply; any other
-architecture runs through `transformers.AutoModelForCausalLM`). Every question is scored as lm-evaluation-harness
-scores its `pubmedqa` task (`scoring.choice_loglikelihoods`), the answer is the most likely choice, and the
-majority-class baseline of the same questions is reported beside every number. `results.write_results` turns
-the list into a markdown table, JSON and a plot of accuracy against training FLOPs.
+Each model is one of our checkpoints (a run directory: the checkpoint it stands for; or a checkpoint directory) or
+a local Hugging Face causal-LM directory (GPT-2 exports load into our GPT, so inference converters apply; any other
+architecture runs through `transformers.AutoModelForCausalLM`), loaded by `modelzoo.inference`. Every question is
+scored as lm-evaluation-harness scores its `pubmedqa` task (`scoring.choice_loglikelihoods`), the answer is the
+most likely choice, and the majority-class baseline of the same questions is reported beside every number.
+`results.write_results` turns the results into a markdown table, JSON and a plot of accuracy against FLOPs.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
-from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
-from modelzoo.backends.converters import convert
+from modelzoo import checkpoint as ckpt
 from modelzoo.config import Config
-from modelzoo.downstream.config import EvaluateConfig
-from modelzoo.downstream.pubmedqa import CHOICES, load_pubmedqa, majority_baseline, pubmedqa_prompt
+from modelzoo.config.evaluate import EvaluateConfig
+from modelzoo.downstream.pubmedqa import CHOICES, majority_baseline, pubmedqa_prompt
 from modelzoo.downstream.scoring import LogitsFn, choice_loglikelihoods
 from modelzoo.errors import CheckpointError
-from modelzoo.export.hf import load_hf, restore_masks
-from modelzoo.finite import refuse_nonfinite
 from modelzoo.flops import flop_report
-from modelzoo.generate import DTYPES
-from modelzoo.models.gpt import GPT
-from modelzoo.restore import require_tokenizer, restore_model
-from modelzoo.train.checkpoint import MANIFEST_FILE, latest_checkpoint, read_config, selected_checkpoint
-from modelzoo.train.config import resolved_device
+from modelzoo.inference import is_hf_dir, load_for_inference
 
-log = logging.getLogger(__name__)
 LM_EVAL_DEFAULT_MAX_LENGTH = 2048  # lm-eval's window when neither config nor tokenizer gives one
 TOKENIZER_INFINITY = 1e29  # `model_max_length` of tokenizers that set none
 
@@ -120,7 +110,7 @@ def run_flops(run_cfg: Config, checkpoint: Path) -> tuple[float, float] | None:
 
 def _stage_flops(summary_file: Path, pretrained: Path) -> tuple[float, float] | None:
     """A fine-tuning / soft-prompting run's FLOPs (`summary.json`) plus those of its pre-trained checkpoint."""
-    parent = pretrained if (pretrained / MANIFEST_FILE).is_file() else latest_checkpoint(pretrained)
+    parent = pretrained if (pretrained / ckpt.MANIFEST_FILE).is_file() else ckpt.latest_checkpoint(pretrained)
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     if parent is None or "finetune_dense_flops" not in summary:
         return None
@@ -132,18 +122,18 @@ def _stage_flops(summary_file: Path, pretrained: Path) -> tuple[float, float] | 
 
 def checkpoint_flops(checkpoint: Path) -> tuple[float, float] | None:
     """`run_flops` of a checkpoint directory, read from its own config."""
-    saved = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(read_config(checkpoint)))
+    saved = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(ckpt.read_config(checkpoint)))
     return run_flops(OmegaConf.to_object(saved), checkpoint)
 
 
 def export_flops(directory: Path) -> tuple[float, float] | None:
     """Training FLOPs behind a Hugging Face export written into a run directory (`<run>/hf`), else None."""
-    checkpoint = latest_checkpoint(directory.resolve().parent)
+    checkpoint = ckpt.latest_checkpoint(directory.resolve().parent)
     return None if checkpoint is None else checkpoint_flops(checkpoint)
 
 
 def checkpoint_step(checkpoint: Path) -> int:
-    return json.loads((checkpoint / MANIFEST_FILE).read_text())["step"]
+    return json.loads((checkpoint / ckpt.MANIFEST_FILE).read_text())["step"]
 
 
 def our_logits(model: torch.nn.Module) -> LogitsFn:
@@ -171,24 +161,31 @@ def hf_max_length(config: object, tokenizer: PreTrainedTokenizerBase) -> int:
     return LM_EVAL_DEFAULT_MAX_LENGTH
 
 
-def load_checkpoint_model(path: str, cfg: Config) -> LoadedModel:
-    """A run directory (its latest checkpoint) or a checkpoint directory, as our GPT on the task's device."""
-    checkpoint = selected_checkpoint(path) if not (Path(path) / MANIFEST_FILE).is_file() else Path(path)
-    if checkpoint is None:
-        raise CheckpointError(f"{path}: neither a checkpoint nor a run directory with checkpoints/latest")
-    _refuse_adapted(checkpoint)
-    run = restore_model(checkpoint)
-    model, run_cfg, tokenizer = run.model, run.config, require_tokenizer(run, "encode the questions")
-    step = checkpoint_step(checkpoint)
-    flops = run_flops(run_cfg, checkpoint)
-    model = _prepare(model, cfg)
+def load_model(path: str, cfg: Config, key: str) -> LoadedModel:
+    """A run, checkpoint or Hugging Face directory `path` (config key `key`) ready for scoring on the task's device
+    (`modelzoo.inference`), with the training FLOPs and step behind it where the run that made it is known."""
+    task: EvaluateConfig = cfg.task
+    if not is_hf_dir(path):
+        _refuse_adapted(ckpt.find_checkpoint(path, key))
+    loaded = load_for_inference(
+        path, key, task.device, task.precision, task.converter, batch_size=task.batch_size, any_causal_lm=True
+    )
+    model, tokenizer, source = loaded.model, loaded.tokenizer, loaded.source
+    if loaded.run_config is not None:  # a checkpoint
+        name, max_length = source.parent.parent.name, loaded.run_config.model.n_positions
+        step, flops = checkpoint_step(source), run_flops(loaded.run_config, source)
+    else:
+        run = ckpt.latest_checkpoint(source.resolve().parent)  # an export inside its run directory: `<run>/hf`
+        name = f"{source.resolve().parent.name}/{source.name}" if run else source.name
+        max_length = hf_max_length(loaded.hf_config, tokenizer)
+        step, flops = (checkpoint_step(run) if run else None), export_flops(source)
     return LoadedModel(
-        name=checkpoint.parent.parent.name,
-        source=str(checkpoint),
-        kind="checkpoint",
-        logits_fn=our_logits(model),
+        name=name,
+        source=str(source),
+        kind=loaded.kind,
+        logits_fn=hf_logits(model) if loaded.kind == "hf (transformers)" else our_logits(model),
         tokenizer=tokenizer,
-        max_length=run_cfg.model.n_positions,
+        max_length=max_length,
         parameters=sum(p.numel() for p in model.parameters()),
         train_flops=flops[0] if flops else None,
         dense_train_flops=flops[1] if flops else None,
@@ -198,7 +195,7 @@ def load_checkpoint_model(path: str, cfg: Config) -> LoadedModel:
 
 def _refuse_adapted(checkpoint: Path) -> None:
     """Refuse soft-prompt and HoC checkpoints, which are not plain causal LMs, saying where their scores are."""
-    task = OmegaConf.create(read_config(checkpoint)).get("task", {})
+    task = OmegaConf.create(ckpt.read_config(checkpoint)).get("task", {})
     if "num_virtual_tokens" not in task and task.get("dataset") != "hoc":
         return
     what = "a HoC classifier" if task.get("dataset") == "hoc" else "a soft prompt in front of a frozen GPT"
@@ -207,46 +204,6 @@ def _refuse_adapted(checkpoint: Path) -> None:
         f"and PubMedQA fine-tuning runs. Its test scores are in {checkpoint.parent.parent / 'summary.json'}; "
         "a soft prompt loads with PEFT from <run>/adapter on <run>/hf"
     )
-
-
-def load_hf_model(path: str, cfg: Config) -> LoadedModel:
-    """A Hugging Face directory: GPT-2 into our GPT (masks from sparsity.json), other architectures via
-    `AutoModelForCausalLM`. Training FLOPs are those of the run holding it (`<run>/hf`), as `run_flops` counts them."""
-    task: EvaluateConfig = cfg.task
-    directory = Path(path)
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    hf_config = AutoConfig.from_pretrained(directory, local_files_only=True)
-    if isinstance(hf_config, GPT2Config):
-        model = load_hf(directory)
-        restore_masks(model, directory)
-        model = _prepare(model, cfg)
-        logits_fn, kind = our_logits(model), "hf (ours)"
-    else:
-        model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True)
-        refuse_nonfinite(model.state_dict().items(), directory, "it cannot be evaluated")
-        model = model.to(resolved_device(task.device), DTYPES[task.precision]).eval()
-        logits_fn, kind = hf_logits(model), "hf (transformers)"
-    run = latest_checkpoint(directory.resolve().parent)  # an export inside its run directory: `<run>/hf`
-    flops = export_flops(directory)
-    return LoadedModel(
-        name=f"{directory.resolve().parent.name}/{directory.name}" if run else directory.name,
-        source=str(directory),
-        kind=kind,
-        logits_fn=logits_fn,
-        tokenizer=tokenizer,
-        max_length=hf_max_length(hf_config, tokenizer),
-        parameters=sum(p.numel() for p in model.parameters()),
-        train_flops=flops[0] if flops else None,
-        dense_train_flops=flops[1] if flops else None,
-        step=checkpoint_step(run) if run else None,
-    )
-
-
-def _prepare(model: GPT, cfg: Config) -> GPT:
-    """`model` on the task's device and dtype, converted by the backend for full-window batches."""
-    task: EvaluateConfig = cfg.task
-    model = model.to(resolved_device(task.device), DTYPES[task.precision]).eval()
-    return convert(model, cfg.backend.name, tokens=task.batch_size * model.config.n_positions)
 
 
 def evaluate_pubmedqa(
@@ -304,36 +261,3 @@ def evaluate_pubmedqa(
             for e, row, p in zip(examples, scores.tolist(), predicted, strict=True)
         ],
     )
-
-
-def model_loaders(cfg: Config) -> list[Callable[[], LoadedModel]]:
-    """One loader per requested model (loaded one at a time, so only one is in memory)."""
-    task: EvaluateConfig = cfg.task
-    checkpoints = task.checkpoints or ([] if task.hf_dirs else [cfg.run_dir])
-    return [lambda p=p: load_checkpoint_model(p, cfg) for p in checkpoints] + [
-        lambda p=p: load_hf_model(p, cfg) for p in task.hf_dirs
-    ]
-
-
-def run(cfg: Config) -> list[PubMedQAResult]:
-    """`modelzoo evaluate` on a validated `cfg`: load the questions once, evaluate each model in turn."""
-    task: EvaluateConfig = cfg.task
-    examples = load_pubmedqa(task.pubmedqa_data, task.split)
-    examples = examples[: task.limit] if task.limit else examples
-    results = []
-    loaders = model_loaders(cfg)
-    for loader in tqdm(loaders, desc="models", unit="model", disable=not task.progress or len(loaders) == 1):
-        model = loader()
-        log.info("evaluate: %s (%s) on %d PubMedQA %s questions", model.name, model.source, len(examples), task.split)
-        results.append(
-            evaluate_pubmedqa(
-                model,
-                examples,
-                task.split,
-                task.batch_size,
-                task.with_long_answer,
-                task.progress,
-                resolved_device(task.device),
-            )
-        )
-    return results

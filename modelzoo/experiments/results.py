@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from modelzoo.experiments.config import StageConfig
+from modelzoo.config.experiment import StageConfig
 
 BUDGET_TITLES = {"steps": "equal steps (same tokens)", "dense_flops": "equal pre-training FLOPs"}
 

@@ -29,15 +29,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from modelzoo.atomic import atomic_directory
-from modelzoo.config import Config
-from modelzoo.data.config import DataConfig
-from modelzoo.errors import CheckpointError
-from modelzoo.export.cerebras_params import CerebrasRecipe, read_params, write_params
-from modelzoo.models.gpt import GPT, GPTConfig, unpad_vocab
-from modelzoo.restore import build_model, config_from_yaml, restore_model
-from modelzoo.sparsity.masks import MASK_SUFFIX
-from modelzoo.sparsity.names import cerebras_names
-from modelzoo.train.checkpoint import (
+from modelzoo.checkpoint import (
     MODEL_FILE,
     check_run_dir,
     load_training_state,
@@ -46,7 +38,15 @@ from modelzoo.train.checkpoint import (
     save_weights,
     verify_checkpoint,
 )
-from modelzoo.train.config import TrainConfig
+from modelzoo.config import Config
+from modelzoo.config.train import TrainConfig
+from modelzoo.data.config import DataConfig
+from modelzoo.errors import CheckpointError
+from modelzoo.export.cerebras_params import CerebrasRecipe, read_params, write_params
+from modelzoo.models.gpt import GPT, GPTConfig, unpad_vocab
+from modelzoo.restore import build_model, config_from_yaml, restore_model
+from modelzoo.sparsity.masks import MASK_SUFFIX
+from modelzoo.sparsity.names import cerebras_names
 
 TIED = ("lm_head.weight", "transformer.wte.weight")
 # Other spellings of a Cerebras name in some releases (2.1+ position embeddings, 1.7's copy of the final norm).

@@ -31,12 +31,12 @@ from typing import Any
 import torch
 import yaml
 
+from modelzoo.config.train import OptimConfig, TrainConfig
 from modelzoo.errors import ConfigError
 from modelzoo.models.gpt import ACTIVATIONS, GPT, GPTConfig
 from modelzoo.sparsity.config import SparsityConfig, SparsityGroupConfig
 from modelzoo.sparsity.names import cerebras_names, select_parameters
 from modelzoo.sparsity.plan import plan_groups
-from modelzoo.train.config import OptimConfig, TrainConfig
 
 # Cerebras key -> our GPTConfig field.
 MODEL_KEYS = {

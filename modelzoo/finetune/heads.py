@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modelzoo.config.finetune import FinetuneConfig, PromptTuneConfig
 from modelzoo.downstream.evaluate import macro_f1
 from modelzoo.downstream.hoc import HALLMARKS, evaluate_hoc, load_hoc
 from modelzoo.downstream.pubmedqa import CHOICES, load_pubmedqa, pubmedqa_prompt
@@ -23,7 +24,6 @@ from modelzoo.downstream.scoring import choice_loglikelihoods
 from modelzoo.export.hf import export_hf
 from modelzoo.export.peft import save_prompt_adapter
 from modelzoo.export.seq_cls import export_seq_cls
-from modelzoo.finetune.config import FinetuneConfig, PromptTuneConfig
 from modelzoo.finetune.data import IGNORE, encode_answer, encode_text, pad
 from modelzoo.models.classifier import GPTClassifier
 from modelzoo.models.soft_prompt import PromptedLM, SoftPrompt

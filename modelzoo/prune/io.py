@@ -16,15 +16,15 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from modelzoo.checkpoint import resolve_checkpoint
+from modelzoo.config.prune import PruneConfig
 from modelzoo.data.config import TokenizerConfig
 from modelzoo.data.tokenizer import load_pretrained
 from modelzoo.errors import CheckpointError, ConfigError
 from modelzoo.export.hf import export_hf, save_hf_directory, sparsity_report
 from modelzoo.models.gpt import GPT
-from modelzoo.prune.config import PruneConfig
 from modelzoo.prune.layers import attach_masks
 from modelzoo.restore import restore_model
-from modelzoo.train.checkpoint import resolve_checkpoint
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 

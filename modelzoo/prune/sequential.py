@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from modelzoo.prune.config import PruneConfig
+from modelzoo.config.prune import PruneConfig
 from modelzoo.prune.hessian import InputStats, relative_error
 from modelzoo.prune.layers import PrunableLayer, find_blocks, select_layers
 from modelzoo.prune.magnitude import magnitude_mask

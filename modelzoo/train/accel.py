@@ -30,12 +30,9 @@ from collections.abc import Callable
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from modelzoo.config.train import OptimConfig, TrainConfig
 from modelzoo.errors import ConfigError
 from modelzoo.models.gpt import GPT
-from modelzoo.train.config import OptimConfig, TrainConfig
-
-# Backends that compile the step themselves and bring their own optimizer (cstorch traces for the CS-2).
-OWN_COMPILER_BACKENDS = ("cerebras",)
 
 
 def setup_device(device: torch.device) -> None:
@@ -45,19 +42,19 @@ def setup_device(device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def compiles(task: TrainConfig, device_type: str, backend: str = "masked_dense") -> bool:
+def compiles(task: TrainConfig, device_type: str, own_compiler: bool = False) -> bool:
     """Whether the model is compiled: `task.compile`, or for null (auto) whether the device is CUDA and the backend
-    does not compile the step itself."""
+    does not compile the step itself (`Capabilities.own_compiler`)."""
     if task.compile is None:
-        return device_type == "cuda" and backend not in OWN_COMPILER_BACKENDS
+        return device_type == "cuda" and not own_compiler
     return task.compile
 
 
-def fuses_adamw(optim: OptimConfig, device_type: str, backend: str = "masked_dense") -> bool:
+def fuses_adamw(optim: OptimConfig, device_type: str, own_compiler: bool = False) -> bool:
     """Whether AdamW runs fused: `optim.fused`, or for null (auto) whether the device is CUDA and the optimizer
-    torch's."""
+    torch's (not a backend's own, `Capabilities.own_compiler`)."""
     if optim.fused is None:
-        return device_type == "cuda" and backend not in OWN_COMPILER_BACKENDS
+        return device_type == "cuda" and not own_compiler
     return optim.fused
 
 
@@ -85,25 +82,26 @@ def fused_problem(device_type: str) -> str | None:
     return f"torch {torch.__version__} has fused AdamW kernels for {', '.join(supported)}, not {device_type}"
 
 
-def validate_accel(task: TrainConfig, optim: OptimConfig, device_type: str, backend: str) -> None:
-    """Config-time checks of `task.compile`, `optim.fused` and `task.peak_tflops`, naming the key and what works."""
+def validate_accel(task: TrainConfig, optim: OptimConfig, device_type: str, own_compiler: bool) -> None:
+    """Config-time checks of `task.compile`, `optim.fused` and `task.peak_tflops`, naming the key and what works;
+    `own_compiler`: the backend compiles the step itself (`Capabilities.own_compiler`)."""
     if task.peak_tflops is not None and task.peak_tflops <= 0:
         raise ConfigError("task.peak_tflops", f"must be positive (the device's dense peak), got {task.peak_tflops}")
-    own = backend in OWN_COMPILER_BACKENDS
+    own = own_compiler
     if task.compile and own:
-        raise ConfigError("task.compile", f"backend={backend} compiles the step itself; set task.compile=false")
-    if compiles(task, device_type, backend) and not own:
+        raise ConfigError("task.compile", "the backend compiles the step itself; set task.compile=false")
+    if compiles(task, device_type, own) and not own:
         problem = compile_problem(device_type)
         if problem:
             raise ConfigError("task.compile", f"{problem}; set task.compile=false to train eagerly")
     if optim.fused and own:
-        raise ConfigError("optim.fused", f"backend={backend} brings its own AdamW; set optim.fused=false")
+        raise ConfigError("optim.fused", "the backend brings its own AdamW; set optim.fused=false")
     if optim.fused:
         problem = fused_problem(device_type)
         if problem:
             raise ConfigError("optim.fused", f"{problem}; set optim.fused=false (or null: fused where supported)")
     if task.activation_checkpointing and own:
-        raise ConfigError("task.activation_checkpointing", f"backend={backend} plans memory itself; set it false")
+        raise ConfigError("task.activation_checkpointing", "the backend plans memory itself; set it false")
 
 
 def checkpoint_blocks(model: GPT) -> None:
@@ -122,9 +120,9 @@ def _checkpointed(forward: Callable[..., torch.Tensor]) -> Callable[..., torch.T
     return run
 
 
-def prepare_model(model: GPT, task: TrainConfig, device_type: str, backend: str = "masked_dense") -> None:
+def prepare_model(model: GPT, task: TrainConfig, device_type: str, own_compiler: bool = False) -> None:
     """Activation checkpointing and torch.compile as `task` asks, after the sparsity plug-in's hooks are on."""
     if task.activation_checkpointing:
         checkpoint_blocks(model)
-    if compiles(task, device_type, backend):
+    if compiles(task, device_type, own_compiler):
         model.compile()

@@ -14,9 +14,9 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
+from modelzoo.checkpoint import latest_checkpoint
 from modelzoo.config import Config
 from modelzoo.flops import iso_flop_steps
-from modelzoo.train.checkpoint import latest_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Protocol
 
@@ -36,19 +36,19 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from modelzoo import checkpoint as ckpt
 from modelzoo.backends.base import Backend, Sparsifier
+from modelzoo.config.train import OptimConfig
 from modelzoo.distributed import Distributed
 from modelzoo.errors import CheckpointError
 from modelzoo.finite import refuse_nonfinite
+from modelzoo.optim import build_optimizer
 from modelzoo.sparsity.masks import MASK_SUFFIX
-from modelzoo.train import checkpoint as ckpt
 from modelzoo.train.accel import setup_device
-from modelzoo.train.config import OptimConfig
 from modelzoo.train.guards import NonFiniteGuard, training_tensors
 from modelzoo.train.identity import apply_optimizer_config, check_identity, log_optimizer_changes
 from modelzoo.train.metrics import MetricsLogger
 from modelzoo.train.mfu import format_fraction, format_gib, mfu, peak_flops, take_peak_memory
-from modelzoo.train.optim import build_optimizer
 from modelzoo.train.rng import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,13 @@ class LoopSettings:
     max_nonfinite_skips: int = 0
     flops_per_unit: float | None = None  # the model's dense training FLOPs per `unit`, for MFU (None: n/a)
     peak_tflops: float | None = None  # `task.peak_tflops`: the device's dense peak (None: by GPU name)
+
+    @classmethod
+    def of(cls, task: object, grad_clip: float, **values: object) -> LoopSettings:
+        """The settings a task config (`TrainConfig`, `FinetuneConfig`) names, with `optim.grad_clip`; `values` for
+        those it lacks or sets otherwise."""
+        named = {f.name: getattr(task, f.name) for f in fields(cls) if hasattr(task, f.name)}
+        return cls(**{**named, "grad_clip": grad_clip, **values})
 
 
 SPEED_COLUMNS = ("mfu", "peak_mem_gib")  # appended to every task's metrics columns; blank where n/a
@@ -107,6 +114,20 @@ class LoopTask(Protocol):
         ...
 
     def load_state_dict(self, state: dict) -> None: ...
+
+
+class StreamingTask(LoopTask, Protocol):
+    """A task whose data a backend may stream itself (with input workers of its own), from a global position."""
+
+    def data_position(self) -> int:
+        """Global samples delivered so far."""
+        ...
+
+    def set_data_position(self, samples: int) -> None: ...
+
+    def data_files(self) -> tuple[Path, Path]:
+        """The prepared train and validation shards."""
+        ...
 
 
 def mask_buffer_names(model: nn.Module) -> list[str]:
@@ -276,9 +297,34 @@ class TrainLoop:
         self.last_eval = metrics
         if self.metrics:
             self._bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-            if self.sparsifier and self.backend.weights_on_host:
+            if self.sparsifier and self.backend.capabilities.weights_on_host:
                 self.log_sparsity(self.sparsifier.stats().per_param)
         return metrics
+
+    def log_evaluation(self, metrics: dict[str, float]) -> None:
+        """Keep, print and log an evaluation made at the current step outside `end_step` (by a backend)."""
+        self.log_row(self.record_evaluation(metrics))
+
+    def after_step(
+        self, loss: torch.Tensor, grad_norm: torch.Tensor, lr: torch.Tensor | float, per_weight: dict[str, float]
+    ) -> None:
+        """A step's values, handed over after it ran (a backend's step closure): the non-finite guard, and where
+        logging is due the metrics row with each sparse weight's level and, weighted by size, all of theirs."""
+        self.observe(loss, grad_norm)
+        if not self.log_due():
+            return
+        overall = None
+        if per_weight:
+            sizes = {n: p.numel() for n, p in self.model.named_parameters() if n in per_weight}
+            overall = sum(v * sizes[n] for n, v in per_weight.items()) / sum(sizes.values())
+        self.log_row(self.train_row(loss, grad_norm, lr, overall))
+        self.log_sparsity(per_weight)
+        self.restart_window()
+
+    def eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The task's loss of one evaluation batch through the model's forward, under the run's autocast."""
+        with self.autocast:
+            return self.task.loss(self.forward, inputs, targets)
 
     def log_sparsity(self, per_param: dict[str, float]) -> None:
         """Each sparse weight's fraction of zeros, as TensorBoard scalars `sparsity/<name>` (masked_dense: at each
@@ -337,6 +383,18 @@ class TrainLoop:
     def sparse_names(self) -> list[str]:
         return [n.removesuffix(MASK_SUFFIX) for n in self.sparsifier.mask_names()] if self.sparsifier else []
 
+    # ---- the task's data, for a backend that streams it itself (a `StreamingTask`) -------------------------
+    def data_position(self) -> int:
+        """Global samples the task's data has delivered."""
+        return self.task.data_position()
+
+    def set_data_position(self, samples: int) -> None:
+        self.task.set_data_position(samples)
+
+    def data_files(self) -> tuple[Path, Path]:
+        """The prepared train and validation shards the task reads."""
+        return self.task.data_files()
+
     # ---- checkpoints --------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {
@@ -349,6 +407,11 @@ class TrainLoop:
             "nonfinite_skips": self.guard.skips,
             "rng": rng_state(),
         }
+
+    def checkpoint_state(self) -> dict:
+        """What a checkpoint of this step holds besides model and optimizer: `state_dict`, and the run's record
+        (`config_yaml`; `identity`, None when unchecked)."""
+        return {"state": self.state_dict(), "config_yaml": self.config_yaml, "identity": self.identity}
 
     def save(self) -> Path:
         refuse_nonfinite(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import math
+import sys
 from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
@@ -45,3 +47,8 @@ class MetricsLogger:
 
     def close(self) -> None:
         self.tensorboard.close()
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), inf where that overflows a float (a diverging run's loss of 1e9 is no reason to crash)."""
+    return math.exp(loss) if loss < math.log(sys.float_info.max) else math.inf

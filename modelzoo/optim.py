@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from modelzoo.train.config import OptimConfig
+from modelzoo.config.train import OptimConfig
 
 
 def build_optimizer(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from modelzoo.finetune.config import run_name
+from modelzoo.config.finetune import run_name
 
 STAGE_TASKS = ("finetune", "prompt_tune")
 
@@ -31,7 +31,7 @@ class StageConfig:
 
     @property
     def name(self) -> str:
-        """The stage's output directory under the pre-trained run (`modelzoo.finetune.config.output_dir`)."""
+        """The stage's output directory under the pre-trained run (`modelzoo.config.finetune.output_dir`)."""
         return run_name(self.task, self.dataset, self.sparsity)
 
     def overrides(self) -> list[str]:

@@ -1,4 +1,4 @@
-"""`modelzoo finetune` / `modelzoo prompt_tune`: adapt a pre-trained checkpoint to PubMedQA or HoC.
+"""`modelzoo finetune` / `modelzoo prompt-tune`: adapt a pre-trained checkpoint to PubMedQA or HoC.
 
 A task adapter of the shared training loop (`modelzoo.train.loop`): the head (`modelzoo.finetune.heads`) gives the
 examples, the loss and the dev / test scores; `Finetuning` gives the loop its batches (`ExampleBatches`), its
@@ -11,32 +11,30 @@ for soft prompts a PEFT adapter).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
-from modelzoo import runlock
+from modelzoo import checkpoint as ckpt
 from modelzoo.backends import get_backend
+from modelzoo.backends.base import Backend
 from modelzoo.config import Config
-from modelzoo.distributed import Distributed, init_distributed
+from modelzoo.config.finetune import FinetuneConfig, PromptTuneConfig, default_data_dir, output_dir
 from modelzoo.downstream.evaluate import checkpoint_flops
 from modelzoo.errors import CheckpointError
-from modelzoo.finetune.config import FinetuneConfig, PromptTuneConfig, default_data_dir, output_dir
 from modelzoo.finetune.data import ExampleBatches
 from modelzoo.finetune.heads import Head, HoCHead, LMHead
 from modelzoo.flops import TRAIN_MULTIPLIER, flop_report, format_flops
 from modelzoo.models.soft_prompt import SoftPrompt, freeze
-from modelzoo.restore import Restored, find_checkpoint, restore_model
+from modelzoo.restore import Restored, restore_model
 from modelzoo.sparsity.config import SparsityConfig
 from modelzoo.sparsity.masks import MASK_SUFFIX
-from modelzoo.train import checkpoint as ckpt
-from modelzoo.train.config import resolved_device
-from modelzoo.train.loop import Forward, LoopSettings, TrainLoop, build_optimization, mask_buffer_names
+from modelzoo.train.assemble import RunPlace, assemble_loop, open_run
+from modelzoo.train.loop import Forward, LoopSettings, mask_buffer_names
+from modelzoo.validate import validated_config
 
 log = logging.getLogger(__name__)
 
@@ -115,18 +113,18 @@ def run(cfg: Config) -> FinetuneSummary:
     task = cfg.task
     if task.data_dir is None:
         task = dataclasses.replace(task, data_dir=default_data_dir(task.dataset))
-    run_dir = output_dir(task)
-    dist = init_distributed(resolved_device(task.device))
-    with runlock.locked(run_dir, enabled=dist.is_main):  # one writer per run directory
-        return _train(cfg, task, run_dir, dist)
+    backend = get_backend("masked_dense")  # the only one fine-tuning runs on (validate refuses the others)
+    place = open_run(task.device, output_dir(task), task.resume, backend, task.keep_checkpoints)
+    try:
+        return _train(cfg, task, place, backend)
+    finally:
+        place.release()
 
 
-def _train(cfg: Config, task: FinetuneConfig, run_dir: Path, dist: Distributed) -> FinetuneSummary:
+def _train(cfg: Config, task: FinetuneConfig, place: RunPlace, backend: Backend) -> FinetuneSummary:
     prompt_tuning = isinstance(task, PromptTuneConfig)
-    ckpt.check_run_dir(run_dir, resume=task.resume)
-    checkpoint = find_checkpoint(task.pretrained, "task.pretrained")
-    device_type = resolved_device(task.device)
-    device = torch.device(f"cuda:{dist.local_rank}" if device_type == "cuda" else device_type)
+    dist, device, run_dir = place.dist, place.device, place.run_dir
+    checkpoint = ckpt.find_checkpoint(task.pretrained, "task.pretrained")
     torch.manual_seed(cfg.seed)
     pre = restore_model(checkpoint, masks="held" if task.sparsity == "keep" else "none")
     if pre.tokenizer is None:
@@ -142,9 +140,7 @@ def _train(cfg: Config, task: FinetuneConfig, run_dir: Path, dist: Distributed) 
     head = (LMHead if task.dataset == "pubmedqa" else HoCHead)(task, pre, seq_len, prompt)
     model = head.model.to(device)
     optim = dataclasses.replace(cfg.optim, lr=task.lr) if task.lr else cfg.optim
-    backend = get_backend("masked_dense")  # the only one fine-tuning runs on (validate refuses the others)
     sparsifier = pre.sparsifier if not prompt_tuning else None
-    optimizer, scheduler = build_optimization(model, optim, task.max_steps, backend, sparsifier)
     examples = ExampleBatches(
         head.example, head.train_size, head.pad, task.batch_size, task.micro_batch_size, cfg.seed,
         dist.rank, dist.world_size,
@@ -158,36 +154,21 @@ def _train(cfg: Config, task: FinetuneConfig, run_dir: Path, dist: Distributed) 
         sparsity=pre.config.sparsity if task.sparsity == "keep" else SparsityConfig(),
         run_dir=str(run_dir),
     )
-    loop = TrainLoop(
+    loop = assemble_loop(
+        place,
         task=adapter,
         model=model,
         forward=backend.compile(model),
-        optimizer=optimizer,
-        scheduler=scheduler,
         backend=backend,
         sparsifier=sparsifier,
-        settings=LoopSettings(
-            max_steps=task.max_steps,
-            batch_size=task.batch_size,
-            micro_batch_size=task.micro_batch_size,
-            precision=task.precision,
-            grad_clip=optim.grad_clip,
-            log_every=task.log_every,
-            eval_every=task.eval_every,
-            checkpoint_every=task.eval_every,  # every evaluation: model selection picks among checkpoints
-            keep_checkpoints=task.keep_checkpoints,
-        ),
-        dist=dist,
-        device=device,
-        run_dir=run_dir,
-        config_yaml=OmegaConf.to_yaml(OmegaConf.structured(saved_cfg)),
+        optim=optim,
+        # a checkpoint at every evaluation: model selection picks among checkpoints
+        settings=LoopSettings.of(task, optim.grad_clip, checkpoint_every=task.eval_every),
+        config=saved_cfg,
+        tokenizer=pre.tokenizer,
         mask_names=mask_buffer_names(model),
+        resume=(RESUME_KEYS, "give a new task.output_dir") if task.resume else None,
     )
-    if task.resume:
-        loop.resume(RESUME_KEYS, "give a new task.output_dir")
-    elif dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        pre.tokenizer.save_pretrained(run_dir / "tokenizer")
     trainable = sum(p.numel() for p in loop.trainable)
     log.info(
         "%s %s from %s (%s): %d trainable parameters, %d tokens per example",
@@ -225,8 +206,7 @@ def _train(cfg: Config, task: FinetuneConfig, run_dir: Path, dist: Distributed) 
         checkpoint=str(best),
         exports=exports,
     )
-    if dist.is_main:
-        (run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
+    place.write_summary(summary)
     return summary
 
 
@@ -285,3 +265,11 @@ def format_summary(s: FinetuneSummary) -> str:
         "=" * 72,
     ]
     return "\n".join(lines)
+
+
+def finetune(overrides: list[str]) -> None:
+    print(format_summary(run(validated_config(overrides, "finetune"))))
+
+
+def prompt_tune(overrides: list[str]) -> None:
+    print(format_summary(run(validated_config(overrides, "prompt_tune"))))

@@ -20,15 +20,15 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
 from modelzoo.cluster import ClusterConfig
+from modelzoo.config.evaluate import EvaluateConfig
+from modelzoo.config.experiment import ExperimentConfig
+from modelzoo.config.finetune import FinetuneConfig, PromptTuneConfig
+from modelzoo.config.prune import PruneConfig
+from modelzoo.config.train import OptimConfig, TrainConfig
 from modelzoo.data.config import DataConfig, TokenizerConfig, with_detected_format
-from modelzoo.downstream.config import EvaluateConfig
 from modelzoo.errors import ConfigError
-from modelzoo.experiments.config import ExperimentConfig
-from modelzoo.finetune.config import FinetuneConfig, PromptTuneConfig
 from modelzoo.models.gpt import GPTConfig
-from modelzoo.prune.config import PruneConfig
 from modelzoo.sparsity.config import SparsityConfig
-from modelzoo.train.config import OptimConfig, TrainConfig
 
 
 @dataclass
@@ -64,6 +64,7 @@ class GenerateConfig:
     use_cache: bool = True
     device: str = "auto"
     precision: str = "fp32"
+    converter: str = "none"  # the inference converter (modelzoo.backends.converters): none | torch_sparse
 
 
 @dataclass

@@ -28,4 +28,5 @@ class EvaluateConfig:
     output_dir: str = "runs/evaluate"
     device: str = "auto"
     precision: str = "fp32"
+    converter: str = "none"  # the inference converter (modelzoo.backends.converters): none | torch_sparse
     progress: bool = True

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from modelzoo.train.checkpoint import CONFIG_FILE
+from modelzoo.checkpoint import CONFIG_FILE
 
 DATASETS = ("pubmedqa", "hoc")
 SPARSITY_MODES = ("dense", "keep")

@@ -29,7 +29,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from modelzoo.atomic import atomic_directory, write_text_atomically
-from modelzoo.errors import CheckpointError
+from modelzoo.errors import CheckpointError, ConfigError
 from modelzoo.sparsity.masks import MASK_SUFFIX
 
 FORMAT_VERSION = 1
@@ -142,12 +142,25 @@ def selected_checkpoint(run_dir: str | Path) -> Path | None:
     return latest_checkpoint(run_dir)
 
 
+def find_checkpoint(path: str | Path, key: str) -> Path:
+    """`path` when it is a checkpoint directory, else the checkpoint the run directory `path` stands for
+    (`selected_checkpoint`): the one place a command turns a user's path into a checkpoint.
+
+    Raises:
+        ConfigError: neither (naming `key`, the config key that gave `path`).
+    """
+    path = Path(path)
+    if (path / CONFIG_FILE).is_file():
+        return path
+    found = selected_checkpoint(path) if path.is_dir() else None
+    if found is None:
+        raise ConfigError(key, f"{path} is neither a run directory with checkpoints nor a checkpoint directory")
+    return found
+
+
 def resolve_checkpoint(checkpoint: str | None, run_dir: str | Path) -> Path:
-    """`checkpoint` when given (`task.checkpoint`), else the checkpoint `run_dir` stands for (`selected_checkpoint`)."""
-    path = Path(checkpoint) if checkpoint else selected_checkpoint(run_dir)
-    if path is None:
-        raise CheckpointError(f"{run_dir} holds no checkpoint; give run_dir=<run> or task.checkpoint=<dir>")
-    return path
+    """`find_checkpoint` of `task.checkpoint` when given, else of `run_dir`."""
+    return find_checkpoint(checkpoint, "task.checkpoint") if checkpoint else find_checkpoint(run_dir, "run_dir")
 
 
 def check_run_dir(run_dir: str | Path, resume: bool) -> None:

@@ -9,6 +9,8 @@ from modelzoo.data.config import DataConfig, TokenizerConfig, resolve_sources
 from modelzoo.data.corpus import load_corpus
 from modelzoo.data.prepare import estimate, tokenizer_fingerprint
 from modelzoo.data.tokenizer import build_tokenizer
+from modelzoo.errors import ModelZooError
+from modelzoo.validate import validated_config
 
 HDF5_SAMPLES_PER_FILE = 50_000
 
@@ -36,3 +38,17 @@ def run(
                     f"cerebras_hdf5 {source.name} {split}: {len(blocks):,} samples in {len(files)} file(s) {out}"
                 )
     return "\n".join(lines)
+
+
+def main(args: list[str]) -> None:
+    """`modelzoo prepare-data [--dry-run] [--cerebras-hdf5=DIR] [overrides]`: prepare the `data` corpus (every
+    source of a mixture) into the cache that `pretrain` reads."""
+    flags = [a for a in args if a.startswith("--")]
+    unknown = [f for f in flags if f != "--dry-run" and not f.startswith("--cerebras-hdf5=")]
+    if unknown:
+        raise ModelZooError(
+            f"unknown flag {unknown[0]}; usage: modelzoo prepare-data [--dry-run] [--cerebras-hdf5=DIR] [overrides]"
+        )
+    cfg = validated_config([a for a in args if not a.startswith("--")], "pretrain")
+    hdf5 = next((f.split("=", 1)[1] for f in flags if f.startswith("--cerebras-hdf5=")), None)
+    print(run(cfg.data, cfg.tokenizer, dry_run="--dry-run" in flags, cerebras_hdf5=hdf5))

@@ -1,4 +1,4 @@
-"""Pre-training: the task that builds tokenizer, corpus, model, backend and sparsity, and runs the shared loop.
+"""`modelzoo pretrain`: the task that builds tokenizer, corpus, model, backend and sparsity, and runs the shared loop.
 
 `Trainer` assembles the parts from a validated `Config` and hands them to `modelzoo.train.loop.TrainLoop` (the one
 loop that fine-tuning and soft prompting share) as a `LoopTask`: its batches are packed token blocks
@@ -13,34 +13,40 @@ import json
 import logging
 import math
 import multiprocessing
+import os
 import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import hydra
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
+from modelzoo import checkpoint as ckpt
 from modelzoo import runlock
-from modelzoo.backends import get_backend, resolve_name
+from modelzoo.backends import get_backend
 from modelzoo.backends.base import Sparsifier
-from modelzoo.config import Config
-from modelzoo.data.config import describe
+from modelzoo.config import Config, register_configs, to_object
+from modelzoo.config.train import TrainConfig
+from modelzoo.data.config import describe, with_detected_format
 from modelzoo.data.corpus import corpus_files, load_corpus, unigram_loss
 from modelzoo.data.loader import BlockLoader, StepBatches, iter_eval
 from modelzoo.data.tokenizer import build_tokenizer
-from modelzoo.distributed import init_distributed
-from modelzoo.errors import ConfigError, ModelZooError
+from modelzoo.distributed import shutdown
+from modelzoo.errors import ConfigError, ModelZooError, fail
 from modelzoo.export.hf import export_hf, load_hf
 from modelzoo.flops import flop_report, format_flops
 from modelzoo.models.gpt import GPT, GPTConfig
 from modelzoo.restore import restore_model
-from modelzoo.train import checkpoint as ckpt
 from modelzoo.train.accel import fuses_adamw, prepare_model
+from modelzoo.train.assemble import assemble_loop, open_run
 from modelzoo.train.budget import resolved
-from modelzoo.train.config import TrainConfig, resolved_device
 from modelzoo.train.identity import run_identity
-from modelzoo.train.loop import Forward, LoopSettings, TrainLoop, build_optimization
+from modelzoo.train.loop import Forward, LoopSettings
+from modelzoo.train.metrics import perplexity
 from modelzoo.train.mfu import format_fraction, format_gib, mfu
+from modelzoo.validate import validate, validated_config
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +78,7 @@ class RunSummary:
     tokens_per_source: dict[str, int]
 
 
-class Trainer:
+class Pretraining:
     """Builds every part of a pre-training run from a validated `Config`; `fit()` trains it (module docstring)."""
 
     name = "pretrain"
@@ -82,19 +88,12 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path | None = None) -> None:
         self.cfg = cfg = resolved(cfg, run_dir)  # task.budget and task.auto_resume
         self.task: TrainConfig = cfg.task
-        self.run_dir = Path(run_dir or cfg.run_dir)
-        device_type = resolved_device(self.task.device)
-        self.dist = init_distributed(device_type)
-        self.device = torch.device(f"cuda:{self.dist.local_rank}" if device_type == "cuda" else device_type)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        if self.dist.is_main:  # one writer per run directory, until fit() ends or the process dies
-            runlock.acquire(self.run_dir)
         self.backend = get_backend(cfg.backend.name)
-        artifacts = self.run_dir / self.backend.name  # what the backend writes besides checkpoints (cstorch)
-        if self.task.resume:
-            self.backend.prepare_resume(artifacts, self.run_dir, self.task.keep_checkpoints)
-        ckpt.check_run_dir(self.run_dir, resume=self.task.resume)
+        own_compiler = self.backend.capabilities.own_compiler
+        self.place = place = open_run(
+            self.task.device, Path(run_dir or cfg.run_dir), self.task.resume, self.backend, self.task.keep_checkpoints
+        )
+        self.run_dir, self.dist, self.device = place.run_dir, place.dist, place.device
 
         with self.dist.main_first():  # rank 0 trains the tokenizer and fills the data cache; the others read them
             self.tokenizer = build_tokenizer(cfg.tokenizer, cfg.data)
@@ -104,29 +103,18 @@ class Trainer:
                     f"{cfg.model.vocab_size} is smaller than the tokenizer's {len(self.tokenizer)} tokens; "
                     f"set model.vocab_size={len(self.tokenizer)}",
                 )
-            if self.dist.is_main and not self.task.resume:  # a resume checks it against the checkpoint instead
-                self.tokenizer.save_pretrained(self.run_dir / "tokenizer")
             self.corpus = load_corpus(cfg.data, self.tokenizer)
         self.unigram_loss = unigram_loss(self.corpus.train, self.corpus.validation, cfg.model.vocab_size)
 
         # The backend's runtime comes first: cstorch needs it before any sparsity object or optimizer exists.
-        self.backend.start(cfg.cluster, self.device, artifacts, self.task.precision)
+        self.backend.start(cfg, self.device, self.run_dir)
         torch.manual_seed(cfg.seed)
         self.model = self._build_model().to(self.device)
         forward = self.backend.compile(self.model)
         self.sparsifier = self.backend.sparsifier(cfg.sparsity, cfg.seed) if cfg.sparsity.enabled else None
         if self.sparsifier:
             self.sparsifier.apply(self.model)
-        backend = resolve_name(cfg.backend.name)
-        prepare_model(self.model, self.task, device_type, backend)  # checkpointing, compile: after the sparsity hooks
-        optimizer, scheduler = build_optimization(
-            self.model,
-            cfg.optim,
-            self.task.max_steps,
-            self.backend,
-            self.sparsifier,
-            fuses_adamw(cfg.optim, device_type, backend),
-        )
+        prepare_model(self.model, self.task, self.device.type, own_compiler)  # after the sparsity hooks
         self.loader = BlockLoader(
             [source.train for source in self.corpus.sources],
             self.task.micro_batch_size,
@@ -137,38 +125,23 @@ class Trainer:
             names=[source.name if cfg.data.sources else describe(cfg.data) for source in self.corpus.sources],
         )
         self.units_per_step = self.task.batch_size * cfg.data.seq_len
-        self.loop = TrainLoop(
+        flops_per_token = flop_report(cfg.model, cfg.data.seq_len).dense_per_token  # dense: masked-dense runs all
+        self.loop = assemble_loop(
+            place,
             task=self,
             model=self.model,
             forward=forward,
-            optimizer=optimizer,
-            scheduler=scheduler,
             backend=self.backend,
             sparsifier=self.sparsifier,
-            settings=LoopSettings(
-                max_steps=self.task.max_steps,
-                batch_size=self.task.batch_size,
-                micro_batch_size=self.task.micro_batch_size,
-                precision=self.task.precision,
-                grad_clip=cfg.optim.grad_clip,
-                log_every=self.task.log_every,
-                eval_every=self.task.eval_every,
-                checkpoint_every=self.task.checkpoint_every,
-                keep_checkpoints=self.task.keep_checkpoints,
-                on_nonfinite=self.task.on_nonfinite,
-                max_nonfinite_skips=self.task.max_nonfinite_skips,
-                flops_per_unit=flop_report(cfg.model, cfg.data.seq_len).dense_per_token,  # dense: masked-dense runs all
-                peak_tflops=self.task.peak_tflops,
-            ),
-            dist=self.dist,
-            device=self.device,
-            run_dir=self.run_dir,
-            config_yaml=OmegaConf.to_yaml(OmegaConf.structured(cfg)),
+            optim=cfg.optim,
+            settings=LoopSettings.of(self.task, cfg.optim.grad_clip, flops_per_unit=flops_per_token),
+            config=cfg,
+            tokenizer=self.tokenizer,
             mask_names=self.sparsifier.mask_names() if self.sparsifier else [],
+            resume=(RESUME_KEYS, "start a new run_dir") if self.task.resume else None,
+            fused=fuses_adamw(cfg.optim, self.device.type, own_compiler),
             identity=run_identity(cfg, self.tokenizer),
         )
-        if self.task.resume:
-            self.loop.resume(RESUME_KEYS, "start a new run_dir")
 
     def _build_model(self) -> GPT:
         if not self.task.init_from:
@@ -204,9 +177,17 @@ class Trainer:
         total, count = self.dist.sum(sums).tolist()
         return {"val_loss": total / count, "val_ppl": perplexity(total / count)}
 
-    def corpus_files(self) -> tuple[Path, Path]:
-        """The prepared train and validation shards of the corpus, which a CS-2's input workers read."""
+    def data_files(self) -> tuple[Path, Path]:
+        """The prepared train and validation shards of the corpus (which a CS-2's input workers read)."""
         return corpus_files(self.corpus)
+
+    def data_position(self) -> int:
+        """Global samples the loader has delivered."""
+        return int(self.loader.state_dict()["sample"])
+
+    def set_data_position(self, samples: int) -> None:
+        """Move the loader to after `samples` global samples of one source (a backend streams one)."""
+        self.loader.load_state_dict({"sample": samples, "drawn": [samples]})
 
     def protected_checkpoints(self) -> tuple[str, ...]:
         return ()
@@ -229,13 +210,13 @@ class Trainer:
             if self.step >= self.task.max_steps:
                 return self._finished_summary()
             self._log_header()
-            if self.backend.run(self.loop):
+            outcome = self.backend.run(self.loop)
+            if outcome.trained:
                 return self._finish(self.loop.last_eval.get("val_loss", math.nan))
         finally:
-            if self.dist.is_main:
-                runlock.release(self.run_dir)
-        for program in self.backend.lowering_left():
-            lower_in_new_process(self.cfg, program, self.run_dir / self.backend.name / f"lower-{program}")
+            self.place.release()
+        for child in outcome.new_process_runs:
+            run_in_new_process(child)
         return None
 
     def _finished_summary(self) -> RunSummary:
@@ -262,7 +243,7 @@ class Trainer:
     def trained_model(self) -> tuple[GPT, Sparsifier | None]:
         """The trained model on the host and its sparsity plug-in: the live ones, or where the weights stay on the
         device (a CS-2) those of the last checkpoint."""
-        if self.backend.weights_on_host:
+        if self.backend.capabilities.weights_on_host:
             return self.model, self.sparsifier
         restored = restore_model(ckpt.latest_checkpoint(self.run_dir))
         return restored.model, restored.sparsifier
@@ -282,7 +263,7 @@ class Trainer:
         )
         log.info(
             "backend %s on %s (%s); data %s: %d train / %d validation blocks of %d tokens; %d tokens per step",
-            resolve_name(self.cfg.backend.name),
+            self.backend.name,
             self.device,
             self.task.precision,
             describe(self.cfg.data),
@@ -322,15 +303,10 @@ class Trainer:
             export_dir=export_dir,
             tokens_per_source=self.loader.tokens_per_source(self.cfg.data.seq_len),
         )
+        self.place.write_summary(summary)
         if self.dist.is_main:
-            (self.run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
             log.info("\n%s", format_summary(summary))
         return summary
-
-
-def perplexity(loss: float) -> float:
-    """exp(loss), inf where that overflows a float (a diverging run's loss of 1e9 is no reason to crash)."""
-    return math.exp(loss) if loss < math.log(sys.float_info.max) else math.inf
 
 
 def format_summary(s: RunSummary) -> str:
@@ -364,16 +340,50 @@ def format_summary(s: RunSummary) -> str:
     return "\n".join(lines)
 
 
-def lower_in_new_process(cfg: Config, program: str, run_dir: Path) -> None:
-    """Lower one program (`cluster.programs`) of a lowering run in a fresh process, writing under `run_dir`: cstorch
-    2.10 aborts a process at its second remote compile, so under compile_only each program needs its own."""
-    child = replace(cfg, cluster=replace(cfg.cluster, programs=[program]), run_dir=str(run_dir))
-    process = multiprocessing.get_context("spawn").Process(target=_fit, args=(child,))
+def run_in_new_process(cfg: Config) -> None:
+    """Pre-train `cfg` in a fresh (spawned) process, as a backend's `RunOutcome` asks (cstorch 2.10 aborts a process
+    at its second remote compile, so under compile_only each program is lowered in its own)."""
+    process = multiprocessing.get_context("spawn").Process(target=_fit, args=(cfg,))
     process.start()
     process.join()
     if process.exitcode:
-        raise ModelZooError(f"lowering the {program} step in a new process failed (exit code {process.exitcode})")
+        raise ModelZooError(f"the run in {cfg.run_dir} failed in its own process (exit code {process.exitcode})")
 
 
 def _fit(cfg: Config) -> None:
-    Trainer(cfg).fit()
+    Pretraining(cfg).fit()
+
+
+def main(overrides: list[str]) -> None:
+    """Run as a Hydra application: the run directory gets `.hydra/` (composed config) and a log file.
+
+    Plain overrides are validated (and the run directory checked) once, before Hydra creates anything; with Hydra
+    flags (`--cfg`, `--multirun`, ...) Hydra composes on its own and each job is validated as it starts. Under
+    torchrun only rank 0 writes Hydra's files and log.
+    """
+    checked = not any(arg.startswith("-") for arg in overrides)
+    if checked:
+        config = resolved(validated_config(overrides, "pretrain"))
+        if not int(os.environ.get("RANK", "0")):  # before Hydra writes .hydra/ and the log into the run directory
+            runlock.acquire(config.run_dir)
+        ckpt.check_run_dir(config.run_dir, resume=config.task.resume)
+    register_configs()
+
+    @hydra.main(config_path="pkg://modelzoo.conf", config_name="config", version_base="1.3")
+    def run(cfg: DictConfig) -> None:
+        try:
+            config = to_object(cfg)
+            if not checked:
+                validate(config)
+            Pretraining(config).fit()
+        except (ModelZooError, OmegaConfBaseException) as e:
+            fail(e)
+        finally:
+            shutdown()
+
+    quiet = ["hydra.output_subdir=null", "hydra/job_logging=none"] if int(os.environ.get("RANK", "0")) else []
+    # Hydra's parser wants its flags (`-m`, `--cfg job`, ...) before one run of overrides.
+    plain = [a for a in overrides if "=" in a and not a.startswith("-")]
+    flags = [a for a in overrides if a not in plain]
+    sys.argv = ["modelzoo pretrain", *flags, "task=pretrain", *with_detected_format(plain), *quiet]
+    run()

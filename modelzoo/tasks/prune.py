@@ -1,4 +1,4 @@
-"""The `prune` task: check the config, load the model and calibration data, prune block by block, write HF.
+"""`modelzoo prune`: check the config, load the model and calibration data, prune block by block, write HF.
 
 Every check that needs no compute runs first (config values, then the filter, N:M shapes and sequence length
 against the loaded model, then the size of the calibration set), so a bad input fails before pruning starts.
@@ -14,15 +14,16 @@ from pathlib import Path
 from torch import nn
 
 from modelzoo.config import Config
+from modelzoo.config.prune import PruneConfig
+from modelzoo.config.train import resolved_device
 from modelzoo.data.corpus import load_corpus
 from modelzoo.errors import ConfigError
 from modelzoo.models.gpt import GPT
 from modelzoo.prune.calibration import calibration_tokens
-from modelzoo.prune.config import PruneConfig
 from modelzoo.prune.io import load_source, save_pruned
 from modelzoo.prune.layers import select_layers
 from modelzoo.prune.sequential import PruneResult, prune_model
-from modelzoo.train.config import resolved_device
+from modelzoo.validate import validated_config
 
 log = logging.getLogger(__name__)
 
@@ -103,3 +104,8 @@ def run(cfg: Config) -> PruneSummary:
     save_pruned(source.model, output, source.tokenizer, result.masks, info)
     gpt2 = isinstance(source.model, GPT) or source.model.config.model_type == "gpt2"
     return PruneSummary(source.path, output, result, seconds, gpt2)
+
+
+def main(overrides: list[str]) -> None:
+    cfg = validated_config(overrides, "prune")
+    print(run(cfg).format(cfg.task))

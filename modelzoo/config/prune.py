@@ -2,7 +2,7 @@
 
 `sparsity` is the fraction of zeros of every pruned weight; `n_m: [n, m]` instead keeps `n` of every `m`
 consecutive input weights (2:4 keeps 2 of 4, sparsity 0.5). `validate` checks every key that can be judged
-without the model; `modelzoo.prune.task` checks the rest (filter, N:M divisibility, calibration set) once the
+without the model; `modelzoo.tasks.prune` checks the rest (filter, N:M divisibility, calibration set) once the
 model and corpus are loaded, still before any pruning compute.
 """
 
