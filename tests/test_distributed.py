@@ -67,7 +67,7 @@ def test_two_ranks_train_like_one_process_on_the_same_global_batch(tmp_path: Pat
     assert any(not torch.equal(_weights(tmp_path / "ddp", 3)[key], two[key]) for key in masks)  # RigL moved them
     for key in one:
         torch.testing.assert_close(one[key], two[key], atol=1e-5, rtol=0)
-    assert (tmp_path / "ddp" / "cli.log").read_text().count("model tiny:") == 1  # rank 0 alone logs
+    assert (tmp_path / "ddp" / "pretrain.log").read_text().count("model tiny:") == 1  # rank 0 alone logs
 
 
 @pytest.mark.distributed

@@ -198,7 +198,7 @@ def test_prune_command_writes_a_sparse_hf_directory(dense_run: Path, cache_dir: 
     [
         ("task.sparsity=1.0", "task.sparsity: 1.0 is outside [0, 1)"),
         ("task.sparsity=-0.1", "task.sparsity: -0.1 is outside [0, 1)"),
-        ("task.n_m=[4,4]", "task.n_m: N:M keeps n of every m weights and needs 0 < n < m"),
+        ("task.n_m=[4,4]", "task.n_m: N:M keeps n of every m weights and needs integers 0 < n < m"),
         ("task.method=obs", "task.method: unknown 'obs'"),
         ("task.calibration_samples=0", "task.calibration_samples: must be at least 1"),
         ("task.param_filter=*wte*", "task.param_filter: ['*wte*'] selects no linear weight"),

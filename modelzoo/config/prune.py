@@ -8,11 +8,11 @@ model and corpus are loaded, still before any pruning compute.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 from modelzoo.errors import ConfigError
+from modelzoo.sparsity.config import NMPattern
 from modelzoo.sparsity.names import as_globs
 
 METHODS = ("sparsegpt", "wanda", "magnitude")
@@ -58,17 +58,19 @@ class PruneConfig:
     batch_size: int = 8
 
     @property
+    def nm(self) -> NMPattern | None:
+        """`n_m` as the sparsity spec's N:M pattern, or None for unstructured sparsity."""
+        return None if self.n_m is None else NMPattern(*self.n_m)
+
+    @property
     def pattern(self) -> tuple[int, int] | None:
-        """N:M as `(n kept, m)`, or None for unstructured sparsity."""
-        return None if self.n_m is None else (int(self.n_m[0]), int(self.n_m[1]))
+        """N:M as `(n kept, m)`, as the mask functions take it, or None."""
+        return None if self.nm is None else (self.nm.n, self.nm.m)
 
     @property
     def level(self) -> float:
         """The fraction of zeros: `sparsity`, or 1 - n/m for N:M."""
-        if self.pattern is not None:
-            n, m = self.pattern
-            return 1.0 - n / m
-        return float(self.sparsity)
+        return float(self.sparsity) if self.nm is None else self.nm.sparsity
 
     @property
     def filters(self) -> list[str] | None:
@@ -120,16 +122,6 @@ def validate(task: PruneConfig, prefix: str = "task") -> None:
 
 
 def _validate_n_m(task: PruneConfig, prefix: str) -> None:
-    n_m = list(task.n_m)
-    if len(n_m) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in n_m):
-        raise ConfigError(f"{prefix}.n_m", f"must be two integers [n, m], got {n_m}")
-    n, m = n_m
-    if not 0 < n < m:
-        raise ConfigError(
-            f"{prefix}.n_m", f"N:M keeps n of every m weights and needs 0 < n < m, got n={n}, m={m} (e.g. [2, 4])"
-        )
-    if task.sparsity is not None and not math.isclose(task.sparsity, 1.0 - n / m):
-        raise ConfigError(
-            f"{prefix}.sparsity",
-            f"{task.sparsity} contradicts task.n_m={n_m} (sparsity 1 - n/m = {1.0 - n / m}); set task.sparsity=null",
-        )
+    if len(task.n_m) != 2:
+        raise ConfigError(f"{prefix}.n_m", f"must be two integers [n, m], got {list(task.n_m)}")
+    task.nm.check(f"{prefix}.n_m", f"{prefix}.sparsity", task.sparsity)

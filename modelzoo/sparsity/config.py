@@ -42,6 +42,24 @@ class NMPattern:
     n: int = 2
     m: int = 4
 
+    @property
+    def sparsity(self) -> float:
+        """The fraction of zeros the pattern implies, 1 - n/m."""
+        return 1.0 - self.n / self.m
+
+    def check(self, key: str, sparsity_key: str, sparsity: Any) -> None:
+        """Refuse a pattern that is not integers 0 < n < m (naming `key`), or a `sparsity` given beside it that
+        contradicts 1 - n/m (naming `sparsity_key`); the one check of an N:M target (training and pruning)."""
+        n, m = self.n, self.m
+        if not (all(isinstance(v, int) and not isinstance(v, bool) for v in (n, m)) and 0 < n < m):
+            raise ConfigError(
+                key, f"N:M keeps n of every m weights and needs integers 0 < n < m, got n={n}, m={m} (e.g. 2:4)"
+            )
+        if sparsity is not None and not (isinstance(sparsity, (int, float)) and math.isclose(sparsity, self.sparsity)):
+            raise ConfigError(
+                sparsity_key, f"{sparsity!r} contradicts pattern {n}:{m} (sparsity 1 - n/m = {self.sparsity})"
+            )
+
 
 @dataclass
 class SparsityGroupConfig:
@@ -75,7 +93,7 @@ class SparsityGroupConfig:
     def sparsity_spec(self) -> Any:
         """The sparsity value or schedule; an N:M pattern implies 1 - n/m."""
         if self.pattern is not None and self.sparsity is None:
-            return 1.0 - self.pattern.n / self.pattern.m
+            return self.pattern.sparsity
         return self.sparsity
 
     @property
@@ -145,21 +163,13 @@ class SparsityGroupConfig:
         make_schedule(spec, key)
 
     def _validate_pattern(self, prefix: str) -> None:
-        n, m = self.pattern.n, self.pattern.m
-        if not (isinstance(n, int) and isinstance(m, int) and 0 < n < m):
-            raise ConfigError(f"{prefix}.pattern", f"N:M needs integers 0 < n < m, got n={n}, m={m} (e.g. 2:4, 4:8)")
+        self.pattern.check(f"{prefix}.pattern", f"{prefix}.sparsity", self.sparsity)
         if self.algorithm != "static":
             raise ConfigError(f"{prefix}.algorithm", f"N:M masks are static, got {self.algorithm!r}", ["static"])
         if self.init_method not in NM_INIT_METHODS:
             raise ConfigError(f"{prefix}.init_method", f"unknown for N:M {self.init_method!r}", NM_INIT_METHODS)
         if self.distribution != "uniform":
             raise ConfigError(f"{prefix}.distribution", "N:M sets every tensor's level", ["uniform"])
-        implied = 1.0 - n / m
-        given = self.sparsity
-        if given is not None and not (isinstance(given, (int, float)) and math.isclose(given, implied)):
-            raise ConfigError(
-                f"{prefix}.sparsity", f"{given!r} contradicts pattern {n}:{m} (sparsity 1 - n/m = {implied})"
-            )
 
 
 @dataclass
