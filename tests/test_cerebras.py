@@ -24,6 +24,12 @@ from transformers import AutoModelForCausalLM
 
 from modelzoo import checkpoint as ckpt
 from modelzoo.backends.cerebras import CSTORCH_VERSION, CerebrasBackend
+from modelzoo.backends.cerebras.checkpoint import (
+    checkpoint_to_cstorch,
+    cstorch_to_checkpoint,
+    load_cstorch,
+    save_cstorch,
+)
 from modelzoo.backends.cerebras.cluster import cluster_config
 from modelzoo.backends.cerebras.environment import environment_problem
 from modelzoo.backends.cerebras.lowering import mlir_sparsity
@@ -33,12 +39,6 @@ from modelzoo.cluster import ClusterConfig
 from modelzoo.config import Config
 from modelzoo.config.train import OptimConfig, TrainConfig
 from modelzoo.errors import CheckpointError, ConfigError
-from modelzoo.export.cerebras_checkpoint import (
-    checkpoint_to_cstorch,
-    cstorch_to_checkpoint,
-    load_cstorch,
-    save_cstorch,
-)
 from modelzoo.export.hf import export_hf
 from modelzoo.optim import build_optimizer, lr_factor
 from modelzoo.restore import restore_model

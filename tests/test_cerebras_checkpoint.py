@@ -7,17 +7,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from modelzoo.checkpoint import load_training_state
-from modelzoo.cli import main
-from modelzoo.config import load_config, to_object
-from modelzoo.errors import CheckpointError
-from modelzoo.export.cerebras_checkpoint import (
+from modelzoo.backends.cerebras.checkpoint import (
     from_cerebras_state_dict,
     import_cerebras,
     load_cerebras_state_dict,
     to_cerebras_state_dict,
 )
-from modelzoo.export.cerebras_params import CerebrasRecipe, read_params, write_params
+from modelzoo.backends.cerebras.params import CerebrasRecipe, read_params, write_params
+from modelzoo.checkpoint import load_training_state
+from modelzoo.cli import main
+from modelzoo.config import load_config, to_object
+from modelzoo.errors import CheckpointError
 from modelzoo.export.hf import load_hf, to_hf_state_dict
 from modelzoo.models.gpt import GPT, GPTConfig
 from modelzoo.restore import restore_model

@@ -8,9 +8,9 @@ import pytest
 import torch
 import yaml
 
+from modelzoo.backends.cerebras.params import compact_globs, read_params, to_params, write_params
 from modelzoo.config import load_config, to_object
 from modelzoo.errors import ConfigError
-from modelzoo.export.cerebras_params import compact_globs, read_params, to_params, write_params
 from modelzoo.models.gpt import GPT, GPTConfig
 from modelzoo.report import parameter_counts
 from modelzoo.sparsity.config import SparsityConfig

@@ -14,12 +14,12 @@ import pytest
 import torch
 from torch import nn
 
-from modelzoo.export.cerebras_checkpoint import (
+from modelzoo.backends.cerebras.checkpoint import (
     from_cerebras_state_dict,
     load_cerebras_state_dict,
     to_cerebras_state_dict,
 )
-from modelzoo.export.cerebras_params import CerebrasRecipe, read_params, to_params
+from modelzoo.backends.cerebras.params import CerebrasRecipe, read_params, to_params
 from modelzoo.models.gpt import GPT, GPTConfig
 from modelzoo.sparsity.config import SparsityConfig, SparsityGroupConfig
 from modelzoo.sparsity.names import cerebras_names

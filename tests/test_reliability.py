@@ -18,12 +18,12 @@ from safetensors.torch import load_file, save_file
 
 from modelzoo import checkpoint as ckpt
 from modelzoo import runlock
+from modelzoo.backends.cerebras.checkpoint import load_cstorch
 from modelzoo.cli import main
 from modelzoo.config import load_config, to_object
 from modelzoo.distributed import Distributed
 from modelzoo.downstream.evaluate import load_model
 from modelzoo.errors import CheckpointError, TrainingDiverged
-from modelzoo.export.cerebras_checkpoint import load_cstorch
 from modelzoo.export.hf import export_hf, load_hf
 from modelzoo.finite import nonfinite_tensors
 from modelzoo.inference import load_for_inference

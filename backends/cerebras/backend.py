@@ -14,7 +14,7 @@ What each piece of the trainer becomes (cerebras-pytorch 2.10.0, facts in DESIGN
   step and reports what was lowered (`lowering.py`).
 - `sync_checkpoints`: the run's `cstorch.save` checkpoints not yet converted become our checkpoint directories.
 - `check_config`: what a CS-2 run needs of the config (`checks.py`).
-Checkpoint conversion to and from `cstorch.save` files lives in `modelzoo.export.cerebras_checkpoint`.
+Checkpoint conversion to and from `cstorch.save` files lives in `modelzoo.backends.cerebras.checkpoint`.
 """
 
 from __future__ import annotations

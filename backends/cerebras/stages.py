@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from modelzoo import checkpoint as ckpt
+from modelzoo.backends.cerebras.checkpoint import run_checkpoint_to_checkpoint
 from modelzoo.backends.cerebras.environment import import_cstorch
 from modelzoo.config import Config
 from modelzoo.data.csx_input import eval_input, read_blocks, train_input
 from modelzoo.errors import ConfigError
-from modelzoo.export.cerebras_checkpoint import run_checkpoint_to_checkpoint
 from modelzoo.train.metrics import perplexity
 
 if TYPE_CHECKING:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from modelzoo.backends.cerebras.checkpoint import export_cerebras, import_cerebras
+from modelzoo.backends.cerebras.params import read_params, write_hydra_options
 from modelzoo.checkpoint import resolve_checkpoint
 from modelzoo.errors import ModelZooError
-from modelzoo.export.cerebras_checkpoint import export_cerebras, import_cerebras
-from modelzoo.export.cerebras_params import read_params, write_hydra_options
 from modelzoo.validate import validated_config
 
 

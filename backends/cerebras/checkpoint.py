@@ -29,6 +29,8 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from modelzoo.atomic import atomic_directory
+from modelzoo.backends.cerebras.environment import CerebrasError, import_cstorch
+from modelzoo.backends.cerebras.params import CerebrasRecipe, read_params, write_params
 from modelzoo.checkpoint import (
     MODEL_FILE,
     check_run_dir,
@@ -42,7 +44,6 @@ from modelzoo.config import Config
 from modelzoo.config.train import TrainConfig
 from modelzoo.data.config import DataConfig
 from modelzoo.errors import CheckpointError
-from modelzoo.export.cerebras_params import CerebrasRecipe, read_params, write_params
 from modelzoo.models.gpt import GPT, GPTConfig, unpad_vocab
 from modelzoo.restore import build_model, config_from_yaml, restore_model
 from modelzoo.sparsity.masks import MASK_SUFFIX
@@ -80,16 +81,16 @@ def load_cerebras_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _cstorch(path: Path) -> ModuleType:
-    """`cerebras.pytorch`, needed for the `cstorch.save` (HDF5) file `path`; a `CheckpointError` where it is absent."""
+    """`cerebras.pytorch` (`environment.import_cstorch`), needed for the `cstorch.save` (HDF5) file `path`; a
+    `CheckpointError` where it cannot be imported."""
     try:
-        import cerebras.pytorch as cstorch
-    except ImportError as e:
+        return import_cstorch()
+    except CerebrasError as e:
         raise CheckpointError(
             f"{path} is a cstorch.save HDF5 file, which only cstorch reads and writes: run this in the Cerebras "
             f"venv (scripts/make_cerebras_venv.sh), or there torch.save(cstorch.load('{path}')['model'], "
-            "'model.pt') and import model.pt"
+            f"'model.pt') and import model.pt ({e})"
         ) from e
-    return cstorch
 
 
 def load_cstorch(path: str | Path) -> dict[str, Any]:
