@@ -56,10 +56,16 @@ def load_for_inference(
     batch_size: int = 1,
     any_causal_lm: bool = False,
 ) -> InferenceModel:
-    """The model at `path` (config key `key`), on `device` in `precision`, converted by `converter` for forward calls
-    of about `tokens` tokens each (None: `batch_size` full windows).
+    """The model at `path`, ready for forward calls.
 
     Args:
+        path: a run, checkpoint or Hugging Face directory.
+        key: the config key that gave `path` (named in errors).
+        device: `task.device` (`auto`: CUDA when visible).
+        precision: `fp32` or `bf16`.
+        converter: the inference converter (`task.converter`: `none`, `torch_sparse`).
+        tokens: tokens per forward call the converter plans for; None: `batch_size` full windows.
+        batch_size: sequences per forward call (with `tokens` None).
         any_causal_lm: load HF directories of other architectures with `AutoModelForCausalLM` (else refused).
     """
     if is_hf_dir(path):

@@ -1,4 +1,4 @@
-"""The cerebras.pytorch (cstorch) backend, one job per module:
+"""The cerebras.pytorch (cstorch) backend, one job per module.
 
 - `environment`: whether cstorch can run here (Python, torch, cstorch versions) and the one place importing it;
 - `cluster`: our `cluster` node as cstorch's `ClusterConfig`, and the path the appliance's input workers import from;

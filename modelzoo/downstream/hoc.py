@@ -232,8 +232,11 @@ def evaluate_hoc(
     """Choose one decision threshold on dev (the best `hoc_f1`, the lowest on ties), score test with it.
 
     Args:
-        dev_probs, test_probs: (documents, 10) sigmoid probabilities of a multi-label classifier, rows in the
-            order of `dev_gold` / `test_gold`.
+        dev_probs: (documents, 10) sigmoid probabilities of a multi-label classifier, rows in `dev_gold`'s order.
+        dev_gold: the dev documents with their gold labels.
+        test_probs: the same for test, rows in `test_gold`'s order.
+        test_gold: the test documents with their gold labels.
+        thresholds: the candidate decision thresholds.
     """
     for probs, gold, name in ((dev_probs, dev_gold, "dev"), (test_probs, test_gold, "test")):
         if tuple(probs.shape) != (len(gold), len(HALLMARKS)):

@@ -56,7 +56,7 @@ class PubMedQAExample:
 
 
 def pubmedqa_prompt(example: PubMedQAExample, with_long_answer: bool = False) -> str:
-    """The lm-evaluation-harness `pubmedqa` prompt: `Abstract: <contexts joined by \\n>\\nQuestion: <q>\\nAnswer:`.
+    r"""The lm-evaluation-harness `pubmedqa` prompt: `Abstract: <contexts joined by \n>\nQuestion: <q>\nAnswer:`.
 
     This is byte for byte lm-eval's `preprocess_pubmedqa.doc_to_text` (reasoning-required setting, the default).
     `with_long_answer=True` gives the reasoning-free setting of the PubMedQA paper: the conclusion is appended to

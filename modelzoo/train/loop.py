@@ -225,8 +225,11 @@ class TrainLoop:
         return loss, grad_norm, lr
 
     def end_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, lr: torch.Tensor | float) -> None:
-        """After each optimizer step, on the host: count, log, evaluate, save. (The Cerebras backend runs these
-        parts apart: `train_row` in a step closure, the rest between its executors.)"""
+        """After each optimizer step, on the host: count, log, evaluate, save.
+
+        A backend that runs the step itself hands its values to `after_step` instead, and counts, evaluates and
+        saves between its executors.
+        """
         self.count_step()
         self.observe(loss, grad_norm)
         sparsity = self.sparsifier.stats().global_sparsity if self.sparsifier and self.log_due() else None
