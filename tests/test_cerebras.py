@@ -325,7 +325,7 @@ def test_killed_run_resumes_from_the_closure_checkpoint_bit_for_bit(
 
     state = cstorch.load(str(full.run_dir / "cerebras" / CHECKPOINTS / "checkpoint_8.mdl"))
     assert set(state) >= {"model", "optimizer", "schedulers", "sparsity", "dataloader", "global_step"}
-    assert state["global_step"] == 8 and state["dataloader"] == {"global_batches": 8}
+    assert state["global_step"] == 8 and state["dataloader"] == {"samples_streamed": 8 * full.loop.settings.batch_size}
     assert sum(k.endswith("_mask") for k in state["model"]) == len(full.sparsifier.mask_names())
 
 

@@ -42,8 +42,8 @@ CHECKPOINTS = "checkpoints"  # under the backend's artifact directory
 
 def checkpoint_steps(start: int, steps: int, every: int) -> Any:
     """The `checkpoint_steps` of an executor of `steps` steps after global step `start`: the zero-based iterations
-    that end a global step divisible by `every` (aligned also after a resume, as Model Zoo's `RunSchedule`
-    does), and its last iteration."""
+    that end a global step divisible by `every`, also after a resume (Model Zoo's `RunSchedule` aligns them with
+    the fit's start step instead, so a resumed run of theirs checkpoints at other steps), and its last iteration."""
     schedule = import_cstorch().utils.data.utils.Schedule
     first = every - start % every - 1
     return schedule([schedule.Range(start=min(first, steps - 1), end=steps, step=every, include_last=True)])
@@ -71,15 +71,10 @@ def convert_new_checkpoints(artifact_dir: Path, run_dir: Path, keep: int) -> Non
         path.unlink()
 
 
-def _block_position(global_batches: int, batch_size: int) -> dict[str, object]:
+def _block_position(samples: int) -> dict[str, object]:
     """The pre-training loader state (`BlockLoader`: the global sample index and the samples drawn from each
-    source; a CS-2 run reads one) after `global_batches` steps of `batch_size` samples."""
-    sample = global_batches * batch_size
-    return {"sample": sample, "drawn": [sample]}
-
-
-def _global_batches(position: dict[str, object], batch_size: int) -> int:
-    return int(position["sample"]) // batch_size
+    source; a CS-2 run reads one) after `samples` global samples."""
+    return {"sample": samples, "drawn": [samples]}
 
 
 class StagedRun:
@@ -177,8 +172,8 @@ class StagedRun:
     def run(self) -> None:
         """Train from the loop's step to its last, evaluating and checkpointing between executors."""
         loop, settings = self.loop, self.loop.settings
-        start = _global_batches(loop.task.state_dict()["loader"], settings.batch_size)
-        self.train_loader.load_state_dict({"global_batches": start})
+        # The workers' aggregate state (`TrainBatches`, the Model Zoo's form): global samples streamed.
+        self.train_loader.load_state_dict({"samples_streamed": int(loop.task.state_dict()["loader"]["sample"])})
         train, evaluate = self.train_program(), self.eval_program()
         save = self.cstorch.checkpoint_closure(self._save)
         with loop.session():
@@ -219,7 +214,7 @@ class StagedRun:
         """The checkpoint closure: the Model Zoo's keys with `cstorch.save` (written whole, then renamed)."""
         loop = self.loop
         dataloader = self.train_loader.state_dict()
-        position = _block_position(dataloader["global_batches"], loop.settings.batch_size)
+        position = _block_position(dataloader["samples_streamed"])
         loop.task.load_state_dict({"loader": position})  # the host's data position follows the workers'
         state = loop.state_dict()
         cs_state = {
