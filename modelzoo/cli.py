@@ -197,12 +197,14 @@ def prompt_tune(overrides: list[str]) -> None:
 def info(overrides: list[str]) -> None:
     from modelzoo.memory import format_memory_plan, memory_plan
     from modelzoo.report import format_model_info
+    from modelzoo.train.config import resolved_precision
 
     cfg = to_object(load_config(overrides))
     validate(cfg)
     print(format_model_info(cfg.model, cfg.sparsity))
     t = cfg.task
-    print(format_memory_plan(memory_plan(cfg.model, cfg.sparsity, t.precision, t.micro_batch_size, cfg.data.seq_len)))
+    precision = resolved_precision(t.precision, cfg.cluster.target)
+    print(format_memory_plan(memory_plan(cfg.model, cfg.sparsity, precision, t.micro_batch_size, cfg.data.seq_len)))
 
 
 def flops(overrides: list[str]) -> None:

@@ -40,6 +40,7 @@ from modelzoo.train.config import (
     OptimConfig,
     TrainConfig,
     resolved_device,
+    resolved_precision,
 )
 
 EVALUATE_TASKS = ("pubmedqa",)
@@ -194,7 +195,14 @@ def validate_pretrain(cfg: Config) -> None:
         raise ConfigError("task.max_nonfinite_skips", f"must be >= 0, got {t.max_nonfinite_skips}")
     backend = resolve_name(cfg.backend.name)
     on_cs2 = backend == "cerebras" and cfg.cluster.target == "CSX"
-    device = check_device(t.device, t.precision, on_cs2=on_cs2)
+    precision = resolved_precision(t.precision, cfg.cluster.target)
+    device = check_device(t.device, precision, on_cs2=on_cs2)
+    if on_cs2 and precision == "fp32":
+        raise ConfigError(
+            "task.precision",
+            "fp32 on a CS-2 would run as float16 without loss scaling (cstorch's CSX backend always enables mixed "
+            "precision): use task.precision=bf16 (the default there, as the Model Zoo's) or cbf16",
+        )
     validate_optim(cfg.optim)
     if backend == "cerebras" and t.on_nonfinite == "skip":
         raise ConfigError(
@@ -203,7 +211,7 @@ def validate_pretrain(cfg: Config) -> None:
     validate_accel(t, cfg.optim, device, backend)
     validate_cluster(cfg, backend, device)
     for algorithm in cfg.sparsity.algorithms or [None]:
-        check_supports(backend, algorithm=algorithm, device=device, dtype=t.precision)
+        check_supports(backend, algorithm=algorithm, device=device, dtype=precision)
     backend_class(backend).check_config(cfg.sparsity)
 
 

@@ -17,13 +17,15 @@ from pathlib import Path
 from modelzoo.config import Config
 from modelzoo.flops import iso_flop_steps
 from modelzoo.train.checkpoint import latest_checkpoint
+from modelzoo.train.config import resolved_precision
 
 log = logging.getLogger(__name__)
 
 
 def resolved(cfg: Config, run_dir: str | Path | None = None) -> Config:
-    """`cfg` with `task.budget` turned into `task.max_steps` and `task.auto_resume` into `task.resume`."""
-    task = cfg.task
+    """`cfg` with `task.budget` turned into `task.max_steps`, `task.auto_resume` into `task.resume` and
+    `task.precision=auto` into the cluster's precision."""
+    task = replace(cfg.task, precision=resolved_precision(cfg.task.precision, cfg.cluster.target))
     if task.budget == "dense_flops":
         steps = iso_flop_steps(cfg.model, cfg.data.seq_len, cfg.sparsity, task.max_steps)
         if steps != task.max_steps:
