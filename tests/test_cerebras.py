@@ -328,6 +328,9 @@ def test_killed_run_resumes_from_the_closure_checkpoint_bit_for_bit(
     assert set(state) >= {"model", "optimizer", "schedulers", "sparsity", "dataloader", "global_step"}
     assert state["global_step"] == 8 and state["dataloader"] == {"samples_streamed": 8 * full.loop.settings.batch_size}
     assert sum(k.endswith("_mask") for k in state["model"]) == len(full.sparsifier.mask_names())
+    # The Model Zoo's metadata: `cszoo checkpoint convert` reads the format from its version.
+    assert state["__metadata__"][-1]["version"] == cstorch.__version__
+    assert state["__metadata__"][-1]["params"]["train_input"]["batch_size"] == full.loop.settings.batch_size
 
 
 @pytest.mark.cerebras
@@ -422,6 +425,10 @@ def test_checkpoint_converts_to_cstorch_and_back_and_to_hf(cstorch, tmp_path: Pa
     assert cs_file.read_bytes()[:4] == b"\x89HDF"  # cstorch.save's HDF5, not a torch.save pickle
     state = load_cstorch(cs_file)
     assert state["global_step"] == STEPS
+    assert state["__metadata__"] == [
+        {"version": cstorch.__version__, "model_name": "GPT", "params": state["__metadata__"][0]["params"]}
+    ]
+    assert state["__metadata__"][0]["params"]["model"]["num_hidden_layers"] == trainer.cfg.model.n_layer
     saved = load_file(str(ours / ckpt.MODEL_FILE))
     assert state["model"].keys() == saved.keys()
     assert all(torch.equal(state["model"][k], v) for k, v in saved.items())

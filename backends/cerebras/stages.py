@@ -29,7 +29,7 @@ import torch
 from modelzoo.backends.cerebras.environment import import_cstorch
 from modelzoo.data.csx_input import eval_input, read_blocks, train_input
 from modelzoo.errors import ConfigError
-from modelzoo.export.cerebras_checkpoint import run_checkpoint_to_checkpoint
+from modelzoo.export.cerebras_checkpoint import modelzoo_metadata, run_checkpoint_to_checkpoint
 from modelzoo.train import checkpoint as ckpt
 
 if TYPE_CHECKING:
@@ -223,6 +223,7 @@ class StagedRun:
             "schedulers": [state.pop("scheduler")],
             "dataloader": dataloader,
             "global_step": step,
+            "__metadata__": modelzoo_metadata(self.cfg, type(loop.model).__name__, self.cstorch.__version__),
             "modelzoo_config": loop.config_yaml,
         }
         if loop.identity is not None:  # what a resume must keep beyond the config
