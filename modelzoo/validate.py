@@ -31,6 +31,7 @@ from modelzoo.config.train import (
     OptimConfig,
     TrainConfig,
     resolved_device,
+    resolved_precision,
 )
 from modelzoo.data.config import FORMATS, DataConfig, resolve_sources
 from modelzoo.distributed import world_size
@@ -201,7 +202,8 @@ def validate_pretrain(cfg: Config) -> None:
     backend = resolve_name(cfg.backend.name)
     capabilities = backend_class(backend).capabilities
     on_cs2 = capabilities.clusters and cfg.cluster.target == "CSX"
-    device = check_device(t.device, t.precision, on_cs2=on_cs2)
+    precision = resolved_precision(t.precision, cfg.cluster.target)
+    device = check_device(t.device, precision, on_cs2=on_cs2)
     validate_optim(cfg.optim)
     if t.on_nonfinite == "skip" and not capabilities.host_skips_updates:
         why = f"skip decides on the host before each update; {backend} runs the update itself"
@@ -210,7 +212,7 @@ def validate_pretrain(cfg: Config) -> None:
     validate_cluster(cfg, backend, device)
     backend_class(backend).check_config(cfg, device)  # before check_supports: it names what cstorch lacks too
     for algorithm in cfg.sparsity.algorithms or [None]:
-        check_supports(backend, algorithm=algorithm, device=device, dtype=t.precision)
+        check_supports(backend, algorithm=algorithm, device=device, dtype=precision)
 
 
 def validate_cluster(cfg: Config, backend: str, device: str) -> None:

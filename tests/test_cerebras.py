@@ -8,6 +8,7 @@ cstorch's CPU backend, one per process, so the CSX lowering runs `modelzoo pretr
 from __future__ import annotations
 
 import csv
+import json
 import re
 import shutil
 import signal
@@ -326,8 +327,11 @@ def test_killed_run_resumes_from_the_closure_checkpoint_bit_for_bit(
 
     state = cstorch.load(str(full.run_dir / "cerebras" / CHECKPOINTS / "checkpoint_8.mdl"))
     assert set(state) >= {"model", "optimizer", "schedulers", "sparsity", "dataloader", "global_step"}
-    assert state["global_step"] == 8 and state["dataloader"] == {"global_batches": 8}
+    assert state["global_step"] == 8 and state["dataloader"] == {"samples_streamed": 8 * full.loop.settings.batch_size}
     assert sum(k.endswith("_mask") for k in state["model"]) == len(full.sparsifier.mask_names())
+    # The Model Zoo's metadata: `cszoo checkpoint convert` reads the format from its version.
+    assert state["__metadata__"][-1]["version"] == cstorch.__version__
+    assert state["__metadata__"][-1]["params"]["train_input"]["batch_size"] == full.loop.settings.batch_size
 
 
 @pytest.mark.cerebras
@@ -422,6 +426,10 @@ def test_checkpoint_converts_to_cstorch_and_back_and_to_hf(cstorch, tmp_path: Pa
     assert cs_file.read_bytes()[:4] == b"\x89HDF"  # cstorch.save's HDF5, not a torch.save pickle
     state = load_cstorch(cs_file)
     assert state["global_step"] == STEPS
+    assert state["__metadata__"] == [
+        {"version": cstorch.__version__, "model_name": "GPT", "params": state["__metadata__"][0]["params"]}
+    ]
+    assert state["__metadata__"][0]["params"]["model"]["num_hidden_layers"] == trainer.cfg.model.n_layer
     saved = load_file(str(ours / ckpt.MODEL_FILE))
     assert state["model"].keys() == saved.keys()
     assert all(torch.equal(state["model"][k], v) for k, v in saved.items())
@@ -557,6 +565,53 @@ def test_validate_only_checks_the_program_offline(cstorch, tmp_path: Path, cache
     updates = {"static_75": {}, "set_75": {"TopK": 32, "RandomUniform": 16}, "rigl_75": {"TopK": 32}}
     assert Counter(re.findall(r"cirh\.(TopK|RandomUniform)\b", mlir)) == updates[sparsity]
     assert "passed cstorch's checks (nothing was sent to a cluster)" in result.stdout
+    # No task.precision given: the CS-2's default, bf16 (cstorch's "fp32" lowered 457 f16 tensors and no bf16).
+    halves = Counter(re.findall(r"x(bf16|f16)>", mlir))
+    assert halves["bf16"] > 0 and halves["f16"] == 0
+
+
+LR_PROBE = """
+import json, sys
+from pathlib import Path
+from modelzoo.train.loop import TrainLoop
+from modelzoo.tasks.pretrain import Pretraining
+from tests.conftest import make_config
+
+handed, in_step = [], []
+train_step = TrainLoop.train_step
+
+def recording(loop, *batch):
+    loss, grad_norm, lr = train_step(loop, *batch)
+    handed.append(lr)
+    return loss, grad_norm, lr
+
+TrainLoop.train_step = recording
+run_dir, cache_dir, *overrides = sys.argv[1:]
+trainer = Pretraining(make_config(Path(run_dir), Path(cache_dir), *overrides))
+optimizer = trainer.loop.optimizer
+optimizer.register_step_post_hook(lambda opt, args, kwargs: in_step.append(opt.param_groups[0]["lr"]))
+trainer.fit()
+same = [a is b for a, b in zip(handed, in_step, strict=True)]
+print(json.dumps({"devices": [str(lr.device) for lr in handed], "set_in_step": same}))
+"""
+
+
+@pytest.mark.cerebras
+def test_lr_handed_to_the_closure_is_the_one_cstorch_set_in_the_lowered_step(
+    cstorch, tmp_path: Path, cache_dir: Path
+) -> None:
+    """Under validate_only (the CSX lowering), the LR the step closure gets is the tensor of the program that
+    cstorch's scheduler put into the optimizer's group inside `optimizer.step()` (its step pre-hook; the program
+    computes it from the schedule's step counters, `check_lowering`), which on cstorch's CPU backend is the
+    schedule's value (`test_lr_of_every_step_matches_masked_dense_and_resumes`). Catches reading it before the
+    step (a host constant, the peak: device cpu) or after the schedule's step (the next step's value)."""
+    overrides = ["backend=cerebras", "cluster=cs2", "cluster.mode=validate_only", "model=tiny"]
+    overrides += ["task.batch_size=4", "task.micro_batch_size=4", "data.seq_len=64", "model.vocab_size=4096"]
+    command = [sys.executable, "-c", LR_PROBE, str(tmp_path / "run"), str(cache_dir), *overrides]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    probe = json.loads(result.stdout.strip().splitlines()[-1])
+    assert probe == {"devices": ["lazy:0"], "set_in_step": [True]}
 
 
 @pytest.mark.cerebras
@@ -652,6 +707,10 @@ def test_what_cstorch_lacks_is_refused_before_import(config: SparsityConfig, key
         (
             ["backend=cerebras", "cluster=cs2", "cluster.mode=validate_only", "cluster.num_csx=3"],
             r"task.batch_size: 8 does not split over cluster.num_csx=3 CS-2s: use a multiple of 3",
+        ),
+        (
+            ["backend=cerebras", "cluster=cs2", "cluster.mode=validate_only", "task.precision=fp32"],
+            r"task.precision: fp32 on a CS-2 would run as float16 .* use task.precision=bf16",
         ),
         (["task.precision=cbf16"], r"task.precision: cbf16 is cstorch's mixed precision on a CS-2: use backend=cer"),
         (["backend=cerebras", "task.precision=fp16"], r"task.precision: fp16 is cstorch's .* task.precision=bf16"),

@@ -69,21 +69,81 @@ def test_shards_are_disjoint_and_cover_an_epoch(corpus: str, workers: int, syste
     assert len(every) == len(set(every)) == per_epoch * batch
 
 
-def test_state_restarts_the_stream_where_it_stopped(corpus: str) -> None:
-    """After `load_state_dict` of a state taken after 9 batches (into the second epoch), a new loader streams
-    the batches that would have come next; the workers' states aggregate into it."""
-    first = TrainBatches(corpus, 8, seed=5)
-    stream = iter(first)
-    for _ in range(9):
-        next(stream)
-    state = first.aggregate_state_dict([first.state_dict()])
-    assert state == {"global_batches": 9}
-    again = TrainBatches(corpus, 8, seed=5)
-    again.load_state_dict(first.deaggregate_state_dict(state))
-    for (a, _), (b, _) in zip(iter(again), stream, strict=False):
-        assert torch.equal(a, b)
-        if again.next_global == 15:
-            break
+def stream_executor(
+    corpus: str, workers: int, systems: int, state: dict | None, steps: int, checkpoints: list[int], stop: int
+) -> tuple[list[list[int]], dict[int, dict]]:
+    """One executor as cstorch's appliance runs it, from the aggregate `state` (None: a fresh run).
+
+    Each worker builds its loader afresh and loads `state` (cstorch's streamer, `PyTorchGenerator`), behind
+    cstorch's own data pipe up to its `DataLoaderCheckpointer`, which calls the loader's `state_dict` under the
+    worker state at the (1-based) `checkpoints` and the last of `steps`; at global step `j` every CS-2 takes a batch
+    from its worker of local rank `j % workers` (cstorch's round robin). The executor dies after `stop` steps.
+    Returns the block ids of each global batch consumed and the aggregate state at each checkpoint reached.
+    """
+    from cerebras.pytorch.utils.data.dataloader import DataLoaderCheckpoint
+    from cerebras.pytorch.utils.data.streamer.data_pipe import DataLoaderCheckpointer, Repeater, TensorNamer
+
+    batch = 8
+    pipes, loaders = {}, {}
+    for system in range(systems):
+        for worker in range(workers):
+            loader = TrainBatches(corpus, batch, seed=2, shard=Shard(workers, worker, systems, system))
+            if state is not None:
+                loader.load_state_dict(loader.deaggregate_state_dict(state))
+            place = DataLoaderCheckpoint(
+                local_worker_id=worker,
+                num_workers_per_csx=workers,
+                num_csx=systems,
+                wse_id=system,
+                appliance_step=0,
+                worker_step=0,
+                samples_streamed=0,
+                user_state_dict=None,
+            )
+            schedule = [0, *checkpoints, steps]
+            pipe = DataLoaderCheckpointer(TensorNamer(Repeater(loader)), loader, place, batch // systems, schedule)
+            pipes[worker, system], loaders[worker, system] = iter(pipe), pipe
+    consumed = []
+    for step in range(stop):
+        ids = []
+        for system in range(systems):
+            x = next(iter(next(pipes[step % workers, system]).values()))
+            ids.extend(x[:, 0].tolist())
+        consumed.append(ids)
+    user_node = TrainBatches(corpus, batch, seed=2)
+    saved = {
+        at: user_node.aggregate_state_dict([p.state_dict(at).user_state_dict for p in loaders.values()])
+        for at in [*checkpoints, steps]
+        if at <= stop
+    }
+    return consumed, saved
+
+
+@pytest.mark.cerebras
+@pytest.mark.parametrize(("workers", "systems"), [(1, 1), (2, 1), (1, 2), (2, 2)])
+def test_restarts_stream_every_global_batch_once_in_order(
+    cstorch, corpus: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int, systems: int
+) -> None:
+    """Three executors of 5 steps (odd, so restarts fall between a worker's turns), each restarted from the state
+    cstorch aggregated at the previous one's last step, then a fourth killed after step 4 and resumed from its
+    checkpoint at step 3: the system consumes global batches 0, 1, 2, ... exactly once and in order (the step
+    after the checkpoint is trained again, as a resumed run does). Catches a state that forgets where its
+    executor started (replays from executor 2 on), and a round robin by absolute batch index (swapped pairs)."""
+    monkeypatch.chdir(tmp_path)  # the DataLoaderCheckpointer writes its cache in the working directory
+    reference = TrainBatches(corpus, 8, seed=2)
+    consumed, state = [], None
+    for _ in range(3):
+        batches, saved = stream_executor(corpus, workers, systems, state, 5, [], 5)
+        consumed += batches
+        state = saved[5]
+    after_three = state
+    batches, saved = stream_executor(corpus, workers, systems, state, 5, [3], 4)  # killed after step 4
+    consumed += batches[:3]  # what the checkpoint at step 3 holds; step 4 is lost with the process
+    batches, _ = stream_executor(corpus, workers, systems, saved[3], 5, [], 5)
+    consumed += batches
+    assert [reference.global_batch(i).tolist() for i in range(len(consumed))] == consumed
+    assert len(consumed) == 15 + 3 + 5
+    assert after_three == {"samples_streamed": 15 * 8}  # Model Zoo's form: global samples
 
 
 def test_eval_batches_are_fixed_size_and_in_order(corpus: str) -> None:

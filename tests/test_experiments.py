@@ -58,8 +58,9 @@ def test_budget_resolves_steps_and_records_them(tmp_path: Path, cache_dir: Path)
     cfg = make_config(tmp_path / "run", cache_dir, "sparsity=static_75", "task.budget=dense_flops", "task.max_steps=8")
     out = resolved(cfg)
     assert out.task.budget == "steps" and out.task.max_steps == iso_flop_steps(cfg.model, 64, cfg.sparsity, 8) > 8
+    assert cfg.task.precision == "auto" and out.task.precision == "fp32"  # off a CS-2 the default stays fp32
     assert resolved(make_config(tmp_path / "d", cache_dir, "sparsity=dense", "task.budget=dense_flops")).task == (
-        make_config(tmp_path / "d", cache_dir, "sparsity=dense").task
+        resolved(make_config(tmp_path / "d", cache_dir, "sparsity=dense")).task
     )
     with pytest.raises(ConfigError, match=r"task\.budget"):
         validate(to_object(load_config(["task.budget=flops"])))

@@ -19,6 +19,7 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
+from modelzoo import checkpoint as ckpt
 from modelzoo.cli import main
 from modelzoo.config import load_config, to_object
 from modelzoo.data import cerebras_hdf5, prepare
@@ -29,7 +30,9 @@ from modelzoo.data.loader import BlockLoader
 from modelzoo.data.shards import ShardWriter
 from modelzoo.data.tokenizer import build_tokenizer
 from modelzoo.errors import ConfigError, DataError
+from modelzoo.tasks.pretrain import Pretraining
 from modelzoo.validate import validate
+from tests.conftest import make_config, train_losses
 from tests.test_data import SEQ_LEN, TRAIN_DOCS, VALIDATION_DOCS, documents, encode_documents, write_lines
 
 REPO = Path(__file__).resolve().parents[1]
@@ -221,10 +224,61 @@ def test_prepare_data_command_reports_and_fills_the_cache(tmp_path: Path, capsys
     out = capsys.readouterr().out
     assert re.search(r"train +300 documents, [\d,]+ tokens", out), out
     assert len(list((tmp_path / "cache" / "corpus").glob("*/meta.json"))) == 1
-    assert sorted(p.name for p in (tmp_path / "h5" / "pubmed_sample" / "train").iterdir()) == [
-        "data_params.json",
-        "output_chunk_0_00000.h5",
+    written = {p.name for p in (tmp_path / "h5" / "pubmed_sample" / "train").iterdir()}
+    assert {"data_params.json", "output_chunk_0_00000.h5", *cerebras_hdf5.TOKENIZER_FILES} <= written
+
+
+def test_readme_hdf5_command_trains_on_prepare_data_output(
+    tmp_path: Path, tokenizer: PreTrainedTokenizerFast, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`prepare-data --cerebras-hdf5=h5` writes the tokenizer it used beside the shards; the README's command form
+    then trains on them with directories relative to the cwd and no tokenizer named: the run's identity hashes
+    the directories' files, and the tokenizer is the one found there (its sha256 the one `data_params.json`
+    names). A tokenizer there that is not the one the shards were made with is refused naming both sha256s.
+    Catches a directory handed unexpanded to identity (on main: "h5/.../train: no such file", exit 2) and a run
+    that cannot find the shards' tokenizer ("already tokenised: give the tokenizer"); the corpus files a CS-2's
+    workers get are absolute under a relative `data.cache_dir`."""
+    monkeypatch.chdir(tmp_path)
+    prepared = corpus_config(tmp_path, count=300)
+    main(
+        [
+            "prepare-data",
+            f"data.train_files=[{prepared.train_files[0]}]",
+            f"data.validation_files=[{prepared.validation_files[0]}]",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "tokenizer.vocab_size=300",
+            "model.n_positions=16",
+            "--cerebras-hdf5=h5",
+        ]
+    )
+    train = Path("h5") / "pubmed_sample" / "train"
+    declared = json.loads((train / cerebras_hdf5.PARAMS).read_text())["processing"]["modelzoo_tokenizer_sha256"]
+    command = [
+        "data.format=cerebras_hdf5",
+        f"data.train_files=[{train}]",
+        "data.validation_files=[h5/pubmed_sample/validation]",
+        "model.n_positions=16",
+        "task.max_steps=3",
+        "task.eval_every=3",
+        "task.checkpoint_every=3",
+        "task.log_every=1",
+        "task.export=false",
     ]
+    trainer = Pretraining(make_config(tmp_path / "run", Path("run-cache"), *command))  # data.cache_dir relative
+    assert prepare.tokenizer_fingerprint(trainer.tokenizer) == declared
+    # What a CS-2's input workers are handed: absolute paths (they run in a working directory of their own).
+    assert all(path.is_absolute() and path.is_dir() for path in trainer.data_files())
+    trainer.fit()
+    assert trainer.loop.step == 3 and len(train_losses(tmp_path / "run")) == 3
+    identity = ckpt.read_identity(ckpt.latest_checkpoint(tmp_path / "run"))
+    assert identity["data.sources"]["train"] == [str(train / "output_chunk_0_00000.h5")]
+
+    tokenizer.save_pretrained(train)  # another tokenizer beside the shards
+    ours = prepare.tokenizer_fingerprint(tokenizer)
+    with pytest.raises(
+        DataError, match=rf"tokenised with another tokenizer \(.*{declared}\) than this run's \(.*{ours}\)"
+    ):
+        Pretraining(make_config(tmp_path / "other", tmp_path / "other-cache", *command))
 
 
 # ---- own files: the format follows the extension (issue 16) -------------------------------------------------------

@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 
 from modelzoo.atomic import atomic_directory
 from modelzoo.backends.cerebras.environment import CerebrasError, import_cstorch
-from modelzoo.backends.cerebras.params import CerebrasRecipe, read_params, write_params
+from modelzoo.backends.cerebras.params import CerebrasRecipe, read_params, to_params, write_params
 from modelzoo.checkpoint import (
     MODEL_FILE,
     check_run_dir,
@@ -121,6 +121,22 @@ def load_cstorch(path: str | Path) -> dict[str, Any]:
     return materialise(state)
 
 
+def recipe_of(cfg: Config) -> CerebrasRecipe:
+    """What a Model Zoo params file says of run `cfg`: network, sparsity, optimizer, loop length and batch."""
+    task = asdict(cfg.task) if is_dataclass(cfg.task) else dict(cfg.task)
+    train = TrainConfig(**{k: task[k] for k in ("max_steps", "batch_size", "micro_batch_size")})
+    return CerebrasRecipe(
+        model=cfg.model, sparsity=cfg.sparsity, optim=cfg.optim, train=train, seq_len=cfg.data.seq_len
+    )
+
+
+def modelzoo_metadata(cfg: Config, model_name: str, cstorch_version: str) -> list[dict[str, Any]]:
+    """The `__metadata__` the Model Zoo writes into its checkpoints (`ModelZooParamsMetadata`): cstorch's version,
+    which `cszoo checkpoint convert` reads to tell the checkpoint's format (it refuses a file without it) and
+    the trainer checks for compatibility, the model's class name and the run's params (`to_params`)."""
+    return [{"version": cstorch_version, "model_name": model_name, "params": to_params(recipe_of(cfg))}]
+
+
 def save_cstorch(path: str | Path, state: dict[str, Any]) -> Path:
     """Write `state` (`model`, `optimizer`, `global_step`, `config`, ...) with `cstorch.save` (HDF5)."""
     path = Path(path)
@@ -133,17 +149,19 @@ def save_cstorch(path: str | Path, state: dict[str, Any]) -> Path:
 def checkpoint_to_cstorch(checkpoint: str | Path, path: str | Path) -> Path:
     """One of our checkpoint directories as a cstorch checkpoint file (masks kept as `<param>_mask`).
 
-    It holds `model` (weights and masks), `optimizer`, `global_step` and our run config under
-    `modelzoo_config`, from which `cstorch_to_checkpoint` rebuilds the model.
+    It holds `model` (weights and masks), `optimizer`, `global_step`, the Model Zoo's `__metadata__` and our run
+    config under `modelzoo_config`, from which `cstorch_to_checkpoint` rebuilds the model.
     """
     checkpoint = Path(checkpoint)
     verify_checkpoint(checkpoint)
     optimizer_state, trainer_state = load_training_state(checkpoint)
+    config_yaml = read_config(checkpoint)
     state = {
         "model": load_file(str(checkpoint / MODEL_FILE)),
         "optimizer": optimizer_state,
         "global_step": trainer_state["step"],
-        "modelzoo_config": read_config(checkpoint),
+        "modelzoo_config": config_yaml,
+        "__metadata__": modelzoo_metadata(config_from_yaml(config_yaml), GPT.__name__, _cstorch(path).__version__),
     }
     return save_cstorch(path, state)
 
@@ -357,14 +375,9 @@ def export_cerebras(checkpoint: str | Path, output_dir: str | Path) -> tuple[Pat
     """One of our checkpoints as a Cerebras Model Zoo `params.yaml` and `model.mdl` (`{"model": state_dict}`)."""
     run = restore_model(checkpoint)
     model, cfg = run.model, run.config
-    task = asdict(cfg.task) if is_dataclass(cfg.task) else dict(cfg.task)
-    train = TrainConfig(**{k: task[k] for k in ("max_steps", "batch_size", "micro_batch_size")})
-    recipe = CerebrasRecipe(
-        model=cfg.model, sparsity=cfg.sparsity, optim=cfg.optim, train=train, seq_len=cfg.data.seq_len
-    )
     output_dir = Path(output_dir)
     with atomic_directory(output_dir) as directory:
-        write_params(recipe, directory / "params.yaml")
+        write_params(recipe_of(cfg), directory / "params.yaml")
         state = to_cerebras_state_dict(unpad_vocab(model.state_dict(), model.config))
         torch.save({"model": state}, directory / "model.mdl")
     return output_dir / "params.yaml", output_dir / "model.mdl"

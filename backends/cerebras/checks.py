@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from modelzoo.config import Config
+from modelzoo.config.train import resolved_precision
 from modelzoo.errors import ConfigError
 
 
@@ -25,6 +26,12 @@ def check_cerebras_config(cfg: Config, device: str) -> None:
             missing[0].split("=")[0],
             f"a CS-2 run needs {' and '.join(missing)}; cluster.mode=compile_only or cluster.mode=validate_only "
             "lower the model offline without them",
+        )
+    if resolved_precision(cfg.task.precision, target) == "fp32":
+        raise ConfigError(
+            "task.precision",
+            "fp32 on a CS-2 would run as float16 without loss scaling (cstorch's CSX backend always enables mixed "
+            "precision): use task.precision=bf16 (the default there, as the Model Zoo's) or cbf16",
         )
     check_cs2_data(cfg)
     if cfg.task.micro_batch_size != cfg.task.batch_size:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from modelzoo import checkpoint as ckpt
-from modelzoo.backends.cerebras.checkpoint import run_checkpoint_to_checkpoint
+from modelzoo.backends.cerebras.checkpoint import modelzoo_metadata, run_checkpoint_to_checkpoint
 from modelzoo.backends.cerebras.environment import import_cstorch
 from modelzoo.config import Config
 from modelzoo.data.csx_input import eval_input, read_blocks, train_input
@@ -44,8 +44,8 @@ CHECKPOINTS = "checkpoints"  # under the backend's artifact directory
 
 def checkpoint_steps(start: int, steps: int, every: int) -> Any:
     """The `checkpoint_steps` of an executor of `steps` steps after global step `start`: the zero-based iterations
-    that end a global step divisible by `every` (aligned also after a resume, as Model Zoo's `RunSchedule`
-    does), and its last iteration."""
+    that end a global step divisible by `every`, also after a resume (Model Zoo's `RunSchedule` aligns them with
+    the fit's start step instead, so a resumed run of theirs checkpoints at other steps), and its last iteration."""
     schedule = import_cstorch().utils.data.utils.Schedule
     first = every - start % every - 1
     return schedule([schedule.Range(start=min(first, steps - 1), end=steps, step=every, include_last=True)])
@@ -159,7 +159,8 @@ class StagedRun:
     def run(self) -> None:
         """Train from the loop's step to its last, evaluating and checkpointing between executors."""
         loop, settings = self.loop, self.loop.settings
-        self.train_loader.load_state_dict({"global_batches": loop.data_position() // settings.batch_size})
+        # The workers' aggregate state (`TrainBatches`, the Model Zoo's form): global samples streamed.
+        self.train_loader.load_state_dict({"samples_streamed": loop.data_position()})
         train, evaluate = self.train_program(), self.eval_program()
         save = self.cstorch.checkpoint_closure(self._save)
         with loop.session():
@@ -200,7 +201,7 @@ class StagedRun:
         """The checkpoint closure: the Model Zoo's keys with `cstorch.save` (written whole, then renamed)."""
         loop = self.loop
         dataloader = self.train_loader.state_dict()
-        loop.set_data_position(dataloader["global_batches"] * loop.settings.batch_size)  # follows the workers'
+        loop.set_data_position(dataloader["samples_streamed"])  # the host's data position follows the workers'
         record = loop.checkpoint_state()
         state = record["state"]
         cs_state = {
@@ -209,6 +210,7 @@ class StagedRun:
             "schedulers": [state.pop("scheduler")],
             "dataloader": dataloader,
             "global_step": step,
+            "__metadata__": modelzoo_metadata(self.cfg, type(loop.model).__name__, self.cstorch.__version__),
             "modelzoo_config": record["config_yaml"],
         }
         if record["identity"] is not None:  # what a resume must keep beyond the config

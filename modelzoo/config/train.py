@@ -8,6 +8,7 @@ import torch
 
 DECAYS = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "bf16", "cbf16", "fp16")
+AUTO_PRECISION = "auto"  # pre-training's default: see `resolved_precision`
 # cstorch's 16-bit types with loss scaling: a CS-2 only (backend=cerebras cluster=cs2 pretraining).
 CS2_PRECISIONS = ("cbf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -21,6 +22,15 @@ def resolved_device(requested: str) -> str:
     """`task.device` with `auto` resolved: cuda when a CUDA device is visible, else cpu."""
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def resolved_precision(requested: str, cluster_target: str) -> str:
+    """`task.precision` with `auto` resolved by the cluster: bf16 on a CS-2 (`cluster.target=CSX`), as the Model
+    Zoo defaults to (cstorch's CSX backend always runs mixed precision: its "fp32" is float16 without loss
+    scaling), fp32 everywhere else."""
+    if requested == AUTO_PRECISION:
+        return "bf16" if cluster_target == "CSX" else "fp32"
     return requested
 
 
@@ -48,7 +58,7 @@ class TrainConfig:
     max_steps: int = 400
     batch_size: int = 16
     micro_batch_size: int = 16
-    precision: str = "fp32"
+    precision: str = AUTO_PRECISION  # fp32, or bf16 on a CS-2 (`resolved_precision`)
     device: str = "auto"
     log_every: int = 10
     eval_every: int = 100

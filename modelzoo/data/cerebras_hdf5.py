@@ -5,7 +5,8 @@ The layout is the one the Model Zoo's preprocessing writes (`data_preprocessor.s
 (n_examples, 3, max_seq_length), int32, rows `input_ids`, `attention_mask` (a loss mask) and `labels`
 (`input_ids` shifted left by one), chunked one sample per chunk and gzip-compressed, with the count in
 the file attribute `n_examples`; the directory's `data_params.json` records the `processing` parameters
-(`max_seq_length`, the tokenizer). One of our blocks of `seq_len + 1` tokens is exactly one sample:
+(`max_seq_length`, the tokenizer); ours also hold the tokenizer itself, in `save_pretrained` form. One of our
+blocks of `seq_len + 1` tokens is exactly one sample:
 `input_ids = block[:-1]`, `labels = block[1:]`, mask all ones.
 """
 
@@ -28,20 +29,14 @@ DATASET = "data"
 PARAMS = "data_params.json"
 READ_ROWS = 1024
 FILE = "output_chunk_0_{:05d}.h5"  # the Model Zoo writer's name for process 0's chunks
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # what `save_pretrained` writes for a fast tokenizer
 
 
-def hdf5_files(paths: list[str]) -> list[str]:
-    """The `.h5` files of `paths`: files as given, directories by their sorted `*.h5` entries."""
-    files = []
-    for path in paths:
-        if Path(path).is_dir():
-            found = sorted(str(p) for p in Path(path).glob("*.h5"))
-            if not found:
-                raise DataError(path, "no *.h5 files in this directory (data.format=cerebras_hdf5)")
-            files.extend(found)
-        else:
-            files.append(path)
-    return files
+def bundled_tokenizer(path: str) -> Path | None:
+    """The directory of `path` when it also holds a tokenizer in `save_pretrained` form (as `prepare-data
+    --cerebras-hdf5` writes beside its shards), else None."""
+    directory = Path(path).parent
+    return directory if all((directory / name).is_file() for name in TOKENIZER_FILES) else None
 
 
 def declared_tokenizer(path: str) -> str | None:

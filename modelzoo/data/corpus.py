@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from transformers import PreTrainedTokenizerFast
 
-from modelzoo.data.cerebras_hdf5 import declared_tokenizer, hdf5_files
+from modelzoo.data.cerebras_hdf5 import declared_tokenizer
 from modelzoo.data.config import DataConfig, resolve_sources
 from modelzoo.data.documents import SPLITS, file_format, split_files
 from modelzoo.data.prepare import PrepareReport, prepare_source
@@ -51,15 +51,6 @@ class PackedCorpus:
     validation_tokens: int
 
 
-def _with_hdf5_files(cfg: DataConfig) -> DataConfig:
-    """A Cerebras source's directories replaced by their `*.h5` files (anything else unchanged)."""
-    for split in SPLITS:
-        files = cfg.train_files if split == "train" else cfg.validation_files
-        if files and (cfg.format == "cerebras_hdf5" or any(Path(path).is_dir() for path in files)):
-            cfg = replace(cfg, **{f"{split}_files": hdf5_files(files)})
-    return cfg
-
-
 def _check_mixture(sources: list[DataConfig]) -> None:
     """Cerebras sources that name their tokenizer must name the same one (ours are checked by sha256)."""
     declared = {}
@@ -90,7 +81,7 @@ def load_corpus(cfg: DataConfig, tokenizer: PreTrainedTokenizerFast, progress: b
         ConfigError: no validation split, an unknown format, a hub dataset that cannot be loaded, or a mixture
             whose sources cannot share one run (weights, seq_len, tokenizers), named by key.
     """
-    resolved = [(_with_hdf5_files(source), weight) for source, weight in resolve_sources(cfg)]
+    resolved = resolve_sources(cfg)
     _check_mixture([source for source, _ in resolved])
     sources = []
     for source_cfg, weight in resolved:
@@ -153,13 +144,14 @@ def _target_counts(blocks: ShardedBlocks | np.ndarray) -> np.ndarray:
 
 
 def corpus_files(corpus: PackedCorpus) -> tuple[Path, Path]:
-    """The prepared train and validation split directories of a one-source corpus: what a CS-2's input workers
-    read (`modelzoo.data.csx_input.read_blocks`) from a mounted volume.
+    """The prepared train and validation split directories of a one-source corpus, absolute (`data.cache_dir` is
+    relative by default): what a CS-2's input workers read (`modelzoo.data.csx_input.read_blocks`) from a mounted
+    volume, in a working directory of their own.
 
     Raises:
         ConfigError: a mixture (the input workers read one corpus).
     """
     if len(corpus.sources) != 1:
         raise ConfigError("data.sources", "a CS-2 run reads one prepared corpus; mixtures train with masked_dense")
-    directory = Path(corpus.sources[0].report.directory)
+    directory = Path(corpus.sources[0].report.directory).resolve()
     return directory / "train", directory / "validation"

@@ -8,9 +8,15 @@ memory-mapped from the prepared corpus's shards, which must be on a volume in `c
 
 Batches come in the order of masked_dense's one-source `BlockLoader` (global sample `i` is block `perm[i % N]` of
 epoch `i // N`'s permutation; a global batch is the next `B` samples), `(B, T)` with the batch in dim 0 as cstorch
-expects. Each worker
-streams every `workers`-th global batch (round-robin by its local rank) and each CS-2 takes its slice of it, as
-cstorch's `ShardedSampler` does: together the workers of all systems stream every global batch exactly once.
+expects. As cstorch's `ShardedSampler` does, each worker streams every `workers`-th global batch, counted from where
+its stream started (the executor's first batch goes to local rank 0), and each CS-2 takes its slice of it (the
+sizes cstorch's `get_streaming_batch_size` gives each CS-2): together the workers of all systems stream every
+global batch exactly once.
+
+Restarts follow the Model Zoo's `RestartableDataLoader` contract. cstorch builds the workers afresh at every
+executor and loads them from the state it aggregated at the previous executor's last step (or a checkpoint's):
+each worker's state is the global samples streamed before its stream started plus the samples it streamed since
+(cstorch's worker state); the aggregate is the former plus the sum of the latter over all workers.
 """
 
 from __future__ import annotations
@@ -35,16 +41,18 @@ def read_blocks(path: str) -> ShardedBlocks:
 @dataclass(frozen=True)
 class Shard:
     """Which part of every global batch one input worker streams: `worker` of `workers` per CS-2, CS-2 `system`
-    of `systems`."""
+    of `systems`, whose slices of a global batch have `sizes` samples (empty: equal slices)."""
 
     workers: int = 1
     worker: int = 0
     systems: int = 1
     system: int = 0
+    sizes: tuple[int, ...] = ()
 
     @classmethod
-    def of_this_process(cls) -> Shard:
-        """On an appliance input worker, its place in the cluster (what `ShardedSampler` reads); elsewhere 1x1."""
+    def of_this_process(cls, global_batch_size: int) -> Shard:
+        """On an appliance input worker, its place in the cluster and each CS-2's slice of a global batch (what
+        `ShardedSampler` reads from cstorch); elsewhere 1x1."""
         try:
             import cerebras.pytorch as cstorch
         except ImportError:
@@ -52,15 +60,26 @@ class Shard:
         if not cstorch.distributed.is_streamer():
             return cls()
         spec = cstorch.distributed.service_resolver().cluster_spec
+        sizes = [0] * spec.num_csx
+        for task in spec.tasks:
+            sizes[task.wse_id] = cstorch.distributed.get_streaming_batch_size(global_batch_size, task.rank)
         task = spec.task()
-        return cls(spec.num_workers_per_csx, task.local_rank, spec.num_csx, task.wse_id)
+        return cls(spec.num_workers_per_csx, task.local_rank, spec.num_csx, task.wse_id, tuple(sizes))
+
+    def rows(self, global_batch_size: int) -> slice:
+        """This CS-2's slice of a global batch of `global_batch_size` samples."""
+        sizes = self.sizes or (global_batch_size // self.systems,) * self.systems
+        if len(sizes) != self.systems or sum(sizes) != global_batch_size:
+            raise ValueError(f"CS-2 slices {sizes} do not split a global batch of {global_batch_size}")
+        start = sum(sizes[: self.system])
+        return slice(start, start + sizes[self.system])
 
 
 class TrainBatches:
     """Endless `(x, y)` training batches of one shard, restartable (cstorch's `RestartableDataLoader` protocol).
 
-    The state is the number of global batches streamed so far; `BlockLoader`'s global sample index is that times
-    the global batch size.
+    `start` is the global batch this instance's stream begins at (the loaded state), `next_global` the next global
+    batch it passes over; `BlockLoader`'s global sample index is a global batch index times the global batch size.
     """
 
     def __init__(self, path: str, global_batch_size: int, seed: int, shuffle: bool = True, shard: Shard = Shard()):
@@ -69,53 +88,58 @@ class TrainBatches:
         self.seed = seed
         self.shuffle = shuffle
         self.shard = shard
-        if len(self.blocks) < global_batch_size or global_batch_size % shard.systems:
+        if len(self.blocks) < global_batch_size or global_batch_size < shard.systems:
             raise ValueError(
                 f"{path}: {len(self.blocks)} blocks in global batches of {global_batch_size} over {shard.systems} "
                 "CS-2(s) (refused at config time)"
             )
-        self.next_global = 0
+        self.rows = shard.rows(global_batch_size)
+        self.start = self.next_global = 0
 
     def global_batch(self, index: int) -> np.ndarray:
         """The block indices of global batch `index` (0 is the first batch of epoch 0)."""
         return stream_rows(len(self.blocks), self.seed, index * self.batch_size, self.batch_size, self.shuffle)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        local = self.batch_size // self.shard.systems
+        self.start = self.next_global
         while True:
             index = self.next_global
             self.next_global += 1
-            if index % self.shard.workers == self.shard.worker:
-                rows = self.global_batch(index)[self.shard.system * local : (self.shard.system + 1) * local]
-                yield to_batch(self.blocks[rows])
+            if (index - self.start) % self.shard.workers == self.shard.worker:
+                yield to_batch(self.blocks[self.global_batch(index)[self.rows]])
 
-    # ---- cstorch's RestartableDataLoader protocol --------------------------------------------------------
+    # ---- cstorch's RestartableDataLoader protocol (the Model Zoo's contract) ------------------------------
     def state_dict(self) -> dict[str, int]:
-        """Global batches streamed. On a worker (called by cstorch at a checkpoint step) the count of batches this
-        worker streamed that the system consumed, with where it streams them, for `aggregate_state_dict`."""
-        if self.shard == Shard():
-            return {"global_batches": self.next_global}
+        """Called by cstorch at a checkpoint step, on a worker or (CPU backend, before a CSX run) the user node:
+        the global samples streamed before this stream started, and the samples this worker streamed since."""
         import cerebras.pytorch as cstorch
 
-        state = cstorch.distributed.get_worker_state()
-        return {"worker_batches": int(state.worker_step), "system": self.shard.system}
+        return {
+            "previous_samples_streamed": self.start * self.batch_size,
+            "samples_streamed": int(cstorch.distributed.get_worker_state().samples_streamed),
+        }
 
     def aggregate_state_dict(self, worker_states: list[dict[str, int]]) -> dict[str, int]:
-        """One state from all workers': the global batches that the workers of the first CS-2 streamed together."""
-        if all("global_batches" in s for s in worker_states):
-            return {"global_batches": max(s["global_batches"] for s in worker_states)}
-        return {"global_batches": sum(s["worker_batches"] for s in worker_states if s["system"] == 0)}
+        """One state from all workers': where their streams started plus what all of them streamed since."""
+        previous = {s["previous_samples_streamed"] for s in worker_states}
+        if len(previous) != 1:
+            raise ValueError(f"input workers started their streams at different samples: {sorted(previous)}")
+        return {"samples_streamed": previous.pop() + sum(s["samples_streamed"] for s in worker_states)}
 
     def deaggregate_state_dict(self, aggregated: dict[str, int], strict: bool = True) -> dict[str, int]:
         return dict(aggregated)
 
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
-        self.next_global = int(state["global_batches"])
+        """Continue from `state["samples_streamed"]` global samples, a whole number of global batches."""
+        samples = int(state["samples_streamed"])
+        if samples % self.batch_size:
+            raise ValueError(f"{samples} samples streamed is not a whole number of global batches of {self.batch_size}")
+        self.start = self.next_global = samples // self.batch_size
 
 
 def train_input(path: str, global_batch_size: int, seed: int, shuffle: bool = True) -> TrainBatches:
     """cstorch's input function for training: this worker's shard of the global batches of the corpus file."""
-    return TrainBatches(path, global_batch_size, seed, shuffle, Shard.of_this_process())
+    return TrainBatches(path, global_batch_size, seed, shuffle, Shard.of_this_process(global_batch_size))
 
 
 def eval_input(path: str, batch_size: int, max_batches: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:

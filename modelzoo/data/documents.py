@@ -48,10 +48,12 @@ def file_format(path: str, fmt: str) -> str:
 
 
 def expand_files(patterns: list[str]) -> list[str]:
-    """`patterns` with each glob replaced by its matches, sorted (so the order never depends on the file system).
+    """`patterns` with each glob replaced by its matches and each directory (a Cerebras Model Zoo HDF5 data
+    directory) by its `*.h5` files, sorted (so the order never depends on the file system). Every reader of a
+    split's files (preparation, the tokenizer, a run's identity) gets them from here.
 
     Raises:
-        DataError: a glob that matches no file.
+        DataError: a glob that matches no file, or a directory without `*.h5` files.
     """
     files = []
     for pattern in patterns:
@@ -60,6 +62,13 @@ def expand_files(patterns: list[str]) -> list[str]:
             if not matches:
                 raise DataError(pattern, "the glob matches no file (relative to the cwd)")
             files.extend(matches)
+        elif Path(pattern).is_dir():
+            found = sorted(str(p) for p in Path(pattern).glob("*.h5"))
+            if not found:
+                raise DataError(
+                    pattern, "a directory is read as Cerebras HDF5 shards but has no *.h5 files; name files or a glob"
+                )
+            files.extend(found)
         else:
             files.append(pattern)
     return files

@@ -16,6 +16,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from modelzoo.data.cerebras_hdf5 import bundled_tokenizer
 from modelzoo.data.config import DataConfig, TokenizerConfig, resolve_sources
 from modelzoo.data.documents import describe_error, file_format, iter_documents, split_files, split_key
 from modelzoo.errors import ConfigError
@@ -32,7 +33,8 @@ MIN_VOCAB = len(pre_tokenizers.ByteLevel.alphabet()) + 1  # 256 bytes + EOS
 
 
 def build_tokenizer(cfg: TokenizerConfig, data: DataConfig) -> PreTrainedTokenizerFast:
-    """The tokenizer of a run: trained on `data`'s training split when `cfg.path` is None, else loaded.
+    """The tokenizer of a run: loaded from `cfg.path`; else the one saved beside `data`'s Cerebras HDF5 shards
+    (`bundled_tokenizer_of`); else trained on `data`'s training split.
 
     Args:
         cfg: `path` (None, a local directory or a hub name), `vocab_size` and `min_frequency` for training.
@@ -44,6 +46,10 @@ def build_tokenizer(cfg: TokenizerConfig, data: DataConfig) -> PreTrainedTokeniz
     """
     if cfg.path is not None:
         return load_pretrained(cfg.path)
+    bundled = bundled_tokenizer_of(data)
+    if bundled is not None:
+        log.info("tokenizer: the one saved beside the Cerebras HDF5 shards, %s", bundled)
+        return load_pretrained(str(bundled))
     path = Path(data.cache_dir) / "tokenizers" / training_fingerprint(cfg, data) / "tokenizer.json"
     if path.is_file():
         log.info("tokenizer: cache hit %s", path)
@@ -58,6 +64,20 @@ def build_tokenizer(cfg: TokenizerConfig, data: DataConfig) -> PreTrainedTokeniz
         pad_token=EOS,
         model_input_names=MODEL_INPUT_NAMES,
     )
+
+
+def bundled_tokenizer_of(data: DataConfig) -> Path | None:
+    """The tokenizer directory `prepare-data --cerebras-hdf5` saved beside the first Cerebras HDF5 training
+    shards of `data` that have one, or None.
+
+    A source tokenised with another one is refused when it is prepared: its `data_params.json` names the sha256 of
+    the tokenizer it was made with.
+    """
+    for source, _ in resolve_sources(data):
+        for path in split_files(source, "train"):
+            if file_format(path, source.format) == "cerebras_hdf5" and bundled_tokenizer(path) is not None:
+                return bundled_tokenizer(path)
+    return None
 
 
 def training_fingerprint(cfg: TokenizerConfig, data: DataConfig) -> str:
@@ -91,8 +111,8 @@ def train_bpe(cfg: TokenizerConfig, data: DataConfig) -> Tokenizer:
         if any(file_format(path, source.format) == "cerebras_hdf5" for path in split_files(source, "train")):
             raise ConfigError(
                 "tokenizer.path",
-                f"{source.name} is already tokenised (cerebras_hdf5): give the tokenizer it was made with "
-                "(e.g. tokenizer=gpt2) instead of training one",
+                f"{source.name} is already tokenised (cerebras_hdf5) and no tokenizer was saved beside its shards: "
+                "give the tokenizer it was made with (e.g. tokenizer=gpt2) instead of training one",
             )
     documents = (text for source in sources for text in iter_documents(source, "train"))
     tokenizer.train_from_iterator(documents, trainer=trainer)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from modelzoo.config.train import resolved_precision
 from modelzoo.flops import flop_report, format_report
 from modelzoo.memory import format_memory_plan, memory_plan
 from modelzoo.report import format_model_info
@@ -13,7 +14,8 @@ def info(overrides: list[str]) -> None:
     cfg = validated_config(overrides)
     print(format_model_info(cfg.model, cfg.sparsity))
     t = cfg.task
-    print(format_memory_plan(memory_plan(cfg.model, cfg.sparsity, t.precision, t.micro_batch_size, cfg.data.seq_len)))
+    precision = resolved_precision(t.precision, cfg.cluster.target)
+    print(format_memory_plan(memory_plan(cfg.model, cfg.sparsity, precision, t.micro_batch_size, cfg.data.seq_len)))
 
 
 def flops(overrides: list[str]) -> None:

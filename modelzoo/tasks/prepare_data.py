@@ -21,7 +21,7 @@ def run(
     """The corpus's report; with `dry_run`, an estimate (nothing but the tokenizer is written).
 
     `cerebras_hdf5`: also write each split of each source as Cerebras Model Zoo GPT HDF5 shards under
-    `<cerebras_hdf5>/<source>/<split>/`.
+    `<cerebras_hdf5>/<source>/<split>/`, with the tokenizer beside them (`save_pretrained` form).
     """
     tokenizer = build_tokenizer(tokenizer_cfg, data)
     if dry_run:
@@ -34,6 +34,7 @@ def run(
             for split, blocks in (("train", source.train), ("validation", source.validation)):
                 out = Path(cerebras_hdf5) / source.name / split
                 files = write_hdf5(blocks, out, HDF5_SAMPLES_PER_FILE, processing)
+                tokenizer.save_pretrained(out)  # read back when a run names no tokenizer
                 lines.append(
                     f"cerebras_hdf5 {source.name} {split}: {len(blocks):,} samples in {len(files)} file(s) {out}"
                 )

@@ -1,6 +1,6 @@
 """`modelzoo pretrain`: the task that builds tokenizer, corpus, model, backend and sparsity, and runs the shared loop.
 
-`Trainer` assembles the parts from a validated `Config` and hands them to `modelzoo.train.loop.TrainLoop` (the one
+`Pretraining` assembles the parts from a validated `Config` and hands them to `modelzoo.train.loop.TrainLoop` (the one
 loop that fine-tuning and soft prompting share) as a `LoopTask`: its batches are packed token blocks
 (`BlockLoader`), its loss the LM loss, its evaluation the validation loss. At the end it writes the run summary and
 the Hugging Face export. Under `torchrun` the loop wraps the model in `DistributedDataParallel` and rank 0 alone

@@ -1,5 +1,5 @@
 """The one way a training run is built (pre-training, fine-tuning, soft prompting), as torchtitan's one
-`Trainer.__init__`: `open_run` claims the device and the run directory; `assemble_loop` builds the optimizer and
+`Pretraining.__init__`: `open_run` claims the device and the run directory; `assemble_loop` builds the optimizer and
 schedule, the loop's settings and config record, writes the tokenizer of a new run and resumes an old one.
 
 A task brings what is its own (data, model, loss, evaluation, summary) and hands the parts to these two steps.

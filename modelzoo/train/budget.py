@@ -16,14 +16,16 @@ from pathlib import Path
 
 from modelzoo.checkpoint import latest_checkpoint
 from modelzoo.config import Config
+from modelzoo.config.train import resolved_precision
 from modelzoo.flops import iso_flop_steps
 
 log = logging.getLogger(__name__)
 
 
 def resolved(cfg: Config, run_dir: str | Path | None = None) -> Config:
-    """`cfg` with `task.budget` turned into `task.max_steps` and `task.auto_resume` into `task.resume`."""
-    task = cfg.task
+    """`cfg` with `task.budget` turned into `task.max_steps`, `task.auto_resume` into `task.resume` and
+    `task.precision=auto` into the cluster's precision."""
+    task = replace(cfg.task, precision=resolved_precision(cfg.task.precision, cfg.cluster.target))
     if task.budget == "dense_flops":
         steps = iso_flop_steps(cfg.model, cfg.data.seq_len, cfg.sparsity, task.max_steps)
         if steps != task.max_steps:

@@ -213,13 +213,18 @@ class TrainLoop:
             self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.settings.grad_clip)
         loss = torch.stack(losses).sum() / self.accumulation
-        lr = self.optimizer.param_groups[0]["lr"]  # a tensor of the program on cstorch, a float elsewhere
-        if self.guard.allows_update(self.step + 1, loss, grad_norm):
+        update = self.guard.allows_update(self.step + 1, loss, grad_norm)
+        if update:
             if self.scaler is None:
                 self.optimizer.step()
             else:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
+        # The LR this step used, read after the optimizer step and before the schedule's: on a CS-2 cstorch sets
+        # the program's LR inside `optimizer.step()` (a step pre-hook), before it the group holds a host constant.
+        # A tensor of the program on cstorch, a float elsewhere.
+        lr = self.optimizer.param_groups[0]["lr"]
+        if update:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss, grad_norm, lr
