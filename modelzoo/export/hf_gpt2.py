@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel, PretrainedConfig
 
 from modelzoo.errors import CheckpointError, ConfigError
 from modelzoo.models.gpt import ACTIVATIONS, GPTConfig
@@ -56,15 +56,22 @@ def to_hf_config(config: GPTConfig, bos_token_id: int | None = None, eos_token_i
     )
 
 
-def from_hf_config(hf: GPT2Config, name: str = "hf") -> GPTConfig:
-    """Our `GPTConfig` for a `GPT2Config`; raises `ConfigError` for options our GPT cannot represent."""
-    where = f"{hf.name_or_path}/config.json" if hf.name_or_path else "GPT2Config"
-    for field, supported, ours in FIXED_OPTIONS:
-        value = getattr(hf, field)
+def refuse_fixed_options(hf: PretrainedConfig, options: tuple[tuple[str, object, str], ...]) -> str:
+    """Where `hf` came from (`<dir>/config.json`), after refusing any of `options` (field, the one value we
+    implement, what we do instead) that `hf` sets otherwise, naming the field."""
+    where = f"{hf.name_or_path}/config.json" if hf.name_or_path else type(hf).__name__
+    for field, supported, ours in options:
+        value = getattr(hf, field, supported)
         if value != supported:
             raise ConfigError(
                 f"{field} in {where}", f"{value!r} cannot be imported: {ours} (only {supported!r} converts)"
             )
+    return where
+
+
+def from_hf_config(hf: GPT2Config, name: str = "hf") -> GPTConfig:
+    """Our `GPTConfig` for a `GPT2Config`; raises `ConfigError` for options our GPT cannot represent."""
+    where = refuse_fixed_options(hf, FIXED_OPTIONS)
     if hf.activation_function not in ACTIVATIONS:
         raise ConfigError(
             f"activation_function in {where}", f"{hf.activation_function!r} is not implemented", ACTIVATIONS

@@ -14,6 +14,7 @@ from transformers import LlamaConfig as HFLlamaConfig
 from transformers import LlamaForCausalLM
 
 from modelzoo.errors import ConfigError
+from modelzoo.export.hf_gpt2 import refuse_fixed_options
 from modelzoo.models.llama import LlamaConfig, RopeScaling
 
 MODEL_TYPE = "llama"
@@ -59,13 +60,7 @@ def to_hf_config(
 
 def from_hf_config(hf: HFLlamaConfig, name: str = "hf") -> LlamaConfig:
     """Our `LlamaConfig` for a `transformers.LlamaConfig`; raises `ConfigError` for what our Llama cannot represent."""
-    where = f"{hf.name_or_path}/config.json" if hf.name_or_path else "LlamaConfig"
-    for field, supported, ours in FIXED_OPTIONS:
-        value = getattr(hf, field, supported)
-        if value != supported:
-            raise ConfigError(
-                f"{field} in {where}", f"{value!r} cannot be imported: {ours} (only {supported!r} converts)"
-            )
+    where = refuse_fixed_options(hf, FIXED_OPTIONS)
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     if head_dim * hf.num_attention_heads != hf.hidden_size:
         raise ConfigError(

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 class KVCache:
@@ -79,3 +80,41 @@ def lm_output(
     if targets is None:
         return logits, None
     return logits, F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.view(-1))
+
+
+class DecoderLM(nn.Module):
+    """What a family's model shares: the cache it decodes with, logits and loss from its `hidden` states and
+    `lm_head`, and its parameter count without the `EMBEDDINGS`."""
+
+    EMBEDDINGS: tuple[str, ...] = ()
+    config: Any
+    lm_head: nn.Linear
+
+    def hidden(
+        self, idx: torch.Tensor, cache: KVCache | None = None, prefix: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def new_cache(
+        self, batch_size: int, max_len: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> KVCache:
+        """An empty `KVCache` for `batch_size` sequences of up to `max_len` positions."""
+        return KVCache(self.config, batch_size, max_len, device, dtype)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        prefix: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, P + T, vocab) of `idx` (B, T) behind optional `prefix` embeddings (B, P, C).
+
+        With `targets` (B, P + T; -100 where no loss is taken), also the mean cross-entropy loss.
+        """
+        return lm_output(self.lm_head(self.hidden(idx, cache, prefix)), targets, self.config.vocab_size)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count (a tied head counted once); `non_embedding` leaves out the `EMBEDDINGS`."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - sum(self.get_parameter(name).numel() for name in self.EMBEDDINGS) if non_embedding else n

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelzoo.models.common import KVCache, causal_attention, check_positions, lm_output
+from modelzoo.models.common import DecoderLM, KVCache, causal_attention, check_positions
 
 
 @dataclass
@@ -111,7 +111,7 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT(nn.Module):
+class GPT(DecoderLM):
     """GPT language model; `forward` returns logits (B, T, vocab) and, given targets, the mean CE loss.
 
     With a `KVCache`, `idx` holds only the tokens after the cached positions (the whole prompt first, then
@@ -150,12 +150,6 @@ class GPT(nn.Module):
     def embedding(self) -> nn.Embedding:
         return self.transformer.wte
 
-    def new_cache(
-        self, batch_size: int, max_len: int, device: torch.device | None = None, dtype: torch.dtype | None = None
-    ) -> KVCache:
-        """An empty `KVCache` for `batch_size` sequences of up to `max_len` positions."""
-        return KVCache(self.config, batch_size, max_len, device, dtype)
-
     def reset_parameters(self) -> None:
         """GPT-3 init: truncated normal std 0.02; residual output projections scaled by 1/sqrt(2 n_layer)."""
         std = self.config.init_std
@@ -190,23 +184,3 @@ class GPT(nn.Module):
         if cache is not None:
             cache.length += T
         return self.transformer.ln_f(x)
-
-    def forward(
-        self,
-        idx: torch.Tensor,
-        targets: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        prefix: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, P + T, vocab) of `idx` (B, T) behind optional `prefix` embeddings (B, P, C).
-
-        With `targets` (B, P + T; -100 where no loss is taken), also the mean cross-entropy loss.
-        """
-        return lm_output(self.lm_head(self.hidden(idx, cache, prefix)), targets, self.config.vocab_size)
-
-    def num_params(self, non_embedding: bool = True) -> int:
-        """Parameter count; `non_embedding` excludes token and position embeddings (tied head counted once)."""
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            n -= self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
-        return n

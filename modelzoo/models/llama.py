@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelzoo.models.common import KVCache, causal_attention, check_positions, lm_output
+from modelzoo.models.common import DecoderLM, KVCache, causal_attention, check_positions
 
 
 @dataclass
@@ -170,7 +170,7 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class Llama(nn.Module):
+class Llama(DecoderLM):
     """Llama language model; `forward` returns logits (B, T, vocab) and, given targets, the mean CE loss.
 
     The interface is GPT's (`modelzoo.models.registry.CausalLM`): `hidden`, `forward` with an optional
@@ -213,12 +213,6 @@ class Llama(nn.Module):
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
 
-    def new_cache(
-        self, batch_size: int, max_len: int, device: torch.device | None = None, dtype: torch.dtype | None = None
-    ) -> KVCache:
-        """An empty `KVCache` for `batch_size` sequences of up to `max_len` positions."""
-        return KVCache(self.config, batch_size, max_len, device, dtype)
-
     def hidden(
         self, idx: torch.Tensor, cache: KVCache | None = None, prefix: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -235,21 +229,3 @@ class Llama(nn.Module):
         if cache is not None:
             cache.length += T
         return self.model.norm(x)
-
-    def forward(
-        self,
-        idx: torch.Tensor,
-        targets: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        prefix: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, P + T, vocab) of `idx` (B, T) behind optional `prefix` embeddings (B, P, C).
-
-        With `targets` (B, P + T; -100 where no loss is taken), also the mean cross-entropy loss.
-        """
-        return lm_output(self.lm_head(self.hidden(idx, cache, prefix)), targets, self.config.vocab_size)
-
-    def num_params(self, non_embedding: bool = True) -> int:
-        """Parameter count; `non_embedding` excludes the token embedding (a tied head is counted once)."""
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.model.embed_tokens.weight.numel() if non_embedding else n
