@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from modelzoo.models.gpt import GPTConfig
+from modelzoo.models.registry import ModelConfig, config_class
 
 REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS_MD = REPO / "docs" / "benchmarks.md"
@@ -200,7 +200,7 @@ def publish(section: str, text: str, env: dict[str, str], write: bool) -> None:
 class Shape:
     """A model shape, the batch it is timed on, and its default number of timed steps per round."""
 
-    model: GPTConfig
+    model: ModelConfig
     batch: int
     seq: int
     steps: int
@@ -212,7 +212,9 @@ class Shape:
         return self.batch * self.seq
 
 
-def model_size(size: str, **overrides: object) -> GPTConfig:
+def model_size(size: str, **overrides: object) -> ModelConfig:
     """A size from `conf/model/<size>.yaml` (the repository's one table of sizes), with `overrides`."""
-    values = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / f"{size}.yaml"))
-    return GPTConfig(**{**values, **overrides})
+    values = OmegaConf.load(REPO / "conf" / "model" / f"{size}.yaml")
+    del values["defaults"]  # the option's schema, chosen here by its family
+    schema = OmegaConf.structured(config_class(values.family))
+    return OmegaConf.to_object(OmegaConf.merge(schema, values, overrides))

@@ -3,7 +3,9 @@
 Counting convention (Hoffmann et al. 2022, appendix F; the one that reproduces SPDF's 2.5x for GPT-3 XL at
 75% sparsity): per token and layer, every weight matrix W (in x out) costs 2 * in * out forward FLOPs,
 scaled by its density when sparse; attention scores (Q K^T) and the weighted sum (A V) cost
-2 * n_ctx * d_model each and are always dense; the tied LM head costs 2 * d_model * vocab, dense.
+2 * n_ctx * d_model each and are always dense; the LM head costs 2 * d_model * vocab, dense unless its weight is
+sparse. Each family's matrices are counted at their own shapes: Llama's SwiGLU has three (gate, up, down), and its
+grouped-query K and V projections are `n_kv_head / n_head` the size of Q.
 Training is 3x forward (the backward pass computes input and weight gradients, each as costly as the
 forward; sparse hardware such as the CS-2 skips the zeros in both). Norms, softmax, GELU and the
 embedding lookup are left out (well under 1% at these sizes).
@@ -24,16 +26,23 @@ from dataclasses import dataclass
 
 import torch
 
-from modelzoo.models.gpt import GPT, GPTConfig
+from modelzoo.models.registry import ModelConfig, build_model
 from modelzoo.sparsity.config import SparsityConfig
 from modelzoo.sparsity.plan import RunLevels, run_levels
 
 TRAIN_MULTIPLIER = 3  # forward + backward (2x forward)
-COMPONENTS = {
+COMPONENTS = {  # weight name suffix (GPT-2's, Llama's) -> component
     "attn.c_attn.weight": "attention qkv",
     "attn.c_proj.weight": "attention out",
     "mlp.c_fc.weight": "mlp in",
     "mlp.c_proj.weight": "mlp out",
+    "self_attn.q_proj.weight": "attention qkv",
+    "self_attn.k_proj.weight": "attention qkv",
+    "self_attn.v_proj.weight": "attention qkv",
+    "self_attn.o_proj.weight": "attention out",
+    "mlp.gate_proj.weight": "mlp in",
+    "mlp.up_proj.weight": "mlp in",
+    "mlp.down_proj.weight": "mlp out",
 }
 
 
@@ -100,12 +109,12 @@ class FlopReport:
 
 
 def flop_report(
-    config: GPTConfig, seq_len: int, sparsity: SparsityConfig | None = None, steps: int | None = None
+    config: ModelConfig, seq_len: int, sparsity: SparsityConfig | None = None, steps: int | None = None
 ) -> FlopReport:
     """Forward FLOPs per token by component over a run of `steps` optimizer steps (see the module docstring)."""
     enabled = sparsity is not None and sparsity.enabled
     with torch.device("meta"):
-        model = GPT(config)
+        model = build_model(config)
     levels = run_levels(sparsity, model, steps) if enabled else RunLevels({}, {}, {})
     params = dict(model.named_parameters())
     groups: dict[str, list[float]] = {}
@@ -120,8 +129,8 @@ def flop_report(
         acc[2] += dense * (1.0 - levels.final.get(name, 0.0))
         acc[3] += dense * levels.dense_grad.get(name, 0.0)  # the weight gradient, dense where the masks prune
     attention = 2 * 2.0 * config.n_layer * seq_len * config.n_embd  # Q K^T and A V, dense
-    head = 2.0 * config.n_embd * config.padded_vocab_size  # tied LM head (padded rows run too), dense unless sparse
-    wte = "transformer.wte.weight"
+    head = 2.0 * config.n_embd * config.padded_vocab_size  # LM head (padded rows run too), dense unless sparse
+    wte = next(n for n, p in params.items() if p is model.lm_head.weight)  # the embedding's name where tied
     terms = (
         *(FlopTerm(k, *v) for k, v in groups.items()),
         FlopTerm("attention scores", attention, attention, attention),
@@ -185,7 +194,7 @@ def format_report(report: FlopReport, tokens: int | None = None) -> str:
     return "\n".join(lines)
 
 
-def iso_flop_steps(config: GPTConfig, seq_len: int, sparsity: SparsityConfig, dense_steps: int) -> int:
+def iso_flop_steps(config: ModelConfig, seq_len: int, sparsity: SparsityConfig, dense_steps: int) -> int:
     """The fewest steps whose sparse-effective training FLOPs reach those of `dense_steps` dense steps of the same
     batch (the iso-FLOP run length: a 75% sparse run trains about 2.5x longer at GPT-3 XL size)."""
     if not sparsity.enabled:

@@ -15,7 +15,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from modelzoo.errors import ConfigError
-from modelzoo.models.gpt import GPT, KVCache
+from modelzoo.models.registry import CausalLM
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Genera
 
 @torch.inference_mode()
 def generate(
-    model: GPT,
+    model: CausalLM,
     prompt: list[int],
     max_new_tokens: int,
     sampling: Sampling = Sampling(),
@@ -98,7 +98,7 @@ def generate(
         )
     weight = next(model.parameters())
     generator = torch.Generator(weight.device).manual_seed(seed)
-    cache = KVCache(model.config, 1, len(prompt) + max_new_tokens, weight.device, weight.dtype) if use_cache else None
+    cache = model.new_cache(1, len(prompt) + max_new_tokens, weight.device, weight.dtype) if use_cache else None
     ids = torch.tensor([prompt], device=weight.device)  # (1, T): the prompt, then what the next step feeds
     tokens: list[int] = []
     start = time.perf_counter()

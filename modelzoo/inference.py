@@ -1,7 +1,7 @@
 """Loading a model for inference (`generate`, `evaluate`): the one place.
 
 A source is a run directory (the checkpoint it stands for), a checkpoint directory, or a Hugging Face directory.
-Our checkpoints and GPT-2 exports load into our GPT, with their masks (from the checkpoint, or an export's
+Our checkpoints and GPT-2 / Llama exports load into our models, with their masks (from the checkpoint, or an export's
 `sparsity.json`); other causal LMs load through `AutoModelForCausalLM` where the caller allows it. The model is put
 on the task's device and dtype, in eval mode, and rewritten by the inference converter `task.converter` chooses.
 """
@@ -14,14 +14,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from modelzoo import checkpoint as ckpt
 from modelzoo.backends.converters import convert
 from modelzoo.config import Config
 from modelzoo.config.train import resolved_device
 from modelzoo.errors import ConfigError
-from modelzoo.export.hf import load_hf, restore_masks
+from modelzoo.export.hf import BY_MODEL_TYPE, load_hf, restore_masks
 from modelzoo.finite import refuse_nonfinite
 from modelzoo.restore import require_tokenizer, restore_model
 
@@ -33,7 +33,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 class InferenceModel:
     """A loaded model ready for forward calls, and where it came from."""
 
-    model: nn.Module  # our GPT, or a `transformers` model (kind "hf (transformers)")
+    model: nn.Module  # our GPT or Llama, or a `transformers` model (kind "hf (transformers)")
     tokenizer: PreTrainedTokenizerBase
     source: Path  # the checkpoint or Hugging Face directory read
     kind: str  # "checkpoint" | "hf (ours)" | "hf (transformers)"
@@ -72,7 +72,7 @@ def load_for_inference(
         directory = Path(path)
         tokenizer = AutoTokenizer.from_pretrained(directory)
         hf_config = AutoConfig.from_pretrained(directory, local_files_only=True)
-        if isinstance(hf_config, GPT2Config):
+        if hf_config.model_type in BY_MODEL_TYPE:
             model = load_hf(directory)
             restore_masks(model, directory)
             loaded = InferenceModel(model, tokenizer, directory, "hf (ours)", hf_config, None)
@@ -81,7 +81,9 @@ def load_for_inference(
             refuse_nonfinite(model.state_dict().items(), directory, "it cannot be evaluated")
             loaded = InferenceModel(model, tokenizer, directory, "hf (transformers)", hf_config, None)
         else:
-            raise ConfigError(key, f"{directory} holds a {type(hf_config).__name__}; this command runs GPT-2 models")
+            raise ConfigError(
+                key, f"{directory} holds a {type(hf_config).__name__}; this command runs GPT-2 and Llama models"
+            )
     else:
         checkpoint = ckpt.find_checkpoint(path, key)
         run = restore_model(checkpoint)

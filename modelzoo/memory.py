@@ -14,11 +14,19 @@ sizes), activations of a = 2 bytes (bf16) or 4 (fp32) and the fp32 residual stre
     the same storage), log-sum-exp 4*n_head | ln_2 input 4h, mean and rstd 8 | c_fc input a*h | GELU input a*f |
     mlp c_proj input a*f                                          = (8 + 6a) h + 2 a f + 16 + 4 n_head
 
+and for a Llama block (RMSNorm keeps its fp32 input, normalised input and rstd; rotary embeddings keep only their
+cos/sin tables, 8 x head_dim bytes per position once per micro-batch, left out; K and V have n_kv_head heads,
+kv = n_kv_head x head_dim; the SwiGLU keeps gate, SiLU, up and product, a*f each; under bf16 autocast each of the
+five projections fed by a norm casts its input separately, in fp32 they share the norm's output):
+
+    2 norms (8h + 4) | q/k/v and gate/up inputs 8h (fp32) or 10h (bf16) | rotated q a*h, k and v 2*a*kv, SDPA
+    output a*h, log-sum-exp 4*n_head | SwiGLU 4*a*f
+
 plus, once: the token ids and targets (int64, 16), the final LayerNorm's input, mean and rstd (4h + 8), the LM
 head's input a*h, and the logits: the head's output over the padded vocabulary (a * V_pad, held by the step until
-its backward) and the fp32 log-softmax the loss keeps (4 V). With activation checkpointing a block
-keeps only its fp32 input (4h per token); the backward pass recomputes one block at a time, so one block's full
-activations are live on top. tests/test_memory.py checks these counts against what
+its backward) and the fp32 log-softmax the loss keeps (4 V); for Llama the final RMSNorm's 8h + 4 instead. With
+activation checkpointing a block keeps only its fp32 input (4h per token); the backward pass recomputes one block at
+a time, so one block's full activations are live on top. tests/test_memory.py checks these counts against what
 autograd saves on CPU. Not counted: the CUDA context and cuBLAS workspaces (a few hundred MiB), allocator
 fragmentation, and the transient buffers of the backward pass (the logits' gradient is as large as the logits).
 """
@@ -29,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from modelzoo.models.gpt import GPT, GPTConfig
+from modelzoo.models.registry import ModelConfig, build_model
 from modelzoo.sparsity.config import SparsityConfig
 from modelzoo.sparsity.plan import plan_groups
 
@@ -62,27 +70,32 @@ class MemoryPlan:
         return self.state + self.activations_checkpointed
 
 
-def block_activation_bytes(config: GPTConfig, precision: str) -> int:
-    """Bytes one block keeps per token for the backward pass (the table in the module docstring)."""
+def block_activation_bytes(config: ModelConfig, precision: str) -> int:
+    """Bytes one block keeps per token for the backward pass (the tables in the module docstring)."""
     a = 2 if precision == "bf16" else FP32
     h, f = config.n_embd, config.n_inner
+    if config.family == "llama":
+        inputs = 10 * h if precision == "bf16" else 8 * h
+        kv = config.n_kv_head * config.head_dim
+        return 2 * (8 * h + 4) + inputs + 2 * a * h + 2 * a * kv + FP32 * config.n_head + 4 * a * f
     return (2 * FP32 + 6 * a) * h + 2 * a * f + 16 + FP32 * config.n_head
 
 
-def head_activation_bytes(config: GPTConfig, precision: str) -> int:
-    """Bytes per token kept outside the blocks: ids and targets, final LayerNorm and LM-head inputs, logits, fp32
+def head_activation_bytes(config: ModelConfig, precision: str) -> int:
+    """Bytes per token kept outside the blocks: ids and targets, final norm and LM-head inputs, logits, fp32
     log-softmax."""
     a = 2 if precision == "bf16" else FP32
     ids = 2 * 8
-    return ids + FP32 * config.n_embd + 8 + a * config.n_embd + a * config.padded_vocab_size + FP32 * config.vocab_size
+    norm = 2 * FP32 * config.n_embd + 4 if config.family == "llama" else FP32 * config.n_embd + 8
+    return ids + norm + a * config.n_embd + a * config.padded_vocab_size + FP32 * config.vocab_size
 
 
 def memory_plan(
-    config: GPTConfig, sparsity: SparsityConfig | None, precision: str, micro_batch_size: int, seq_len: int
+    config: ModelConfig, sparsity: SparsityConfig | None, precision: str, micro_batch_size: int, seq_len: int
 ) -> MemoryPlan:
     """What one DDP replica holds at the peak of a training step (the start of the backward pass)."""
     with torch.device("meta"):
-        model = GPT(config)
+        model = build_model(config)
     params = dict(model.named_parameters())
     n = sum(p.numel() for p in params.values())
     enabled = sparsity is not None and sparsity.enabled
@@ -98,10 +111,10 @@ def memory_plan(
         items.append(("sparsity masks (bool)", n_sparse))
         if "rigl" in sparsity.algorithms:
             items.append(("RigL dense gradients (mask-update steps)", FP32 * n_sparse))
-    # bf16 autocast: a copy of every weight matrix the forward multiplies by (the block matrices and the tied head),
+    # bf16 autocast: a copy of every weight matrix the forward multiplies by (the block matrices and the LM head),
     # cached until the forward leaves autocast and kept by autograd until the backward has used it. With
     # checkpointing too: the cache holds them all at the end of the forward.
-    matrices = sum(p.numel() for name, p in params.items() if p.ndim == 2 and name.startswith("transformer.h."))
+    matrices = sum(p.numel() for p in model.blocks.parameters() if p.ndim == 2)
     copies = 2 * (matrices + config.padded_vocab_size * config.n_embd) if precision == "bf16" else 0
     tokens = micro_batch_size * seq_len
     block = block_activation_bytes(config, precision) * tokens

@@ -19,14 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from omegaconf import OmegaConf
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from modelzoo import checkpoint as ckpt
-from modelzoo.config import Config
+from modelzoo.config import Config, config_from_yaml
 from modelzoo.errors import CheckpointError
 from modelzoo.finite import refuse_nonfinite
-from modelzoo.models.gpt import GPT
+from modelzoo.models.registry import CausalLM
+from modelzoo.models.registry import build_model as new_model
 from modelzoo.sparsity.config import SparsityConfig
 from modelzoo.sparsity.masks import MASK_SUFFIX
 from modelzoo.sparsity.plugin import MaskedSparsity
@@ -37,16 +37,11 @@ Masks = Literal["config", "held", "none"]
 
 @dataclass
 class Restored:
-    model: GPT
+    model: CausalLM
     config: Config  # the run's config as it was saved
     tokenizer: PreTrainedTokenizerBase | None  # the run's `tokenizer/`, None when it has none
     sparsifier: MaskedSparsity | None  # the plug-in holding the masks (None without masks)
     checkpoint: Path
-
-
-def config_from_yaml(config_yaml: str) -> Config:
-    """A saved run config (YAML) as the library's `Config`, defaults filled in for keys it predates."""
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(config_yaml)))
 
 
 def saved_config(checkpoint: str | Path) -> Config:
@@ -54,9 +49,9 @@ def saved_config(checkpoint: str | Path) -> Config:
     return config_from_yaml(ckpt.read_config(checkpoint))
 
 
-def build_model(cfg: Config) -> tuple[GPT, MaskedSparsity | None]:
-    """A freshly initialised GPT of `cfg.model` with the masks `cfg.sparsity` draws (None when dense)."""
-    model = GPT(cfg.model)
+def build_model(cfg: Config) -> tuple[CausalLM, MaskedSparsity | None]:
+    """A freshly initialised model of `cfg.model` with the masks `cfg.sparsity` draws (None when dense)."""
+    model = new_model(cfg.model)
     if not cfg.sparsity.enabled:
         return model, None
     sparsifier = MaskedSparsity(cfg.sparsity, cfg.seed)
@@ -95,12 +90,12 @@ def restore_model(checkpoint: str | Path, masks: Masks = "config") -> Restored:
         model, sparsifier = build_model(cfg)
         ckpt.load_model_weights(checkpoint, model, sparsifier.mask_names() if sparsifier else [])
     elif masks == "held" and (stored := ckpt.checkpoint_masks(checkpoint)):
-        model = GPT(cfg.model)
+        model = new_model(cfg.model)
         sparsifier = MaskedSparsity(held_sparsity(stored), cfg.seed)
         sparsifier.apply(model)
         ckpt.load_model_weights(checkpoint, model, sparsifier.mask_names())  # the saved masks, exactly
     else:
-        model = GPT(cfg.model)
+        model = new_model(cfg.model)
         ckpt.load_model_weights(checkpoint, model, [], drop_masks=True)
     refuse_nonfinite(
         model.state_dict().items(),

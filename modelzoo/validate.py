@@ -37,7 +37,9 @@ from modelzoo.data.config import FORMATS, DataConfig, resolve_sources
 from modelzoo.distributed import world_size
 from modelzoo.downstream.pubmedqa import SPLITS
 from modelzoo.errors import ConfigError
-from modelzoo.models.gpt import ACTIVATIONS, GPT, GPTConfig
+from modelzoo.models.gpt import ACTIVATIONS, GPTConfig
+from modelzoo.models.llama import LlamaConfig
+from modelzoo.models.registry import ModelConfig, build_model, config_class
 from modelzoo.models.soft_prompt import PROMPT_INITS
 from modelzoo.sparsity.plan import check_run, plan_groups
 from modelzoo.train.accel import validate_accel
@@ -78,7 +80,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("task", f"no validator for {type(task).__name__}")
     if cfg.sparsity.enabled:
         with torch.device("meta"):
-            model = GPT(cfg.model)
+            model = build_model(cfg.model)
         if isinstance(task, TrainConfig):  # every level the run's masks take, up to task.max_steps
             check_run(cfg.sparsity, model, task.max_steps)
         else:
@@ -141,19 +143,50 @@ def check_batches(batch_size: int, micro_batch_size: int) -> None:
         )
 
 
-def validate_model(m: GPTConfig) -> None:
-    for key in ("n_layer", "n_embd", "n_head", "n_inner", "n_positions", "vocab_size", "padded_vocab_multiple"):
+def validate_model(m: ModelConfig) -> None:
+    if not isinstance(m, config_class(m.family)):
+        raise ConfigError(
+            "model.family",
+            f"{m.family!r} does not match the option's schema {type(m).__name__}; the model option sets it",
+        )
+    for key in ("n_layer", "n_embd", "n_head", "n_kv_head", "n_inner", "n_positions", "vocab_size"):
         if getattr(m, key) <= 0:
             raise ConfigError(f"model.{key}", f"must be positive, got {getattr(m, key)}")
+    if m.padded_vocab_multiple <= 0:
+        raise ConfigError("model.padded_vocab_multiple", f"must be positive, got {m.padded_vocab_multiple}")
     if m.n_embd % m.n_head:
         raise ConfigError("model.n_head", f"n_embd={m.n_embd} is not divisible by n_head={m.n_head}")
+    if m.n_head % m.n_kv_head:
+        raise ConfigError("model.n_kv_head", f"n_head={m.n_head} is not divisible by n_kv_head={m.n_kv_head}")
+    FAMILY_CHECKS[m.family](m)
+
+
+def _check_gpt(m: GPTConfig) -> None:
     if m.activation not in ACTIVATIONS:
         raise ConfigError("model.activation", f"unknown {m.activation!r}", sorted(ACTIVATIONS))
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError("model.dropout", f"{m.dropout} is outside [0, 1)")
 
 
-def validate_data(d: DataConfig, m: GPTConfig) -> None:
+def _check_llama(m: LlamaConfig) -> None:
+    if m.head_dim % 2:
+        raise ConfigError("model.n_head", f"head_dim={m.head_dim} is odd; rotary embeddings rotate pairs of entries")
+    for key in ("rope_theta", "rms_norm_eps"):
+        if getattr(m, key) <= 0:
+            raise ConfigError(f"model.{key}", f"must be positive, got {getattr(m, key)}")
+    s = m.rope_scaling
+    if s is not None and not (s.factor > 0 and 0 < s.low_freq_factor < s.high_freq_factor):
+        raise ConfigError(
+            "model.rope_scaling",
+            f"needs factor > 0 and 0 < low_freq_factor < high_freq_factor, got {s.factor}, {s.low_freq_factor}, "
+            f"{s.high_freq_factor}",
+        )
+
+
+FAMILY_CHECKS = {"gpt": _check_gpt, "llama": _check_llama}
+
+
+def validate_data(d: DataConfig, m: ModelConfig) -> None:
     if d.seq_len < 2:
         raise ConfigError("data.seq_len", f"must be at least 2, got {d.seq_len}")
     if d.seq_len > m.n_positions:

@@ -73,7 +73,7 @@ def test_names_match_the_cerebras_layout_and_qkv_split_follows_their_converter(t
         *(LAYER + f"self_attn.proj_{x}_dense_layer.weight" for x in "kqv"),
     ]
     # Cerebras' converter: q, k, v = chunk(transpose(HF Conv1D c_attn.weight), 3, dim=0).
-    hf = to_hf_state_dict(model.state_dict())["transformer.h.0.attn.c_attn.weight"]
+    hf = to_hf_state_dict(model.state_dict(), model.config)["transformer.h.0.attn.c_attn.weight"]
     q, k, v = torch.chunk(hf.t(), 3, dim=0)
     for x, expected in zip("qkv", (q, k, v), strict=True):
         assert torch.equal(theirs[LAYER + f"self_attn.proj_{x}_dense_layer.weight"], expected)

@@ -13,12 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel, LlamaConfig, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel, GPTNeoXConfig, PreTrainedTokenizerFast
 
 from modelzoo.data.tokenizer import MODEL_INPUT_NAMES
 from modelzoo.errors import CheckpointError, ConfigError
 from modelzoo.export.hf import (
-    CONV1D_WEIGHT,
     SPARSITY_FILE,
     export_hf,
     from_hf_config,
@@ -27,6 +26,7 @@ from modelzoo.export.hf import (
     to_hf_config,
     to_hf_state_dict,
 )
+from modelzoo.export.hf_gpt2 import CONV1D_WEIGHT
 from modelzoo.models.gpt import GPT, GPTConfig
 from modelzoo.sparsity.config import SparsityConfig
 from modelzoo.sparsity.masks import MASK_SUFFIX
@@ -162,9 +162,9 @@ def test_round_trip_hf_to_ours_is_identical(exported) -> None:
 
 def test_state_dict_and_config_tables_are_inverse() -> None:
     model = make_model(sparse=True)
-    hf_state = to_hf_state_dict(model.state_dict())
+    hf_state = to_hf_state_dict(model.state_dict(), model.config)
     assert hf_state.keys() == GPT2LMHeadModel(to_hf_config(model.config)).state_dict().keys() - {"lm_head.weight"}
-    back = from_hf_state_dict(hf_state)
+    back = from_hf_state_dict(hf_state, model.config)
     state = {k: v for k, v in model.state_dict().items() if not k.endswith(MASK_SUFFIX)}
     assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
     assert from_hf_config(to_hf_config(model.config), name="test") == model.config
@@ -175,7 +175,7 @@ def test_masks_are_baked_into_weights_not_yet_repruned() -> None:
     fc = model.transformer.h[0].mlp.c_fc
     with torch.no_grad():
         fc.weight.fill_(1.0)  # an update the plug-in has not re-pruned yet
-    baked = to_hf_state_dict(model.state_dict())["transformer.h.0.mlp.c_fc.weight"]
+    baked = to_hf_state_dict(model.state_dict(), model.config)["transformer.h.0.mlp.c_fc.weight"]
     assert torch.equal(baked.t() == 0, ~fc.weight_mask)
 
 
@@ -206,13 +206,13 @@ def test_unsupported_hf_configs_are_refused(tmp_path: Path, override: dict, matc
 def test_load_hf_refuses_missing_directory_other_models_and_untied_weights(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"no config\.json"):
         load_hf(tmp_path / "absent")
-    LlamaConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=1).save_pretrained(tmp_path)
-    with pytest.raises(CheckpointError, match="model_type 'llama'"):
+    GPTNeoXConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=1).save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="model_type 'gpt_neox'"):
         load_hf(tmp_path)
     hf_state = dict(GPT2LMHeadModel(to_hf_config(tiny_config())).state_dict())
     hf_state["lm_head.weight"] = hf_state["lm_head.weight"] + 1.0
     with pytest.raises(CheckpointError, match="untied"):
-        from_hf_state_dict(hf_state)
+        from_hf_state_dict(hf_state, tiny_config())
 
 
 def test_failed_export_leaves_previous_export_intact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

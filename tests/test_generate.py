@@ -14,7 +14,8 @@ from modelzoo.errors import ConfigError
 from modelzoo.export.hf import export_hf
 from modelzoo.generate import Sampling, filter_logits, generate
 from modelzoo.inference import load_for_inference
-from modelzoo.models.gpt import GPT, KVCache
+from modelzoo.models.common import KVCache
+from modelzoo.models.gpt import GPT
 from tests.test_export import make_model, make_tokenizer
 
 PROMPT = [37, 97, 72, 55, 45]

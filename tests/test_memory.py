@@ -10,6 +10,8 @@ import torch
 from modelzoo.config import load_config, to_object
 from modelzoo.memory import GIB, block_activation_bytes, format_memory_plan, memory_plan
 from modelzoo.models.gpt import GPT, GPTConfig
+from modelzoo.models.llama import Llama, LlamaConfig
+from modelzoo.models.registry import CausalLM
 from modelzoo.train.accel import checkpoint_blocks
 
 CONFIG = GPTConfig(
@@ -17,7 +19,7 @@ CONFIG = GPTConfig(
 )
 
 
-def kept_bytes(model: GPT, precision: str, batch: int, seq: int) -> int:
+def kept_bytes(model: CausalLM, precision: str, batch: int, seq: int) -> int:
     """Bytes of the tensors autograd saves in one training forward (parameters excluded: the plan counts them as
     weights) plus the logits the step holds until its backward; one storage counted once."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -29,7 +31,7 @@ def kept_bytes(model: GPT, precision: str, batch: int, seq: int) -> int:
             kept[storage.data_ptr()] = storage.nbytes()
         return t
 
-    x, y = torch.randint(0, CONFIG.vocab_size, (2, batch, seq))
+    x, y = torch.randint(0, model.config.vocab_size, (2, batch, seq))
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
         logits, _ = model(x, y)
@@ -55,6 +57,20 @@ def test_activation_counts_equal_what_autograd_keeps(precision: str, checkpointi
         )
     # Left out of the plan: the position ids (int64, one row for the batch) and a 4-byte scalar of the loss.
     assert kept_bytes(model, precision, batch, seq) == expected + 8 * seq + 4
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_llama_activation_counts_equal_what_autograd_keeps(precision: str) -> None:
+    config = LlamaConfig(
+        name="t", n_layer=3, n_embd=128, n_head=4, n_kv_head=2, n_inner=352, n_positions=128, vocab_size=1000,
+        padded_vocab_multiple=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = Llama(config).train()
+    batch, seq = 4, 128
+    expected = memory_plan(config, None, precision, batch, seq).activations
+    # Left out of the plan: the fp32 rotary cos/sin tables (one row per position) and a 4-byte scalar of the loss.
+    assert kept_bytes(model, precision, batch, seq) == expected + 2 * 4 * config.head_dim * seq + 4
 
 
 def test_xl_plan_itemises_state_and_checkpointing_saves_activations() -> None:

@@ -44,7 +44,8 @@ from modelzoo.config import Config
 from modelzoo.config.train import TrainConfig
 from modelzoo.data.config import DataConfig
 from modelzoo.errors import CheckpointError
-from modelzoo.models.gpt import GPT, GPTConfig, unpad_vocab
+from modelzoo.models.gpt import GPT, GPTConfig
+from modelzoo.models.registry import unpad_vocab
 from modelzoo.restore import build_model, config_from_yaml, restore_model
 from modelzoo.sparsity.masks import MASK_SUFFIX
 from modelzoo.sparsity.names import cerebras_names

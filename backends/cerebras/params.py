@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import yaml
 
+from modelzoo.config import model_option_yaml
 from modelzoo.config.train import OptimConfig, TrainConfig
 from modelzoo.errors import ConfigError
 from modelzoo.models.gpt import ACTIVATIONS, GPT, GPTConfig
@@ -617,9 +618,14 @@ def write_hydra_options(recipe: CerebrasRecipe, conf_dir: str | Path) -> list[st
 
     conf_dir = Path(conf_dir).resolve()
     name = recipe.model.name
-    for group, node in (("model", recipe.model), ("sparsity", recipe.sparsity), ("optim", recipe.optim)):
+    options = (
+        ("model", model_option_yaml(recipe.model)),
+        ("sparsity", OmegaConf.to_yaml(OmegaConf.structured(recipe.sparsity))),
+        ("optim", OmegaConf.to_yaml(OmegaConf.structured(recipe.optim))),
+    )
+    for group, text in options:
         (conf_dir / group).mkdir(parents=True, exist_ok=True)
-        (conf_dir / group / f"{name}.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(node)))
+        (conf_dir / group / f"{name}.yaml").write_text(text)
     t = recipe.train
     return [
         f"hydra.searchpath=[file://{conf_dir}]",

@@ -1,8 +1,10 @@
 """Hydra structured configs: the library's config dataclasses, registered in the ConfigStore (schema only).
 
-`conf/` holds the YAML options of each group; every node is typed by a dataclass here, so an unknown key
-or a wrongly typed value fails while the config is composed. `modelzoo.validate` then checks what types cannot
-(ranges, divisibility, a `param_filter` that selects nothing), before any data is read or model built.
+`conf/` holds the YAML options of each group; every node is typed by a dataclass here, so an unknown key or a
+wrongly typed value fails while the config is composed. The `model` and `task` nodes are typed by the option chosen:
+each option names its schema in its defaults list (`gpt_schema`, `llama_schema`; `pretrain_schema`, ...).
+`modelzoo.validate` then checks what types cannot (ranges, divisibility, a `param_filter` that selects nothing),
+before any data is read or model built.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from modelzoo.config.prune import PruneConfig
 from modelzoo.config.train import OptimConfig, TrainConfig
 from modelzoo.data.config import DataConfig, TokenizerConfig, with_detected_format
 from modelzoo.errors import ConfigError
-from modelzoo.models.gpt import GPTConfig
+from modelzoo.models.registry import FAMILIES, config_class
 from modelzoo.sparsity.config import SparsityConfig
 
 
@@ -69,7 +71,7 @@ class GenerateConfig:
 
 @dataclass
 class Config:
-    model: GPTConfig = field(default_factory=GPTConfig)
+    model: Any = MISSING  # GPTConfig | LlamaConfig: typed by the chosen model option (its `family`)
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -90,6 +92,8 @@ def _package_data(relative: str) -> str:
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
+    for family, (schema, _) in FAMILIES.items():
+        cs.store(group="model", name=f"{family}_schema", node=schema)
     cs.store(group="task", name="pretrain_schema", node=TrainConfig)
     cs.store(group="task", name="export_schema", node=ExportConfig)
     cs.store(group="task", name="generate_schema", node=GenerateConfig)
@@ -117,6 +121,22 @@ def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
         del cfg["hydra"]
     OmegaConf.resolve(cfg)
     return cfg
+
+
+def config_from_yaml(config_yaml: str) -> Config:
+    """A saved run config (YAML) as the library's `Config`, defaults filled in for keys it predates.
+
+    The `model` node is typed by its `family` (a config saved before Llama existed has none: GPT).
+    """
+    saved = OmegaConf.create(config_yaml)
+    base = OmegaConf.structured(Config)
+    base.model = OmegaConf.structured(config_class(saved.get("model", {}).get("family", "gpt")))
+    return OmegaConf.to_object(OmegaConf.merge(base, saved))
+
+
+def model_option_yaml(model: Any) -> str:
+    """`model` (a family's config) as an option file of the `model` group, naming its schema."""
+    return f"defaults:\n  - {model.family}_schema\n  - _self_\n" + OmegaConf.to_yaml(OmegaConf.structured(model))
 
 
 def _unknown_key(error: ConfigCompositionException) -> ConfigError | None:

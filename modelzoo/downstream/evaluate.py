@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from transformers import PreTrainedTokenizerBase
 
 from modelzoo import checkpoint as ckpt
-from modelzoo.config import Config
+from modelzoo.config import Config, config_from_yaml
 from modelzoo.config.evaluate import EvaluateConfig
 from modelzoo.downstream.pubmedqa import CHOICES, majority_baseline, pubmedqa_prompt
 from modelzoo.downstream.scoring import LogitsFn, choice_loglikelihoods
@@ -122,8 +122,7 @@ def _stage_flops(summary_file: Path, pretrained: Path) -> tuple[float, float] | 
 
 def checkpoint_flops(checkpoint: Path) -> tuple[float, float] | None:
     """`run_flops` of a checkpoint directory, read from its own config."""
-    saved = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(ckpt.read_config(checkpoint)))
-    return run_flops(OmegaConf.to_object(saved), checkpoint)
+    return run_flops(config_from_yaml(ckpt.read_config(checkpoint)), checkpoint)
 
 
 def export_flops(directory: Path) -> tuple[float, float] | None:

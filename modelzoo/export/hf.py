@@ -1,136 +1,75 @@
-"""Hugging Face export and import: our GPT <-> `transformers.GPT2LMHeadModel`.
+"""Hugging Face export and import: our GPT <-> `transformers.GPT2LMHeadModel`, our Llama <-> `LlamaForCausalLM`.
 
-Our parameter names are HF GPT-2's, so conversion is a table (litgpt style): bake each sparsity mask
-into its weight (exact zeros), drop the mask buffers, transpose the four projections between
-`nn.Linear` (out, in) and HF's `Conv1D` (in, out), and leave `lm_head.weight` to the tied embedding.
-Both directions refuse what the other side cannot represent instead of converting it approximately.
-A padded vocabulary (`GPTConfig.padded_vocab_multiple`) is cut back to `vocab_size` rows on export (HF's
-model then computes the same logits) and padded again on import when asked.
+Our parameter names are HF's, so conversion is a rename table per family (litgpt style; `hf_gpt2`, `hf_llama`):
+bake each sparsity mask into its weight (exact zeros), drop the mask buffers, and apply the family's table. Both
+directions refuse what the other side cannot represent instead of converting it approximately. A padded vocabulary
+(`padded_vocab_multiple`) is cut back to `vocab_size` rows on export (HF's model then computes the same logits)
+and padded again on import when asked.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
+from types import ModuleType
 
 import torch
-from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from modelzoo.atomic import atomic_directory
 from modelzoo.errors import CheckpointError, ConfigError
+from modelzoo.export import hf_gpt2, hf_llama
 from modelzoo.finite import refuse_nonfinite
-from modelzoo.models.gpt import ACTIVATIONS, GPT, GPTConfig, pad_vocab, unpad_vocab
+from modelzoo.models.registry import CausalLM, ModelConfig, build_model, pad_vocab, unpad_vocab
 from modelzoo.sparsity.masks import MASK_SUFFIX, attach_mask
 
-# The four projections HF GPT-2 stores as Conv1D (in, out); nn.Linear stores (out, in).
-CONV1D_WEIGHT = re.compile(r"transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight")
-TIED_KEY = "lm_head.weight"
-TIED_SOURCE = "transformer.wte.weight"
-# Causal-mask buffers that older transformers versions wrote into GPT-2 checkpoints.
-HF_MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")
 SPARSITY_FILE = "sparsity.json"
 MEASURED_KEYS = ("global_sparsity", "per_tensor")
-
-# HF GPT-2 options our GPT implements only at one value: (field, that value, what our GPT does instead).
-FIXED_OPTIONS = (
-    ("scale_attn_weights", True, "our attention always scales scores by 1/sqrt(head_dim)"),
-    ("scale_attn_by_inverse_layer_idx", False, "our attention has no extra 1/(layer_idx + 1) scaling"),
-    ("reorder_and_upcast_attn", False, "our attention has no reordered fp32-upcast variant"),
-    ("add_cross_attention", False, "our GPT is decoder-only, without cross-attention"),
-    ("tie_word_embeddings", True, "our lm_head is tied to transformer.wte"),
-)
+TIED_KEY = "lm_head.weight"  # every family's head; left out of a tied export, taken from the embedding on import
+TABLES: dict[str, ModuleType] = {"gpt": hf_gpt2, "llama": hf_llama}  # our family -> its HF rename table
+BY_MODEL_TYPE = {table.MODEL_TYPE: table for table in TABLES.values()}
 
 
-def to_hf_config(config: GPTConfig, bos_token_id: int | None = None, eos_token_id: int | None = None) -> GPT2Config:
-    """The `GPT2Config` of the same network (one dropout rate for residual, embedding and attention)."""
-    return GPT2Config(
-        vocab_size=config.vocab_size,
-        n_positions=config.n_positions,
-        n_embd=config.n_embd,
-        n_layer=config.n_layer,
-        n_head=config.n_head,
-        n_inner=config.n_inner,
-        activation_function=config.activation,
-        resid_pdrop=config.dropout,
-        embd_pdrop=config.dropout,
-        attn_pdrop=config.dropout,
-        layer_norm_epsilon=config.layer_norm_epsilon,
-        initializer_range=config.init_std,
-        bos_token_id=bos_token_id,
-        eos_token_id=eos_token_id,
-        tie_word_embeddings=True,
-    )
-
-
-def from_hf_config(hf: GPT2Config, name: str = "hf") -> GPTConfig:
-    """Our `GPTConfig` for a `GPT2Config`; raises `ConfigError` for options our GPT cannot represent."""
-    where = f"{hf.name_or_path}/config.json" if hf.name_or_path else "GPT2Config"
-    for field, supported, ours in FIXED_OPTIONS:
-        value = getattr(hf, field)
-        if value != supported:
-            raise ConfigError(
-                f"{field} in {where}", f"{value!r} cannot be imported: {ours} (only {supported!r} converts)"
-            )
-    if hf.activation_function not in ACTIVATIONS:
-        raise ConfigError(
-            f"activation_function in {where}", f"{hf.activation_function!r} is not implemented", ACTIVATIONS
+def hf_table(hf_config: PretrainedConfig, where: str | os.PathLike) -> ModuleType:
+    """The rename table of an HF config's `model_type`; any other is a `CheckpointError` naming `where`."""
+    table = BY_MODEL_TYPE.get(hf_config.model_type)
+    if table is None:
+        raise CheckpointError(
+            f"{where}: model_type {hf_config.model_type!r} cannot be imported; only {sorted(BY_MODEL_TYPE)}"
         )
-    dropouts = {hf.resid_pdrop, hf.embd_pdrop, hf.attn_pdrop}
-    if len(dropouts) > 1:
-        raise ConfigError(
-            f"resid_pdrop/embd_pdrop/attn_pdrop in {where}",
-            f"{hf.resid_pdrop}/{hf.embd_pdrop}/{hf.attn_pdrop} differ; our GPT has one dropout rate for all three",
-        )
-    return GPTConfig(
-        name=name,
-        n_layer=hf.n_layer,
-        n_embd=hf.n_embd,
-        n_head=hf.n_head,
-        n_inner=hf.n_inner if hf.n_inner is not None else 4 * hf.n_embd,
-        n_positions=hf.n_positions,
-        vocab_size=hf.vocab_size,
-        activation=hf.activation_function,
-        layer_norm_epsilon=hf.layer_norm_epsilon,
-        dropout=float(hf.resid_pdrop),
-        init_std=hf.initializer_range,
-    )
+    return table
 
 
-def _transpose_conv1d(key: str, value: torch.Tensor) -> torch.Tensor:
-    """Swap nn.Linear (out, in) and Conv1D (in, out) layouts; the map is its own inverse."""
-    return value.t().contiguous() if CONV1D_WEIGHT.fullmatch(key) else value
+def to_hf_config(
+    config: ModelConfig, bos_token_id: int | None = None, eos_token_id: int | None = None
+) -> PretrainedConfig:
+    """The Hugging Face config (`GPT2Config`, `LlamaConfig`) of the same network."""
+    return TABLES[config.family].to_hf_config(config, bos_token_id, eos_token_id)
 
 
-def to_hf_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`GPT2LMHeadModel` weights from our `state_dict`: masks baked in as exact zeros, tied head left out."""
+def from_hf_config(hf: PretrainedConfig, name: str = "hf") -> ModelConfig:
+    """Our config for a Hugging Face config; raises `ConfigError` for options our model cannot represent."""
+    return hf_table(hf, hf.name_or_path or type(hf).__name__).from_hf_config(hf, name)
+
+
+def to_hf_state_dict(state_dict: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """HF weights from our `state_dict`: masks baked in as exact zeros and dropped, names and layouts HF's."""
     masks = {key.removesuffix(MASK_SUFFIX): mask for key, mask in state_dict.items() if key.endswith(MASK_SUFFIX)}
     orphans = sorted(masks.keys() - state_dict.keys())
     if orphans:
         raise CheckpointError(f"masks without their weights in the state dict: {orphans}")
-    hf_state = {}
-    for key, value in state_dict.items():
-        if key.endswith(MASK_SUFFIX) or key == TIED_KEY:
-            continue
-        if key in masks:
-            value = value.masked_fill(~masks[key], 0)
-        hf_state[key] = _transpose_conv1d(key, value)
-    return hf_state
-
-
-def from_hf_state_dict(hf_state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our `state_dict` from `GPT2LMHeadModel` weights; HF's causal-mask buffers are dropped."""
-    head = hf_state_dict.get(TIED_KEY)
-    if head is not None and not torch.equal(head, hf_state_dict[TIED_SOURCE]):
-        raise CheckpointError(f"{TIED_KEY} differs from {TIED_SOURCE}: untied embeddings cannot be imported")
-    state = {
-        key: _transpose_conv1d(key, value)
-        for key, value in hf_state_dict.items()
-        if key != TIED_KEY and not key.endswith(HF_MASK_BUFFERS)
+    baked = {
+        key: value.masked_fill(~masks[key], 0) if key in masks else value
+        for key, value in state_dict.items()
+        if not key.endswith(MASK_SUFFIX)
     }
-    state[TIED_KEY] = state[TIED_SOURCE]
-    return state
+    return TABLES[config.family].to_hf_state(baked)
+
+
+def from_hf_state_dict(hf_state_dict: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our `state_dict` from HF weights of `config`'s family."""
+    return TABLES[config.family].from_hf_state(hf_state_dict)
 
 
 def sparsity_report(hf_state: dict[str, torch.Tensor], masked: list[str], sparsity_info: dict | None = None) -> dict:
@@ -153,21 +92,23 @@ def sparsity_report(hf_state: dict[str, torch.Tensor], masked: list[str], sparsi
 
 
 def _build_hf_model(
-    config: GPTConfig, hf_state: dict[str, torch.Tensor], tokenizer: PreTrainedTokenizerBase | None
-) -> GPT2LMHeadModel:
-    """A `GPT2LMHeadModel` holding `hf_state`, every key checked, with special token ids set for `generate`."""
+    config: ModelConfig, hf_state: dict[str, torch.Tensor], tokenizer: PreTrainedTokenizerBase | None
+) -> PreTrainedModel:
+    """The HF causal LM holding `hf_state`, every key checked, with special token ids set for `generate`."""
     bos, eos = (tokenizer.bos_token_id, tokenizer.eos_token_id) if tokenizer is not None else (None, None)
     if tokenizer is not None and len(tokenizer) > config.vocab_size:
         raise ConfigError(
             "model.vocab_size",
             f"{config.vocab_size} < the tokenizer's {len(tokenizer)} tokens; pass the model's own tokenizer",
         )
-    hf_model = GPT2LMHeadModel(to_hf_config(config, bos, eos)).to(hf_state[TIED_SOURCE].dtype)
+    hf_class = TABLES[config.family].HF_MODEL
+    hf_model = hf_class(to_hf_config(config, bos, eos)).to(next(iter(hf_state.values())).dtype)
     result = hf_model.load_state_dict(hf_state, strict=False)
-    missing = sorted(set(result.missing_keys) - {TIED_KEY})
+    tied = {TIED_KEY} if hf_model.config.tie_word_embeddings else set()
+    missing = sorted(set(result.missing_keys) - tied)
     if missing or result.unexpected_keys:
         raise CheckpointError(
-            f"state dict does not match GPT2LMHeadModel: missing {missing}, unexpected {result.unexpected_keys}"
+            f"state dict does not match {hf_class.__name__}: missing {missing}, unexpected {result.unexpected_keys}"
         )
     generation = hf_model.generation_config
     generation.bos_token_id, generation.eos_token_id, generation.pad_token_id = bos, eos, eos
@@ -175,15 +116,15 @@ def _build_hf_model(
 
 
 def export_hf(
-    model: GPT,
+    model: CausalLM,
     output_dir: str | os.PathLike,
     tokenizer: PreTrainedTokenizerBase | None = None,
     sparsity_info: dict | None = None,
 ) -> Path:
-    """Write `model` as a safetensors `GPT2LMHeadModel` directory with masks baked in, plus `sparsity.json`.
+    """Write `model` as a safetensors HF causal-LM directory with masks baked in, plus `sparsity.json`.
 
     Args:
-        model: our GPT, optionally with `<param>_mask` buffers from the sparsity plug-in.
+        model: our GPT or Llama, optionally with `<param>_mask` buffers from the sparsity plug-in.
         output_dir: target directory; an existing one is replaced only once the new export is complete.
         tokenizer: saved alongside; its bos/eos ids go into the config, eos doubles as `pad_token_id`.
         sparsity_info: extra `sparsity.json` entries (algorithm, target sparsity, step, ...).
@@ -194,7 +135,7 @@ def export_hf(
     output_dir = Path(output_dir)
     state = unpad_vocab(model.state_dict(), model.config)
     refuse_nonfinite(state.items(), f"export to {output_dir}", "nothing was exported")
-    hf_state = to_hf_state_dict(state)
+    hf_state = to_hf_state_dict(state, model.config)
     masked = [key.removesuffix(MASK_SUFFIX) for key in state if key.endswith(MASK_SUFFIX)]
     report = sparsity_report(hf_state, masked, sparsity_info)
     hf_model = _build_hf_model(model.config, hf_state, tokenizer)
@@ -217,32 +158,31 @@ def save_hf_directory(
     return output_dir
 
 
-def load_hf(directory: str | os.PathLike, padded_vocab_multiple: int = 1) -> GPT:
-    """Our GPT from a local `GPT2LMHeadModel` directory (weights dense; pruned entries stay exact zeros), its
-    vocabulary padded to a multiple of `padded_vocab_multiple` rows."""
+def load_hf(directory: str | os.PathLike, padded_vocab_multiple: int = 1) -> CausalLM:
+    """Our model from a local `GPT2LMHeadModel` or `LlamaForCausalLM` directory (weights dense; pruned entries stay
+    exact zeros), its vocabulary padded to a multiple of `padded_vocab_multiple` rows."""
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise CheckpointError(
             f"{directory}: no config.json; expected a directory written by export_hf or save_pretrained"
         )
     hf_config = AutoConfig.from_pretrained(directory, local_files_only=True)
-    if not isinstance(hf_config, GPT2Config):
-        raise CheckpointError(f"{directory}: model_type {hf_config.model_type!r} cannot be imported; only 'gpt2'")
-    config = from_hf_config(hf_config, name=directory.name)
+    table = hf_table(hf_config, directory)
+    config = table.from_hf_config(hf_config, name=directory.name)
     config.padded_vocab_multiple = padded_vocab_multiple
-    hf_model, info = GPT2LMHeadModel.from_pretrained(
+    hf_model, info = table.HF_MODEL.from_pretrained(
         directory, config=hf_config, local_files_only=True, output_loading_info=True
     )
-    missing = sorted(set(info["missing_keys"]) - {TIED_KEY})
+    missing = sorted(set(info["missing_keys"]) - ({TIED_KEY} if hf_config.tie_word_embeddings else set()))
     if missing:
         raise CheckpointError(f"{directory}: weights missing from the checkpoint: {missing}")
-    model = GPT(config)
-    model.load_state_dict(pad_vocab(from_hf_state_dict(hf_model.state_dict()), config))
+    model = build_model(config)
+    model.load_state_dict(pad_vocab(table.from_hf_state(hf_model.state_dict()), config))
     refuse_nonfinite(model.state_dict().items(), directory, "it cannot be used; export an earlier checkpoint")
     return model
 
 
-def restore_masks(model: GPT, directory: str | os.PathLike) -> list[str]:
+def restore_masks(model: CausalLM, directory: str | os.PathLike) -> list[str]:
     """Re-create the `<param>_mask` buffers of the tensors `sparsity.json` in `directory` lists; return their names.
 
     The export baked each mask into exact zeros, so a mask is recovered as `weight != 0`: a kept weight that was

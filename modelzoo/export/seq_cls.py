@@ -38,7 +38,11 @@ def to_hf_seq_cls(
     config.label2id = {name: i for i, name in enumerate(labels)}
     config.problem_type = problem_type
     config.pad_token_id = classifier.pad_token_id
-    state = {k: v for k, v in to_hf_state_dict(classifier.backbone.state_dict()).items() if k != TIED_KEY}
+    state = {
+        k: v
+        for k, v in to_hf_state_dict(classifier.backbone.state_dict(), classifier.backbone.config).items()
+        if k != TIED_KEY
+    }
     state["score.weight"] = classifier.score.weight.detach()
     hf_model = GPT2ForSequenceClassification(config).to(classifier.score.weight.dtype)
     result = hf_model.load_state_dict(state, strict=False)
@@ -62,5 +66,5 @@ def export_seq_cls(
     hf_model = to_hf_seq_cls(classifier, labels, problem_type, tokenizer)
     backbone_state = classifier.backbone.state_dict()
     masked = [k.removesuffix(MASK_SUFFIX) for k in backbone_state if k.endswith(MASK_SUFFIX)]
-    report = sparsity_report(to_hf_state_dict(backbone_state), masked, info)
+    report = sparsity_report(to_hf_state_dict(backbone_state, classifier.backbone.config), masked, info)
     return save_hf_directory(hf_model, output_dir, tokenizer, report)

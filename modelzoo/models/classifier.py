@@ -10,14 +10,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from modelzoo.models.gpt import GPT
+from modelzoo.models.registry import CausalLM
 from modelzoo.models.soft_prompt import SoftPrompt
 
 
 class GPTClassifier(nn.Module):
     """`forward(idx)` returns logits (B, num_labels) of `idx` (B, T) right-padded with `pad_token_id`."""
 
-    def __init__(self, backbone: GPT, num_labels: int, pad_token_id: int, prompt: SoftPrompt | None = None) -> None:
+    def __init__(
+        self, backbone: CausalLM, num_labels: int, pad_token_id: int, prompt: SoftPrompt | None = None
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.num_labels = num_labels

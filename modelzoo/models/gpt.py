@@ -18,12 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modelzoo.models.common import DecoderLM, KVCache, causal_attention, check_positions
+
 
 @dataclass
 class GPTConfig:
     """Shape of a GPT model. Sizes live in `conf/model/*.yaml`, each citing what it mirrors."""
 
     name: str = "tiny"
+    family: str = "gpt"
     n_layer: int = 4
     n_embd: int = 128
     n_head: int = 4
@@ -40,6 +43,15 @@ class GPTConfig:
     padded_vocab_multiple: int = 1
 
     @property
+    def n_kv_head(self) -> int:
+        """Key/value heads: one per query head (GPT has no grouped-query attention)."""
+        return self.n_head
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
     def padded_vocab_size(self) -> int:
         """Rows of the token embedding and the LM head: `vocab_size` rounded up to `padded_vocab_multiple`."""
         return -(-self.vocab_size // self.padded_vocab_multiple) * self.padded_vocab_multiple
@@ -49,40 +61,6 @@ ACTIVATIONS = {
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
     "gelu": F.gelu,
 }
-
-
-class KVCache:
-    """Keys and values of the positions seen so far, preallocated for `max_len` positions and filled in place.
-
-    `GPT.forward(idx, cache=cache)` reads `length` as the position of `idx[:, 0]`, stores the new keys and
-    values of every layer behind the cached ones, and advances `length` by `idx.shape[1]`.
-    """
-
-    def __init__(
-        self,
-        config: GPTConfig,
-        batch_size: int,
-        max_len: int,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        if not 0 < max_len <= config.n_positions:
-            raise ValueError(f"max_len={max_len} must be in [1, n_positions={config.n_positions}]")
-        shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, nh, max_len, hs)
-        self.v = torch.zeros_like(self.k)
-        self.length = 0
-
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[3]
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store `k`, `v` (B, nh, T, hs) behind the cached positions; return all of them, (B, nh, length + T, hs)."""
-        end = self.length + k.shape[2]
-        self.k[layer, :, :, self.length : end] = k
-        self.v[layer, :, :, self.length : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
 class CausalSelfAttention(nn.Module):
@@ -103,12 +81,7 @@ class CausalSelfAttention(nn.Module):
         past = 0 if cache is None else cache.length
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, nh, past + T, hs)
-        # Without past positions the plain causal mask applies; with them, query i sees keys 0..past + i
-        # (no mask at all for a single new token).
-        mask = None if past == 0 or T == 1 else torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=past == 0
-        )  # (B, nh, T, hs)
+        y = causal_attention(q, k, v, past, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -138,12 +111,18 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT(nn.Module):
+class GPT(DecoderLM):
     """GPT language model; `forward` returns logits (B, T, vocab) and, given targets, the mean CE loss.
 
     With a `KVCache`, `idx` holds only the tokens after the cached positions (the whole prompt first, then
-    one token per decoding step) and the cache is extended in place.
+    one token per decoding step) and the cache is extended in place. The interface every family shares is
+    `modelzoo.models.registry.CausalLM`.
     """
+
+    # The tensors with one row per token id (and what a plug-in stores beside them under a longer name, such as a
+    # sparsity mask `transformer.wte.weight_mask`); the embeddings `num_params(non_embedding=True)` leaves out.
+    VOCAB_ROWS = ("transformer.wte.weight", "lm_head.weight")
+    EMBEDDINGS = ("transformer.wte.weight", "transformer.wpe.weight")
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -162,6 +141,14 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied embeddings
         self.reset_parameters()
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.transformer.h
+
+    @property
+    def embedding(self) -> nn.Embedding:
+        return self.transformer.wte
 
     def reset_parameters(self) -> None:
         """GPT-3 init: truncated normal std 0.02; residual output projections scaled by 1/sqrt(2 n_layer)."""
@@ -189,10 +176,7 @@ class GPT(nn.Module):
             x = torch.cat([prefix.to(x.dtype), x], dim=1)  # (B, P + T, C)
         T = x.shape[1]
         start = 0 if cache is None else cache.length
-        if self.config.n_positions < start + T:
-            raise ValueError(f"sequence length {start + T} exceeds model n_positions={self.config.n_positions}")
-        if cache is not None and cache.max_len < start + T:
-            raise ValueError(f"sequence length {start + T} exceeds the cache's max_len={cache.max_len}")
+        check_positions(self.config, cache, start, T)
         pos = torch.arange(start, start + T, device=idx.device)
         x = self.transformer.drop(x + self.transformer.wpe(pos))
         for block in self.transformer.h:
@@ -200,47 +184,3 @@ class GPT(nn.Module):
         if cache is not None:
             cache.length += T
         return self.transformer.ln_f(x)
-
-    def forward(
-        self,
-        idx: torch.Tensor,
-        targets: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        prefix: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, P + T, vocab) of `idx` (B, T) behind optional `prefix` embeddings (B, P, C).
-
-        With `targets` (B, P + T; -100 where no loss is taken), also the mean cross-entropy loss.
-        """
-        logits = self.lm_head(self.hidden(idx, cache, prefix))  # (B, P + T, padded vocab)
-        logits = logits[..., : self.config.vocab_size]  # (B, P + T, vocab): padded rows are never predicted
-        if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.view(-1))
-        return logits, loss
-
-    def num_params(self, non_embedding: bool = True) -> int:
-        """Parameter count; `non_embedding` excludes token and position embeddings (tied head counted once)."""
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            n -= self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
-        return n
-
-
-# The tensors with one row per token id: the embedding, its tied head, and what a plug-in stores beside them
-# under a longer name (a sparsity mask `transformer.wte.weight_mask`).
-VOCAB_ROWS = ("transformer.wte.weight", "lm_head.weight")
-
-
-def unpad_vocab(state_dict: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
-    """`state_dict` with the padded vocabulary rows (beyond `config.vocab_size`) cut off, for exports."""
-    return {k: v[: config.vocab_size] if k.startswith(VOCAB_ROWS) else v for k, v in state_dict.items()}
-
-
-def pad_vocab(state_dict: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
-    """`state_dict` of `config.vocab_size` rows with zero rows appended up to `config.padded_vocab_size`."""
-    extra = config.padded_vocab_size - config.vocab_size
-    return {
-        k: torch.cat([v, v.new_zeros(extra, *v.shape[1:])]) if k.startswith(VOCAB_ROWS) else v
-        for k, v in state_dict.items()
-    }

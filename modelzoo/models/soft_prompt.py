@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from modelzoo.models.gpt import GPT
+from modelzoo.models.registry import CausalLM
 
 PROMPT_INITS = ("vocab", "text")
 
@@ -56,7 +56,7 @@ def freeze(module: nn.Module) -> None:
 class PromptedLM(nn.Module):
     """A causal LM behind a soft prompt: `forward(idx, targets)` as `GPT.forward`, on the real positions only."""
 
-    def __init__(self, backbone: GPT, prompt: SoftPrompt) -> None:
+    def __init__(self, backbone: CausalLM, prompt: SoftPrompt) -> None:
         super().__init__()
         self.backbone = backbone
         self.prompt = prompt

@@ -3,7 +3,7 @@
 The output is the hand-off format of the rest of the zoo: safetensors weights with the pruned entries at exact
 zero, the tokenizer, and `sparsity.json` listing every pruned tensor (with its measured sparsity), so the masks
 are the nonzeros of the listed tensors. Sparse continued pre-training reads it with
-`modelzoo pretrain task.init_from=<dir> sparsity.init_method=from_weights` (GPT-2 family), and
+`modelzoo pretrain task.init_from=<dir> sparsity.init_method=from_weights` (GPT-2 and Llama families), and
 `modelzoo.export.hf.restore_masks` re-creates the mask buffers on a loaded model.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from modelzoo.checkpoint import resolve_checkpoint
 from modelzoo.config.prune import PruneConfig
@@ -22,7 +22,6 @@ from modelzoo.data.config import TokenizerConfig
 from modelzoo.data.tokenizer import load_pretrained
 from modelzoo.errors import CheckpointError, ConfigError
 from modelzoo.export.hf import export_hf, save_hf_directory, sparsity_report
-from modelzoo.models.gpt import GPT
 from modelzoo.prune.layers import attach_masks
 from modelzoo.restore import restore_model
 
@@ -40,7 +39,7 @@ class Source:
 
 
 def load_source(task: PruneConfig, run_dir: str, tokenizer: TokenizerConfig) -> Source:
-    """`task.hf_dir` as a Hugging Face causal LM, else `task.checkpoint` (or `run_dir`'s latest) as our GPT.
+    """`task.hf_dir` as a Hugging Face causal LM, else `task.checkpoint` (or `run_dir`'s latest) as our model.
 
     The tokenizer is the model's own (the run's `tokenizer/`, or the HF directory's); `tokenizer.path` stands in
     when the model has none.
@@ -83,10 +82,10 @@ def save_pruned(
 ) -> Path:
     """Write the pruned model as a Hugging Face directory with `sparsity.json`; replace `output_dir` atomically.
 
-    Our GPT goes through `export_hf` (GPT-2 layout) with the masks attached as `<param>_mask` buffers; a Hugging
-    Face model is saved as it is, its pruned weights already exact zeros.
+    Our model goes through `export_hf` (its family's HF layout) with the masks attached as `<param>_mask` buffers;
+    a Hugging Face model is saved as it is, its pruned weights already exact zeros.
     """
-    if isinstance(model, GPT):
-        attach_masks(model, masks)
-        return export_hf(model, output_dir, tokenizer, info)
-    return save_hf_directory(model, output_dir, tokenizer, sparsity_report(model.state_dict(), list(masks), info))
+    if isinstance(model, PreTrainedModel):
+        return save_hf_directory(model, output_dir, tokenizer, sparsity_report(model.state_dict(), list(masks), info))
+    attach_masks(model, masks)
+    return export_hf(model, output_dir, tokenizer, info)

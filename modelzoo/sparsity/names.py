@@ -1,8 +1,9 @@
 """Which parameters are sparse: glob filters over our names and their Cerebras Model Zoo equivalents.
 
-Our names are HF GPT-2's; Cerebras' GPT-2/GPT-3 models name the same weights differently. Each of our
-parameters is matched under both spellings, so a Cerebras recipe's `param_filter` selects the same
-weights here. Table after the Cerebras Model Zoo's GPT-2 HF<->CS checkpoint converter.
+Our names are HF GPT-2's and HF Llama's; Cerebras' GPT-2/GPT-3 and Llama models name the same weights
+differently. Each of our parameters is matched under both spellings, so a Cerebras recipe's `param_filter`
+selects the same weights here. Tables after the Cerebras Model Zoo's GPT-2 and Llama HF<->CS checkpoint
+converters (Llama: `gate_proj` is `ffn.ffn.0.linear_layer_for_glu`, `up_proj` `ffn.ffn.0.linear_layer`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,26 @@ CEREBRAS_NAMES: list[tuple[str, tuple[str, ...]]] = [
     (r"transformer\.h\.(\d+)\.mlp\.c_fc\.(\w+)", ("transformer_decoder.layers.{i}.ffn.ffn.0.linear_layer.{0}",)),
     (r"transformer\.h\.(\d+)\.mlp\.c_proj\.(\w+)", ("transformer_decoder.layers.{i}.ffn.ffn.1.linear_layer.{0}",)),
     (r"transformer\.ln_f\.(\w+)", ("transformer_decoder.norm.{0}",)),
+    (r"model\.embed_tokens\.(\w+)", ("embedding_layer.word_embeddings.{0}",)),
+    (r"model\.layers\.(\d+)\.input_layernorm\.(\w+)", ("transformer_decoder.layers.{i}.norm1.{0}",)),
+    *(
+        (
+            rf"model\.layers\.(\d+)\.self_attn\.{x}_proj\.(\w+)",
+            (f"transformer_decoder.layers.{{i}}.self_attn.{cs}.{{0}}",),
+        )
+        for x, cs in (
+            ("q", "proj_q_dense_layer"),
+            ("k", "proj_k_dense_layer"),
+            ("v", "proj_v_dense_layer"),
+            ("o", "proj_output_dense_layer"),
+        )
+    ),
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.(\w+)", ("transformer_decoder.layers.{i}.norm3.{0}",)),
+    *(
+        (rf"model\.layers\.(\d+)\.mlp\.{x}_proj\.(\w+)", (f"transformer_decoder.layers.{{i}}.ffn.ffn.{cs}.{{0}}",))
+        for x, cs in (("gate", "0.linear_layer_for_glu"), ("up", "0.linear_layer"), ("down", "1.linear_layer"))
+    ),
+    (r"model\.norm\.(\w+)", ("transformer_decoder.norm.{0}",)),
 ]
 
 # Cerebras' default filter: >1-D parameters whose names contain none of these.

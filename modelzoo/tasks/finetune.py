@@ -64,7 +64,7 @@ class FinetuneSummary:
 
 def build_prompt(task: PromptTuneConfig, pre: Restored, seed: int) -> SoftPrompt:
     prompt = SoftPrompt(task.num_virtual_tokens, pre.model.config.n_embd)
-    wte = pre.model.transformer.wte.weight[: pre.model.config.vocab_size]  # no padded rows
+    wte = pre.model.embedding.weight[: pre.model.config.vocab_size]  # no padded rows
     if task.init == "text":
         prompt.init_from_text(wte, pre.tokenizer(task.init_text, add_special_tokens=False)["input_ids"])
     else:

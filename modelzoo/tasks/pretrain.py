@@ -37,7 +37,7 @@ from modelzoo.distributed import shutdown
 from modelzoo.errors import ConfigError, ModelZooError, fail
 from modelzoo.export.hf import export_hf, load_hf
 from modelzoo.flops import flop_report, format_flops
-from modelzoo.models.gpt import GPT, GPTConfig
+from modelzoo.models.registry import CausalLM, build_model
 from modelzoo.restore import restore_model
 from modelzoo.train.accel import fuses_adamw, prepare_model
 from modelzoo.train.assemble import assemble_loop, open_run
@@ -143,10 +143,15 @@ class Pretraining:
             identity=run_identity(cfg, self.tokenizer),
         )
 
-    def _build_model(self) -> GPT:
+    def _build_model(self) -> CausalLM:
         if not self.task.init_from:
-            return GPT(self.cfg.model)
+            return build_model(self.cfg.model)
         model = load_hf(self.task.init_from, self.cfg.model.padded_vocab_multiple)
+        if model.config.family != self.cfg.model.family:
+            raise ConfigError(
+                "model.family",
+                f"{self.cfg.model.family} differs from {model.config.family} in task.init_from={self.task.init_from}",
+            )
         for key, value in asdict(self.cfg.model).items():
             if key not in ("name", "dropout", "init_std") and getattr(model.config, key) != value:
                 raise ConfigError(
@@ -240,7 +245,7 @@ class Pretraining:
         stats = self.sparsifier.stats()
         return stats.global_sparsity, stats.per_param
 
-    def trained_model(self) -> tuple[GPT, Sparsifier | None]:
+    def trained_model(self) -> tuple[CausalLM, Sparsifier | None]:
         """The trained model on the host and its sparsity plug-in: the live ones, or where the weights stay on the
         device (a CS-2) those of the last checkpoint."""
         if self.backend.capabilities.weights_on_host:
@@ -250,7 +255,7 @@ class Pretraining:
 
     # ---- reporting ----------------------------------------------------------------------------------
     def _log_header(self) -> None:
-        m: GPTConfig = self.cfg.model
+        m = self.cfg.model
         n_sparse = len(self.sparsifier.mask_names()) if self.sparsifier else 0
         log.info(
             "model %s: %d layers, d_model %d, %.2fM parameters (%.2fM non-embedding); %d sparse weight tensors",

@@ -12,13 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
+from transformers import PreTrainedModel
 
 from modelzoo.config import Config
 from modelzoo.config.prune import PruneConfig
 from modelzoo.config.train import resolved_device
 from modelzoo.data.corpus import load_corpus
 from modelzoo.errors import ConfigError
-from modelzoo.models.gpt import GPT
+from modelzoo.export.hf import BY_MODEL_TYPE
 from modelzoo.prune.calibration import calibration_tokens
 from modelzoo.prune.io import load_source, save_pruned
 from modelzoo.prune.layers import select_layers
@@ -34,7 +35,7 @@ class PruneSummary:
     output_dir: Path
     result: PruneResult
     seconds: float
-    gpt2: bool  # the output is a GPT-2 directory, which `modelzoo pretrain task.init_from` reads
+    importable: bool  # the output is a GPT-2 or Llama directory, which `modelzoo pretrain task.init_from` reads
 
     def format(self, task: PruneConfig) -> str:
         errors = [layer.error for layer in self.result.layers]
@@ -43,7 +44,7 @@ class PruneSummary:
             f"{task.tag}: {len(errors)} tensors, {self.result.sparsity:.1%} zeros, relative reconstruction error "
             f"mean {sum(errors) / len(errors):.4f}, max {max(errors):.4f} ({self.seconds:.1f} s)",
         ]
-        if self.gpt2:
+        if self.importable:
             lines.append(
                 f"sparse continued pre-training: modelzoo pretrain task.init_from={self.output_dir} "
                 f"sparsity.sparsity={self.result.sparsity:.2f} sparsity.init_method=from_weights"
@@ -73,7 +74,7 @@ def check_model(model: nn.Module, task: PruneConfig, seq_len: int) -> None:
         if task.method == "sparsegpt" and task.block_size % m:
             raise ConfigError("task.block_size", f"{task.block_size} must be a multiple of m={m} for N:M SparseGPT")
     config = model.config
-    positions = config.n_positions if isinstance(model, GPT) else config.max_position_embeddings
+    positions = config.max_position_embeddings if isinstance(model, PreTrainedModel) else config.n_positions
     if seq_len > positions:
         raise ConfigError("data.seq_len", f"{seq_len} exceeds the model's {positions} positions")
 
@@ -102,8 +103,9 @@ def run(cfg: Config) -> PruneSummary:
         info["dampening_retried"] = retried
     output = Path(task.output_dir) if task.output_dir else source.default_output
     save_pruned(source.model, output, source.tokenizer, result.masks, info)
-    gpt2 = isinstance(source.model, GPT) or source.model.config.model_type == "gpt2"
-    return PruneSummary(source.path, output, result, seconds, gpt2)
+    hf = isinstance(source.model, PreTrainedModel)
+    importable = not hf or source.model.config.model_type in BY_MODEL_TYPE
+    return PruneSummary(source.path, output, result, seconds, importable)
 
 
 def main(overrides: list[str]) -> None:

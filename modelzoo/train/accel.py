@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from modelzoo.config.train import OptimConfig, TrainConfig
 from modelzoo.errors import ConfigError
-from modelzoo.models.gpt import GPT
+from modelzoo.models.registry import CausalLM
 
 
 def setup_device(device: torch.device) -> None:
@@ -104,12 +104,12 @@ def validate_accel(task: TrainConfig, optim: OptimConfig, device_type: str, own_
         raise ConfigError("task.activation_checkpointing", "the backend plans memory itself; set it false")
 
 
-def checkpoint_blocks(model: GPT) -> None:
+def checkpoint_blocks(model: CausalLM) -> None:
     """Recompute each block's activations in the backward pass instead of keeping them (per-block activation
     checkpointing, torchtitan's `full` mode). Non-reentrant `torch.utils.checkpoint`: the RNG state is replayed (the
     same dropout masks), parameter gradient hooks fire as without it, and torch.compile traces through it. Module and
     parameter names do not change."""
-    for block in model.transformer.h:
+    for block in model.blocks:
         block.forward = _checkpointed(block.forward)
 
 
@@ -120,7 +120,7 @@ def _checkpointed(forward: Callable[..., torch.Tensor]) -> Callable[..., torch.T
     return run
 
 
-def prepare_model(model: GPT, task: TrainConfig, device_type: str, own_compiler: bool = False) -> None:
+def prepare_model(model: CausalLM, task: TrainConfig, device_type: str, own_compiler: bool = False) -> None:
     """Activation checkpointing and torch.compile as `task` asks, after the sparsity plug-in's hooks are on."""
     if task.activation_checkpointing:
         checkpoint_blocks(model)

@@ -1,0 +1,231 @@
+"""Llama decoder with Hugging Face `LlamaForCausalLM` architecture and parameter names.
+
+Pre-RMSNorm blocks, rotary position embeddings (optionally with Llama-3 frequency scaling), a SwiGLU MLP,
+grouped-query attention (`n_kv_head` key/value heads shared by `n_head // n_kv_head` query heads each), no
+biases, and an LM head that is tied to the embedding only when the config says so (Llama 3.2 1B/3B tie it,
+Llama 2 and Llama 3 8B do not). Module names are HF's (`model.layers.N.self_attn.q_proj`, ...), all
+`nn.Linear` (out, in) as in HF, so conversion is a plain rename table. Rotary embeddings follow HF's
+`rotate_half` convention (a head's first and second halves are the pairs, not interleaved entries).
+
+The module is plain PyTorch: it knows nothing of sparsity, config files, devices or distribution.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modelzoo.models.common import DecoderLM, KVCache, causal_attention, check_positions
+
+
+@dataclass
+class RopeScaling:
+    """Llama-3 RoPE frequency scaling (transformers' `rope_type: llama3`; Llama 3.1 and 3.2 use it).
+
+    Wavelengths longer than `original_max_position_embeddings / low_freq_factor` are stretched by `factor`,
+    those shorter than `original_max_position_embeddings / high_freq_factor` are kept, and the ones between
+    are interpolated smoothly.
+    """
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass
+class LlamaConfig:
+    """Shape of a Llama model, in the same field names as `GPTConfig`. Sizes live in `conf/model/llama*.yaml`."""
+
+    name: str = "llama_tiny"
+    family: str = "llama"
+    n_layer: int = 4
+    n_embd: int = 128
+    n_head: int = 4
+    n_kv_head: int = 2
+    n_inner: int = 352
+    n_positions: int = 128
+    vocab_size: int = 4096
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    init_std: float = 0.02
+    # As GPTConfig's: embedding and head rows padded to a multiple of this; the padded rows are never predicted.
+    padded_vocab_multiple: int = 1
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the token embedding and the LM head: `vocab_size` rounded up to `padded_vocab_multiple`."""
+        return -(-self.vocab_size // self.padded_vocab_multiple) * self.padded_vocab_multiple
+
+
+def rope_frequencies(config: LlamaConfig, device: torch.device | None = None) -> torch.Tensor:
+    """Inverse frequencies (head_dim / 2,) in fp32, Llama-3-scaled when `config.rope_scaling` is set.
+
+    The same float32 operations as transformers' `compute_default_rope_parameters` and
+    `_compute_llama3_parameters`, so the rotations match HF's bit for bit.
+    """
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
+    s = config.rope_scaling
+    if s is None:
+        return inv_freq
+    low_freq_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_freq_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)  # long waves: stretched
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rotary_tables(config: LlamaConfig, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """cos and sin (T, hs) of `positions` (T,), computed in fp32 and cast to `dtype` as HF does."""
+    freqs = positions.float()[:, None] * rope_frequencies(config, positions.device)  # (T, hs / 2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (T, hs): the same angle for entries i and i + hs / 2
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (x[i], x[i + hs / 2]) of `x` (B, nh, T, hs) by its position's angle (`rotate_half`)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned scale and no bias, computed in fp32 (as HF's `LlamaRMSNorm`)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig, layer: int = 0) -> None:
+        super().__init__()
+        self.layer = layer  # index into a KVCache
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        kv = config.n_kv_head * config.head_dim
+        self.q_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.k_proj = nn.Linear(config.n_embd, kv, bias=False)  # GQA: fewer key/value heads
+        self.v_proj = nn.Linear(config.n_embd, kv, bias=False)
+        self.o_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hs)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hs)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        past = 0 if cache is None else cache.length
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, n_kv, past + T, hs)
+        y = causal_attention(q, k, v, past)  # (B, nh, T, hs)
+        return self.o_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.n_embd, config.n_inner, bias=False)
+        self.up_proj = nn.Linear(config.n_embd, config.n_inner, bias=False)
+        self.down_proj = nn.Linear(config.n_inner, config.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (B, T, C) -> (B, T, F) -> (B, T, C)
+
+
+class Block(nn.Module):
+    def __init__(self, config: LlamaConfig, layer: int = 0) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.n_embd, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = RMSNorm(config.n_embd, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(DecoderLM):
+    """Llama language model; `forward` returns logits (B, T, vocab) and, given targets, the mean CE loss.
+
+    The interface is GPT's (`modelzoo.models.registry.CausalLM`): `hidden`, `forward` with an optional
+    `KVCache` and `prefix` embeddings, `new_cache`, `blocks`, `embedding`, `num_params`.
+    """
+
+    VOCAB_ROWS = ("model.embed_tokens.weight", "lm_head.weight")
+    EMBEDDINGS = ("model.embed_tokens.weight",)
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = nn.ModuleDict(
+            dict(
+                embed_tokens=nn.Embedding(config.padded_vocab_size, config.n_embd),
+                layers=nn.ModuleList(Block(config, layer) for layer in range(config.n_layer)),
+                norm=RMSNorm(config.n_embd, config.rms_norm_eps),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.reset_parameters()
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.model.layers
+
+    @property
+    def embedding(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def reset_parameters(self) -> None:
+        """Truncated normal std `init_std`; residual output projections (o, down) scaled by 1/sqrt(2 n_layer)."""
+        std = self.config.init_std
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                scale = 1 / math.sqrt(2 * self.config.n_layer) if name.endswith(("o_proj", "down_proj")) else 1.0
+                nn.init.trunc_normal_(module.weight, mean=0.0, std=std * scale, a=-2 * std * scale, b=2 * std * scale)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def hidden(
+        self, idx: torch.Tensor, cache: KVCache | None = None, prefix: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Final-RMSNorm hidden states (B, P + T, C) of `idx` (B, T) behind `prefix` embeddings (B, P, C)."""
+        x = self.model.embed_tokens(idx)  # (B, T, C)
+        if prefix is not None:
+            x = torch.cat([prefix.to(x.dtype), x], dim=1)  # (B, P + T, C)
+        T = x.shape[1]
+        start = 0 if cache is None else cache.length
+        check_positions(self.config, cache, start, T)
+        cos, sin = rotary_tables(self.config, torch.arange(start, start + T, device=idx.device), x.dtype)
+        for block in self.model.layers:
+            x = block(x, cos, sin, cache)
+        if cache is not None:
+            cache.length += T
+        return self.model.norm(x)
