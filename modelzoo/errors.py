@@ -45,6 +45,18 @@ class CheckpointError(ModelZooError, RuntimeError):
     """A checkpoint that is missing, incomplete, corrupted or does not match the config."""
 
 
+class DiskFullError(ModelZooError, OSError):
+    """Not enough free space to write `path`: found before writing, or raised as ENOSPC / EDQUOT during it."""
+
+    def __init__(self, path: object, needed: int, free: int) -> None:
+        self.path, self.needed, self.free = path, needed, free
+        super().__init__(
+            f"{path}: not enough disk space to write it: needs {needed:,} bytes ({needed / 1e6:,.1f} MB), "
+            f"{free:,} bytes ({free / 1e6:,.1f} MB) free; free some space (or write elsewhere) and run again "
+            "(nothing partial was left behind)"
+        )
+
+
 class TrainingDiverged(ModelZooError, RuntimeError):
     """A non-finite loss or gradient norm stopped training; the message names the step."""
 

@@ -19,6 +19,7 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
+from modelzoo import atomic
 from modelzoo.cli import main
 from modelzoo.config import load_config, to_object
 from modelzoo.data import cerebras_hdf5, prepare
@@ -26,11 +27,13 @@ from modelzoo.data.config import DataConfig, SourceConfig, TokenizerConfig, desc
 from modelzoo.data.corpus import load_corpus
 from modelzoo.data.documents import held_out
 from modelzoo.data.loader import BlockLoader
+from modelzoo.data.prepare import prepare_source
 from modelzoo.data.shards import ShardWriter
 from modelzoo.data.tokenizer import build_tokenizer
-from modelzoo.errors import ConfigError, DataError
+from modelzoo.errors import ConfigError, DataError, DiskFullError
 from modelzoo.validate import validate
 from tests.test_data import SEQ_LEN, TRAIN_DOCS, VALIDATION_DOCS, documents, encode_documents, write_lines
+from tests.test_disk_full import full_disk
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "modelzoo" / "data" / "samples" / "pubmed"
@@ -572,3 +575,14 @@ def test_tokenizer_is_not_trained_on_token_shards(tmp_path: Path) -> None:
     cfg = DataConfig(train_files=[str(folder / "a.h5")], format="cerebras_hdf5", cache_dir=str(tmp_path))
     with pytest.raises(ConfigError, match=r"^tokenizer\.path: .*already tokenised"):
         build_tokenizer(TokenizerConfig(vocab_size=300), cfg)
+
+
+def test_shards_refused_when_the_disk_is_full(
+    tmp_path: Path, tokenizer: PreTrainedTokenizerFast, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = corpus_config(tmp_path)
+    monkeypatch.setattr(atomic.shutil, "disk_usage", full_disk(1000))
+    with pytest.raises(DiskFullError) as info:
+        prepare_source(cfg, tokenizer)
+    assert "shard_00000.bin: not enough disk space" in str(info.value) and "1,000 bytes" in str(info.value)
+    assert not [p for p in Path(cfg.cache_dir).rglob("*") if ".tmp-" in p.name]

@@ -12,7 +12,6 @@ leaves either a published shard or nothing that any reader trusts.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from modelzoo.atomic import fsync, write_text_atomically
+from modelzoo.atomic import fsync, write_bytes_atomically, write_text_atomically
 from modelzoo.errors import DataError
 
 SHARD = "shard_{:05d}"
@@ -39,14 +38,6 @@ class Resume:
     chunk: int = 0
     skip: int = 0
     documents: int = 0
-
-
-def _write_bytes_atomically(path: Path, data: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        data.tofile(f)
-    fsync(tmp)
-    os.replace(tmp, path)
 
 
 class ShardWriter:
@@ -118,7 +109,7 @@ class ShardWriter:
         resume = self._resume_after(self._published)
         name = SHARD.format(len(self.shards))
         record = {"file": f"{name}.bin", "blocks": count // self.width, "dtype": self.dtype.name, "resume": resume}
-        _write_bytes_atomically(self.directory / f"{name}.bin", shard)
+        write_bytes_atomically(self.directory / f"{name}.bin", np.ascontiguousarray(shard))
         write_text_atomically(self.directory / f"{name}.json", json.dumps(record))
         fsync(self.directory)
         self.shards.append(record)

@@ -19,6 +19,7 @@ import torch
 from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel, PreTrainedModel, PreTrainedTokenizerBase
 
 from modelzoo.atomic import atomic_directory
+from modelzoo.checkpoint import SLACK_BYTES, state_bytes
 from modelzoo.errors import CheckpointError, ConfigError
 from modelzoo.finite import refuse_nonfinite
 from modelzoo.models.gpt import ACTIVATIONS, GPT, GPTConfig, pad_vocab, unpad_vocab
@@ -209,7 +210,7 @@ def save_hf_directory(
 ) -> Path:
     """`save_pretrained` of the model and tokenizer plus `sparsity.json`, replacing `output_dir` atomically."""
     output_dir = Path(output_dir)
-    with atomic_directory(output_dir) as directory:
+    with atomic_directory(output_dir, state_bytes(hf_model.state_dict()) + SLACK_BYTES) as directory:
         hf_model.save_pretrained(directory, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)
