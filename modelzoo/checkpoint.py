@@ -247,7 +247,15 @@ def load_model_weights(path: str | Path, model: nn.Module, mask_names: list[str]
     it does not create; `drop_masks` loads the weights alone (the pruned entries are the exact zeros stored)."""
     file = Path(path) / MODEL_FILE
     with safe_open(str(file), framework="pt") as f:
-        keys = set(f.keys())
+        shapes = {key: list(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118 (no dict)
+    keys = set(shapes)
+    for name, tensor in model.state_dict().items():
+        if name in shapes and shapes[name] != list(tensor.shape):
+            raise CheckpointError(
+                f"{file}: tensor {name} has shape {shapes[name]} but the model needs {list(tensor.shape)}: the "
+                "checkpoint was written for another model config, or altered; use the model config it was trained "
+                "with (its config.yaml)"
+            )
     missing_masks = [m for m in mask_names if m not in keys]
     if missing_masks:
         raise CheckpointError(

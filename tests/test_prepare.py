@@ -314,6 +314,42 @@ def test_damaged_shard_is_refused_naming_it(tmp_path: Path, tokenizer: PreTraine
         load_corpus(cfg, tokenizer)
 
 
+def test_shard_overwritten_with_valid_tokens_fails_its_checksum(
+    tmp_path: Path, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    """Our shards' CRC-32, checked when a run opens the corpus: same size, valid ids, other tokens."""
+    cfg = corpus_config(tmp_path, count=200)
+    shard = Path(load_corpus(cfg, tokenizer).train.paths[2])
+    tokens = np.fromfile(shard, dtype=np.uint16)
+    tokens[100:400] = np.roll(tokens[100:400], 1)
+    tokens.tofile(shard)
+    with pytest.raises(DataError, match=f"^{re.escape(str(shard))}: checksum mismatch .* prepare it again$"):
+        load_corpus(cfg, tokenizer)
+
+
+def test_damaged_hdf5_chunk_is_refused_naming_file_and_samples(
+    tmp_path: Path, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    blocks = np.random.default_rng(0).integers(0, len(tokenizer), size=(20, SEQ_LEN + 1))
+    train, validation = tmp_path / "train.h5", tmp_path / "validation.h5"
+    write_cerebras_like(train, samples_of(blocks[:15]))
+    write_cerebras_like(validation, samples_of(blocks[15:]))
+    with h5py.File(train) as f:
+        chunk = f["data"].id.get_chunk_info(7)  # sample 7's gzip chunk
+    raw = bytearray(train.read_bytes())
+    raw[chunk.byte_offset : chunk.byte_offset + chunk.size] = bytes(chunk.size)
+    train.write_bytes(bytes(raw))
+    cfg = DataConfig(
+        train_files=[str(train)],
+        validation_files=[str(validation)],
+        format="cerebras_hdf5",
+        seq_len=SEQ_LEN,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    with pytest.raises(DataError, match=rf"^{re.escape(str(train))}: samples 0-14 of 'data' cannot be decoded \("):
+        load_corpus(cfg, tokenizer)
+
+
 def test_sharded_blocks_index_like_an_array_and_pickle_as_paths(
     tmp_path: Path, tokenizer: PreTrainedTokenizerFast
 ) -> None:

@@ -46,7 +46,7 @@ from modelzoo.optim import build_optimizer
 from modelzoo.sparsity.masks import MASK_SUFFIX
 from modelzoo.train.accel import setup_device
 from modelzoo.train.guards import NonFiniteGuard, training_tensors
-from modelzoo.train.identity import apply_optimizer_config, check_identity, log_optimizer_changes
+from modelzoo.train.identity import apply_optimizer_config, check_identity, first_difference, log_optimizer_changes
 from modelzoo.train.metrics import MetricsLogger
 from modelzoo.train.mfu import format_fraction, format_gib, mfu, peak_flops, take_peak_memory
 from modelzoo.train.rng import rng_state, set_rng_state
@@ -439,10 +439,13 @@ class TrainLoop:
         ckpt.verify_checkpoint(path)
         saved, current = OmegaConf.create(ckpt.read_config(path)), OmegaConf.create(self.config_yaml)
         for key in keys:
-            a, b = OmegaConf.select(saved, key), OmegaConf.select(current, key)
-            if a != b:
+            changed = first_difference(
+                key, _plain(OmegaConf.select(saved, key)), _plain(OmegaConf.select(current, key))
+            )
+            if changed is not None:
+                name, a, b = changed
                 raise CheckpointError(
-                    f"{path} was trained with {key}={_plain(a)} but the config has {key}={_plain(b)}; "
+                    f"{path} was trained with {name}={a} but the config has {name}={b}; "
                     f"resume with the original value or {hint}"
                 )
         if self.identity is not None:
