@@ -23,6 +23,8 @@ from modelzoo import atomic
 from modelzoo.cli import main
 from modelzoo.config import load_config, to_object
 from modelzoo.data import cerebras_hdf5, prepare
+from modelzoo.data import documents as documents_module
+from modelzoo.data import tokenizer as tokenizer_module
 from modelzoo.data.config import DataConfig, SourceConfig, TokenizerConfig, describe
 from modelzoo.data.corpus import load_corpus
 from modelzoo.data.documents import held_out
@@ -30,8 +32,10 @@ from modelzoo.data.loader import BlockLoader
 from modelzoo.data.prepare import prepare_source
 from modelzoo.data.shards import ShardWriter
 from modelzoo.data.tokenizer import build_tokenizer
+from modelzoo.data.workers import Workers, encode_chunk
 from modelzoo.errors import ConfigError, DataError, DiskFullError
 from modelzoo.validate import validate
+from tests.conftest import run_command
 from tests.test_data import SEQ_LEN, TRAIN_DOCS, VALIDATION_DOCS, documents, encode_documents, write_lines
 from tests.test_disk_full import full_disk
 
@@ -622,3 +626,49 @@ def test_shards_refused_when_the_disk_is_full(
         prepare_source(cfg, tokenizer)
     assert "shard_00000.bin: not enough disk space" in str(info.value) and "1,000 bytes" in str(info.value)
     assert not [p for p in Path(cfg.cache_dir).rglob("*") if ".tmp-" in p.name]
+
+
+# ---- pathological lines ----------------------------------------------------------------------------------------
+
+
+def test_two_megabyte_lines_without_spaces_are_prepared_in_seconds(tmp_path: Path) -> None:
+    """A 2 MB line of "a" and one of NUL bytes: tokenizer training (once over 600 s) and preparation, with the
+    tokenizer's progress logged and its line checks first."""
+    train = write_lines(tmp_path / "train.txt", [*TRAIN_DOCS, "a" * 2_000_000, "\0" * 2_000_000])
+    validation = write_lines(tmp_path / "validation.txt", VALIDATION_DOCS)
+    command = [sys.executable, "-m", "modelzoo", "prepare-data", f"data.train_files=[{train}]"]
+    command += [f"data.validation_files=[{validation}]", f"data.cache_dir={tmp_path / 'cache'}", "data.num_workers=1"]
+    started = time.perf_counter()
+    result = run_command(command, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert time.perf_counter() - started < 60
+    assert "tokenizer: checked every line of 1 training file(s)" in result.stderr
+    assert "vocabulary learned in" in result.stderr
+
+
+def test_a_bad_line_is_refused_before_the_tokenizer_trains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_training(**kwargs: object) -> None:
+        raise AssertionError("the tokenizer trainer started before the lines were checked")
+
+    monkeypatch.setattr(tokenizer_module.trainers, "BpeTrainer", no_training)
+    train = write_lines(tmp_path / "train.jsonl", ['{"text": "a"}', '{"text": "b"}', '{"text": '])
+    with pytest.raises(DataError, match=rf"^{re.escape(train)}:3: invalid JSON"):
+        build_tokenizer(TokenizerConfig(vocab_size=300), DataConfig(train_files=[train], cache_dir=str(tmp_path)))
+
+
+def test_a_line_over_the_maximum_is_refused_naming_file_and_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(documents_module, "MAX_LINE_BYTES", 1000)
+    train = write_lines(tmp_path / "train.txt", ["short", "x" * 1500, "short"])
+    with pytest.raises(DataError, match=rf"^{re.escape(train)}:2: line longer than the maximum of 1,000 bytes"):
+        documents_module.scan_file(train)
+
+
+def test_a_long_document_encodes_in_pieces_to_the_same_tokens(tokenizer: PreTrainedTokenizerFast) -> None:
+    text = " ".join(documents(3000, seed=3))  # several PIECE_CHARS, spaces throughout
+    assert len(text) > 4 * documents_module.PIECE_CHARS
+    with Workers(1, tokenizer.backend_tokenizer.to_str(), tokenizer.eos_token_id, np.uint16):
+        pieces_ids = encode_chunk([text])
+    whole = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
+    assert pieces_ids.tolist() == [*whole, tokenizer.eos_token_id]
