@@ -235,10 +235,12 @@ class TrainLoop:
         sparsity = self.sparsifier.stats().global_sparsity if self.sparsifier and self.log_due() else None
         row = self.train_row(loss, grad_norm, lr, sparsity)
         if self.eval_due():
-            row.update(self.record_evaluation(self.task.evaluate(self.step)))
+            with self.paused():
+                row.update(self.record_evaluation(self.task.evaluate(self.step)))
         self.log_row(row)
         if self.save_due():
-            self.save()
+            with self.paused():
+                self.save()
         if "train_loss" in row:
             self.restart_window()
 
@@ -341,6 +343,16 @@ class TrainLoop:
 
     def restart_window(self) -> None:
         self._window_start, self._window_steps = time.perf_counter(), 0
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Leave the time inside out of the log window's (training time and tokens/s count training alone, whether
+        or not the step also logs)."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._window_start += time.perf_counter() - started
 
     def _speed(self, units_per_s: float) -> dict[str, float | None]:
         """MFU over all ranks in this log window, and this rank's peak CUDA memory in it (n/a: None)."""
