@@ -46,7 +46,8 @@ class PruneSummary:
         if self.gpt2:
             lines.append(
                 f"sparse continued pre-training: modelzoo pretrain task.init_from={self.output_dir} "
-                f"sparsity.sparsity={self.result.sparsity:.2f} sparsity.init_method=from_weights"
+                f"sparsity.sparsity={self.result.sparsity:.2f} sparsity.init_method=from_weights "
+                f"run_dir={self.output_dir}-continued"
             )
         return "\n".join(lines)
 
