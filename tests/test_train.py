@@ -129,7 +129,9 @@ def test_refuses_to_overwrite_and_to_resume_nothing(tmp_path: Path, cache_dir: P
 def test_resume_with_other_sparsity_is_refused(tmp_path: Path, cache_dir: Path) -> None:
     run = tmp_path / "run"
     Pretraining(make_config(run, cache_dir, "sparsity=dense", "task.max_steps=1", "task.export=false")).fit()
-    with pytest.raises(CheckpointError, match="was trained with sparsity="):
+    with pytest.raises(
+        CheckpointError, match=r"was trained with sparsity\.sparsity=None but the config has sparsity\.sparsity=0\.75;"
+    ):
         Pretraining(make_config(run, cache_dir, "sparsity=static_75", "task.max_steps=2", "task.resume=true"))
 
 
