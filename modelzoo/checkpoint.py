@@ -45,6 +45,8 @@ MODEL_FILE, OPTIMIZER_FILE, TRAINER_FILE, CONFIG_FILE, IDENTITY_FILE, MANIFEST_F
 # resume reads it) does not block exporting intact weights.
 WEIGHT_FILES = (MODEL_FILE, CONFIG_FILE)
 LATEST = "latest"
+# Room for what the tensors do not count: headers, pickled structure, config, identity, manifest.
+SLACK_BYTES = 1 << 20
 BEST = "best"  # written by runs that select a checkpoint (fine-tuning: the best on dev)
 
 
@@ -76,7 +78,8 @@ def save_checkpoint(
     resume of the run must keep (`modelzoo.train.identity`)."""
     root = checkpoint_dir(run_dir)
     final = root / f"step_{step:06d}"
-    with atomic_directory(final) as tmp:
+    needed = state_bytes(model.state_dict()) + state_bytes(optimizer_state) + state_bytes(trainer_state) + SLACK_BYTES
+    with atomic_directory(final, needed) as tmp:
         save_model(model, str(tmp / MODEL_FILE))
         torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
         torch.save(trainer_state, tmp / TRAINER_FILE)
@@ -95,12 +98,31 @@ def save_weights(run_dir: str | Path, step: int, model: nn.Module, config_yaml: 
     It has no optimizer or trainer state, so `export`, `generate` and `prune` read it but `task.resume` does not.
     """
     final = checkpoint_dir(run_dir) / f"step_{step:06d}"
-    with atomic_directory(final) as tmp:
+    with atomic_directory(final, state_bytes(model.state_dict()) + SLACK_BYTES) as tmp:
         save_model(model, str(tmp / MODEL_FILE))
         (tmp / CONFIG_FILE).write_text(config_yaml)
         _write_manifest(tmp, step)
     write_text_atomically(checkpoint_dir(run_dir) / LATEST, final.name + "\n")
     return final
+
+
+def state_bytes(state: Any) -> int:
+    """The bytes of the tensors in a (nested) state, each storage counted once (tied weights are stored once)."""
+    seen: dict[int, int] = {}
+
+    def visit(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            storage = value.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(value, dict):
+            for item in value.values():
+                visit(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item)
+
+    visit(state)
+    return sum(seen.values())
 
 
 def _write_manifest(directory: Path, step: int) -> None:
@@ -225,7 +247,15 @@ def load_model_weights(path: str | Path, model: nn.Module, mask_names: list[str]
     it does not create; `drop_masks` loads the weights alone (the pruned entries are the exact zeros stored)."""
     file = Path(path) / MODEL_FILE
     with safe_open(str(file), framework="pt") as f:
-        keys = set(f.keys())
+        shapes = {key: list(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118 (no dict)
+    keys = set(shapes)
+    for name, tensor in model.state_dict().items():
+        if name in shapes and shapes[name] != list(tensor.shape):
+            raise CheckpointError(
+                f"{file}: tensor {name} has shape {shapes[name]} but the model needs {list(tensor.shape)}: the "
+                "checkpoint was written for another model config, or altered; use the model config it was trained "
+                "with (its config.yaml)"
+            )
     missing_masks = [m for m in mask_names if m not in keys]
     if missing_masks:
         raise CheckpointError(

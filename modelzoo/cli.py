@@ -12,7 +12,7 @@ import sys
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from modelzoo.errors import ModelZooError, fail
+from modelzoo.errors import ModelZooError, fail, fail_unexpected
 
 USAGE = """usage: modelzoo <command> [hydra overrides]
 
@@ -97,3 +97,5 @@ def main(argv: list[str] | None = None) -> None:
         run(rest)
     except (ModelZooError, OmegaConfBaseException, HydraException) as e:
         fail(e)
+    except Exception as e:
+        fail_unexpected(e)

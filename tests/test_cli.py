@@ -10,7 +10,8 @@ import torch
 from modelzoo.cli import main
 from modelzoo.export.hf import load_hf
 from modelzoo.tasks.pretrain import Pretraining
-from tests.conftest import make_config
+from modelzoo.train.loop import TrainLoop
+from tests.conftest import SMALL, make_config
 
 
 def test_info_prints_the_papers_parameter_counts(capsys: pytest.CaptureFixture[str]) -> None:
@@ -58,3 +59,29 @@ def test_export_command_and_init_from(tmp_path: Path, cache_dir: Path, capsys: p
     # continue training from the HF directory: same weights at step 0
     cont = Pretraining(make_config(tmp_path / "cont", cache, f"task.init_from={tmp_path / 'hf'}", "sparsity=dense"))
     assert all(torch.equal(cont.model.state_dict()[k], v) for k, v in imported.state_dict().items())
+
+
+def test_unexpected_error_is_one_line_naming_the_log_with_the_traceback(
+    tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def broken_step(self: TrainLoop, *batch: torch.Tensor) -> None:
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(TrainLoop, "train_step", broken_step)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    run = tmp_path / "run"
+    overrides = [*SMALL, f"run_dir={run}", f"data.cache_dir={cache_dir}", "task.max_steps=2"]
+    with pytest.raises(SystemExit) as info:
+        main(["pretrain", *overrides])
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (
+        f"error: unexpected RuntimeError: boom (the full traceback is in {run / 'pretrain.log'}; "
+        "HYDRA_FULL_ERROR=1 prints it here)"
+    )
+    assert "Traceback" not in err
+    assert "Traceback" in (run / "pretrain.log").read_text() and "second line" in (run / "pretrain.log").read_text()
+
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    with pytest.raises(RuntimeError, match="boom"):
+        main(["pretrain", *overrides[:-1], f"run_dir={tmp_path / 'again'}", "task.max_steps=2"])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -119,6 +121,19 @@ def test_cli_writes_table_json_plot(trained_run: Path, tmp_path: Path, capsys: p
 
 
 @needs_shared
+def test_limit_draws_every_label_not_the_first_n_of_the_sorted_file(
+    trained_run: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The test file holds 276 "yes" first: a limit of 50 must score about 28 yes, 17 no and 5 maybe."""
+    caplog.set_level(logging.INFO)
+    (result,) = run(evaluate_config(trained_run, "task.limit=50"))
+    labels = Counter(q["label"] for q in result.questions)
+    assert labels == {"yes": 28, "no": 17, "maybe": 5} and result.n == 50
+    assert "task.limit=50: a stratified random sample (seed 0) of the 500 PubMedQA test questions" in caplog.text
+    assert result.baseline_accuracy == 28 / 50
+
+
+@needs_shared
 def test_run_defaults_to_latest_checkpoint_of_run_dir(trained_run: Path, tmp_path: Path) -> None:
     (result,) = run(evaluate_config(trained_run, "task.limit=3"))
     assert result.kind == "checkpoint" and result.source.endswith(f"step_{TRAINED_STEPS:06d}") and result.n == 3
@@ -148,7 +163,8 @@ def test_accuracy_equals_lm_eval_harness(trained_run: Path, tmp_path: Path) -> N
         log_samples=True,
     )
     theirs = lm_eval_scores(enumerate(out["samples"]["pubmedqa_local"], start=1))
-    (ours,) = run(evaluate_config(trained_run, f"task.limit={LIMIT}", f"task.checkpoints=[{trained_run}]"))
+    limited = (f"task.limit={LIMIT}", "task.limit_first=true")  # lm-eval's --limit takes the first N
+    (ours,) = run(evaluate_config(trained_run, *limited, f"task.checkpoints=[{trained_run}]"))
     parity = compare(ours.questions, theirs)
     assert parity.n == LIMIT and parity.same_predictions == LIMIT
     assert parity.max_abs_diff < 1e-4

@@ -19,6 +19,7 @@ from modelzoo.config import load_config, to_object
 from modelzoo.config.finetune import FinetuneConfig, output_dir
 from modelzoo.downstream.evaluate import load_model, macro_f1
 from modelzoo.downstream.pubmedqa import CHOICES, DIR_FILES, load_pubmedqa, pubmedqa_prompt
+from modelzoo.downstream.sampling import stratified_sample
 from modelzoo.downstream.scoring import choice_loglikelihoods
 from modelzoo.errors import CheckpointError, ConfigError
 from modelzoo.export.seq_cls import export_seq_cls
@@ -80,11 +81,11 @@ def shuffled_pubmedqa(directory: Path) -> Path:
 
 
 def exported_test_scores(hf_dir: str, data_dir: Path) -> dict[str, float]:
-    """PubMedQA test accuracy and macro-F1 (the first `task.limit=24` questions, in the 48-token window FAST sets)
+    """PubMedQA test accuracy and macro-F1 (the `task.limit=24` questions sampled, in the 48-token window FAST sets)
     of the exported Hugging Face model, scored through `transformers` and counted here: what the summary must
     report for the model it exported, on the test split."""
     model, tokenizer = GPT2LMHeadModel.from_pretrained(hf_dir).eval(), AutoTokenizer.from_pretrained(hf_dir)
-    questions = load_pubmedqa(data_dir, "test")[:24]
+    questions = stratified_sample(load_pubmedqa(data_dir, "test"), 24, lambda e: e.label, "test questions")
     assert len({q.label for q in questions}) == 3  # every class, so that the counts pin the split
     with torch.no_grad():
         scores = choice_loglikelihoods(

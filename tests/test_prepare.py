@@ -19,21 +19,27 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
+from modelzoo import atomic
 from modelzoo import checkpoint as ckpt
 from modelzoo.cli import main
 from modelzoo.config import load_config, to_object
 from modelzoo.data import cerebras_hdf5, prepare
+from modelzoo.data import documents as documents_module
+from modelzoo.data import tokenizer as tokenizer_module
 from modelzoo.data.config import DataConfig, SourceConfig, TokenizerConfig, describe
 from modelzoo.data.corpus import load_corpus
 from modelzoo.data.documents import held_out
 from modelzoo.data.loader import BlockLoader
+from modelzoo.data.prepare import prepare_source
 from modelzoo.data.shards import ShardWriter
 from modelzoo.data.tokenizer import build_tokenizer
-from modelzoo.errors import ConfigError, DataError
+from modelzoo.data.workers import Workers, encode_chunk
+from modelzoo.errors import ConfigError, DataError, DiskFullError
 from modelzoo.tasks.pretrain import Pretraining
 from modelzoo.validate import validate
-from tests.conftest import make_config, train_losses
+from tests.conftest import make_config, run_command, train_losses
 from tests.test_data import SEQ_LEN, TRAIN_DOCS, VALIDATION_DOCS, documents, encode_documents, write_lines
+from tests.test_disk_full import full_disk
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "modelzoo" / "data" / "samples" / "pubmed"
@@ -365,6 +371,42 @@ def test_damaged_shard_is_refused_naming_it(tmp_path: Path, tokenizer: PreTraine
         load_corpus(cfg, tokenizer)
 
 
+def test_shard_overwritten_with_valid_tokens_fails_its_checksum(
+    tmp_path: Path, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    """Our shards' CRC-32, checked when a run opens the corpus: same size, valid ids, other tokens."""
+    cfg = corpus_config(tmp_path, count=200)
+    shard = Path(load_corpus(cfg, tokenizer).train.paths[2])
+    tokens = np.fromfile(shard, dtype=np.uint16)
+    tokens[100:400] = np.roll(tokens[100:400], 1)
+    tokens.tofile(shard)
+    with pytest.raises(DataError, match=f"^{re.escape(str(shard))}: checksum mismatch .* prepare it again$"):
+        load_corpus(cfg, tokenizer)
+
+
+def test_damaged_hdf5_chunk_is_refused_naming_file_and_samples(
+    tmp_path: Path, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    blocks = np.random.default_rng(0).integers(0, len(tokenizer), size=(20, SEQ_LEN + 1))
+    train, validation = tmp_path / "train.h5", tmp_path / "validation.h5"
+    write_cerebras_like(train, samples_of(blocks[:15]))
+    write_cerebras_like(validation, samples_of(blocks[15:]))
+    with h5py.File(train) as f:
+        chunk = f["data"].id.get_chunk_info(7)  # sample 7's gzip chunk
+    raw = bytearray(train.read_bytes())
+    raw[chunk.byte_offset : chunk.byte_offset + chunk.size] = bytes(chunk.size)
+    train.write_bytes(bytes(raw))
+    cfg = DataConfig(
+        train_files=[str(train)],
+        validation_files=[str(validation)],
+        format="cerebras_hdf5",
+        seq_len=SEQ_LEN,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    with pytest.raises(DataError, match=rf"^{re.escape(str(train))}: samples 0-14 of 'data' cannot be decoded \("):
+        load_corpus(cfg, tokenizer)
+
+
 def test_sharded_blocks_index_like_an_array_and_pickle_as_paths(
     tmp_path: Path, tokenizer: PreTrainedTokenizerFast
 ) -> None:
@@ -626,3 +668,60 @@ def test_tokenizer_is_not_trained_on_token_shards(tmp_path: Path) -> None:
     cfg = DataConfig(train_files=[str(folder / "a.h5")], format="cerebras_hdf5", cache_dir=str(tmp_path))
     with pytest.raises(ConfigError, match=r"^tokenizer\.path: .*already tokenised"):
         build_tokenizer(TokenizerConfig(vocab_size=300), cfg)
+
+
+def test_shards_refused_when_the_disk_is_full(
+    tmp_path: Path, tokenizer: PreTrainedTokenizerFast, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = corpus_config(tmp_path)
+    monkeypatch.setattr(atomic.shutil, "disk_usage", full_disk(1000))
+    with pytest.raises(DiskFullError) as info:
+        prepare_source(cfg, tokenizer)
+    assert "shard_00000.bin: not enough disk space" in str(info.value) and "1,000 bytes" in str(info.value)
+    assert not [p for p in Path(cfg.cache_dir).rglob("*") if ".tmp-" in p.name]
+
+
+# ---- pathological lines ----------------------------------------------------------------------------------------
+
+
+def test_two_megabyte_lines_without_spaces_are_prepared_in_seconds(tmp_path: Path) -> None:
+    """A 2 MB line of "a" and one of NUL bytes: tokenizer training (once over 600 s) and preparation, with the
+    tokenizer's progress logged and its line checks first."""
+    train = write_lines(tmp_path / "train.txt", [*TRAIN_DOCS, "a" * 2_000_000, "\0" * 2_000_000])
+    validation = write_lines(tmp_path / "validation.txt", VALIDATION_DOCS)
+    command = [sys.executable, "-m", "modelzoo", "prepare-data", f"data.train_files=[{train}]"]
+    command += [f"data.validation_files=[{validation}]", f"data.cache_dir={tmp_path / 'cache'}", "data.num_workers=1"]
+    started = time.perf_counter()
+    result = run_command(command, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert time.perf_counter() - started < 60
+    assert "tokenizer: checked every line of 1 training file(s)" in result.stderr
+    assert "vocabulary learned in" in result.stderr
+
+
+def test_a_bad_line_is_refused_before_the_tokenizer_trains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_training(**kwargs: object) -> None:
+        raise AssertionError("the tokenizer trainer started before the lines were checked")
+
+    monkeypatch.setattr(tokenizer_module.trainers, "BpeTrainer", no_training)
+    train = write_lines(tmp_path / "train.jsonl", ['{"text": "a"}', '{"text": "b"}', '{"text": '])
+    with pytest.raises(DataError, match=rf"^{re.escape(train)}:3: invalid JSON"):
+        build_tokenizer(TokenizerConfig(vocab_size=300), DataConfig(train_files=[train], cache_dir=str(tmp_path)))
+
+
+def test_a_line_over_the_maximum_is_refused_naming_file_and_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(documents_module, "MAX_LINE_BYTES", 1000)
+    train = write_lines(tmp_path / "train.txt", ["short", "x" * 1500, "short"])
+    with pytest.raises(DataError, match=rf"^{re.escape(train)}:2: line longer than the maximum of 1,000 bytes"):
+        documents_module.scan_file(train)
+
+
+def test_a_long_document_encodes_in_pieces_to_the_same_tokens(tokenizer: PreTrainedTokenizerFast) -> None:
+    text = " ".join(documents(3000, seed=3))  # several PIECE_CHARS, spaces throughout
+    assert len(text) > 4 * documents_module.PIECE_CHARS
+    with Workers(1, tokenizer.backend_tokenizer.to_str(), tokenizer.eos_token_id, np.uint16):
+        pieces_ids = encode_chunk([text])
+    whole = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
+    assert pieces_ids.tolist() == [*whole, tokenizer.eos_token_id]

@@ -185,7 +185,10 @@ def prune_cli(run: Path, cache_dir: Path, *overrides: str) -> None:
 def test_prune_command_writes_a_sparse_hf_directory(dense_run: Path, cache_dir: Path, capsys) -> None:
     prune_cli(dense_run, cache_dir, "task.n_m=[2,4]", "task.calibration_samples=4", "task.param_filter=*mlp*")
     out = dense_run / "pruned" / "sparsegpt-2of4"
-    assert f"-> {out}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"-> {out}" in printed
+    # the next command names a run directory of its own (without one it would target runs/tiny-static_75)
+    assert f"sparsity.init_method=from_weights run_dir={out}-continued" in printed
     report = json.loads((out / SPARSITY_FILE).read_text())
     assert report["pattern"] == "2:4" and report["calibration_samples"] == 4
     mlp = [f"transformer.h.{i}.mlp.{n}.weight" for i in (0, 1) for n in ("c_fc", "c_proj")]

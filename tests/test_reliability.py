@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -186,7 +187,10 @@ def test_resume_on_other_documents_is_refused_and_keeps_the_tokenizer(trained_ru
     run = copy_run(trained_run, tmp_path)
     tokenizer = (run / "tokenizer" / "tokenizer.json").read_bytes()
     other = [f"data.train_files=[{SAMPLE / 'validation.txt.gz'}]"]
-    with pytest.raises(CheckpointError, match=r"trained on other documents: data \{'train': \[.*train\.txt\.gz"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"other documents: data\.train\[0\]=.*train\.txt\.gz, but the config reads .*validation\.txt\.gz",
+    ):
         Pretraining(make_config(run, cache_dir, *RESUME, *other))
     assert (run / "tokenizer" / "tokenizer.json").read_bytes() == tokenizer
 
@@ -196,13 +200,29 @@ def test_resume_on_other_documents_is_refused_and_keeps_the_tokenizer(trained_ru
     [
         ("data.seq_len=32", "data.seq_len=64 but the config has data.seq_len=32"),
         ("task.batch_size=4", "task.batch_size=8 but the config has task.batch_size=4"),
-        ("tokenizer.vocab_size=512", "tokenizer="),
-        ("model.n_layer=3", "model="),
+        ("tokenizer.vocab_size=512", r"tokenizer\.vocab_size=1024 but the config has tokenizer\.vocab_size=512;"),
+        ("model.n_layer=3", r"model\.n_layer=2 but the config has model\.n_layer=3;"),
+        ("sparsity.sparsity=0.5", r"sparsity\.sparsity=0\.75 but the config has sparsity\.sparsity=0\.5;"),
     ],
 )
 def test_resume_changing_the_runs_meaning_is_refused(trained_run: Path, cache_dir: Path, override: str, message: str):
     with pytest.raises(CheckpointError, match=message):
         Pretraining(make_config(trained_run, cache_dir, *RESUME, override))
+
+
+def test_checkpoint_tensor_of_another_shape_is_refused_naming_it(trained_run: Path, tmp_path: Path, cache_dir):
+    """A tensor reshaped under a re-hashed manifest: one line naming the file, the tensor and both shapes."""
+    run = copy_run(trained_run, tmp_path)
+    checkpoint = ckpt.latest_checkpoint(run)
+    weights = load_file(checkpoint / ckpt.MODEL_FILE)
+    name = "transformer.h.0.mlp.c_proj.bias"
+    weights[name] = weights[name][:-1].clone()
+    rewrite(checkpoint, ckpt.MODEL_FILE, lambda path: save_file(weights, path))
+    with pytest.raises(
+        CheckpointError,
+        match=rf"model\.safetensors: tensor {re.escape(name)} has shape \[63\] but the model needs \[64\]",
+    ):
+        Pretraining(make_config(run, cache_dir, *RESUME))
 
 
 def test_resume_with_a_changed_tokenizer_directory_is_refused(trained_run: Path, tmp_path: Path, cache_dir: Path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -128,7 +129,9 @@ def test_refuses_to_overwrite_and_to_resume_nothing(tmp_path: Path, cache_dir: P
 def test_resume_with_other_sparsity_is_refused(tmp_path: Path, cache_dir: Path) -> None:
     run = tmp_path / "run"
     Pretraining(make_config(run, cache_dir, "sparsity=dense", "task.max_steps=1", "task.export=false")).fit()
-    with pytest.raises(CheckpointError, match="was trained with sparsity="):
+    with pytest.raises(
+        CheckpointError, match=r"was trained with sparsity\.sparsity=None but the config has sparsity\.sparsity=0\.75;"
+    ):
         Pretraining(make_config(run, cache_dir, "sparsity=static_75", "task.max_steps=2", "task.resume=true"))
 
 
@@ -221,3 +224,23 @@ def test_bf16_autocast_with_rigl_updates_masks(tmp_path: Path, cache_dir: Path) 
         assert not torch.equal(sp.mask, mask)
         assert int(sp.mask.sum()) == int(mask.sum())  # 75% held
         assert torch.all(sp.param[~sp.mask] == 0) and sp.param.dtype == torch.float32
+
+
+def test_training_time_leaves_out_evaluation_off_the_log_steps(tmp_path: Path, cache_dir: Path) -> None:
+    """eval_every=3, log_every=2: the evaluation at step 3 falls inside the window that step 4 logs."""
+    cfg = make_config(
+        tmp_path / "run", cache_dir, "task.max_steps=4", "task.eval_every=3", "task.log_every=2", "task.export=false"
+    )
+    trainer = Pretraining(cfg)
+    evaluate = trainer.loop.task.evaluate
+
+    def slow_evaluate(step: int) -> dict[str, float]:
+        if step == 3:
+            time.sleep(3.0)  # an evaluation far longer than the 4 training steps (about 0.3 s)
+        return evaluate(step)
+
+    trainer.loop.task.evaluate = slow_evaluate
+    started = time.perf_counter()
+    summary = trainer.fit()
+    wall = time.perf_counter() - started
+    assert summary.seconds < wall - 3.0, f"{summary.seconds:.2f} s of training in {wall:.2f} s counted the evaluation"

@@ -23,7 +23,8 @@ class FinetuneConfig:
     `seq_len` (tokens per example, context cut from the left for PubMedQA, text from the right for HoC)
     defaults to the model's positions minus any virtual tokens; `lr` overrides `optim.lr`. The run writes to
     `output_dir` (default: `output_dir()`), never over the pre-training run's own files.
-    `limit` keeps the first N examples of every split (0: all), for smoke runs; its numbers are not comparable.
+    `limit` keeps N examples of every split (0: all), a sample stratified by label and drawn with a fixed seed,
+    for smoke runs; its numbers are not comparable.
     The run checkpoints at every evaluation (the best on dev is kept beside the newest `keep_checkpoints`) and
     continues a killed run exactly with `resume: true`; it runs under torchrun like pre-training (`batch_size` is
     the global batch).

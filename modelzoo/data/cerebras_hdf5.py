@@ -69,6 +69,11 @@ def check_file(path: str, seq_len: int) -> int:
     return shape[0]
 
 
+def describe(exc: OSError) -> str:
+    """h5py's error text without the C library's call stack."""
+    return str(exc).splitlines()[0]
+
+
 def read_blocks(path: str, seq_len: int, vocab_size: int) -> Iterator[np.ndarray]:
     """The samples of one file as our blocks (rows of `seq_len + 1` tokens), `READ_ROWS` samples at a time.
 
@@ -83,7 +88,15 @@ def read_blocks(path: str, seq_len: int, vocab_size: int) -> Iterator[np.ndarray
     with h5py.File(path, "r") as f:
         data = f[DATASET]
         for start in range(0, data.shape[0], READ_ROWS):
-            rows = np.asarray(data[start : start + READ_ROWS], dtype=np.int64)  # (n, 3, seq_len)
+            try:
+                rows = np.asarray(data[start : start + READ_ROWS], dtype=np.int64)  # (n, 3, seq_len)
+            except OSError as exc:
+                end = min(start + READ_ROWS, data.shape[0]) - 1
+                raise DataError(
+                    path,
+                    f"samples {start}-{end} of {DATASET!r} cannot be decoded ({describe(exc)}): the file is damaged; "
+                    "write it again (or leave it out of data.train_files / data.validation_files)",
+                ) from exc
             inputs, mask, labels = rows[:, 0], rows[:, 1], rows[:, 2]
             full = (mask == 1).all(axis=1)
             shifted = (labels[:, :-1] == inputs[:, 1:]).all(axis=1)

@@ -11,6 +11,7 @@ import glob
 import gzip
 import hashlib
 import json
+import re
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -74,6 +75,40 @@ def expand_files(patterns: list[str]) -> list[str]:
     return files
 
 
+# The longest line a corpus file may hold (a document, or its JSON record): a longer one is refused naming its file
+# and line before anything is read further, so no line costs more than a bounded multiple of this in memory.
+MAX_LINE_BYTES = 64 << 20
+# Documents longer than this are tokenised (and fed to the tokenizer trainer) in pieces of at most this many
+# characters, each cut before a space where there is one: the tokens are those of the whole document (byte-level
+# BPE attaches a space to the word after it) and the memory is that of one piece.
+PIECE_CHARS = 1 << 16
+# The tokenizer trainer's cost grows with the square of a word's length; runs of non-space characters longer than
+# this are fed to it cut into pieces of this length (a 2 MB line of "a" trains in about a second).
+TRAINER_WORD_CHARS = 1024
+_LONG_WORD = re.compile(rf"\S{{{TRAINER_WORD_CHARS + 1},}}")
+
+
+def pieces(text: str) -> Iterator[str]:
+    """`text` in pieces of at most `PIECE_CHARS` characters, each cut before a space in its second half if any."""
+    start = 0
+    while len(text) - start > PIECE_CHARS:
+        end = text.rfind(" ", start + PIECE_CHARS // 2 + 1, start + PIECE_CHARS + 1)
+        end = end if end > start else start + PIECE_CHARS
+        yield text[start:end]
+        start = end
+    yield text[start:]
+
+
+def trainer_pieces(text: str) -> Iterator[str]:
+    """`pieces(text)`, those with a run of non-space characters longer than `TRAINER_WORD_CHARS` cut further into
+    pieces of that length: what the tokenizer trainer reads of a document."""
+    for piece in pieces(text):
+        if _LONG_WORD.search(piece) is None:
+            yield piece
+        else:
+            yield from (piece[i : i + TRAINER_WORD_CHARS] for i in range(0, len(piece), TRAINER_WORD_CHARS))
+
+
 def require_file(path: str) -> None:
     if not Path(path).is_file():
         raise DataError(path, "no such file; check data.train_files / data.validation_files (relative to the cwd)")
@@ -127,8 +162,15 @@ def read_documents(path: str, fmt: str = "auto", text_field: str = "text") -> It
         raise ConfigError("data.format", f"{path} holds token blocks (cerebras_hdf5), not documents to read")
     documents = 0
     try:
-        with _open(path) as lines:
-            for number, raw in enumerate(lines, start=1):
+        with _open(path) as f:
+            for number, raw in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), start=1):
+                if len(raw) > MAX_LINE_BYTES:
+                    raise DataError(
+                        path,
+                        f"line longer than the maximum of {MAX_LINE_BYTES:,} bytes "
+                        "(modelzoo.data.documents.MAX_LINE_BYTES); split the document over several lines",
+                        number,
+                    )
                 text = _document(raw, fmt, text_field, path, number)
                 if text.strip():
                     documents += 1

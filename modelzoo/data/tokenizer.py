@@ -10,15 +10,26 @@ import hashlib
 import json
 import logging
 import os
+import sys
+import time
 import uuid
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from modelzoo.data.cerebras_hdf5 import bundled_tokenizer
 from modelzoo.data.config import DataConfig, TokenizerConfig, resolve_sources
-from modelzoo.data.documents import describe_error, file_format, iter_documents, split_files, split_key
+from modelzoo.data.documents import (
+    describe_error,
+    file_format,
+    iter_documents,
+    scan_file,
+    split_files,
+    split_key,
+    trainer_pieces,
+)
 from modelzoo.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -92,7 +103,12 @@ def training_fingerprint(cfg: TokenizerConfig, data: DataConfig) -> str:
 
 
 def train_bpe(cfg: TokenizerConfig, data: DataConfig) -> Tokenizer:
-    """A byte-level BPE with `<|endoftext|>` as id 0, trained on the documents of `data`'s train split."""
+    """A byte-level BPE with `<|endoftext|>` as id 0, trained on the documents of `data`'s train split.
+
+    Every line of the training files is checked first (`scan_file`: a bad line fails naming file and line before
+    any training); documents reach the trainer in bounded pieces (`trainer_pieces`), with a progress bar on a
+    terminal and a log line before and after.
+    """
     if cfg.vocab_size < MIN_VOCAB:
         raise ConfigError(
             "tokenizer.vocab_size", f"{cfg.vocab_size} is below {MIN_VOCAB} (256 byte tokens + {EOS}); use 4096 or more"
@@ -100,12 +116,6 @@ def train_bpe(cfg: TokenizerConfig, data: DataConfig) -> Tokenizer:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=cfg.vocab_size,
-        min_frequency=cfg.min_frequency,
-        special_tokens=[EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
     sources = [source for source, _ in resolve_sources(data)]
     for source in sources:
         if any(file_format(path, source.format) == "cerebras_hdf5" for path in split_files(source, "train")):
@@ -114,8 +124,39 @@ def train_bpe(cfg: TokenizerConfig, data: DataConfig) -> Tokenizer:
                 f"{source.name} is already tokenised (cerebras_hdf5) and no tokenizer was saved beside its shards: "
                 "give the tokenizer it was made with (e.g. tokenizer=gpt2) instead of training one",
             )
-    documents = (text for source in sources for text in iter_documents(source, "train"))
-    tokenizer.train_from_iterator(documents, trainer=trainer)
+    started = time.perf_counter()
+    scans = [scan_file(path, s.format, s.text_field) for s in sources for path in split_files(s, "train")]
+    hub = any(not split_files(source, "train") for source in sources)  # streamed: its size is unknown
+    log.info(
+        "tokenizer: checked every line of %d training file(s) (%s documents, %.1f MB) in %.1f s; training a %d-token "
+        "BPE on them",
+        len(scans),
+        f"{sum(scan.documents for scan in scans):,}",
+        sum(scan.text_bytes for scan in scans) / 1e6,
+        time.perf_counter() - started,
+        cfg.vocab_size,
+    )
+    documents = tqdm(
+        (text for source in sources for text in iter_documents(source, "train")),
+        total=None if hub else sum(scan.documents for scan in scans),
+        desc="tokenizer: counting words",
+        unit="doc",
+        disable=not sys.stderr.isatty(),
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size,
+        min_frequency=cfg.min_frequency,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    started = time.perf_counter()
+    tokenizer.train_from_iterator((piece for text in documents for piece in trainer_pieces(text)), trainer=trainer)
+    log.info(
+        "tokenizer: %s documents read and a %d-token vocabulary learned in %.1f s",
+        f"{documents.n:,}",
+        cfg.vocab_size,
+        time.perf_counter() - started,
+    )
     return tokenizer
 
 

@@ -21,7 +21,10 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
+from modelzoo.data.documents import pieces
+
 PR_SET_PDEATHSIG = 1
+FLUSH_IDS = 1 << 20  # ids held as Python ints (36 bytes each) before they move into a token-dtype array
 _STATE: dict[str, Any] = {}
 
 
@@ -45,13 +48,23 @@ def _init_worker(parent: int, tokenizer_json: str, eos: int, dtype: str) -> None
 
 
 def encode_chunk(texts: list[str]) -> np.ndarray:
-    """The documents' tokens, EOS after each, as one array of the corpus's token dtype."""
-    tokenizer, eos = _STATE["tokenizer"], _STATE["eos"]
+    """The documents' tokens, EOS after each, as one array of the corpus's token dtype.
+
+    A long document is encoded piece by piece (`pieces`), its ids gathered in arrays of the token dtype: a 50 MB
+    line costs about its own size a few times over, not the gigabytes its `Encoding` objects would hold.
+    """
+    tokenizer, eos, dtype = _STATE["tokenizer"], _STATE["eos"], _STATE["dtype"]
+    parts: list[np.ndarray] = []
     ids: list[int] = []
     for text in texts:
-        ids.extend(tokenizer.encode(text, add_special_tokens=False).ids)
+        for piece in pieces(text):
+            ids.extend(tokenizer.encode(piece, add_special_tokens=False).ids)
+            if len(ids) >= FLUSH_IDS:
+                parts.append(np.array(ids, dtype=dtype))
+                ids = []
         ids.append(eos)
-    return np.array(ids, dtype=_STATE["dtype"])
+    parts.append(np.array(ids, dtype=dtype))
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
 class Workers:

@@ -18,6 +18,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from modelzoo.atomic import atomic_directory
+from modelzoo.checkpoint import SLACK_BYTES, state_bytes
 from modelzoo.errors import CheckpointError, ConfigError
 from modelzoo.export import hf_gpt2, hf_llama
 from modelzoo.finite import refuse_nonfinite
@@ -150,7 +151,7 @@ def save_hf_directory(
 ) -> Path:
     """`save_pretrained` of the model and tokenizer plus `sparsity.json`, replacing `output_dir` atomically."""
     output_dir = Path(output_dir)
-    with atomic_directory(output_dir) as directory:
+    with atomic_directory(output_dir, state_bytes(hf_model.state_dict()) + SLACK_BYTES) as directory:
         hf_model.save_pretrained(directory, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)

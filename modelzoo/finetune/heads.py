@@ -20,6 +20,7 @@ from modelzoo.config.finetune import FinetuneConfig, PromptTuneConfig
 from modelzoo.downstream.evaluate import macro_f1
 from modelzoo.downstream.hoc import HALLMARKS, evaluate_hoc, load_hoc
 from modelzoo.downstream.pubmedqa import CHOICES, load_pubmedqa, pubmedqa_prompt
+from modelzoo.downstream.sampling import stratified_sample
 from modelzoo.downstream.scoring import choice_loglikelihoods
 from modelzoo.export.hf import export_hf
 from modelzoo.export.peft import save_prompt_adapter
@@ -58,7 +59,12 @@ class LMHead(Head):
 
     def __init__(self, task: FinetuneConfig, pre: Restored, seq_len: int, prompt: SoftPrompt | None) -> None:
         super().__init__(task, pre, seq_len, prompt)
-        self.splits = {s: load_pubmedqa(task.data_dir, s)[: task.limit or None] for s in ("train", "dev", "test")}
+        self.splits = {
+            s: stratified_sample(
+                load_pubmedqa(task.data_dir, s), task.limit, lambda e: e.label, f"PubMedQA {s} examples"
+            )
+            for s in ("train", "dev", "test")
+        }
         self.train = [
             encode_answer(pre.tokenizer, pubmedqa_prompt(e, task.with_long_answer), e.label, seq_len)
             for e in self.splits["train"]
@@ -112,7 +118,12 @@ class HoCHead(Head):
 
     def __init__(self, task: FinetuneConfig, pre: Restored, seq_len: int, prompt: SoftPrompt | None) -> None:
         super().__init__(task, pre, seq_len, prompt)
-        self.splits = {s: load_hoc(task.data_dir, s)[: task.limit or None] for s in ("train", "dev", "test")}
+        self.splits = {
+            s: stratified_sample(
+                load_hoc(task.data_dir, s), task.limit, lambda e: tuple(sorted(e.labels)), f"HoC {s} abstracts"
+            )
+            for s in ("train", "dev", "test")
+        }
         self.inputs = {s: [encode_text(pre.tokenizer, e.text, seq_len) for e in ex] for s, ex in self.splits.items()}
         self.targets = torch.stack([e.label_vector() for e in self.splits["train"]])
         self.train_size = len(self.splits["train"])

@@ -13,6 +13,7 @@ from modelzoo.config.train import resolved_device
 from modelzoo.downstream.evaluate import LoadedModel, PubMedQAResult, evaluate_pubmedqa, load_model
 from modelzoo.downstream.pubmedqa import load_pubmedqa
 from modelzoo.downstream.results import markdown_table, write_results
+from modelzoo.downstream.sampling import stratified_sample
 from modelzoo.validate import validated_config
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,11 @@ def run(cfg: Config) -> list[PubMedQAResult]:
     """Evaluate a validated `cfg`: load the questions once, evaluate each model in turn."""
     task: EvaluateConfig = cfg.task
     examples = load_pubmedqa(task.pubmedqa_data, task.split)
-    examples = examples[: task.limit] if task.limit else examples
+    if task.limit_first:
+        examples = examples[: task.limit or None]
+    else:
+        what = f"PubMedQA {task.split} questions"
+        examples = stratified_sample(examples, task.limit, lambda e: e.label, what)
     results = []
     loaders = model_loaders(cfg)
     for loader in tqdm(loaders, desc="models", unit="model", disable=not task.progress or len(loaders) == 1):

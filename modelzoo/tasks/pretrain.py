@@ -34,7 +34,7 @@ from modelzoo.data.corpus import corpus_files, load_corpus, unigram_loss
 from modelzoo.data.loader import BlockLoader, StepBatches, iter_eval
 from modelzoo.data.tokenizer import build_tokenizer
 from modelzoo.distributed import shutdown
-from modelzoo.errors import ConfigError, ModelZooError, fail
+from modelzoo.errors import ConfigError, ModelZooError, fail, fail_unexpected
 from modelzoo.export.hf import export_hf, load_hf
 from modelzoo.flops import flop_report, format_flops
 from modelzoo.models.registry import CausalLM, build_model
@@ -383,6 +383,8 @@ def main(overrides: list[str]) -> None:
             Pretraining(config).fit()
         except (ModelZooError, OmegaConfBaseException) as e:
             fail(e)
+        except Exception as e:
+            fail_unexpected(e)
         finally:
             shutdown()
 

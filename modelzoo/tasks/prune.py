@@ -47,7 +47,8 @@ class PruneSummary:
         if self.importable:
             lines.append(
                 f"sparse continued pre-training: modelzoo pretrain task.init_from={self.output_dir} "
-                f"sparsity.sparsity={self.result.sparsity:.2f} sparsity.init_method=from_weights"
+                f"sparsity.sparsity={self.result.sparsity:.2f} sparsity.init_method=from_weights "
+                f"run_dir={self.output_dir}-continued"
             )
         return "\n".join(lines)
 

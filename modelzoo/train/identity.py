@@ -67,15 +67,35 @@ def check_identity(checkpoint: Path, saved: dict[str, Any] | None, current: dict
         if key == "data.sources" or saved.get(key) == value:
             continue
         if key == "data.documents":
+            changed = first_difference("data", saved["data.sources"], current["data.sources"])
+            where = f"{changed[0]}={changed[1]}, but the config reads {changed[2]}" if changed else "the same files"
             raise CheckpointError(
-                f"{checkpoint} was trained on other documents: data {saved['data.sources']} (content sha256 "
-                f"{saved[key][:12]}), but the config reads {current['data.sources']} (sha256 {value[:12]}); "
-                "resume with the original data.train_files / data.validation_files or start a new run_dir"
+                f"{checkpoint} was trained on other documents: {where} (content sha256 {saved[key][:12]}, now "
+                f"{value[:12]}); resume with the original data.train_files / data.validation_files (and their "
+                "content) or start a new run_dir"
             )
         raise CheckpointError(
             f"{checkpoint} was trained with {key}={saved.get(key)} but the config gives {key}={value}: that "
             "changes what the saved state means; resume with the original value or start a new run_dir"
         )
+
+
+def first_difference(key: str, a: object, b: object) -> tuple[str, object, object] | None:
+    """The first leaf where the plain values `a` and `b` differ, as (its dotted key under `key`, a's, b's): a
+    refusal names `sparsity.sparsity`, not two whole `sparsity` blocks. None when they are equal."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for name in sorted(a.keys() | b.keys(), key=str):
+            changed = first_difference(f"{key}.{name}", a.get(name), b.get(name))
+            if changed is not None:
+                return changed
+        return None
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            changed = first_difference(f"{key}[{i}]", x, y)
+            if changed is not None:
+                return changed
+        return None
+    return None if a == b else (key, a, b)
 
 
 def apply_optimizer_config(

@@ -46,7 +46,7 @@ from modelzoo.optim import build_optimizer
 from modelzoo.sparsity.masks import MASK_SUFFIX
 from modelzoo.train.accel import setup_device
 from modelzoo.train.guards import NonFiniteGuard, training_tensors
-from modelzoo.train.identity import apply_optimizer_config, check_identity, log_optimizer_changes
+from modelzoo.train.identity import apply_optimizer_config, check_identity, first_difference, log_optimizer_changes
 from modelzoo.train.metrics import MetricsLogger
 from modelzoo.train.mfu import format_fraction, format_gib, mfu, peak_flops, take_peak_memory
 from modelzoo.train.rng import rng_state, set_rng_state
@@ -240,10 +240,12 @@ class TrainLoop:
         sparsity = self.sparsifier.stats().global_sparsity if self.sparsifier and self.log_due() else None
         row = self.train_row(loss, grad_norm, lr, sparsity)
         if self.eval_due():
-            row.update(self.record_evaluation(self.task.evaluate(self.step)))
+            with self.paused():
+                row.update(self.record_evaluation(self.task.evaluate(self.step)))
         self.log_row(row)
         if self.save_due():
-            self.save()
+            with self.paused():
+                self.save()
         if "train_loss" in row:
             self.restart_window()
 
@@ -347,6 +349,16 @@ class TrainLoop:
     def restart_window(self) -> None:
         self._window_start, self._window_steps = time.perf_counter(), 0
 
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Leave the time inside out of the log window's (training time and tokens/s count training alone, whether
+        or not the step also logs)."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._window_start += time.perf_counter() - started
+
     def _speed(self, units_per_s: float) -> dict[str, float | None]:
         """MFU over all ranks in this log window, and this rank's peak CUDA memory in it (n/a: None)."""
         memory = take_peak_memory(self.device)
@@ -444,10 +456,13 @@ class TrainLoop:
         ckpt.verify_checkpoint(path)
         saved, current = OmegaConf.create(ckpt.read_config(path)), OmegaConf.create(self.config_yaml)
         for key in keys:
-            a, b = OmegaConf.select(saved, key), OmegaConf.select(current, key)
-            if a != b:
+            changed = first_difference(
+                key, _plain(OmegaConf.select(saved, key)), _plain(OmegaConf.select(current, key))
+            )
+            if changed is not None:
+                name, a, b = changed
                 raise CheckpointError(
-                    f"{path} was trained with {key}={_plain(a)} but the config has {key}={_plain(b)}; "
+                    f"{path} was trained with {name}={a} but the config has {name}={b}; "
                     f"resume with the original value or {hint}"
                 )
         if self.identity is not None:
