@@ -59,7 +59,8 @@ def test_logits_equal_transformers_in_both_directions(tied: bool) -> None:
     ours = make_model(config)
     hf = LlamaForCausalLM(to_hf_config(config)).eval()
     hf.load_state_dict(to_hf_state_dict(ours.state_dict(), config), strict=not tied)
-    assert hf.config.rope_parameters["rope_type"] == "llama3" and hf.config.num_key_value_heads == 2
+    rope = getattr(hf.config, "rope_parameters", None) or hf.config.rope_scaling  # transformers 5.x, 4.x
+    assert rope["rope_type"] == "llama3" and hf.config.num_key_value_heads == 2
     with torch.no_grad():
         assert (ours(ids)[0] - hf(ids).logits).abs().max() <= TOLERANCE
 
@@ -104,7 +105,10 @@ def test_sparse_export_loads_with_transformers_alone(tmp_path: Path) -> None:
     assert set(report["per_tensor"]) == set(masks) and report["global_sparsity"] >= 0.5
     saved = json.loads((directory / "config.json").read_text())
     assert saved["num_key_value_heads"] == 2 and saved["tie_word_embeddings"] is False
-    assert saved["rope_parameters"]["rope_type"] == "llama3" and saved["rope_parameters"]["rope_theta"] == 500000.0
+    # Both transformers 4.x's keys and (when written by 5.x) its `rope_parameters`: either version loads the export.
+    assert saved["rope_scaling"]["rope_type"] == "llama3" and saved["rope_theta"] == 500000.0
+    if "rope_parameters" in saved:
+        assert saved["rope_parameters"]["rope_type"] == "llama3" and saved["rope_parameters"]["rope_theta"] == 500000.0
     assert load_hf(directory).config == replace(SMALL, name="hf")
 
 

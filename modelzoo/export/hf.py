@@ -153,10 +153,25 @@ def save_hf_directory(
     output_dir = Path(output_dir)
     with atomic_directory(output_dir, state_bytes(hf_model.state_dict()) + SLACK_BYTES) as directory:
         hf_model.save_pretrained(directory, safe_serialization=True)
+        add_legacy_rope_keys(directory / "config.json")
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)
         (directory / SPARSITY_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return output_dir
+
+
+def add_legacy_rope_keys(config_file: Path) -> None:
+    """Write RoPE settings also the transformers 4.x way (`rope_theta`, `rope_scaling`) beside 5.x's
+    `rope_parameters`, so an export loads with the same positions in either (4.x ignores `rope_parameters`, and
+    torch 2.4, which cerebras-pytorch pins, runs transformers 4.x only). Nothing for a model without RoPE."""
+    config = json.loads(config_file.read_text())
+    rope = config.get("rope_parameters")
+    if not rope or config.get("rope_theta") is not None:
+        return
+    scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    config["rope_theta"] = rope["rope_theta"]
+    config["rope_scaling"] = scaling if scaling.get("rope_type", "default") != "default" else None
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def load_hf(directory: str | os.PathLike, padded_vocab_multiple: int = 1) -> CausalLM:

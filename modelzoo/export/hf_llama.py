@@ -1,9 +1,10 @@
 """Hugging Face Llama conversion: our `LlamaConfig` and Llama weights <-> `transformers.LlamaForCausalLM`'s.
 
 Our parameter names and layouts are HF Llama's, so the weight table is the identity. The config table maps our field
-names to HF's; RoPE settings are written the transformers 5.x way (`rope_parameters` holding `rope_theta` and, for
-Llama-3 scaling, `rope_type: llama3` with its four keys) and read from there (transformers folds a 4.x
-`rope_scaling` / `rope_theta` into it on load). Options our Llama does not implement are refused naming the key.
+names to HF's; RoPE settings are given as `rope_theta` and `rope_scaling` (Llama-3 scaling: `rope_type: llama3`
+with its four keys), which transformers 4.x reads and 5.x folds into `rope_parameters`; an export's `config.json`
+holds both forms (`hf.add_legacy_rope_keys`), and either is read back. Options our Llama does not implement are
+refused naming the key.
 `modelzoo.export.hf` dispatches here.
 """
 
@@ -36,10 +37,9 @@ def to_hf_config(
     config: LlamaConfig, bos_token_id: int | None = None, eos_token_id: int | None = None
 ) -> HFLlamaConfig:
     """The `transformers.LlamaConfig` of the same network."""
-    rope: dict = {"rope_type": "default", "rope_theta": config.rope_theta}
+    scaling = None
     if config.rope_scaling is not None:
-        s = config.rope_scaling
-        rope = {"rope_type": "llama3", "rope_theta": config.rope_theta, **{k: getattr(s, k) for k in SCALING_KEYS}}
+        scaling = {"rope_type": "llama3", **{k: getattr(config.rope_scaling, k) for k in SCALING_KEYS}}
     return HFLlamaConfig(
         vocab_size=config.vocab_size,
         hidden_size=config.n_embd,
@@ -52,7 +52,9 @@ def to_hf_config(
         rms_norm_eps=config.rms_norm_eps,
         initializer_range=config.init_std,
         tie_word_embeddings=config.tie_word_embeddings,
-        rope_parameters=rope,
+        # The 4.x keys, which transformers 5.x folds into `rope_parameters`: one call for both versions.
+        rope_theta=config.rope_theta,
+        rope_scaling=scaling,
         bos_token_id=bos_token_id,
         eos_token_id=eos_token_id,
     )
@@ -68,7 +70,7 @@ def from_hf_config(hf: HFLlamaConfig, name: str = "hf") -> LlamaConfig:
             f"{head_dim} x num_attention_heads={hf.num_attention_heads} != hidden_size={hf.hidden_size}; "
             "our Llama has head_dim = hidden_size / num_attention_heads",
         )
-    rope = dict(hf.rope_parameters or {})
+    rope = dict(getattr(hf, "rope_parameters", None) or {"rope_theta": hf.rope_theta, **(hf.rope_scaling or {})})
     rope_type = rope.get("rope_type", "default")
     if rope_type not in ("default", "llama3"):
         raise ConfigError(

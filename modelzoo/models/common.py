@@ -48,6 +48,10 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+# `enable_gqa` arrived in torch 2.5; torch 2.4 (pinned by cerebras-pytorch) repeats key/value heads instead.
+SDPA_HAS_GQA = torch.__version__ >= (2, 5)  # a TorchVersion: compares with tuples
+
+
 def causal_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int, dropout_p: float = 0.0
 ) -> torch.Tensor:
@@ -58,9 +62,13 @@ def causal_attention(
     """
     T = q.shape[2]
     mask = None if past == 0 or T == 1 else torch.ones(T, past + T, dtype=torch.bool, device=q.device).tril(past)
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=past == 0, enable_gqa=k.shape[1] != q.shape[1]
-    )
+    groups = {}
+    if k.shape[1] != q.shape[1]:
+        if SDPA_HAS_GQA:
+            groups = {"enable_gqa": True}
+        else:  # torch 2.4 (the Cerebras venv's): each key/value head repeated for its group of query heads
+            k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=past == 0, **groups)
 
 
 def check_positions(config: Any, cache: KVCache | None, start: int, T: int) -> None:
