@@ -181,6 +181,7 @@ class TrainLoop:
         self.replica = DistributedDataParallel(model, broadcast_buffers=False) if dist.enabled else None
         self.forward = self.replica or forward
         self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.sizes = {name: p.numel() for name, p in model.named_parameters()}  # elements of each parameter
         self.autocast = backend.autocast(device, settings.precision)
         self.scaler = backend.grad_scaler(settings.precision)  # loss scaling (cstorch's, for cbf16 / fp16 on a CS-2)
         setup_device(device)  # TF32 matmuls on CUDA
@@ -324,8 +325,8 @@ class TrainLoop:
         if not self.log_due():
             return
         overall = None
-        if per_weight:
-            sizes = {n: p.numel() for n, p in self.model.named_parameters() if n in per_weight}
+        if per_weight:  # weighted by the sizes counted at construction: a closure reads no weight (on a CS-2)
+            sizes = {n: self.sizes[n] for n in per_weight}
             overall = sum(v * sizes[n] for n, v in per_weight.items()) / sum(sizes.values())
         self.log_row(self.train_row(loss, grad_norm, lr, overall))
         self.log_sparsity(per_weight)
