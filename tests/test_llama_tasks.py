@@ -1,25 +1,40 @@
-"""The Llama family through the zoo's commands: `generate` and `evaluate` (checkpoint, HF export, `torch_sparse`)
-on a sparse `llama_tiny` run trained here."""
+"""The Llama family through the zoo's commands on a sparse `llama_tiny` run trained here: `generate` and `evaluate`
+(checkpoint, HF export, `torch_sparse`), fine-tuning (PubMedQA, HoC -> `LlamaForSequenceClassification`) and soft
+prompting (a PEFT adapter that loads on the HF Llama export)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaForCausalLM
+from peft import PeftModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+)
 
 from modelzoo.backends.torch_sparse import SparseLinear
 from modelzoo.config import load_config, to_object
 from modelzoo.downstream.evaluate import evaluate_pubmedqa, hf_logits, load_model
 from modelzoo.downstream.pubmedqa import load_pubmedqa
+from modelzoo.export.hf import SPARSITY_FILE, load_hf
+from modelzoo.export.peft import load_prompt_adapter, save_prompt_adapter
+from modelzoo.export.seq_cls import export_seq_cls
 from modelzoo.inference import load_for_inference
+from modelzoo.models.classifier import Classifier
 from modelzoo.models.llama import Llama
-from modelzoo.tasks import generate
+from modelzoo.models.soft_prompt import PromptedLM, SoftPrompt
+from modelzoo.tasks import finetune, generate
+from modelzoo.tasks.finetune import FinetuneSummary
 from modelzoo.tasks.pretrain import Pretraining
 from modelzoo.validate import validated_config
-from tests.conftest import make_config, needs_shared
+from tests.conftest import SHARED, make_config, needs_shared
 from tests.test_downstream_data import PQA
+from tests.test_llama import SMALL, make_model
 
 # conftest's SMALL as a Llama (2 query heads share 1 key/value head), 50% static sparsity, 2 steps.
 LLAMA = ("model=llama_tiny", "model.n_kv_head=1", "sparsity=static_50")
@@ -92,3 +107,69 @@ def test_evaluate_checkpoint_export_and_transformers_agree(llama_run: Path) -> N
     assert from_checkpoint.train_flops is not None and from_checkpoint.train_flops == pytest.approx(
         from_export.train_flops
     )
+
+
+# ---- fine-tuning and soft prompting ------------------------------------------------------------------------------
+def test_sequence_classification_export_is_llama_with_equal_logits(tmp_path: Path) -> None:
+    """An untied Llama's classifier exports as `LlamaForSequenceClassification` (its LM head left out)."""
+    classifier = Classifier(make_model(), 10, pad_token_id=0).eval()
+    export_seq_cls(classifier, tmp_path / "hf", [f"h{i}" for i in range(10)])
+    hf_model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    assert isinstance(hf_model, LlamaForSequenceClassification) and hf_model.config.pad_token_id == 0
+    ids = torch.randint(1, SMALL.vocab_size, (3, 20), generator=torch.Generator().manual_seed(1))
+    ids[0, 12:], ids[1, 5:] = 0, 0  # right padding of different lengths
+    with torch.no_grad():
+        torch.testing.assert_close(classifier(ids), hf_model(input_ids=ids).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_peft_loads_llama_seq_cls_adapter_with_equal_logits(tmp_path: Path) -> None:
+    backbone = make_model()
+    prompt = SoftPrompt(5, SMALL.n_embd)
+    prompt.init_from_vocab(backbone.embedding.weight, torch.Generator().manual_seed(0))
+    classifier = Classifier(backbone, 10, pad_token_id=0, prompt=prompt).eval()
+    base = export_seq_cls(classifier, tmp_path / "hf", [f"label {i}" for i in range(10)])
+    adapter = save_prompt_adapter(prompt, tmp_path / "a", SMALL, "seq_cls", base, score_weight=classifier.score.weight)
+    peft_model = PeftModel.from_pretrained(LlamaForSequenceClassification.from_pretrained(base), adapter).eval()
+    ids = torch.randint(1, SMALL.vocab_size, (3, 17), generator=torch.Generator().manual_seed(5))  # PEFT pools -1
+    with torch.no_grad():
+        torch.testing.assert_close(classifier(ids), peft_model(input_ids=ids).logits, atol=1e-5, rtol=1e-4)
+
+
+FAST = ("task.limit=12", "task.max_steps=2", "task.eval_every=2", "task.batch_size=4", "task.micro_batch_size=4")
+
+
+def adapt(task: str, llama_run: Path, out: Path, dataset: str, *overrides: str) -> FinetuneSummary:
+    cfg = validated_config(
+        [f"task.pretrained={llama_run}", f"task.output_dir={out}", f"task.dataset={dataset}",
+         f"task.data_dir={SHARED / 'data' / dataset}", "task.seq_len=48", *FAST, *overrides],
+        task,
+    )  # fmt: skip
+    return finetune.run(cfg)
+
+
+@needs_shared
+def test_finetune_llama_pubmedqa_keeps_masks_and_hoc_exports_llama_classifier(llama_run: Path, tmp_path: Path) -> None:
+    summary = adapt("finetune", llama_run, tmp_path / "qa", "pubmedqa", "task.sparsity=keep")
+    assert summary.nonzero_fraction == 0.0 and set(summary.test) == {"accuracy", "macro_f1"}
+    lm = AutoModelForCausalLM.from_pretrained(summary.exports["hf"])
+    assert isinstance(lm, LlamaForCausalLM)
+    assert json.loads((Path(summary.exports["hf"]) / SPARSITY_FILE).read_text())["global_sparsity"] >= 0.5
+
+    summary = adapt("finetune", llama_run, tmp_path / "hoc", "hoc", "task.sparsity=dense")
+    assert isinstance(
+        AutoModelForSequenceClassification.from_pretrained(summary.exports["hf"]), LlamaForSequenceClassification
+    )
+    assert set(summary.test) == {"f1", "macro_f1", "threshold"}
+
+
+@needs_shared
+def test_prompt_tune_llama_adapter_loads_with_peft_on_the_export(llama_run: Path, tmp_path: Path) -> None:
+    summary = adapt("prompt_tune", llama_run, tmp_path / "pt", "pubmedqa", "task.num_virtual_tokens=8")
+    assert summary.trainable_params == 8 * 64
+    base, adapter = Path(summary.exports["hf"]), Path(summary.exports["adapter"])
+    peft_model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), adapter).eval()
+    ours = PromptedLM(load_hf(base), load_prompt_adapter(adapter)[0]).eval()
+    ids = torch.randint(0, 1024, (2, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        theirs = peft_model(input_ids=ids).logits[:, 8:]
+        torch.testing.assert_close(ours(ids)[0], theirs, atol=1e-5, rtol=1e-4)
