@@ -5,23 +5,29 @@ prompting (a PEFT adapter that loads on the HF Llama export)."""
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from peft import PeftModel
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
+    AutoTokenizer,
     LlamaForCausalLM,
     LlamaForSequenceClassification,
+    PretrainedConfig,
 )
 
 from modelzoo.backends.torch_sparse import SparseLinear
 from modelzoo.config import load_config, to_object
 from modelzoo.downstream.evaluate import evaluate_pubmedqa, hf_logits, load_model
 from modelzoo.downstream.pubmedqa import load_pubmedqa
-from modelzoo.export.hf import SPARSITY_FILE, load_hf
+from modelzoo.errors import ConfigError
+from modelzoo.export.hf import SPARSITY_FILE, load_hf, to_hf_config
 from modelzoo.export.peft import load_prompt_adapter, save_prompt_adapter
 from modelzoo.export.seq_cls import export_seq_cls
 from modelzoo.inference import load_for_inference
@@ -34,6 +40,7 @@ from modelzoo.tasks.pretrain import Pretraining
 from modelzoo.validate import validated_config
 from tests.conftest import SHARED, make_config, needs_shared
 from tests.test_downstream_data import PQA
+from tests.test_export import make_tokenizer
 from tests.test_llama import SMALL, make_model
 
 # conftest's SMALL as a Llama (2 query heads share 1 key/value head), 50% static sparsity, 2 steps.
@@ -173,3 +180,67 @@ def test_prompt_tune_llama_adapter_loads_with_peft_on_the_export(llama_run: Path
     with torch.no_grad():
         theirs = peft_model(input_ids=ids).logits[:, 8:]
         torch.testing.assert_close(ours(ids)[0], theirs, atol=1e-5, rtol=1e-4)
+
+
+# ---- task.init_from: shape and tokenizer from the directory -------------------------------------------------------
+@pytest.fixture(scope="module")
+def hf_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Hugging Face Llama directory built from a config (GQA, Llama-3 RoPE scaling, tied, a non-default RMSNorm eps
+    and rope_theta) with a word-level tokenizer of its vocabulary: what a user downloads, in miniature. Its sizes are
+    conftest's SMALL, which `make_config` gives explicitly."""
+    directory = tmp_path_factory.mktemp("hf_llama") / "llama-mini"
+    config = replace(
+        SMALL, n_head=2, n_kv_head=1, n_inner=256, vocab_size=1024, tie_word_embeddings=True, rms_norm_eps=1e-6
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(to_hf_config(config, 0, 0)).save_pretrained(directory)
+    make_tokenizer(1024).save_pretrained(directory)
+    return directory
+
+
+ROUND_TRIP = ("num_key_value_heads", "tie_word_embeddings", "rms_norm_eps")
+
+
+def rope(config: PretrainedConfig) -> dict:
+    """RoPE theta and scaling as one dict: transformers 5.x's `rope_parameters`, 4.x's two keys."""
+    return getattr(config, "rope_parameters", None) or {"rope_theta": config.rope_theta, **config.rope_scaling}
+
+
+def test_init_from_takes_shape_and_tokenizer_from_the_directory(
+    hf_llama: Path, tmp_path: Path, cache_dir: Path
+) -> None:
+    run = tmp_path / "run"
+    cfg = make_config(run, cache_dir, f"task.init_from={hf_llama}", "task.max_steps=1", "sparsity=dense")
+    assert cfg.model.family == "llama" and cfg.model.n_layer == 2 and cfg.tokenizer.path == str(hf_llama)
+    trainer = Pretraining(cfg)
+    assert trainer.tokenizer.get_vocab() == AutoTokenizer.from_pretrained(hf_llama).get_vocab()  # no new BPE
+    trainer.fit()
+    source, exported = (AutoConfig.from_pretrained(d) for d in (hf_llama, run / "hf"))
+    for key in ROUND_TRIP:
+        assert getattr(exported, key) == getattr(source, key), key
+    assert rope(exported) == rope(source) and rope(source)["rope_type"] == "llama3" and rope(source)["factor"] == 8.0
+    assert source.num_key_value_heads == 1 and source.tie_word_embeddings and source.rms_norm_eps == 1e-6
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (("model.n_kv_head=2",), "model.n_kv_head: 2 but task.init_from="),
+        (("model=llama_tiny",), "model.n_kv_head: 2 but task.init_from="),
+        (("model=tiny",), "model.family: gpt but task.init_from="),
+        (("tokenizer=bpe",), "tokenizer.path: null (a BPE trained on the corpus) but task.init_from="),
+    ],
+)
+def test_init_from_refuses_an_explicit_model_or_tokenizer_that_differs(
+    hf_llama: Path, tmp_path: Path, cache_dir: Path, overrides: tuple[str, ...], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        make_config(tmp_path, cache_dir, f"task.init_from={hf_llama}", *overrides)
+
+
+def test_init_from_refuses_another_tokenizer_directory(hf_llama: Path, tmp_path: Path, cache_dir: Path) -> None:
+    make_tokenizer(200).save_pretrained(tmp_path / "other")
+    with pytest.raises(ConfigError, match=r"tokenizer\.path: .*other has another vocabulary"):
+        make_config(tmp_path, cache_dir, f"task.init_from={hf_llama}", f"tokenizer.path={tmp_path / 'other'}")
+    agreeing = (f"tokenizer.path={hf_llama}", "model.n_kv_head=1")  # explicit values that agree are kept
+    assert make_config(tmp_path, cache_dir, f"task.init_from={hf_llama}", *agreeing).model.n_kv_head == 1
