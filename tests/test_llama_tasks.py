@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -22,8 +23,11 @@ from transformers import (
     PretrainedConfig,
 )
 
+from modelzoo import checkpoint as ckpt
 from modelzoo.backends.torch_sparse import SparseLinear
+from modelzoo.cli import main
 from modelzoo.config import load_config, to_object
+from modelzoo.config.prune import PruneConfig
 from modelzoo.downstream.evaluate import evaluate_pubmedqa, hf_logits, load_model
 from modelzoo.downstream.pubmedqa import load_pubmedqa
 from modelzoo.errors import ConfigError
@@ -34,6 +38,8 @@ from modelzoo.inference import load_for_inference
 from modelzoo.models.classifier import Classifier
 from modelzoo.models.llama import Llama
 from modelzoo.models.soft_prompt import PromptedLM, SoftPrompt
+from modelzoo.prune.sequential import prune_model
+from modelzoo.sparsity.masks import MASK_SUFFIX
 from modelzoo.tasks import finetune, generate
 from modelzoo.tasks.finetune import FinetuneSummary
 from modelzoo.tasks.pretrain import Pretraining
@@ -244,3 +250,63 @@ def test_init_from_refuses_another_tokenizer_directory(hf_llama: Path, tmp_path:
         make_config(tmp_path, cache_dir, f"task.init_from={hf_llama}", f"tokenizer.path={tmp_path / 'other'}")
     agreeing = (f"tokenizer.path={hf_llama}", "model.n_kv_head=1")  # explicit values that agree are kept
     assert make_config(tmp_path, cache_dir, f"task.init_from={hf_llama}", *agreeing).model.n_kv_head == 1
+
+
+# ---- one-shot pruning and sparse continued pre-training (the Sparse Llama recipe minus distillation) ---------------
+@pytest.mark.parametrize("target", ["50%", "2:4"])
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda", "magnitude"])
+def test_prune_our_llama_hits_the_target_in_every_projection(method: str, target: str) -> None:
+    model = make_model()
+    config = PruneConfig(method=method, **({"sparsity": 0.5} if target == "50%" else {"n_m": [2, 4]}))
+    ids = torch.randint(0, SMALL.vocab_size, (8, 32), generator=torch.Generator().manual_seed(0))
+    result = prune_model(model, ids, config)
+    assert len(result.masks) == LINEARS_PER_BLOCK * SMALL.n_layer
+    for name, mask in result.masks.items():
+        weight = model.get_parameter(name)
+        assert torch.equal(weight != 0, mask), name
+        if target == "2:4":
+            assert bool(((weight != 0).reshape(weight.shape[0], -1, 4).sum(-1) == 2).all()), name
+        else:
+            assert int((weight == 0).sum()) == weight.numel() // 2, name
+
+
+@pytest.fixture(scope="module")
+def dense_llama_run(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
+    run = tmp_path_factory.mktemp("dense_llama") / "run"
+    Pretraining(make_config(run, cache_dir, *LLAMA, "sparsity=dense", "task.max_steps=1", "task.export=false")).fit()
+    return run
+
+
+def test_prune_our_llama_checkpoint_with_the_command(dense_llama_run: Path, cache_dir: Path, capsys) -> None:
+    main(["prune", f"run_dir={dense_llama_run}", f"data.cache_dir={cache_dir}", "model.n_positions=64",
+          "task.n_m=[2,4]", "task.calibration_samples=4"])  # fmt: skip
+    out = dense_llama_run / "pruned" / "sparsegpt-2of4"
+    assert f"task.init_from={out}" in capsys.readouterr().out
+    report = json.loads((out / SPARSITY_FILE).read_text())
+    assert len(report["per_tensor"]) == LINEARS_PER_BLOCK * 2 and set(report["per_tensor"].values()) == {0.5}
+    assert isinstance(AutoModelForCausalLM.from_pretrained(out), LlamaForCausalLM)
+
+
+def test_prune_hf_llama_then_continue_sparse_pretraining_from_it(
+    hf_llama: Path, tmp_path: Path, cache_dir: Path, capsys
+) -> None:
+    """`modelzoo prune task.hf_dir=DIR`, then the command it prints (`pretrain task.init_from=<pruned>
+    sparsity.init_method=from_weights`): the masks are the pruned zeros and stay zero through training."""
+    out = tmp_path / "pruned"
+    main(["prune", f"task.hf_dir={hf_llama}", f"task.output_dir={out}", f"data.cache_dir={cache_dir}",
+          "data.seq_len=64", "task.method=wanda", "task.sparsity=0.5", "task.calibration_samples=4"])  # fmt: skip
+    pruned = load_file(out / "model.safetensors")
+    run = tmp_path / "continued"
+    main(["pretrain", f"task.init_from={out}", "sparsity.sparsity=0.5", "sparsity.init_method=from_weights",
+          f"run_dir={run}", f"data.cache_dir={cache_dir}", "backend=masked_dense", "task.max_steps=2",
+          "task.batch_size=4", "task.micro_batch_size=4", "task.eval_every=2", "task.checkpoint_every=2"])  # fmt: skip
+    state = load_file(ckpt.latest_checkpoint(run) / ckpt.MODEL_FILE)
+    masks = {k.removesuffix(MASK_SUFFIX): v for k, v in state.items() if k.endswith(MASK_SUFFIX)}
+    assert len(masks) == LINEARS_PER_BLOCK * 2
+    for name, mask in masks.items():
+        assert torch.equal(mask, pruned[name] != 0), name
+        assert not state[name][~mask].any() and not torch.equal(state[name], pruned[name]), name  # trained, zeros kept
+    assert (
+        AutoTokenizer.from_pretrained(run / "tokenizer").get_vocab()
+        == AutoTokenizer.from_pretrained(hf_llama).get_vocab()
+    )
