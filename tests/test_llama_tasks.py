@@ -46,6 +46,7 @@ from modelzoo.tasks.pretrain import Pretraining
 from modelzoo.validate import validated_config
 from tests.conftest import SHARED, make_config, needs_shared
 from tests.test_downstream_data import PQA
+from tests.test_evaluate import assert_same_answers
 from tests.test_export import make_tokenizer
 from tests.test_llama import SMALL, make_model
 
@@ -112,10 +113,7 @@ def test_evaluate_checkpoint_export_and_transformers_agree(llama_run: Path) -> N
     from_export = evaluate_pubmedqa(exported, examples, "test", progress=False)
     exported.logits_fn = hf_logits(AutoModelForCausalLM.from_pretrained(llama_run / "hf").eval())
     through_transformers = evaluate_pubmedqa(exported, examples, "test", batch_size=3, progress=False)
-    for other in (from_export, through_transformers):
-        for a, b in zip(from_checkpoint.questions, other.questions, strict=True):
-            assert a["predicted"] == b["predicted"]
-            assert a["scores"] == pytest.approx(b["scores"], abs=1e-4)
+    assert_same_answers(from_checkpoint, from_export, through_transformers)
     assert from_checkpoint.step == from_export.step == 2
     assert from_checkpoint.train_flops is not None and from_checkpoint.train_flops == pytest.approx(
         from_export.train_flops
