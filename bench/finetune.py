@@ -25,7 +25,7 @@ from modelzoo.export.hf import export_hf
 from modelzoo.export.peft import save_prompt_adapter
 from modelzoo.export.seq_cls import export_seq_cls
 from modelzoo.finetune.data import IGNORE
-from modelzoo.models.classifier import GPTClassifier
+from modelzoo.models.classifier import Classifier
 from modelzoo.models.gpt import GPT
 from modelzoo.models.soft_prompt import PromptedLM, SoftPrompt, freeze
 from modelzoo.optim import build_optimizer
@@ -90,7 +90,7 @@ def fine_tuning_steps(shape: Shape, directory: Path, seed: int = 0) -> dict[str,
     steps["pubmedqa/hf"] = _step(hf, lambda: _answer_loss(hf(input_ids=x, use_cache=False).logits, targets))
 
     torch.manual_seed(seed)
-    classifier = GPTClassifier(ours(), 10, pad_token_id=0).train()
+    classifier = Classifier(ours(), 10, pad_token_id=0).train()
     cls_dir = export_seq_cls(classifier, directory / "cls", [f"h{i}" for i in range(10)])
     steps["hoc/ours"] = _step(classifier, lambda: F.binary_cross_entropy_with_logits(classifier(x), labels))
     hf_cls = GPT2ForSequenceClassification.from_pretrained(cls_dir, attn_implementation="sdpa").train()

@@ -6,29 +6,17 @@ with them, keeping no float copy; RigL also keeps a dense fp32 gradient of each 
 update masks). Under bf16 autocast the forward casts each weight matrix to bf16 once per micro-batch, and
 those copies live until the backward pass has used them.
 
-Activations are what autograd keeps per token for the backward pass, counted tensor by tensor for our block with a
-fused SDPA kernel (flash / memory-efficient on CUDA, flash on CPU: no T x T scores are kept), dropout 0 (the GPT-3
-sizes), activations of a = 2 bytes (bf16) or 4 (fp32) and the fp32 residual stream:
-
-    ln_1 input 4h, mean and rstd 8 | c_attn input a*h | q, k, v 3*a*h | SDPA output a*h (also c_proj's input:
-    the same storage), log-sum-exp 4*n_head | ln_2 input 4h, mean and rstd 8 | c_fc input a*h | GELU input a*f |
-    mlp c_proj input a*f                                          = (8 + 6a) h + 2 a f + 16 + 4 n_head
-
-and for a Llama block (RMSNorm keeps its fp32 input, normalised input and rstd; rotary embeddings keep only their
-cos/sin tables, 8 x head_dim bytes per position once per micro-batch, left out; K and V have n_kv_head heads,
-kv = n_kv_head x head_dim; the SwiGLU keeps gate, SiLU, up and product, a*f each; under bf16 autocast each of the
-five projections fed by a norm casts its input separately, in fp32 they share the norm's output):
-
-    2 norms (8h + 4) | q/k/v and gate/up inputs 8h (fp32) or 10h (bf16) | rotated q a*h, k and v 2*a*kv, SDPA
-    output a*h, log-sum-exp 4*n_head | SwiGLU 4*a*f
-
-plus, once: the token ids and targets (int64, 16), the final LayerNorm's input, mean and rstd (4h + 8), the LM
-head's input a*h, and the logits: the head's output over the padded vocabulary (a * V_pad, held by the step until
-its backward) and the fp32 log-softmax the loss keeps (4 V); for Llama the final RMSNorm's 8h + 4 instead. With
-activation checkpointing a block keeps only its fp32 input (4h per token); the backward pass recomputes one block at
-a time, so one block's full activations are live on top. tests/test_memory.py checks these counts against what
-autograd saves on CPU. Not counted: the CUDA context and cuBLAS workspaces (a few hundred MiB), allocator
-fragmentation, and the transient buffers of the backward pass (the logits' gradient is as large as the logits).
+Activations are what autograd keeps per token for the backward pass, counted tensor by tensor for each family's block
+with a fused SDPA kernel (flash / memory-efficient on CUDA, flash on CPU: no T x T scores are kept), dropout 0 (the
+GPT-3 sizes), activations of 2 bytes (bf16) or 4 (fp32) and the fp32 residual stream. The per-block table and the
+final norm's bytes belong to the model file (`GPT.block_activation_bytes`, `Llama.block_activation_bytes`,
+`final_norm_bytes`), which the registry's `model_class` gives; this module adds, once: the token ids and targets
+(int64, 16), the final norm, the LM head's input a*h, and the logits: the head's output over the padded vocabulary
+(a * V_pad, held by the step until its backward) and the fp32 log-softmax the loss keeps (4 V). With activation
+checkpointing a block keeps only its fp32 input (4h per token); the backward pass recomputes one block at a time, so
+one block's full activations are live on top. tests/test_memory.py checks these counts against what autograd saves on
+CPU. Not counted: the CUDA context and cuBLAS workspaces (a few hundred MiB), allocator fragmentation, and the
+transient buffers of the backward pass (the logits' gradient is as large as the logits).
 """
 
 from __future__ import annotations
@@ -37,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from modelzoo.models.registry import ModelConfig, build_model
+from modelzoo.models.registry import ModelConfig, build_model, model_class
 from modelzoo.sparsity.config import SparsityConfig
 from modelzoo.sparsity.plan import plan_groups
 
@@ -71,14 +59,8 @@ class MemoryPlan:
 
 
 def block_activation_bytes(config: ModelConfig, precision: str) -> int:
-    """Bytes one block keeps per token for the backward pass (the tables in the module docstring)."""
-    a = 2 if precision == "bf16" else FP32
-    h, f = config.n_embd, config.n_inner
-    if config.family == "llama":
-        inputs = 10 * h if precision == "bf16" else 8 * h
-        kv = config.n_kv_head * config.head_dim
-        return 2 * (8 * h + 4) + inputs + 2 * a * h + 2 * a * kv + FP32 * config.n_head + 4 * a * f
-    return (2 * FP32 + 6 * a) * h + 2 * a * f + 16 + FP32 * config.n_head
+    """Bytes one block keeps per token for the backward pass (the family's table, in its model file)."""
+    return model_class(config).block_activation_bytes(config, precision)
 
 
 def head_activation_bytes(config: ModelConfig, precision: str) -> int:
@@ -86,7 +68,7 @@ def head_activation_bytes(config: ModelConfig, precision: str) -> int:
     log-softmax."""
     a = 2 if precision == "bf16" else FP32
     ids = 2 * 8
-    norm = 2 * FP32 * config.n_embd + 4 if config.family == "llama" else FP32 * config.n_embd + 8
+    norm = model_class(config).final_norm_bytes(config)
     return ids + norm + a * config.n_embd + a * config.padded_vocab_size + FP32 * config.vocab_size
 
 

@@ -37,6 +37,7 @@ from modelzoo.data.config import FORMATS, DataConfig, resolve_sources
 from modelzoo.distributed import world_size
 from modelzoo.downstream.pubmedqa import SPLITS
 from modelzoo.errors import ConfigError
+from modelzoo.init_from import with_init_from
 from modelzoo.models.gpt import ACTIVATIONS, GPTConfig
 from modelzoo.models.llama import LlamaConfig
 from modelzoo.models.registry import ModelConfig, build_model, config_class
@@ -49,8 +50,9 @@ CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")  # e.g. LlamaForCausalLM, GP
 
 
 def validated_config(overrides: list[str], task: str | None = None) -> Config:
-    """The config of a command: composed from `overrides` (with `task=<task>` first, when given) and validated."""
-    cfg = to_object(load_config([*([f"task={task}"] if task else []), *overrides]))
+    """The config of a command: composed from `overrides` (with `task=<task>` first, when given; completed from
+    `task.init_from`, `modelzoo.init_from`) and validated."""
+    cfg = to_object(load_config(with_init_from([*([f"task={task}"] if task else []), *overrides])))
     validate(cfg)
     return cfg
 

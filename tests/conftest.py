@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from modelzoo.config import Config, load_config, to_object
+from modelzoo.config import Config
 from modelzoo.models.gpt import GPT, GPTConfig
 from modelzoo.tasks.pretrain import Pretraining
 from modelzoo.train.loop import TrainLoop
-from modelzoo.validate import validate
+from modelzoo.validate import validated_config
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -99,9 +99,7 @@ def run_command(command: list[str], timeout: float, **kwargs) -> subprocess.Comp
 
 
 def make_config(run_dir: Path, cache_dir: Path, *overrides: str) -> Config:
-    cfg = to_object(load_config([*SMALL, f"run_dir={run_dir}", f"data.cache_dir={cache_dir}", *overrides]))
-    validate(cfg)
-    return cfg
+    return validated_config([*SMALL, f"run_dir={run_dir}", f"data.cache_dir={cache_dir}", *overrides])
 
 
 # The shared pre-training run of `trained_run`: the overrides on top of SMALL (a test that resumes it repeats them,

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 from modelzoo.cli import main
 from modelzoo.config import load_config, to_object
 from modelzoo.downstream.evaluate import (
+    PubMedQAResult,
     evaluate_pubmedqa,
     hf_logits,
     load_model,
@@ -71,6 +72,14 @@ def test_macro_f1() -> None:
     assert macro_f1([0, 0, 0, 2], [0, 0, 1, 2]) == pytest.approx((0.8 + 0 + 1) / 3)
 
 
+def assert_same_answers(reference: PubMedQAResult, *others: PubMedQAResult) -> None:
+    """Every question answered alike, each choice's log-likelihood within 1e-4."""
+    for other in others:
+        for a, b in zip(reference.questions, other.questions, strict=True):
+            assert a["predicted"] == b["predicted"]
+            assert a["scores"] == pytest.approx(b["scores"], abs=1e-4)
+
+
 @needs_shared
 def test_checkpoint_export_and_transformers_agree(trained_run: Path, tmp_path: Path) -> None:
     cfg = evaluate_config(trained_run, f"task.limit={LIMIT}")
@@ -82,10 +91,7 @@ def test_checkpoint_export_and_transformers_agree(trained_run: Path, tmp_path: P
     from_export = evaluate_pubmedqa(exported, examples, "test", progress=False)
     exported.logits_fn = hf_logits(AutoModelForCausalLM.from_pretrained(trained_run / "hf").eval())
     through_transformers = evaluate_pubmedqa(exported, examples, "test", batch_size=5, progress=False)
-    for other in (from_export, through_transformers):
-        for a, b in zip(from_checkpoint.questions, other.questions, strict=True):
-            assert a["predicted"] == b["predicted"]
-            assert a["scores"] == pytest.approx(b["scores"], abs=1e-4)
+    assert_same_answers(from_checkpoint, from_export, through_transformers)
     # The FLOPs of the checkpoint (from its config and step) equal the run's summary, also for the export.
     summary = json.loads((trained_run / "summary.json").read_text())
     assert from_checkpoint.train_flops == pytest.approx(summary["sparse_flops"])

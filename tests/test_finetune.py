@@ -23,7 +23,7 @@ from modelzoo.downstream.sampling import stratified_sample
 from modelzoo.downstream.scoring import choice_loglikelihoods
 from modelzoo.errors import CheckpointError, ConfigError
 from modelzoo.export.seq_cls import export_seq_cls
-from modelzoo.models.classifier import GPTClassifier
+from modelzoo.models.classifier import Classifier
 from modelzoo.models.gpt import GPT, GPTConfig
 from modelzoo.tasks.finetune import FinetuneSummary, run
 from modelzoo.validate import validate
@@ -167,7 +167,7 @@ def test_default_output_dir_is_beside_never_inside_a_checkpoint(tmp_path: Path) 
 
 def test_sequence_classification_export_parity(tiny_model: GPT, tmp_path: Path) -> None:
     torch.manual_seed(0)
-    classifier = GPTClassifier(tiny_model, 10, pad_token_id=0).eval()
+    classifier = Classifier(tiny_model, 10, pad_token_id=0).eval()
     export_seq_cls(classifier, tmp_path / "hf", [f"h{i}" for i in range(10)])
     hf_model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
     assert type(hf_model).__name__ == "GPT2ForSequenceClassification"

@@ -99,7 +99,7 @@ FLOORS: list[set[str]] = [
         "modelzoo.inference", "modelzoo.generate", "modelzoo.downstream", "modelzoo.finetune", "modelzoo.prune",
         "modelzoo.experiments",
     },
-    {"modelzoo.validate", "modelzoo.backends.cerebras"},
+    {"modelzoo.validate", "modelzoo.init_from", "modelzoo.backends.cerebras"},
     {"modelzoo.tasks", "modelzoo.cli", "modelzoo.__main__"},
 ]  # fmt: skip
 

@@ -12,7 +12,7 @@ from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
 from modelzoo.export.hf import export_hf
 from modelzoo.export.peft import load_prompt_adapter, save_prompt_adapter
 from modelzoo.export.seq_cls import export_seq_cls
-from modelzoo.models.classifier import GPTClassifier
+from modelzoo.models.classifier import Classifier
 from modelzoo.models.gpt import GPT
 from modelzoo.models.soft_prompt import PromptedLM, SoftPrompt, freeze
 
@@ -78,7 +78,7 @@ def test_peft_loads_causal_lm_adapter_with_equal_logits(tiny_model: GPT, tmp_pat
 
 def test_peft_loads_seq_cls_adapter_with_equal_logits(tiny_model: GPT, tmp_path: Path) -> None:
     torch.manual_seed(4)
-    classifier = GPTClassifier(tiny_model, 10, pad_token_id=0, prompt=vocab_prompt(tiny_model)).eval()
+    classifier = Classifier(tiny_model, 10, pad_token_id=0, prompt=vocab_prompt(tiny_model)).eval()
     base = export_seq_cls(classifier, tmp_path / "hf", [f"label {i}" for i in range(10)])
     # The head goes into the adapter too: a base model with a different head still gives our logits.
     with torch.no_grad():

@@ -19,7 +19,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from modelzoo.data.cerebras_hdf5 import bundled_tokenizer
+from modelzoo.data.cerebras_hdf5 import TOKENIZER_FILES, bundled_tokenizer
 from modelzoo.data.config import DataConfig, TokenizerConfig, resolve_sources
 from modelzoo.data.documents import (
     describe_error,
@@ -158,6 +158,11 @@ def train_bpe(cfg: TokenizerConfig, data: DataConfig) -> Tokenizer:
         time.perf_counter() - started,
     )
     return tokenizer
+
+
+def holds_tokenizer(directory: Path) -> bool:
+    """Whether a model directory holds a saved tokenizer (`save_pretrained`'s files)."""
+    return any((directory / name).is_file() for name in TOKENIZER_FILES)
 
 
 def load_pretrained(path: str) -> PreTrainedTokenizerFast:

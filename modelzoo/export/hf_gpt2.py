@@ -10,13 +10,14 @@ from __future__ import annotations
 import re
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, PretrainedConfig
+from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, PretrainedConfig
 
 from modelzoo.errors import CheckpointError, ConfigError
 from modelzoo.models.gpt import ACTIVATIONS, GPTConfig
 
 MODEL_TYPE = "gpt2"
 HF_MODEL = GPT2LMHeadModel
+HF_SEQ_CLS = GPT2ForSequenceClassification  # `export.seq_cls`: the backbone's weights plus `score`
 
 # The four projections HF GPT-2 stores as Conv1D (in, out); nn.Linear stores (out, in).
 CONV1D_WEIGHT = re.compile(r"transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight")

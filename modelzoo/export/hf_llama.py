@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 from transformers import LlamaConfig as HFLlamaConfig
-from transformers import LlamaForCausalLM
+from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
 from modelzoo.errors import ConfigError
 from modelzoo.export.hf_gpt2 import refuse_fixed_options
@@ -20,6 +20,7 @@ from modelzoo.models.llama import LlamaConfig, RopeScaling
 
 MODEL_TYPE = "llama"
 HF_MODEL = LlamaForCausalLM
+HF_SEQ_CLS = LlamaForSequenceClassification  # `export.seq_cls`: the backbone's weights plus `score`
 HEAD, EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"
 SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 

@@ -1,8 +1,8 @@
 """Soft prompts in PEFT's prompt-tuning format: `adapter_config.json` + `adapter_model.safetensors`.
 
-`peft.PeftModel.from_pretrained(hf_model, directory)` on our Hugging Face export loads the adapter and
-computes the same logits as our `PromptedLM` / `GPTClassifier` (PEFT puts the virtual tokens in front of
-the input embeddings at positions 0..N-1, as `GPT.hidden(prefix=...)` does). The config is written by
+`peft.PeftModel.from_pretrained(hf_model, directory)` on our Hugging Face export (GPT-2 or Llama) loads the adapter
+and computes the same logits as our `PromptedLM` / `Classifier` (PEFT puts the virtual tokens in front of the input
+embeddings at positions 0..N-1, as our models' `hidden(prefix=...)` does). The config is written by
 `peft.PromptTuningConfig` itself; the weights are PEFT's key `prompt_embeddings` (N, C) and, for
 `SEQ_CLS`, the trained head under PEFT's `modules_to_save` key.
 """
@@ -18,13 +18,13 @@ from safetensors.torch import load_file, save_file
 
 from modelzoo.atomic import atomic_directory
 from modelzoo.errors import CheckpointError
-from modelzoo.models.gpt import GPTConfig
+from modelzoo.models.registry import ModelConfig
 from modelzoo.models.soft_prompt import SoftPrompt
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 PROMPT_KEY = "prompt_embeddings"
-SCORE_KEY = "base_model.score.weight"  # GPT2ForSequenceClassification's head as PEFT saves a modules_to_save copy
+SCORE_KEY = "base_model.score.weight"  # an HF sequence classifier's head as PEFT saves a modules_to_save copy
 TASK_TYPES = {"causal_lm": TaskType.CAUSAL_LM, "seq_cls": TaskType.SEQ_CLS}
 INITS = {"vocab": PromptTuningInit.SAMPLE_VOCAB, "text": PromptTuningInit.TEXT}
 
@@ -32,7 +32,7 @@ INITS = {"vocab": PromptTuningInit.SAMPLE_VOCAB, "text": PromptTuningInit.TEXT}
 def save_prompt_adapter(
     prompt: SoftPrompt,
     output_dir: str | os.PathLike,
-    model_config: GPTConfig,
+    model_config: ModelConfig,
     task_type: str,
     base_model_dir: str | os.PathLike | None = None,
     init: str = "vocab",

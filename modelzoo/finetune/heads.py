@@ -26,7 +26,7 @@ from modelzoo.export.hf import export_hf
 from modelzoo.export.peft import save_prompt_adapter
 from modelzoo.export.seq_cls import export_seq_cls
 from modelzoo.finetune.data import IGNORE, encode_answer, encode_text, pad
-from modelzoo.models.classifier import GPTClassifier
+from modelzoo.models.classifier import Classifier
 from modelzoo.models.soft_prompt import PromptedLM, SoftPrompt
 from modelzoo.restore import Restored
 from modelzoo.train.loop import Forward
@@ -128,7 +128,7 @@ class HoCHead(Head):
         self.targets = torch.stack([e.label_vector() for e in self.splits["train"]])
         self.train_size = len(self.splits["train"])
         self.pad = (self.pad_id, 0.0)  # label vectors are never padded: they have one length
-        self.model = GPTClassifier(pre.model, len(HALLMARKS), self.pad_id, prompt)
+        self.model = Classifier(pre.model, len(HALLMARKS), self.pad_id, prompt)
 
     def _logits(self, split: str, batch: list[int] | range, device: torch.device) -> torch.Tensor:
         return self.model(pad([self.inputs[split][i] for i in batch], self.pad_id).to(device))

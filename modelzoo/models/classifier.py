@@ -1,8 +1,9 @@
-"""Sequence classification with a GPT: a linear head on the hidden state of the last non-pad token.
+"""Sequence classification with a causal LM of any family: a linear head on the hidden state of the last non-pad token.
 
-The network of `transformers.GPT2ForSequenceClassification`: `score` is a bias-free (num_labels, C) linear
-layer and the pooled position is the rightmost token that is not `pad_token_id` (inputs are right-padded; the
-causal attention keeps real tokens from seeing the padding). A soft prompt, if given, goes in front.
+The network of `transformers.GPT2ForSequenceClassification` and `LlamaForSequenceClassification`: `score` is a
+bias-free (num_labels, C) linear layer and the pooled position is the rightmost token that is not `pad_token_id`
+(inputs are right-padded; the causal attention keeps real tokens from seeing the padding). A soft prompt, if given,
+goes in front.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from modelzoo.models.registry import CausalLM
 from modelzoo.models.soft_prompt import SoftPrompt
 
 
-class GPTClassifier(nn.Module):
+class Classifier(nn.Module):
     """`forward(idx)` returns logits (B, num_labels) of `idx` (B, T) right-padded with `pad_token_id`."""
 
     def __init__(

@@ -150,6 +150,24 @@ class GPT(DecoderLM):
     def embedding(self) -> nn.Embedding:
         return self.transformer.wte
 
+    @staticmethod
+    def block_activation_bytes(config: GPTConfig, precision: str) -> int:
+        """Bytes one block keeps per token for the backward pass (`modelzoo.memory`).
+
+        Activations of a = 2 bytes (bf16) or 4 (fp32), a fused SDPA kernel, dropout 0:
+
+            ln_1 input 4h, mean and rstd 8 | c_attn input a*h | q, k, v 3*a*h | SDPA output a*h (also c_proj's
+            input: the same storage), log-sum-exp 4*n_head | ln_2 input 4h, mean and rstd 8 | c_fc input a*h |
+            GELU input a*f | mlp c_proj input a*f                    = (8 + 6a) h + 2 a f + 16 + 4 n_head
+        """
+        a = 2 if precision == "bf16" else 4
+        return (8 + 6 * a) * config.n_embd + 2 * a * config.n_inner + 16 + 4 * config.n_head
+
+    @staticmethod
+    def final_norm_bytes(config: GPTConfig) -> int:
+        """Bytes per token the final LayerNorm keeps: its fp32 input, mean and rstd."""
+        return 4 * config.n_embd + 8
+
     def reset_parameters(self) -> None:
         """GPT-3 init: truncated normal std 0.02; residual output projections scaled by 1/sqrt(2 n_layer)."""
         std = self.config.init_std

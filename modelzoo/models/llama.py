@@ -203,6 +203,29 @@ class Llama(DecoderLM):
     def embedding(self) -> nn.Embedding:
         return self.model.embed_tokens
 
+    @staticmethod
+    def block_activation_bytes(config: LlamaConfig, precision: str) -> int:
+        """Bytes one block keeps per token for the backward pass (`modelzoo.memory`).
+
+        Activations of a = 2 bytes (bf16) or 4 (fp32), a fused SDPA kernel. RMSNorm keeps its fp32 input,
+        normalised input and rstd; rotary embeddings keep only their cos/sin tables (8 x head_dim bytes per position
+        once per micro-batch, left out); K and V have n_kv_head heads, kv = n_kv_head x head_dim; the SwiGLU keeps
+        gate, SiLU, up and product, a*f each; under bf16 autocast each of the five projections fed by a norm casts
+        its input separately, in fp32 they share the norm's output:
+
+            2 norms (8h + 4) | q/k/v and gate/up inputs 8h (fp32) or 10h (bf16) | rotated q a*h, k and v 2*a*kv,
+            SDPA output a*h, log-sum-exp 4*n_head | SwiGLU 4*a*f
+        """
+        a = 2 if precision == "bf16" else 4
+        h, kv = config.n_embd, config.n_kv_head * config.head_dim
+        inputs = 10 * h if precision == "bf16" else 8 * h
+        return 2 * (8 * h + 4) + inputs + 2 * a * h + 2 * a * kv + 4 * config.n_head + 4 * a * config.n_inner
+
+    @staticmethod
+    def final_norm_bytes(config: LlamaConfig) -> int:
+        """Bytes per token the final RMSNorm keeps: its fp32 input, normalised input and rstd."""
+        return 8 * config.n_embd + 4
+
     def reset_parameters(self) -> None:
         """Truncated normal std `init_std`; residual output projections (o, down) scaled by 1/sqrt(2 n_layer)."""
         std = self.config.init_std

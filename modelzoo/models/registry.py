@@ -73,6 +73,12 @@ class CausalLM(Protocol):
 
     def num_params(self, non_embedding: bool = True) -> int: ...
 
+    @staticmethod
+    def block_activation_bytes(config: Any, precision: str) -> int: ...  # per token, for the backward (memory.py)
+
+    @staticmethod
+    def final_norm_bytes(config: Any) -> int: ...  # per token, kept by the final norm
+
 
 # family -> (config schema, module)
 FAMILIES: dict[str, tuple[type, type[nn.Module]]] = {"gpt": (GPTConfig, GPT), "llama": (LlamaConfig, Llama)}

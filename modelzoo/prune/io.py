@@ -19,13 +19,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from modelzoo.checkpoint import resolve_checkpoint
 from modelzoo.config.prune import PruneConfig
 from modelzoo.data.config import TokenizerConfig
-from modelzoo.data.tokenizer import load_pretrained
+from modelzoo.data.tokenizer import holds_tokenizer, load_pretrained
 from modelzoo.errors import CheckpointError, ConfigError
 from modelzoo.export.hf import export_hf, save_hf_directory, sparsity_report
 from modelzoo.prune.layers import attach_masks
 from modelzoo.restore import restore_model
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 @dataclass
@@ -69,8 +67,7 @@ def load_causal_lm(directory: Path) -> tuple[nn.Module, PreTrainedTokenizerBase 
     if not (directory / "config.json").is_file():
         raise CheckpointError(f"{directory}: no config.json; task.hf_dir must be a save_pretrained directory")
     model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True)
-    has_tokenizer = any((directory / name).is_file() for name in TOKENIZER_FILES)
-    return model.eval(), AutoTokenizer.from_pretrained(directory) if has_tokenizer else None
+    return model.eval(), AutoTokenizer.from_pretrained(directory) if holds_tokenizer(directory) else None
 
 
 def save_pruned(

@@ -15,7 +15,7 @@ import math
 import multiprocessing
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -37,6 +37,7 @@ from modelzoo.distributed import shutdown
 from modelzoo.errors import ConfigError, ModelZooError, fail, fail_unexpected
 from modelzoo.export.hf import export_hf, load_hf
 from modelzoo.flops import flop_report, format_flops
+from modelzoo.init_from import with_init_from
 from modelzoo.models.registry import CausalLM, build_model
 from modelzoo.restore import restore_model
 from modelzoo.train.accel import fuses_adamw, prepare_model
@@ -152,7 +153,7 @@ class Pretraining:
                 "model.family",
                 f"{self.cfg.model.family} differs from {model.config.family} in task.init_from={self.task.init_from}",
             )
-        for key, value in asdict(self.cfg.model).items():
+        for key, value in vars(self.cfg.model).items():  # not asdict: it turns a nested RopeScaling into a dict
             if key not in ("name", "dropout", "init_std") and getattr(model.config, key) != value:
                 raise ConfigError(
                     f"model.{key}",
@@ -392,5 +393,5 @@ def main(overrides: list[str]) -> None:
     # Hydra's parser wants its flags (`-m`, `--cfg job`, ...) before one run of overrides.
     plain = [a for a in overrides if "=" in a and not a.startswith("-")]
     flags = [a for a in overrides if a not in plain]
-    sys.argv = ["modelzoo pretrain", *flags, "task=pretrain", *with_detected_format(plain), *quiet]
+    sys.argv = ["modelzoo pretrain", *flags, *with_detected_format(with_init_from(["task=pretrain", *plain])), *quiet]
     run()
