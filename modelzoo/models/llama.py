@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelzoo.models.common import DecoderLM, KVCache, causal_attention, check_positions
+from modelzoo.models.common import SDPA_HAS_GQA, DecoderLM, KVCache, causal_attention, check_positions
 
 
 @dataclass
@@ -215,11 +215,15 @@ class Llama(DecoderLM):
 
             2 norms (8h + 4) | q/k/v and gate/up inputs 8h (fp32) or 10h (bf16) | rotated q a*h, k and v 2*a*kv,
             SDPA output a*h, log-sum-exp 4*n_head | SwiGLU 4*a*f
+
+        Where SDPA has no grouped-query mode (torch 2.4), K and V are repeated to n_head heads before it, and it
+        keeps those copies too: 2*a*(h - kv) more.
         """
         a = 2 if precision == "bf16" else 4
         h, kv = config.n_embd, config.n_kv_head * config.head_dim
         inputs = 10 * h if precision == "bf16" else 8 * h
-        return 2 * (8 * h + 4) + inputs + 2 * a * h + 2 * a * kv + 4 * config.n_head + 4 * a * config.n_inner
+        repeated = 0 if SDPA_HAS_GQA or kv == h else 2 * a * (h - kv)
+        return 2 * (8 * h + 4) + inputs + 2 * a * h + 2 * a * kv + repeated + 4 * config.n_head + 4 * a * config.n_inner
 
     @staticmethod
     def final_norm_bytes(config: LlamaConfig) -> int:
