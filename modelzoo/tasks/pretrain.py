@@ -29,7 +29,7 @@ from modelzoo.backends import get_backend
 from modelzoo.backends.base import Sparsifier
 from modelzoo.config import Config, register_configs, to_object
 from modelzoo.config.train import TrainConfig
-from modelzoo.data.config import describe, with_detected_format
+from modelzoo.data.config import describe, with_own_files_defaults
 from modelzoo.data.corpus import corpus_files, load_corpus, unigram_loss
 from modelzoo.data.loader import BlockLoader, StepBatches, iter_eval
 from modelzoo.data.tokenizer import build_tokenizer
@@ -392,5 +392,5 @@ def main(overrides: list[str]) -> None:
     # Hydra's parser wants its flags (`-m`, `--cfg job`, ...) before one run of overrides.
     plain = [a for a in overrides if "=" in a and not a.startswith("-")]
     flags = [a for a in overrides if a not in plain]
-    sys.argv = ["modelzoo pretrain", *flags, "task=pretrain", *with_detected_format(plain), *quiet]
+    sys.argv = ["modelzoo pretrain", *flags, "task=pretrain", *with_own_files_defaults(plain), *quiet]
     run()
