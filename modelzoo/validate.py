@@ -132,13 +132,20 @@ def validate_experiment(experiment: ExperimentConfig) -> None:
 
 
 def check_batches(batch_size: int, micro_batch_size: int) -> None:
-    """The global batch splits into micro-batches on every torchrun rank."""
-    per_step = micro_batch_size * world_size()  # one micro-batch on each torchrun rank
+    """The global batch splits into micro-batches on every torchrun rank; the refusal names the largest
+    `task.micro_batch_size` below the given one that splits it, where one does (the batch divides by the ranks)."""
+    ranks = world_size()
+    per_step = micro_batch_size * ranks  # one micro-batch on each torchrun rank
     if batch_size % per_step:
-        ranks = f" x {world_size()} ranks" if world_size() > 1 else ""
+        fits = [m for m in range(micro_batch_size, 0, -1) if batch_size % (m * ranks) == 0]
+        times = f" x {ranks} ranks" if ranks > 1 else ""
+        fix = (
+            f"set task.micro_batch_size={fits[0]}, or" if fits else f"no micro-batch size splits it over {ranks} ranks;"
+        )
         raise ConfigError(
             "task.batch_size",
-            f"{batch_size} is not divisible by task.micro_batch_size={micro_batch_size}{ranks}",
+            f"{batch_size} is not divisible by task.micro_batch_size={micro_batch_size}{times}: {fix} set "
+            "task.batch_size to one of",
             [n for n in range(per_step, 4 * per_step + 1, per_step)],
         )
 

@@ -34,7 +34,8 @@ from modelzoo.data.corpus import corpus_files, load_corpus, unigram_loss
 from modelzoo.data.loader import BlockLoader, StepBatches, iter_eval
 from modelzoo.data.tokenizer import build_tokenizer
 from modelzoo.distributed import shutdown
-from modelzoo.errors import ConfigError, ModelZooError, fail, fail_unexpected
+from modelzoo.errors import ConfigError, ModelZooError
+from modelzoo.exits import fail, fail_unexpected
 from modelzoo.export.hf import export_hf, load_hf
 from modelzoo.flops import flop_report, format_flops
 from modelzoo.models.registry import CausalLM, build_model
