@@ -20,6 +20,8 @@ from pathlib import Path
 
 import hydra
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
@@ -364,8 +366,10 @@ def main(overrides: list[str]) -> None:
     """Run as a Hydra application: the run directory gets `.hydra/` (composed config) and a log file.
 
     Plain overrides are validated (and the run directory checked) once, before Hydra creates anything; with Hydra
-    flags (`--cfg`, `--multirun`, ...) Hydra composes on its own and each job is validated as it starts. Under
-    torchrun only rank 0 writes Hydra's files and log.
+    flags (`--cfg`, `--multirun`, ...) Hydra composes on its own and each job is validated as it starts. A multirun
+    job whose run directory already holds a run is skipped, saying so, and the sweep goes on (with
+    `task.auto_resume=true` the job continues that run instead). Under torchrun only rank 0 writes Hydra's files and
+    log.
     """
     checked = not any(arg.startswith("-") for arg in overrides)
     if checked:
@@ -382,6 +386,10 @@ def main(overrides: list[str]) -> None:
             if not checked:
                 validate(config)
             Pretraining(config).fit()
+        except ckpt.RunExists as e:
+            if HydraConfig.get().mode != RunMode.MULTIRUN:
+                fail(e)
+            log.warning("multirun job %d skipped: %s; task.auto_resume=true continues it", HydraConfig.get().job.num, e)
         except (ModelZooError, OmegaConfBaseException) as e:
             fail(e)
         except Exception as e:
