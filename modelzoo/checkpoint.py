@@ -185,8 +185,13 @@ def resolve_checkpoint(checkpoint: str | None, run_dir: str | Path) -> Path:
     return find_checkpoint(checkpoint, "task.checkpoint") if checkpoint else find_checkpoint(run_dir, "run_dir")
 
 
+class RunExists(CheckpointError):
+    """A new run was asked for in a run directory that already holds a checkpoint (a multirun skips its job)."""
+
+
 def check_run_dir(run_dir: str | Path, resume: bool) -> None:
-    """Refuse to start over an existing run, or to resume one that has no checkpoint (nothing is touched)."""
+    """Refuse to start over an existing run (`RunExists`), or to resume one that has no checkpoint (nothing is
+    touched)."""
     existing = latest_checkpoint(run_dir)
     if resume and existing is None:
         raise CheckpointError(
@@ -194,7 +199,7 @@ def check_run_dir(run_dir: str | Path, resume: bool) -> None:
             "start without task.resume to begin a new run"
         )
     if not resume and existing is not None:
-        raise CheckpointError(
+        raise RunExists(
             f"{run_dir} already holds checkpoint {existing.name}; pass task.resume=true to continue it "
             "or run_dir=<new dir> to start a new run (nothing was overwritten)"
         )

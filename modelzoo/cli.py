@@ -12,7 +12,8 @@ import sys
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from modelzoo.errors import ModelZooError, fail, fail_unexpected
+from modelzoo.errors import ModelZooError
+from modelzoo.exits import fail, fail_unexpected
 
 USAGE = """usage: modelzoo <command> [hydra overrides]
 

@@ -9,9 +9,11 @@ per step. Without torchrun's environment (`WORLD_SIZE` unset or 1) everything he
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -70,6 +72,32 @@ def init_distributed(device_type: str) -> Distributed:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     return Distributed(dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0")), dist.get_world_size())
+
+
+def says_first(message: str, timeout_s: float = 10.0) -> bool:
+    """Under torchrun, on a refusal: whether this rank should print `message`, after waiting (up to `timeout_s`)
+    for every rank to refuse too, so that all exit together with their own exit code (torchrun stops the ranks
+    still running with SIGTERM as soon as one ends). Rank 0 prints; another rank only a message rank 0 did not
+    give, or when rank 0 does not refuse in time. Meets in torchrun's own store (`MASTER_ADDR:MASTER_PORT`),
+    before any process group exists; without torchrun, or without its store, every rank prints."""
+    if world_size() == 1:
+        return True
+    rank = int(os.environ.get("RANK", "0"))
+    prefix = f"modelzoo/refusal/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    try:
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+            timeout=timedelta(seconds=timeout_s), wait_for_workers=False,
+        )  # fmt: skip
+        store.set(f"{prefix}/{rank}", message)
+        arrived, deadline = store.add(f"{prefix}/count", 1), time.monotonic() + timeout_s
+        while arrived < world_size() and time.monotonic() < deadline:
+            time.sleep(0.05)
+            arrived = store.add(f"{prefix}/count", 0)
+        first = store.get(f"{prefix}/0").decode() if store.check([f"{prefix}/0"]) else None
+    except (KeyError, ValueError, RuntimeError):  # no store to meet in (DistStoreError is a RuntimeError)
+        return True
+    return rank == 0 or first != message
 
 
 def shutdown() -> None:

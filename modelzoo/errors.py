@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-import logging
-import os
-import sys
-import tempfile
-import traceback
 from collections.abc import Iterable
-from typing import NoReturn
 
 
 class ModelZooError(Exception):
@@ -63,34 +57,3 @@ class DiskFullError(ModelZooError, OSError):
 
 class TrainingDiverged(ModelZooError, RuntimeError):
     """A non-finite loss or gradient norm stopped training; the message names the step."""
-
-
-def fail(error: Exception) -> NoReturn:
-    """End the command on an anticipated error: its message as one line on stderr, exit code 2."""
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(2)
-
-
-def fail_unexpected(error: Exception) -> NoReturn:
-    """End the command on an unexpected error: one line naming it and the file its full traceback was appended to
-    (the run's log when logging writes one, else a new temporary file), exit code 1. With `HYDRA_FULL_ERROR=1` the
-    error propagates whole instead, as Hydra's own errors do."""
-    if os.environ.get("HYDRA_FULL_ERROR") == "1":
-        raise error
-    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
-    logs = [h.baseFilename for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
-    if logs:
-        path = logs[0]
-        with open(path, "a") as f:
-            f.write(text)
-    else:
-        fd, path = tempfile.mkstemp(prefix="modelzoo-traceback-", suffix=".txt")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-    summary = (str(error).strip().splitlines() or [""])[0]
-    print(
-        f"error: unexpected {type(error).__name__}: {summary} (the full traceback is in {path}; "
-        "HYDRA_FULL_ERROR=1 prints it here)",
-        file=sys.stderr,
-    )
-    sys.exit(1)

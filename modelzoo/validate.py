@@ -7,6 +7,7 @@ validator per task. Checks shared by tasks (device and precision, the model, the
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -42,8 +43,11 @@ from modelzoo.models.gpt import ACTIVATIONS, GPTConfig
 from modelzoo.models.llama import LlamaConfig
 from modelzoo.models.registry import ModelConfig, build_model, config_class
 from modelzoo.models.soft_prompt import PROMPT_INITS
-from modelzoo.sparsity.plan import check_run, plan_groups
+from modelzoo.sparsity.plan import check_run, never_updated, plan_groups
 from modelzoo.train.accel import validate_accel
+from modelzoo.train.budget import trained_steps
+
+log = logging.getLogger(__name__)
 
 EVALUATE_TASKS = ("pubmedqa",)
 CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")  # e.g. LlamaForCausalLM, GPT2LMHeadModel
@@ -87,6 +91,28 @@ def validate(cfg: Config) -> None:
             check_run(cfg.sparsity, model, task.max_steps)
         else:
             plan_groups(cfg.sparsity, model)
+    if isinstance(task, TrainConfig):  # warnings, not refusals: a short smoke run of a long recipe is legitimate
+        steps = trained_steps(cfg)
+        warn_long_warmup(cfg.optim, steps)
+        for warning in never_updated(cfg.sparsity, steps) if cfg.sparsity.enabled else []:
+            log.warning("warning: %s", warning)
+
+
+def warn_long_warmup(optim: OptimConfig, steps: int) -> None:
+    """Log a warning naming the keys when the learning-rate warm-up does not end before the run's `steps`
+    optimizer steps do: the peak `optim.lr` is never (or only at the end) reached and the decay never starts."""
+    warmup = optim.warmup_steps
+    if warmup < steps:
+        return
+    reached = f"peaks at {steps / warmup:.0%} of optim.lr" if warmup > steps else "reaches optim.lr at the end"
+    log.warning(
+        "warning: optim.warmup_steps=%d is not below task.max_steps=%d: the learning rate %s and never decays; "
+        "set optim.warmup_steps=%d (a tenth of the run) or raise task.max_steps",
+        warmup,
+        steps,
+        reached,
+        steps // 10,
+    )
 
 
 # ---- shared --------------------------------------------------------------------------------------------
@@ -134,13 +160,20 @@ def validate_experiment(experiment: ExperimentConfig) -> None:
 
 
 def check_batches(batch_size: int, micro_batch_size: int) -> None:
-    """The global batch splits into micro-batches on every torchrun rank."""
-    per_step = micro_batch_size * world_size()  # one micro-batch on each torchrun rank
+    """The global batch splits into micro-batches on every torchrun rank; the refusal names the largest
+    `task.micro_batch_size` below the given one that splits it, where one does (the batch divides by the ranks)."""
+    ranks = world_size()
+    per_step = micro_batch_size * ranks  # one micro-batch on each torchrun rank
     if batch_size % per_step:
-        ranks = f" x {world_size()} ranks" if world_size() > 1 else ""
+        fits = [m for m in range(micro_batch_size, 0, -1) if batch_size % (m * ranks) == 0]
+        times = f" x {ranks} ranks" if ranks > 1 else ""
+        fix = (
+            f"set task.micro_batch_size={fits[0]}, or" if fits else f"no micro-batch size splits it over {ranks} ranks;"
+        )
         raise ConfigError(
             "task.batch_size",
-            f"{batch_size} is not divisible by task.micro_batch_size={micro_batch_size}{ranks}",
+            f"{batch_size} is not divisible by task.micro_batch_size={micro_batch_size}{times}: {fix} set "
+            "task.batch_size to one of",
             [n for n in range(per_step, 4 * per_step + 1, per_step)],
         )
 
@@ -293,6 +326,7 @@ def validate_finetune(cfg: Config) -> None:
             ["auto", "masked_dense"],
         )
     validate_optim(cfg.optim)
+    warn_long_warmup(cfg.optim, task.max_steps)
     if task.lr is not None and task.lr <= 0:
         raise ConfigError("task.lr", f"must be positive, got {task.lr}")
     data_dir = Path(task.data_dir or default_data_dir(task.dataset))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import pytest
@@ -49,6 +50,43 @@ def test_invalid_values_name_the_key(overrides: list[str], key: str, hint: str) 
         check(overrides)
     assert info.value.key == key
     assert hint in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "warnings"),
+    [
+        ([], []),  # the default run: warm-up 40 of 400 steps, static sparsity
+        (
+            ["task.max_steps=5", "sparsity=rigl_75"],
+            [
+                "optim.warmup_steps=40 is not below task.max_steps=5: the learning rate peaks at 12% of optim.lr and "
+                "never decays; set optim.warmup_steps=0",
+                "sparsity.update: rigl's first mask update comes at step 10, not within the run's 5 steps "
+                "(task.max_steps), so its step-0 masks (75% sparse) never change; schedule one within steps 1-5 "
+                "(sparsity.update.freq, .start or .steps) or set task.max_steps to at least 10",
+            ],
+        ),
+        (["task.max_steps=40"], ["optim.warmup_steps=40 is not below task.max_steps=40: the learning rate reaches "
+         "optim.lr at the end and never decays; set optim.warmup_steps=4"]),
+        (["task.max_steps=5", "sparsity=gmp_75", "optim.warmup_steps=0"],
+         ["gmp's first mask update comes at step 10, not within the run's 5 steps (task.max_steps), so it trains "
+          "dense"]),
+        (["task.max_steps=40", "sparsity=set_75", "optim.warmup_steps=4", "sparsity.update.freq=40"], []),
+        (["task.max_steps=40", "sparsity=set_75", "optim.warmup_steps=4", "sparsity.update.freq=41"],
+         ["sparsity.update: set's first mask update comes at step 41"]),
+    ],
+)  # fmt: skip
+def test_a_run_too_short_for_its_schedules_is_warned_naming_the_keys(
+    overrides: list[str], warnings: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A warm-up that does not end before the run, and dynamic sparsity whose first mask update comes after it,
+    are accepted with a warning naming the keys and what would work (on main: accepted without a word)."""
+    with caplog.at_level(logging.WARNING, logger="modelzoo.validate"):
+        check(overrides)
+    logged = [r.getMessage() for r in caplog.records if r.name == "modelzoo.validate"]
+    assert len(logged) == len(warnings), logged
+    for message, expected in zip(logged, warnings, strict=True):
+        assert message.startswith("warning: ") and expected in message
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ The torchrun comparison starts three training processes: it is marked `distribut
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sys
 from pathlib import Path
@@ -99,3 +100,23 @@ def test_global_batch_must_split_over_the_ranks(tmp_path: Path, cache_dir: Path,
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match=r"task.batch_size.*x 2 ranks"):
         make_config(tmp_path, cache_dir, "task.batch_size=12", "task.micro_batch_size=4")
+
+
+@pytest.mark.distributed
+def test_two_ranks_refuse_the_default_batch_in_one_line_from_rank_0(tmp_path: Path) -> None:
+    """`torchrun --nproc_per_node=2 -m modelzoo pretrain` with the defaults (global batch 16, micro-batch 16): on main
+    each rank printed the refusal (naming only task.batch_size), rank 0 exited 2 and rank 1 got SIGTERM. Now one line
+    from rank 0 names the micro-batch size that works, and every rank exits with code 2 (torchrun's failure table
+    lists each rank's exit code) without a traceback of ours."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command = [sys.executable, *launcher, "-m", "modelzoo", "pretrain", f"run_dir={tmp_path / 'run'}"]
+    done = run_command(command, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+    assert done.returncode != 0
+    ours = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert ours == [
+        "error: task.batch_size: 16 is not divisible by task.micro_batch_size=16 x 2 ranks: set "
+        "task.micro_batch_size=8, or set task.batch_size to one of (allowed: 32, 64, 96, 128)"
+    ], done.stderr
+    assert re.findall(r"exitcode +: (-?\d+)", done.stderr) == ["2", "2"], done.stderr
+    assert "modelzoo/" not in "".join(line for line in done.stderr.splitlines() if line.lstrip().startswith("File"))
+    assert not (tmp_path / "run").exists()  # refused before anything was written

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 import subprocess
 import sys
@@ -24,7 +25,18 @@ from modelzoo.sparsity.config import SparsityConfig
 from modelzoo.tasks.pretrain import Pretraining
 from modelzoo.train.budget import resolved
 from modelzoo.validate import validate
-from tests.conftest import REPO, SHARED, killed_at_step, make_config, needs_shared, run_command
+from tests.conftest import (
+    REPO,
+    SHARED,
+    SMALL,
+    TRAINED_RUN,
+    TRAINED_STEPS,
+    copy_run,
+    killed_at_step,
+    make_config,
+    needs_shared,
+    run_command,
+)
 
 XL = GPTConfig(name="xl", n_layer=24, n_embd=2048, n_head=16, n_inner=8192, n_positions=2048, vocab_size=50257)
 PAPERS = ("mediswift_med", "mediswift_large", "mediswift_xl", "spdf_gpt3_xl")
@@ -184,6 +196,23 @@ def test_multirun_sweep_trains_each_job_in_its_dir_and_a_rerun_skips_them(tmp_pa
     again = run_command([*command, "sparsity=dense,static_75", "seed=1,2"], timeout=900, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert (again.stdout + again.stderr).count("already finished") == 4  # Hydra logs a multirun's jobs to stdout
+
+
+def test_multirun_skips_a_job_whose_run_exists_and_goes_on(tmp_path: Path, trained_run: Path, cache_dir: Path) -> None:
+    """A sweep whose first job would start over an existing run skips it, saying so, and runs the next, which
+    continues that run with task.auto_resume=true (on main the first job's refusal ended the whole sweep, exit 2)."""
+    run = copy_run(trained_run, tmp_path)
+    before = json.loads((run / "summary.json").read_text())
+    overrides = [*SMALL, *TRAINED_RUN, f"run_dir={run}", f"data.cache_dir={cache_dir}", "task.export=false"]
+    more = f"task.max_steps={TRAINED_STEPS + 1}"
+    command = [sys.executable, "-m", "modelzoo", "pretrain", "-m", *overrides, more, "task.auto_resume=false,true"]
+    out = run_command(command, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    log = out.stdout + out.stderr  # Hydra logs a multirun's jobs to stdout
+    assert re.search(rf"multirun job 0 skipped: {re.escape(str(run))} already holds checkpoint step_000004", log), log
+    assert "task.auto_resume=true continues it" in log
+    after = json.loads((run / "summary.json").read_text())
+    assert (before["steps"], after["steps"]) == (TRAINED_STEPS, TRAINED_STEPS + 1)  # job 1 resumed it
 
 
 def test_reproduce_report_only_runs_on_no_runs(tmp_path: Path) -> None:

@@ -113,11 +113,21 @@ def test_interrupted_preparation_continues_after_its_last_shard(
     monkeypatch.setattr(ShardWriter, "_publish", publish)
     resumed_from = []
     monkeypatch.setattr(prepare, "_document_chunks", _recording(prepare._document_chunks, resumed_from))
-    load_corpus(cfg, tokenizer)
+    report = load_corpus(cfg, tokenizer).sources[0].report
     last = json.loads((directory / "train" / "shard_00019.json").read_text())["resume"]
     assert resumed_from == [last["chunk"]] and last["chunk"] > 0  # tokenising restarted after the last shard
     assert {p.name: p.stat().st_ino for p in (directory / "train").glob("shard_*.bin") if p.name in kept} == kept
     assert shard_bytes(cfg, fingerprint) == expected
+    # The throughput is this run's: the tokens it tokenised (from the resumed chunk's start on, and the validation
+    # split) over its own time, not every token of the corpus (on main: all tokens, 887k tok/s against the 468k
+    # its progress bar showed).
+    published = 20 * 64 * (SEQ_LEN + 1)
+    earlier = published - last["skip"]
+    assert report.new_tokens == report.splits["train"].tokens - earlier + report.splits["validation"].tokens
+    assert f"{report.new_tokens:,} tokens tokenised by this run in {report.seconds:.1f} s: " in report.format()
+    assert f"{report.new_tokens / report.seconds:,.0f} tokens/s (continuing a preparation that had done " in (
+        report.format()
+    )
 
 
 def _recording(function, calls: list):
@@ -230,7 +240,11 @@ def test_prepare_data_command_reports_and_fills_the_cache(tmp_path: Path, capsys
     out = capsys.readouterr().out
     assert re.search(r"train +300 documents, [\d,]+ tokens", out), out
     assert len(list((tmp_path / "cache" / "corpus").glob("*/meta.json"))) == 1
-    written = {p.name for p in (tmp_path / "h5" / "pubmed_sample" / "train").iterdir()}
+    # The corpus is named by the user's files (<tmp_path>/train.txt: a split's name, so by its folder), in the
+    # report and the HDF5 folders; on main it was the default node's `pubmed_sample`.
+    name = tmp_path.name
+    assert f"corpus {name}: " in out and f"cerebras_hdf5 {name} train: " in out and "pubmed_sample" not in out
+    written = {p.name for p in (tmp_path / "h5" / name / "train").iterdir()}
     assert {"data_params.json", "output_chunk_0_00000.h5", *cerebras_hdf5.TOKENIZER_FILES} <= written
 
 
@@ -257,12 +271,12 @@ def test_readme_hdf5_command_trains_on_prepare_data_output(
             "--cerebras-hdf5=h5",
         ]
     )
-    train = Path("h5") / "pubmed_sample" / "train"
+    train = Path("h5") / tmp_path.name / "train"  # the corpus is named by its files' folder
     declared = json.loads((train / cerebras_hdf5.PARAMS).read_text())["processing"]["modelzoo_tokenizer_sha256"]
     command = [
         "data.format=cerebras_hdf5",
         f"data.train_files=[{train}]",
-        "data.validation_files=[h5/pubmed_sample/validation]",
+        f"data.validation_files=[h5/{tmp_path.name}/validation]",
         "model.n_positions=16",
         "task.max_steps=3",
         "task.eval_every=3",
@@ -303,10 +317,27 @@ def test_own_json_lines_files_are_read_as_json(tmp_path: Path, tokenizer: PreTra
     cfg = own_files_config(tmp_path, [json.dumps({"text": d}) for d in TRAIN_DOCS])
     assert cfg.format == "auto"
     assert describe(cfg) == str(tmp_path / "x.jsonl")  # the log names the files, not pubmed_sample
+    assert cfg.name == "x"  # and so does the corpus's name (prepare's report, --cerebras-hdf5 folders)
     corpus = load_corpus(cfg, tokenizer)
     stream = encode_documents(tokenizer, TRAIN_DOCS)
     assert np.asarray(corpus.train).ravel().tolist() == stream[: len(corpus.train) * (SEQ_LEN + 1)]
     assert not tokenizer.decode(corpus.train[0]).startswith('{"text"')
+
+
+@pytest.mark.parametrize(
+    ("overrides", "name"),
+    [
+        (["data.train_files=[/d/notes.jsonl.gz]"], "notes"),
+        (["data.train_files=[/d/abstracts/train.txt]"], "abstracts"),  # a split's name: the folder's
+        (["data.train_files=[/d/my corpus/*.txt]"], "my_corpus"),  # a glob: the folder's, as one folder name
+        (["data.train_files=[/d/notes.txt]", "data.name=mine"], "mine"),  # a name given wins
+        (["data.validation_files=[/d/v.txt]"], "pubmed_sample"),  # trained on the node's own files
+        ([], "pubmed_sample"),
+    ],
+)
+def test_a_corpus_is_named_by_the_files_it_reads(overrides: list[str], name: str) -> None:
+    assert to_object(load_config(overrides)).data.name == name
+    assert DataConfig(hub_name="ccdv/pubmed-summarization").name == "ccdv_pubmed-summarization"
 
 
 @pytest.mark.parametrize(

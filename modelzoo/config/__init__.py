@@ -27,7 +27,7 @@ from modelzoo.config.experiment import ExperimentConfig
 from modelzoo.config.finetune import FinetuneConfig, PromptTuneConfig
 from modelzoo.config.prune import PruneConfig
 from modelzoo.config.train import OptimConfig, TrainConfig
-from modelzoo.data.config import DataConfig, TokenizerConfig, with_detected_format
+from modelzoo.data.config import DataConfig, TokenizerConfig, with_own_files_defaults
 from modelzoo.errors import ConfigError
 from modelzoo.models.registry import FAMILIES, config_class
 from modelzoo.sparsity.config import SparsityConfig
@@ -110,7 +110,7 @@ def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     register_configs()
     with initialize_config_module("modelzoo.conf", version_base="1.3"):
         try:
-            cfg = compose("config", overrides=with_detected_format(list(overrides)), return_hydra_config=True)
+            cfg = compose("config", overrides=with_own_files_defaults(list(overrides)), return_hydra_config=True)
         except ConfigCompositionException as e:
             unknown = _unknown_key(e)
             if unknown is None:

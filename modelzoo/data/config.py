@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
+from pathlib import PurePath
 
 from modelzoo.errors import ConfigError
 
 FORMATS = ("auto", "text", "json", "cerebras_hdf5")
 # Overrides that give a data node its own documents: its format is then detected from their extensions unless
 # the same command line sets `data.format` too (the node's own `format`, e.g. the shipped sample's `text`,
-# describes the node's own files, not the user's).
+# describes the node's own files, not the user's). Own training files also name the corpus (`data.name`, unless
+# the command line sets it): the node's name (`pubmed_sample`) is that of the node's own files.
 OWN_FILES_KEYS = ("data.train_files", "data.validation_files")
+# File stems that say which split a file holds, not which corpus: such a file is named by its folder.
+SPLIT_STEMS = ("train", "training", "valid", "validation", "val", "dev", "test", "data")
 
 
 @dataclass
@@ -46,10 +51,11 @@ class DataConfig:
     `shard_blocks` blocks under `cache_dir` by a fingerprint of the inputs. `validation_fraction` > 0 holds
     out that fraction of the training documents (chosen by a hash of each document) instead of
     `validation_files`. `sources` (a list of `SourceConfig`) makes the corpus a weighted mixture; the fields
-    above are then the sources' defaults.
+    above are then the sources' defaults. `name` (in logs, the run summary and `prepare-data --cerebras-hdf5`
+    folders), left null, says what the corpus reads: see `corpus_name`.
     """
 
-    name: str = "pubmed_sample"
+    name: str | None = None
     train_files: list[str] = field(default_factory=list)
     validation_files: list[str] = field(default_factory=list)
     hub_name: str | None = None
@@ -66,6 +72,26 @@ class DataConfig:
     shard_blocks: int = 8192
     sources: list[SourceConfig] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        if self.name is None:
+            self.name = corpus_name(self.train_files, self.hub_name)
+
+
+def corpus_name(train_files: list[str], hub_name: str | None) -> str:
+    """The name of a corpus that names none: its first training file's name without extensions (`notes` for
+    `notes.jsonl.gz`), or, for a file named after its split (`train.txt`) or a glob, its folder's (`abstracts` for
+    `abstracts/train.txt`); else the hub dataset's (`ccdv_pubmed-summarization`). Characters other than letters,
+    digits, `.`, `-` and `_` become `_`, so the name is one folder name."""
+    name = "corpus"
+    if train_files:
+        path = PurePath(train_files[0])
+        stem = path.name.split(".")[0]
+        named_by_folder = not stem or stem.lower() in SPLIT_STEMS or any(c in path.name for c in "*?[")
+        name = path.parent.name if named_by_folder and path.parent.name not in ("", ".", "..") else stem
+    elif hub_name:
+        name = hub_name
+    return re.sub(r"[^\w.-]+", "_", name).strip("._") or "corpus"
+
 
 @dataclass
 class TokenizerConfig:
@@ -77,12 +103,16 @@ class TokenizerConfig:
     min_frequency: int = 2
 
 
-def with_detected_format(overrides: list[str]) -> list[str]:
-    """`overrides` plus `data.format=auto` when they give the data node its own files but no format."""
+def with_own_files_defaults(overrides: list[str]) -> list[str]:
+    """`overrides` plus `data.format=auto` when they give the data node its own files but no format, and
+    `data.name=null` (named by its files, `corpus_name`) when they give it its own training files but no name."""
     keys = {item.split("=", 1)[0].lstrip("+~") for item in overrides if "=" in item}
+    added = []
     if keys & set(OWN_FILES_KEYS) and "data.format" not in keys:
-        return [*overrides, "data.format=auto"]
-    return list(overrides)
+        added.append("data.format=auto")
+    if "data.train_files" in keys and "data.name" not in keys:
+        added.append("data.name=null")
+    return [*overrides, *added]
 
 
 def resolve_sources(cfg: DataConfig) -> list[tuple[DataConfig, float]]:

@@ -68,12 +68,16 @@ class SplitReport:
 
 @dataclass
 class PrepareReport:
+    """A corpus's splits, and what this run did: `seconds` it took and the `new_tokens` it tokenised itself (fewer
+    than the splits hold when it continued a killed preparation, 0 on a cache hit)."""
+
     name: str
     directory: str
     fingerprint: str
     splits: dict[str, SplitReport]
     seconds: float
     cached: bool
+    new_tokens: int = 0
 
     def format(self) -> str:
         state = "cached" if self.cached else f"prepared in {self.seconds:.1f} s"
@@ -84,8 +88,12 @@ class PrepareReport:
                 f"shard(s), {r.bytes / 1e6:,.1f} MB"
             )
         if not self.cached and self.seconds:
-            tokens = sum(r.tokens for r in self.splits.values())
-            lines.append(f"  {tokens:,} tokens in {self.seconds:.1f} s: {tokens / self.seconds:,.0f} tokens/s")
+            earlier = sum(r.tokens for r in self.splits.values()) - self.new_tokens
+            resumed = f" (continuing a preparation that had done {earlier:,})" if earlier else ""
+            lines.append(
+                f"  {self.new_tokens:,} tokens tokenised by this run in {self.seconds:.1f} s: "
+                f"{self.new_tokens / self.seconds:,.0f} tokens/s{resumed}"
+            )
         return "\n".join(lines)
 
 
@@ -160,9 +168,12 @@ def prepare_source(
     backend = tokenizer.backend_tokenizer.to_str()
     with Workers(1 if hdf5 else workers, backend, tokenizer.eos_token_id, dtype) as pool:
         totals = _check_files(cfg, pool, hdf5, tokenizer, progress)
-        splits = {}
+        splits, new_tokens = {}, 0
         for split in SPLITS:
-            splits[split] = _prepare_split(cfg, split, directory, pool, dtype, len(tokenizer), totals, hdf5, progress)
+            report, records, tokenised = _prepare_split(
+                cfg, split, directory, pool, dtype, len(tokenizer), totals, hdf5, progress
+            )
+            splits[split], new_tokens = (report, records), new_tokens + tokenised
     meta = {
         "fingerprint": fingerprint,
         "format_version": FORMAT_VERSION,
@@ -174,17 +185,19 @@ def prepare_source(
         "splits": {split: {**asdict(r), "records": records} for split, (r, records) in splits.items()},
     }
     write_text_atomically(directory / "meta.json", json.dumps(meta))
-    report = _report(cfg, directory, meta, time.perf_counter() - started, cached=False)
+    report = _report(cfg, directory, meta, time.perf_counter() - started, cached=False, new_tokens=new_tokens)
     log.info("%s", report.format())
     return report, meta
 
 
-def _report(cfg: DataConfig, directory: Path, meta: dict[str, Any], seconds: float, cached: bool) -> PrepareReport:
+def _report(
+    cfg: DataConfig, directory: Path, meta: dict[str, Any], seconds: float, cached: bool, new_tokens: int = 0
+) -> PrepareReport:
     splits = {
         split: SplitReport(**{k: v for k, v in entry.items() if k != "records"})
         for split, entry in meta["splits"].items()
     }
-    return PrepareReport(cfg.name, str(directory), meta["fingerprint"], splits, seconds, cached)
+    return PrepareReport(cfg.name, str(directory), meta["fingerprint"], splits, seconds, cached, new_tokens)
 
 
 def _check_files(
@@ -264,12 +277,13 @@ def _prepare_split(
     totals: dict[str, int | None],
     hdf5: bool,
     progress: bool,
-) -> tuple[SplitReport, list[dict[str, Any]]]:
-    """One split's shards (continuing after those a killed run published); its report and shard records."""
+) -> tuple[SplitReport, list[dict[str, Any]], int]:
+    """One split's shards (continuing after those a killed run published); its report, its shard records and the
+    tokens this call tokenised (those of the chunks it did not find published)."""
     done = directory / f"{split}.json"
     if done.is_file():
         entry = json.loads(done.read_text())
-        return SplitReport(**entry["report"]), entry["records"]
+        return SplitReport(**entry["report"]), entry["records"], 0
     width = cfg.seq_len + 1
     writer = ShardWriter(directory / split, width, dtype, cfg.shard_blocks)
     first = writer.resume.chunk
@@ -307,7 +321,7 @@ def _prepare_split(
         raise DataError(where, f"{tokens} tokens fill no block of data.seq_len + 1 = {width}; add documents")
     report = SplitReport(documents, tokens, blocks, len(records), blocks * width * np.dtype(dtype).itemsize)
     write_text_atomically(done, json.dumps({"report": asdict(report), "records": records}))
-    return report, records
+    return report, records, new_tokens
 
 
 # ---- estimating -----------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from modelzoo.sparsity.config import SparsityConfig, SparsityGroupConfig
 from modelzoo.sparsity.distribution import distribute
 from modelzoo.sparsity.masks import num_kept
 from modelzoo.sparsity.names import select_parameters
+from modelzoo.sparsity.schedules import make_schedule, make_update_schedule
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,31 @@ def check_run(config: SparsityConfig, model: nn.Module, steps: int) -> None:
                     f"{level:.6g} at step {step} keeps no weight of {name} ({numel:,} entries, "
                     f"{plan.config.distribution} level {tensor_level:.6g}): (1 - level) x {numel:,} must be at least 1",
                 )
+
+
+def never_updated(config: SparsityConfig, steps: int) -> list[str]:
+    """A warning for each dynamic group (GMP, SET, RigL) whose first mask update after step 0 falls after the run's
+    `steps` optimizer steps: its masks never change, so the run trains static sparsity (or stays dense, when step 0
+    is no update step either). Each names the group's `update` key, the first update and what would reach it."""
+    warnings = []
+    for key, group in config.group_configs():
+        if not (group.enabled and group.dynamic):
+            continue
+        schedule = make_update_schedule(group.update, f"{key}.update")
+        if (schedule.steps_until(steps) >= 1).any():
+            continue
+        later = schedule.steps_until(schedule.last_step)
+        later = later[later >= 1]
+        when = f"at step {int(later[0])}" if len(later) else "never after step 0"
+        start = make_schedule(group.sparsity_spec, f"{key}.sparsity")(0) if schedule(0) else 0.0
+        effect = f"its step-0 masks ({start:.0%} sparse) never change" if start > 0 else "it trains dense"
+        fix = f" or set task.max_steps to at least {int(later[0])}" if len(later) else ""
+        warnings.append(
+            f"{key}.update: {group.algorithm}'s first mask update comes {when}, not within the run's {steps} steps "
+            f"(task.max_steps), so {effect}; schedule one within steps 1-{steps} ({key}.update.freq, .start or "
+            f".steps){fix}"
+        )
+    return warnings
 
 
 def _check_range(key: str, steps: torch.Tensor, values: torch.Tensor, allowed: str, ok, run_steps: int) -> None:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import hydra
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
@@ -29,12 +31,13 @@ from modelzoo.backends import get_backend
 from modelzoo.backends.base import Sparsifier
 from modelzoo.config import Config, register_configs, to_object
 from modelzoo.config.train import TrainConfig
-from modelzoo.data.config import describe, with_detected_format
+from modelzoo.data.config import describe, with_own_files_defaults
 from modelzoo.data.corpus import corpus_files, load_corpus, unigram_loss
 from modelzoo.data.loader import BlockLoader, StepBatches, iter_eval
 from modelzoo.data.tokenizer import build_tokenizer
 from modelzoo.distributed import shutdown
-from modelzoo.errors import ConfigError, ModelZooError, fail, fail_unexpected
+from modelzoo.errors import ConfigError, ModelZooError
+from modelzoo.exits import fail, fail_unexpected
 from modelzoo.export.hf import export_hf, load_hf
 from modelzoo.flops import flop_report, format_flops
 from modelzoo.init_from import with_init_from
@@ -364,8 +367,10 @@ def main(overrides: list[str]) -> None:
     """Run as a Hydra application: the run directory gets `.hydra/` (composed config) and a log file.
 
     Plain overrides are validated (and the run directory checked) once, before Hydra creates anything; with Hydra
-    flags (`--cfg`, `--multirun`, ...) Hydra composes on its own and each job is validated as it starts. Under
-    torchrun only rank 0 writes Hydra's files and log.
+    flags (`--cfg`, `--multirun`, ...) Hydra composes on its own and each job is validated as it starts. A multirun
+    job whose run directory already holds a run is skipped, saying so, and the sweep goes on (with
+    `task.auto_resume=true` the job continues that run instead). Under torchrun only rank 0 writes Hydra's files and
+    log.
     """
     checked = not any(arg.startswith("-") for arg in overrides)
     if checked:
@@ -382,6 +387,10 @@ def main(overrides: list[str]) -> None:
             if not checked:
                 validate(config)
             Pretraining(config).fit()
+        except ckpt.RunExists as e:
+            if HydraConfig.get().mode != RunMode.MULTIRUN:
+                fail(e)
+            log.warning("multirun job %d skipped: %s; task.auto_resume=true continues it", HydraConfig.get().job.num, e)
         except (ModelZooError, OmegaConfBaseException) as e:
             fail(e)
         except Exception as e:
@@ -393,5 +402,10 @@ def main(overrides: list[str]) -> None:
     # Hydra's parser wants its flags (`-m`, `--cfg job`, ...) before one run of overrides.
     plain = [a for a in overrides if "=" in a and not a.startswith("-")]
     flags = [a for a in overrides if a not in plain]
-    sys.argv = ["modelzoo pretrain", *flags, *with_detected_format(with_init_from(["task=pretrain", *plain])), *quiet]
+    sys.argv = [
+        "modelzoo pretrain",
+        *flags,
+        *with_own_files_defaults(with_init_from(["task=pretrain", *plain])),
+        *quiet,
+    ]
     run()

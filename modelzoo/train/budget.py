@@ -22,12 +22,20 @@ from modelzoo.flops import iso_flop_steps
 log = logging.getLogger(__name__)
 
 
+def trained_steps(cfg: Config) -> int:
+    """The optimizer steps pre-training run `cfg` trains: `task.max_steps`, or under `task.budget=dense_flops` the
+    steps that spend the training FLOPs of that many dense steps."""
+    if cfg.task.budget == "dense_flops":
+        return iso_flop_steps(cfg.model, cfg.data.seq_len, cfg.sparsity, cfg.task.max_steps)
+    return cfg.task.max_steps
+
+
 def resolved(cfg: Config, run_dir: str | Path | None = None) -> Config:
     """`cfg` with `task.budget` turned into `task.max_steps`, `task.auto_resume` into `task.resume` and
     `task.precision=auto` into the cluster's precision."""
     task = replace(cfg.task, precision=resolved_precision(cfg.task.precision, cfg.cluster.target))
     if task.budget == "dense_flops":
-        steps = iso_flop_steps(cfg.model, cfg.data.seq_len, cfg.sparsity, task.max_steps)
+        steps = trained_steps(cfg)
         if steps != task.max_steps:
             log.info(f"task.budget=dense_flops: the FLOPs of {task.max_steps:,} dense steps buy {steps:,} steps here")
         task = replace(task, max_steps=steps, budget="steps")

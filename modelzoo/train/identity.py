@@ -68,7 +68,11 @@ def check_identity(checkpoint: Path, saved: dict[str, Any] | None, current: dict
             continue
         if key == "data.documents":
             changed = first_difference("data", saved["data.sources"], current["data.sources"])
-            where = f"{changed[0]}={changed[1]}, but the config reads {changed[2]}" if changed else "the same files"
+            where = (
+                f"{changed[0]}={changed[1]}, but the config reads {changed[2]}"
+                if changed
+                else "the same files, but their content or data.name (the corpus's name) changed"
+            )
             raise CheckpointError(
                 f"{checkpoint} was trained on other documents: {where} (content sha256 {saved[key][:12]}, now "
                 f"{value[:12]}); resume with the original data.train_files / data.validation_files (and their "
