@@ -21,8 +21,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path("runs/distill")
-DENSE_STEPS = 300
-CONTINUED_STEPS = 100
+DENSE_STEPS = 200
+CONTINUED_STEPS = 60
 MODEL = ("model=llama_tiny",)
 
 
