@@ -45,6 +45,8 @@ class Capabilities:
     host_skips_updates: bool = True
     # Honours the `cluster` node (targets other than `auto`, lowering modes).
     clusters: bool = False
+    # Runs a frozen teacher beside the model in the step (`task.distill.teacher`).
+    distillation: bool = True
 
 
 @dataclass(frozen=True)

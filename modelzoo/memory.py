@@ -16,7 +16,11 @@ final norm's bytes belong to the model file (`GPT.block_activation_bytes`, `Llam
 checkpointing a block keeps only its fp32 input (4h per token); the backward pass recomputes one block at a time, so
 one block's full activations are live on top. tests/test_memory.py checks these counts against what autograd saves on
 CPU. Not counted: the CUDA context and cuBLAS workspaces (a few hundred MiB), allocator fragmentation, and the
-transient buffers of the backward pass (the logits' gradient is as large as the logits).
+transient buffers of the backward pass (the logits' gradient is as large as the logits). With distillation
+(`task.distill.teacher`) the teacher adds its fp32 weights (frozen: no gradients, no optimizer state) and per token,
+while the loss waits for the backward pass: its logits (a * V_pad) and fp32 log-probabilities (4 V), the student's
+tempered fp32 log-softmax (4 V) and, for the hidden term, each block's fp32 teacher output and student-minus-teacher
+difference (8h per layer); the teacher's forward keeps nothing else (no_grad).
 """
 
 from __future__ import annotations
@@ -73,9 +77,16 @@ def head_activation_bytes(config: ModelConfig, precision: str) -> int:
 
 
 def memory_plan(
-    config: ModelConfig, sparsity: SparsityConfig | None, precision: str, micro_batch_size: int, seq_len: int
+    config: ModelConfig,
+    sparsity: SparsityConfig | None,
+    precision: str,
+    micro_batch_size: int,
+    seq_len: int,
+    teacher: ModelConfig | None = None,
+    teacher_hidden: bool = False,
 ) -> MemoryPlan:
-    """What one DDP replica holds at the peak of a training step (the start of the backward pass)."""
+    """What one DDP replica holds at the peak of a training step (the start of the backward pass); `teacher`: the
+    config of a distillation teacher, `teacher_hidden`: with the hidden-state term."""
     with torch.device("meta"):
         model = build_model(config)
     params = dict(model.named_parameters())
@@ -93,12 +104,20 @@ def memory_plan(
         items.append(("sparsity masks (bool)", n_sparse))
         if "rigl" in sparsity.algorithms:
             items.append(("RigL dense gradients (mask-update steps)", FP32 * n_sparse))
+    tokens = micro_batch_size * seq_len
+    if teacher is not None:
+        with torch.device("meta"):
+            n_teacher = build_model(teacher).num_params(non_embedding=False)
+        a = 2 if precision == "bf16" else FP32
+        per_token = a * teacher.padded_vocab_size + 2 * FP32 * config.vocab_size
+        per_token += 2 * FP32 * config.n_embd * config.n_layer if teacher_hidden else 0
+        items.append(("distillation teacher weights (fp32, frozen)", FP32 * n_teacher))
+        items.append(("distillation: teacher outputs kept for the loss", per_token * tokens))
     # bf16 autocast: a copy of every weight matrix the forward multiplies by (the block matrices and the LM head),
     # cached until the forward leaves autocast and kept by autograd until the backward has used it. With
     # checkpointing too: the cache holds them all at the end of the forward.
     matrices = sum(p.numel() for p in model.blocks.parameters() if p.ndim == 2)
     copies = 2 * (matrices + config.padded_vocab_size * config.n_embd) if precision == "bf16" else 0
-    tokens = micro_batch_size * seq_len
     block = block_activation_bytes(config, precision) * tokens
     head = head_activation_bytes(config, precision) * tokens
     activations = config.n_layer * block + head + copies

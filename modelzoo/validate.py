@@ -46,6 +46,7 @@ from modelzoo.models.soft_prompt import PROMPT_INITS
 from modelzoo.sparsity.plan import check_run, never_updated, plan_groups
 from modelzoo.train.accel import validate_accel
 from modelzoo.train.budget import trained_steps
+from modelzoo.train.distill import check_teacher
 
 log = logging.getLogger(__name__)
 
@@ -278,6 +279,14 @@ def validate_pretrain(cfg: Config) -> None:
         raise ConfigError("task.on_nonfinite", why, ["stop"])
     validate_accel(t, cfg.optim, device, capabilities.own_compiler)
     validate_cluster(cfg, backend, device)
+    if t.distill.enabled:
+        if not capabilities.distillation:
+            raise ConfigError(
+                "task.distill.teacher",
+                f"{backend} cannot run a teacher beside the model in its step; distil with",
+                [name for name in BACKENDS if backend_class(name).capabilities.distillation],
+            )
+        check_teacher(cfg.model, t.distill)
     backend_class(backend).check_config(cfg, device)  # before check_supports: it names what cstorch lacks too
     for algorithm in cfg.sparsity.algorithms or [None]:
         check_supports(backend, algorithm=algorithm, device=device, dtype=precision)

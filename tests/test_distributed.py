@@ -6,6 +6,7 @@ The torchrun comparison starts three training processes: it is marked `distribut
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 import socket
@@ -80,6 +81,22 @@ def test_two_ranks_train_like_one_process_on_the_same_global_batch(
     for key in one:
         torch.testing.assert_close(one[key], two[key], atol=1e-5, rtol=0)
     assert (tmp_path / "ddp" / "pretrain.log").read_text().count(f"model {name}:") == 1  # rank 0 alone logs
+
+
+@pytest.mark.distributed
+def test_two_ranks_distil_like_one_process(tmp_path: Path, cache_dir: Path) -> None:
+    """Each rank runs its own frozen teacher (not DDP-wrapped) on its own micro-batches: the loss and its terms,
+    averaged over the ranks, equal one process's on the same global batch."""
+    _pretrain(tmp_path / "teacher", cache_dir, ranks=1)
+    teacher = f"task.distill.teacher={tmp_path / 'teacher'}"
+    _pretrain(tmp_path / "single", cache_dir, 1, teacher)
+    _pretrain(tmp_path / "ddp", cache_dir, 2, teacher)
+    columns = ("train_loss", "lm_loss", "kd_loss", "hidden_loss")
+    single, ddp = (list(csv.DictReader((tmp_path / run / "metrics.csv").open())) for run in ("single", "ddp"))
+    assert len(single) == len(ddp) == 6
+    for a, b in zip(single, ddp, strict=True):
+        for column in columns:
+            assert float(a[column]) == pytest.approx(float(b[column]), abs=1e-5), (a["step"], column)
 
 
 @pytest.mark.distributed

@@ -55,6 +55,7 @@ class CerebrasBackend(Backend):
         torchrun=False,  # scales out over cluster.num_csx systems instead
         host_skips_updates=False,  # the update is in the traced program
         clusters=True,
+        distillation=False,  # the traced step holds one model; a teacher would need a program of its own
     )
 
     def __init__(self) -> None:

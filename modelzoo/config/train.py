@@ -51,6 +51,28 @@ class OptimConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation from a frozen teacher during (sparse continued) pre-training (`task.distill`).
+
+    The loss is `lm_weight` x the LM loss + `logit_weight` x the logit term + `hidden_weight` x SquareHead's hidden
+    term (Kurtic et al. 2023, arXiv 2310.06927; `modelzoo.train.distill`). The defaults are SquareHead's as
+    llm-compressor's `OutputDistillationModifier` ran it (before its removal in 2025-11): the task loss at weight 1,
+    the per-layer normalised hidden-state MSE averaged over layers and scaled by the number of layers (the paper's
+    sum over layers), plus the KL of the token distributions at temperature 1, weight 1.
+    """
+
+    teacher: str | None = None  # an HF GPT-2 / Llama directory, or one of our runs or checkpoints; null: off
+    temperature: float = 1.0  # of both softmaxes in the logit term, which is scaled by temperature^2
+    lm_weight: float = 1.0
+    logit_weight: float = 1.0
+    hidden_weight: float | None = None  # null: the student's number of layers (SquareHead's sum over layers)
+
+    @property
+    def enabled(self) -> bool:
+        return self.teacher is not None
+
+
+@dataclass
 class TrainConfig:
     """The pre-training loop. `batch_size` sequences per optimizer step, in micro-batches of `micro_batch_size`."""
 
@@ -75,3 +97,4 @@ class TrainConfig:
     compile: bool | None = None  # torch.compile the model; null: on CUDA, off on CPU (modelzoo.train.accel)
     activation_checkpointing: bool = False  # recompute each block in the backward pass instead of keeping it
     peak_tflops: float | None = None  # the device's dense peak for MFU; null: from the table in train/mfu.py
+    distill: DistillConfig = field(default_factory=DistillConfig)

@@ -91,6 +91,9 @@ class Finetuning:
     def loss(self, forward: Forward, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self.head.loss(forward, inputs, targets)
 
+    def loss_terms(self) -> dict[str, torch.Tensor]:
+        return {}
+
     def evaluate(self, step: int) -> dict[str, float]:
         score, dev = self.head.dev(self.device)
         if score > self.best["score"]:

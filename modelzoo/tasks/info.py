@@ -7,6 +7,7 @@ from modelzoo.flops import flop_report, format_report
 from modelzoo.memory import format_memory_plan, memory_plan
 from modelzoo.report import format_model_info
 from modelzoo.train.budget import resolved
+from modelzoo.train.distill import teacher_config
 from modelzoo.validate import validated_config
 
 
@@ -15,7 +16,11 @@ def info(overrides: list[str]) -> None:
     print(format_model_info(cfg.model, cfg.sparsity))
     t = cfg.task
     precision = resolved_precision(t.precision, cfg.cluster.target)
-    print(format_memory_plan(memory_plan(cfg.model, cfg.sparsity, precision, t.micro_batch_size, cfg.data.seq_len)))
+    teacher = teacher_config(t.distill.teacher) if t.distill.enabled else None
+    plan = memory_plan(
+        cfg.model, cfg.sparsity, precision, t.micro_batch_size, cfg.data.seq_len, teacher, t.distill.hidden_weight != 0
+    )
+    print(format_memory_plan(plan))
 
 
 def flops(overrides: list[str]) -> None:

@@ -46,6 +46,7 @@ from modelzoo.restore import restore_model
 from modelzoo.train.accel import fuses_adamw, prepare_model
 from modelzoo.train.assemble import assemble_loop, open_run
 from modelzoo.train.budget import resolved
+from modelzoo.train.distill import build_distiller
 from modelzoo.train.identity import run_identity
 from modelzoo.train.loop import Forward, LoopSettings
 from modelzoo.train.metrics import perplexity
@@ -87,7 +88,6 @@ class Pretraining:
 
     name = "pretrain"
     unit = "tokens"
-    columns = COLUMNS
 
     def __init__(self, cfg: Config, run_dir: str | Path | None = None) -> None:
         self.cfg = cfg = resolved(cfg, run_dir)  # task.budget and task.auto_resume
@@ -118,6 +118,13 @@ class Pretraining:
         self.sparsifier = self.backend.sparsifier(cfg.sparsity, cfg.seed) if cfg.sparsity.enabled else None
         if self.sparsifier:
             self.sparsifier.apply(self.model)
+        # The teacher's hooks go on before the student is compiled; its terms are columns after train_loss.
+        self.distiller = (
+            build_distiller(self.task.distill, self.model, self.tokenizer, self.device)
+            if self.task.distill.enabled
+            else None
+        )
+        self.columns = COLUMNS[:3] + (self.distiller.terms if self.distiller else ()) + COLUMNS[3:]
         prepare_model(self.model, self.task, self.device.type, own_compiler)  # after the sparsity hooks
         self.loader = BlockLoader(
             [source.train for source in self.corpus.sources],
@@ -169,7 +176,12 @@ class Pretraining:
         return StepBatches(self.loader, self.loop.accumulation)
 
     def loss(self, forward: Forward, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.distiller:
+            return self.distiller.loss(forward, inputs, targets)
         return forward(inputs, targets)[1]
+
+    def loss_terms(self) -> dict[str, torch.Tensor]:
+        return self.distiller.take_terms() if self.distiller else {}
 
     @torch.no_grad()
     def evaluate(self, step: int) -> dict[str, float]:

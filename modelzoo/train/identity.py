@@ -3,7 +3,8 @@
 A checkpoint's `config.yaml` holds the model, sparsity, tokenizer settings, sequence length, global batch and
 seed, which the loop's resume compares key by key (`TrainLoop.resume`). What the config does not show is recorded
 beside it as the run's identity (`identity.json`): the training and validation documents by content, where they
-came from, and the tokenizer by its full definition (a retrained or edited tokenizer under the same settings).
+came from, the tokenizer by its full definition (a retrained or edited tokenizer under the same settings), and a
+distillation teacher (`task.distill.teacher`) by its directory and files, since the teacher is not checkpointed.
 Changing any of them under a checkpoint silently changes what the saved state means (embeddings of remapped token
 ids, data positions in other documents), so a resume that does is refused, naming the key and the saved value.
 
@@ -29,6 +30,7 @@ from modelzoo.data.config import resolve_sources
 from modelzoo.data.documents import SPLITS, split_files, split_key
 from modelzoo.data.prepare import tokenizer_fingerprint
 from modelzoo.errors import CheckpointError
+from modelzoo.train.distill import KEY, teacher_identity
 
 log = logging.getLogger(__name__)
 # Applied to the restored optimizer's parameter groups from a freshly built one (`lr` via the schedule).
@@ -48,6 +50,7 @@ def run_identity(cfg: Config, tokenizer: PreTrainedTokenizerFast) -> dict[str, A
         if cfg.data.sources
         else {split: split_files(cfg.data, split) or cfg.data.hub_name for split in SPLITS},
         "tokenizer.fingerprint": tokenizer_fingerprint(tokenizer),
+        KEY: teacher_identity(cfg.task.distill.teacher) if cfg.task.distill.enabled else None,
     }
 
 

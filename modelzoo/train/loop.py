@@ -101,6 +101,11 @@ class LoopTask(Protocol):
         """The mean loss of one micro-batch, computed through `forward` (the model, its DDP or compiled form)."""
         ...
 
+    def loss_terms(self) -> dict[str, torch.Tensor]:
+        """The parts of the loss (e.g. distillation's `lm_loss`, `kd_loss`), each its mean over this rank's
+        micro-batches since the last call; taken after every step, logged as columns of their own. {}: none."""
+        ...
+
     def evaluate(self, step: int) -> dict[str, float]:
         """Evaluation metrics at `step` (validation loss; dev score), on every rank."""
         ...
@@ -239,7 +244,7 @@ class TrainLoop:
         self.count_step()
         self.observe(loss, grad_norm)
         sparsity = self.sparsifier.stats().global_sparsity if self.sparsifier and self.log_due() else None
-        row = self.train_row(loss, grad_norm, lr, sparsity)
+        row = self.train_row(loss, grad_norm, lr, sparsity, self.task.loss_terms())
         if self.eval_due():
             with self.paused():
                 row.update(self.record_evaluation(self.task.evaluate(self.step)))
@@ -275,16 +280,22 @@ class TrainLoop:
         return self.dist.is_main and (self.step % s.checkpoint_every == 0 or self.step == s.max_steps)
 
     def train_row(
-        self, loss: torch.Tensor, grad_norm: torch.Tensor, lr: torch.Tensor | float, sparsity: float | None
+        self,
+        loss: torch.Tensor,
+        grad_norm: torch.Tensor,
+        lr: torch.Tensor | float,
+        sparsity: float | None,
+        terms: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, float]:
-        """The metrics of this step where logging is due (else none), from the values handed in and the host's
-        clock; it reads nothing of the model."""
+        """The metrics of this step where logging is due (else none), from the values handed in (`terms`: the
+        task's `loss_terms`, averaged over ranks like the loss) and the host's clock; it reads nothing of the model."""
         if not self.log_due():
             return {}
         elapsed = time.perf_counter() - self._window_start
         self.train_seconds += elapsed
         row = dict(
             train_loss=float(self.dist.mean(loss)),
+            **{name: float(self.dist.mean(value)) for name, value in (terms or {}).items()},
             lr=float(lr),
             grad_norm=float(grad_norm),
             **{f"{self.task.unit}_per_s": self._window_steps * self.task.units_per_step / elapsed},
