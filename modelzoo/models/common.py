@@ -90,6 +90,20 @@ def lm_output(
     return logits, F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.view(-1))
 
 
+class DecoderShape:
+    """The sizes both families' configs derive from their fields (`n_embd`, `n_head`, `vocab_size`,
+    `padded_vocab_multiple`): a mixin of `GPTConfig` and `LlamaConfig`."""
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the token embedding and the LM head: `vocab_size` rounded up to `padded_vocab_multiple`."""
+        return -(-self.vocab_size // self.padded_vocab_multiple) * self.padded_vocab_multiple
+
+
 class DecoderLM(nn.Module):
     """What a family's model shares: the cache it decodes with, logits and loss from its `hidden` states and
     `lm_head`, and its parameter count without the `EMBEDDINGS`."""

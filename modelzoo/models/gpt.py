@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelzoo.models.common import DecoderLM, KVCache, causal_attention, check_positions
+from modelzoo.models.common import DecoderLM, DecoderShape, KVCache, causal_attention, check_positions
 
 
 @dataclass
-class GPTConfig:
+class GPTConfig(DecoderShape):
     """Shape of a GPT model. Sizes live in `conf/model/*.yaml`, each citing what it mirrors."""
 
     name: str = "tiny"
@@ -46,15 +46,6 @@ class GPTConfig:
     def n_kv_head(self) -> int:
         """Key/value heads: one per query head (GPT has no grouped-query attention)."""
         return self.n_head
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
-    @property
-    def padded_vocab_size(self) -> int:
-        """Rows of the token embedding and the LM head: `vocab_size` rounded up to `padded_vocab_multiple`."""
-        return -(-self.vocab_size // self.padded_vocab_multiple) * self.padded_vocab_multiple
 
 
 ACTIVATIONS = {

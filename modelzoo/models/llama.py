@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelzoo.models.common import SDPA_HAS_GQA, DecoderLM, KVCache, causal_attention, check_positions
+from modelzoo.models.common import SDPA_HAS_GQA, DecoderLM, DecoderShape, KVCache, causal_attention, check_positions
 
 
 @dataclass
@@ -38,7 +38,7 @@ class RopeScaling:
 
 
 @dataclass
-class LlamaConfig:
+class LlamaConfig(DecoderShape):
     """Shape of a Llama model, in the same field names as `GPTConfig`. Sizes live in `conf/model/llama*.yaml`."""
 
     name: str = "llama_tiny"
@@ -57,15 +57,6 @@ class LlamaConfig:
     init_std: float = 0.02
     # As GPTConfig's: embedding and head rows padded to a multiple of this; the padded rows are never predicted.
     padded_vocab_multiple: int = 1
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
-    @property
-    def padded_vocab_size(self) -> int:
-        """Rows of the token embedding and the LM head: `vocab_size` rounded up to `padded_vocab_multiple`."""
-        return -(-self.vocab_size // self.padded_vocab_multiple) * self.padded_vocab_multiple
 
 
 def rope_frequencies(config: LlamaConfig, device: torch.device | None = None) -> torch.Tensor:
