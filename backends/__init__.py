@@ -43,6 +43,11 @@ def resolve_name(name: str) -> str:
     return name
 
 
+def backends_with(supported: Callable[[Capabilities], bool]) -> list[str]:
+    """The registered training backends whose capabilities satisfy `supported` (what an error offers instead)."""
+    return [name for name in BACKENDS if supported(backend_class(name).capabilities)]
+
+
 def check_supports(name: str, *, algorithm: str | None, device: str, dtype: str) -> None:
     """Fail at config time if training backend `name` lacks a capability, naming the backends that have it."""
     requirements: list[tuple[str, Callable[[Capabilities], bool]]] = [
@@ -52,7 +57,7 @@ def check_supports(name: str, *, algorithm: str | None, device: str, dtype: str)
     ]
     for what, supported in requirements:
         if not supported(backend_class(name).capabilities):
-            able = [n for n in BACKENDS if supported(backend_class(n).capabilities)]
+            able = backends_with(supported)
             raise ConfigError("backend.name", f"backend {name!r} does not support {what}", able or ["no backend"])
     reason = backend_class(name).unavailable_reason()
     if reason:
@@ -70,6 +75,7 @@ __all__ = [
     "Capabilities",
     "Sparsifier",
     "backend_class",
+    "backends_with",
     "check_supports",
     "get_backend",
     "resolve_name",

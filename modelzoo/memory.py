@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from modelzoo.models.common import activation_bytes
 from modelzoo.models.registry import ModelConfig, build_model, model_class
 from modelzoo.sparsity.config import SparsityConfig
 from modelzoo.sparsity.plan import plan_groups
@@ -70,7 +71,7 @@ def block_activation_bytes(config: ModelConfig, precision: str) -> int:
 def head_activation_bytes(config: ModelConfig, precision: str) -> int:
     """Bytes per token kept outside the blocks: ids and targets, final norm and LM-head inputs, logits, fp32
     log-softmax."""
-    a = 2 if precision == "bf16" else FP32
+    a = activation_bytes(precision)
     ids = 2 * 8
     norm = model_class(config).final_norm_bytes(config)
     return ids + norm + a * config.n_embd + a * config.padded_vocab_size + FP32 * config.vocab_size
@@ -108,7 +109,7 @@ def memory_plan(
     if teacher is not None:
         with torch.device("meta"):
             n_teacher = build_model(teacher).num_params(non_embedding=False)
-        a = 2 if precision == "bf16" else FP32
+        a = activation_bytes(precision)
         per_token = a * teacher.padded_vocab_size + 2 * FP32 * config.vocab_size
         per_token += 2 * FP32 * config.n_embd * config.n_layer if teacher_hidden else 0
         items.append(("distillation teacher weights (fp32, frozen)", FP32 * n_teacher))

@@ -14,7 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 from modelzoo import checkpoint as ckpt
-from modelzoo.backends import BACKENDS, backend_class, check_supports, resolve_name
+from modelzoo.backends import backend_class, backends_with, check_supports, resolve_name
 from modelzoo.backends.converters import check_converter
 from modelzoo.config import Config, ExportConfig, GenerateConfig, load_config, to_object
 from modelzoo.config.evaluate import EvaluateConfig
@@ -284,7 +284,7 @@ def validate_pretrain(cfg: Config) -> None:
             raise ConfigError(
                 "task.distill.teacher",
                 f"{backend} cannot run a teacher beside the model in its step; distil with",
-                [name for name in BACKENDS if backend_class(name).capabilities.distillation],
+                backends_with(lambda c: c.distillation),
             )
         check_teacher(cfg.model, t.distill)
     backend_class(backend).check_config(cfg, device)  # before check_supports: it names what cstorch lacks too
@@ -302,7 +302,7 @@ def validate_cluster(cfg: Config, backend: str, device: str) -> None:
             "backend.name",
             f"{backend} scales out on a cluster of its own (cluster.num_csx), not under torchrun: run one process, "
             "or use",
-            [name for name in BACKENDS if backend_class(name).capabilities.torchrun],
+            backends_with(lambda c: c.torchrun),
         )
     if not capabilities.clusters and cfg.cluster.target != "auto":
         raise ConfigError(

@@ -32,7 +32,7 @@ from modelzoo.data.documents import held_out
 from modelzoo.data.loader import BlockLoader
 from modelzoo.data.prepare import prepare_source
 from modelzoo.data.shards import ShardWriter
-from modelzoo.data.tokenizer import build_tokenizer
+from modelzoo.data.tokenizer import TOKENIZER_FILES, build_tokenizer
 from modelzoo.data.workers import Workers, encode_chunk
 from modelzoo.errors import ConfigError, DataError, DiskFullError
 from modelzoo.tasks.pretrain import Pretraining
@@ -245,7 +245,7 @@ def test_prepare_data_command_reports_and_fills_the_cache(tmp_path: Path, capsys
     name = tmp_path.name
     assert f"corpus {name}: " in out and f"cerebras_hdf5 {name} train: " in out and "pubmed_sample" not in out
     written = {p.name for p in (tmp_path / "h5" / name / "train").iterdir()}
-    assert {"data_params.json", "output_chunk_0_00000.h5", *cerebras_hdf5.TOKENIZER_FILES} <= written
+    assert {"data_params.json", "output_chunk_0_00000.h5", *TOKENIZER_FILES} <= written
 
 
 def test_readme_hdf5_command_trains_on_prepare_data_output(

@@ -29,14 +29,6 @@ DATASET = "data"
 PARAMS = "data_params.json"
 READ_ROWS = 1024
 FILE = "output_chunk_0_{:05d}.h5"  # the Model Zoo writer's name for process 0's chunks
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # what `save_pretrained` writes for a fast tokenizer
-
-
-def bundled_tokenizer(path: str) -> Path | None:
-    """The directory of `path` when it also holds a tokenizer in `save_pretrained` form (as `prepare-data
-    --cerebras-hdf5` writes beside its shards), else None."""
-    directory = Path(path).parent
-    return directory if all((directory / name).is_file() for name in TOKENIZER_FILES) else None
 
 
 def declared_tokenizer(path: str) -> str | None:

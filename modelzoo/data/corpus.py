@@ -86,7 +86,7 @@ def load_corpus(cfg: DataConfig, tokenizer: PreTrainedTokenizerFast, progress: b
     sources = []
     for source_cfg, weight in resolved:
         report, _ = prepare_source(source_cfg, tokenizer, progress)
-        splits = {split: open_prepared(Path(report.directory) / split) for split in SPLITS}
+        splits = {split: open_prepared(Path(report.directory) / split, verify=True) for split in SPLITS}
         sources.append(Source(source_cfg.name, weight, splits["train"], splits["validation"], report))
     fingerprint = sources[0].report.fingerprint
     if len(sources) > 1:

@@ -242,13 +242,14 @@ def verify_shards(blocks: ShardedBlocks, records: Sequence[dict[str, Any]]) -> N
             )
 
 
-def open_prepared(split_directory: str | Path) -> ShardedBlocks:
-    """The blocks of one split of a complete prepared corpus (`<corpus>/<split>`, its `meta.json` beside it), each
-    shard verified against its checksum (`verify_shards`).
+def open_prepared(split_directory: str | Path, verify: bool = False) -> ShardedBlocks:
+    """The blocks of one split of a complete prepared corpus (`<corpus>/<split>`, its `meta.json` beside it); with
+    `verify`, each shard checked against its checksum (`verify_shards`: a run does it once, when it loads its corpus;
+    a CS-2's input workers, which open the split again at every executor, do not).
 
     Raises:
         DataError: the corpus is not complete (no `meta.json`: still being prepared, or interrupted), or a shard is
-            truncated, of another dtype or changed.
+            truncated, of another dtype or (`verify`) changed.
     """
     split_directory = Path(split_directory)
     meta_path = split_directory.parent / "meta.json"
@@ -257,5 +258,6 @@ def open_prepared(split_directory: str | Path) -> ShardedBlocks:
     meta = json.loads(meta_path.read_text())
     records = meta["splits"][split_directory.name]["records"]
     blocks = open_split(split_directory, records, meta["seq_len"] + 1)
-    verify_shards(blocks, records)
+    if verify:
+        verify_shards(blocks, records)
     return blocks

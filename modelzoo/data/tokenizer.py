@@ -19,7 +19,6 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from modelzoo.data.cerebras_hdf5 import TOKENIZER_FILES, bundled_tokenizer
 from modelzoo.data.config import DataConfig, TokenizerConfig, resolve_sources
 from modelzoo.data.documents import (
     describe_error,
@@ -33,6 +32,7 @@ from modelzoo.data.documents import (
 from modelzoo.errors import ConfigError
 
 log = logging.getLogger(__name__)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # what `save_pretrained` writes for a fast tokenizer
 
 # Bump when the trained tokenizer's recipe changes, so old caches are not reused.
 FORMAT_VERSION = 1
@@ -86,8 +86,9 @@ def bundled_tokenizer_of(data: DataConfig) -> Path | None:
     """
     for source, _ in resolve_sources(data):
         for path in split_files(source, "train"):
-            if file_format(path, source.format) == "cerebras_hdf5" and bundled_tokenizer(path) is not None:
-                return bundled_tokenizer(path)
+            directory = Path(path).parent
+            if file_format(path, source.format) == "cerebras_hdf5" and holds_tokenizer(directory):
+                return directory
     return None
 
 

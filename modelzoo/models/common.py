@@ -90,6 +90,11 @@ def lm_output(
     return logits, F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.view(-1))
 
 
+def activation_bytes(precision: str) -> int:
+    """Bytes of one activation value a step keeps under `precision`: 2 under bf16 autocast, else 4 (fp32)."""
+    return 2 if precision == "bf16" else 4
+
+
 class DecoderShape:
     """The sizes both families' configs derive from their fields (`n_embd`, `n_head`, `vocab_size`,
     `padded_vocab_multiple`): a mixin of `GPTConfig` and `LlamaConfig`."""

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelzoo.models.common import DecoderLM, DecoderShape, KVCache, causal_attention, check_positions
+from modelzoo.models.common import DecoderLM, DecoderShape, KVCache, activation_bytes, causal_attention, check_positions
 
 
 @dataclass
@@ -151,7 +151,7 @@ class GPT(DecoderLM):
             input: the same storage), log-sum-exp 4*n_head | ln_2 input 4h, mean and rstd 8 | c_fc input a*h |
             GELU input a*f | mlp c_proj input a*f                    = (8 + 6a) h + 2 a f + 16 + 4 n_head
         """
-        a = 2 if precision == "bf16" else 4
+        a = activation_bytes(precision)
         return (8 + 6 * a) * config.n_embd + 2 * a * config.n_inner + 16 + 4 * config.n_head
 
     @staticmethod

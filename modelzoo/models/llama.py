@@ -19,7 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelzoo.models.common import SDPA_HAS_GQA, DecoderLM, DecoderShape, KVCache, causal_attention, check_positions
+from modelzoo.models.common import (
+    SDPA_HAS_GQA,
+    DecoderLM,
+    DecoderShape,
+    KVCache,
+    activation_bytes,
+    causal_attention,
+    check_positions,
+)
 
 
 @dataclass
@@ -210,7 +218,7 @@ class Llama(DecoderLM):
         Where SDPA has no grouped-query mode (torch 2.4), K and V are repeated to n_head heads before it, and it
         keeps those copies too: 2*a*(h - kv) more.
         """
-        a = 2 if precision == "bf16" else 4
+        a = activation_bytes(precision)
         h, kv = config.n_embd, config.n_kv_head * config.head_dim
         inputs = 10 * h if precision == "bf16" else 8 * h
         repeated = 0 if SDPA_HAS_GQA or kv == h else 2 * a * (h - kv)

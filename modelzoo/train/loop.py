@@ -337,8 +337,8 @@ class TrainLoop:
             return
         overall = None
         if per_weight:  # weighted by the sizes counted at construction: a closure reads no weight (on a CS-2)
-            sizes = {n: self.sizes[n] for n in per_weight}
-            overall = sum(v * sizes[n] for n, v in per_weight.items()) / sum(sizes.values())
+            total = sum(self.sizes[n] for n in per_weight)
+            overall = sum(v * self.sizes[n] for n, v in per_weight.items()) / total
         self.log_row(self.train_row(loss, grad_norm, lr, overall))
         self.log_sparsity(per_weight)
         self.restart_window()
