@@ -28,6 +28,7 @@ from modelzoo.config.train import (
     DECAYS,
     DEVICES,
     NONFINITE_POLICIES,
+    PARALLELISMS,
     PRECISIONS,
     OptimConfig,
     TrainConfig,
@@ -265,7 +266,7 @@ def validate_pretrain(cfg: Config) -> None:
     check_batches(t.batch_size, t.micro_batch_size)
     if t.keep_checkpoints < 1:
         raise ConfigError("task.keep_checkpoints", f"must be at least 1, got {t.keep_checkpoints}")
-    check_choices(t, {"budget": BUDGETS, "on_nonfinite": NONFINITE_POLICIES})
+    check_choices(t, {"budget": BUDGETS, "on_nonfinite": NONFINITE_POLICIES, "parallelism": PARALLELISMS})
     if t.max_nonfinite_skips < 0:
         raise ConfigError("task.max_nonfinite_skips", f"must be >= 0, got {t.max_nonfinite_skips}")
     backend = resolve_name(cfg.backend.name)

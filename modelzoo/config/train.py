@@ -16,6 +16,7 @@ NONFINITE_POLICIES = ("stop", "skip")  # see modelzoo.train.guards
 # How long a run trains: `steps`: task.max_steps; `dense_flops`: as many steps as spend the sparse-effective
 # training FLOPs that task.max_steps dense steps would (an iso-FLOP comparison; modelzoo.train.budget).
 BUDGETS = ("steps", "dense_flops")
+PARALLELISMS = ("ddp", "fsdp")  # data parallelism under torchrun: whole replicas, or FSDP2-sharded
 
 
 def resolved_device(requested: str) -> str:
@@ -97,4 +98,5 @@ class TrainConfig:
     compile: bool | None = None  # torch.compile the model; null: on CUDA, off on CPU (modelzoo.train.accel)
     activation_checkpointing: bool = False  # recompute each block in the backward pass instead of keeping it
     peak_tflops: float | None = None  # the device's dense peak for MFU; null: from the table in train/mfu.py
+    parallelism: str = "ddp"  # one of PARALLELISMS; matters under torchrun only
     distill: DistillConfig = field(default_factory=DistillConfig)
