@@ -29,7 +29,9 @@ commands:
   prompt-tune  soft prompting of a frozen pre-trained run (PEFT prompt-tuning adapter)
   prune      one-shot pruning (SparseGPT, Wanda, magnitude) of a run or an HF directory to a sparse HF directory
   evaluate   zero-shot PubMedQA accuracy / macro-F1 of checkpoints and HF directories: table, JSON, plot
-  info       parameter counts of a model size and the memory a DDP replica needs to train it
+  info [--gpus=N]
+             parameter counts of a model size and the memory a GPU needs to train it: a DDP replica, or
+             with task.parallelism=fsdp one of N GPUs sharding it with FSDP2 (default 8)
   flops      dense and sparse-effective training FLOPs of a config
   import-cerebras PARAMS.yaml OUT_DIR [CHECKPOINT]
              a Cerebras Model Zoo GPT params file as our config options (OUT_DIR/conf), and its checkpoint
@@ -53,6 +55,7 @@ examples:
   modelzoo prune task.hf_dir=DIR task.method=wanda task.n_m=[2,4] task.output_dir=pruned/
   modelzoo evaluate task.checkpoints=[runs/tiny-dense,runs/tiny-static_75] task.hf_dirs=[exported/]
   modelzoo info model=xl task.micro_batch_size=8 data.seq_len=2048 task.precision=bf16
+  modelzoo info model=llama2_7b sparsity=static_75 task.parallelism=fsdp task.precision=bf16 --gpus=16
   modelzoo flops model=xl sparsity=static_75
   modelzoo import-cerebras params_gpt3_xl.yaml imported/ model.mdl
   modelzoo export-cerebras run_dir=runs/tiny-static_75 task.output_dir=cerebras/

@@ -27,6 +27,7 @@ from modelzoo.models.common import (
     activation_bytes,
     causal_attention,
     check_positions,
+    residual_bytes,
 )
 
 
@@ -203,31 +204,35 @@ class Llama(DecoderLM):
         return self.model.embed_tokens
 
     @staticmethod
-    def block_activation_bytes(config: LlamaConfig, precision: str) -> int:
+    def block_activation_bytes(config: LlamaConfig, precision: str, bf16_weights: bool = False) -> int:
         """Bytes one block keeps per token for the backward pass (`modelzoo.memory`).
 
-        Activations of a = 2 bytes (bf16) or 4 (fp32), a fused SDPA kernel. RMSNorm keeps its fp32 input,
-        normalised input and rstd; rotary embeddings keep only their cos/sin tables (8 x head_dim bytes per position
-        once per micro-batch, left out); K and V have n_kv_head heads, kv = n_kv_head x head_dim; the SwiGLU keeps
-        gate, SiLU, up and product, a*f each; under bf16 autocast each of the five projections fed by a norm casts
-        its input separately, in fp32 they share the norm's output:
+        Activations of a = 2 bytes (bf16) or 4 (fp32), a fused SDPA kernel, a residual stream of r = 4 bytes (fp32
+        weights) or 2 (`bf16_weights`: FSDP2's bf16 `param_dtype`). RMSNorm keeps its input upcast to fp32 (4h),
+        rstd and the normalised input (r*h); rotary embeddings keep only their cos/sin tables (2 x head_dim values
+        per position once per micro-batch, left out); K and V have n_kv_head heads, kv = n_kv_head x head_dim; the
+        SwiGLU keeps gate, SiLU, up and product, a*f each; under bf16 autocast with fp32 weights each of the five
+        projections fed by a norm casts its input separately (10h), otherwise the q/k/v and the gate/up
+        projections share the norm's output (2*a*h):
 
-            2 norms (8h + 4) | q/k/v and gate/up inputs 8h (fp32) or 10h (bf16) | rotated q a*h, k and v 2*a*kv,
+            2 norms ((4 + r)h + 4) | q/k/v and gate/up inputs 10h or 2*a*h | rotated q a*h, k and v 2*a*kv,
             SDPA output a*h, log-sum-exp 4*n_head | SwiGLU 4*a*f
 
         Where SDPA has no grouped-query mode (torch 2.4), K and V are repeated to n_head heads before it, and it
         keeps those copies too: 2*a*(h - kv) more.
         """
-        a = activation_bytes(precision)
+        a, r = activation_bytes(precision), residual_bytes(bf16_weights)
         h, kv = config.n_embd, config.n_kv_head * config.head_dim
-        inputs = 10 * h if precision == "bf16" else 8 * h
+        inputs = 10 * h if precision == "bf16" and not bf16_weights else 2 * a * h
         repeated = 0 if SDPA_HAS_GQA or kv == h else 2 * a * (h - kv)
-        return 2 * (8 * h + 4) + inputs + 2 * a * h + 2 * a * kv + repeated + 4 * config.n_head + 4 * a * config.n_inner
+        norms = 2 * ((4 + r) * h + 4)
+        return norms + inputs + 2 * a * h + 2 * a * kv + repeated + 4 * config.n_head + 4 * a * config.n_inner
 
     @staticmethod
-    def final_norm_bytes(config: LlamaConfig) -> int:
-        """Bytes per token the final RMSNorm keeps: its fp32 input, normalised input and rstd."""
-        return 8 * config.n_embd + 4
+    def final_norm_bytes(config: LlamaConfig, bf16_weights: bool = False) -> int:
+        """Bytes per token the final RMSNorm keeps: its input upcast to fp32, rstd and the normalised input (fp32,
+        or bf16 under `bf16_weights`)."""
+        return (4 + residual_bytes(bf16_weights)) * config.n_embd + 4
 
     def reset_parameters(self) -> None:
         """Truncated normal std `init_std`; residual output projections (o, down) scaled by 1/sqrt(2 n_layer)."""
