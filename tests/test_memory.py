@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from modelzoo.cli import main
 from modelzoo.config import load_config, to_object
-from modelzoo.memory import GIB, block_activation_bytes, format_memory_plan, memory_plan
+from modelzoo.memory import FSDP_MASKS, GIB, block_activation_bytes, format_memory_plan, memory_plan
 from modelzoo.models.gpt import GPT, GPTConfig
 from modelzoo.models.llama import Llama, LlamaConfig
 from modelzoo.models.registry import CausalLM, ModelConfig, build_model
@@ -96,7 +97,9 @@ def world_of_one() -> Iterator[None]:
 
 
 @pytest.mark.skipif(fully_shard is None, reason="torch.distributed.fsdp.fully_shard is public from torch 2.6")
-@pytest.mark.filterwarnings("ignore:FSDP2-wrapped module")  # the root returns the logits' unpadded view: no in-place use
+@pytest.mark.filterwarnings(
+    "ignore:FSDP2-wrapped module"
+)  # the root returns the logits' unpadded view: no in-place use
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize(
     ("config", "checkpointing"), [(CONFIG, False), (CONFIG, True), (LLAMA, False)], ids=["gpt", "gpt-ckpt", "llama"]
@@ -146,3 +149,37 @@ def test_xl_plan_itemises_state_and_checkpointing_saves_activations() -> None:
     assert plan.activations_checkpointed < plan.activations / 2
     text = format_memory_plan(plan)
     assert "activation_checkpointing" in text and f"{plan.total / GIB:.2f} GiB" in text
+
+
+def test_fsdp_plan_shards_the_state_but_not_the_masks() -> None:
+    """LLaMA-2 7B, 75% static, bf16, on 8 GPUs: every fp32 state item is 1/8 of the replica's, the bool masks are
+    whole (buffers), and what is gathered is the root (embeddings, head, final norm) and whole blocks in bf16."""
+    cfg = to_object(load_config(["model=llama2_7b", "sparsity=static_75", "task.parallelism=fsdp"]))
+    ddp = dict(memory_plan(cfg.model, cfg.sparsity, "bf16", 1, 4096).items)
+    fsdp = memory_plan(cfg.model, cfg.sparsity, "bf16", 1, 4096, fsdp_gpus=8)
+    items = dict(fsdp.items)
+    n, root, block = 6_738_415_616, 2 * 32000 * 4096 + 4096, 4 * 4096**2 + 3 * 4096 * 11008 + 2 * 4096  # HF's counts
+    assert items["weights (fp32, 1/8)"] == ddp["weights (fp32)"] // 8 == 4 * n // 8
+    assert items["AdamW moments (2 x fp32, 1/8)"] == ddp["AdamW moments (2 x fp32)"] // 8
+    assert items[FSDP_MASKS] == ddp["sparsity masks (bool)"]
+    assert items["root params, gathered all step (bf16)"] == items["root gradients until the backward ends (bf16)"]
+    assert items["root params, gathered all step (bf16)"] == 2 * root
+    assert items["2 blocks' params all-gathered (bf16)"] == 2 * 2 * block
+    assert items["1 block's reduce-scatter input (fp32)"] == 4 * block
+    assert not any("DDP" in name for name in items)
+    assert fsdp.total < memory_plan(cfg.model, cfg.sparsity, "bf16", 1, 4096, fsdp_gpus=4).total
+
+
+def test_info_takes_the_fsdp_gpu_count_as_a_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    main(["info", "model=tiny", "task.parallelism=fsdp", "--gpus=4"])
+    assert "training memory of one GPU of 4 under FSDP2" in capsys.readouterr().out
+    main(["info", "model=tiny", "task.parallelism=fsdp"])
+    assert "one GPU of 8 under FSDP2" in capsys.readouterr().out
+    for args, says in (
+        (["--gpus=4"], "add task.parallelism=fsdp"),
+        (["task.parallelism=fsdp", "--gpus=0"], "--gpus=0: give the number of GPUs"),
+        (["--gpu=4"], "unknown flag --gpu=4"),
+    ):
+        with pytest.raises(SystemExit) as exited:
+            main(["info", "model=tiny", *args])
+        assert exited.value.code == 2 and says in capsys.readouterr().err
