@@ -12,7 +12,14 @@ import torch.distributed as dist
 
 from modelzoo.cli import main
 from modelzoo.config import load_config, to_object
-from modelzoo.memory import FSDP_MASKS, GIB, block_activation_bytes, format_memory_plan, memory_plan
+from modelzoo.memory import (
+    FSDP_MASKS,
+    FSDP_UNSYNCED_GRADIENTS,
+    GIB,
+    block_activation_bytes,
+    format_memory_plan,
+    memory_plan,
+)
 from modelzoo.models.gpt import GPT, GPTConfig
 from modelzoo.models.llama import Llama, LlamaConfig
 from modelzoo.models.registry import CausalLM, ModelConfig, build_model
@@ -166,7 +173,10 @@ def test_fsdp_plan_shards_the_state_but_not_the_masks() -> None:
     assert items["root params, gathered all step (bf16)"] == 2 * root
     assert items["2 blocks' params all-gathered (bf16)"] == 2 * 2 * block
     assert items["1 block's reduce-scatter input (fp32)"] == 4 * block
-    assert not any("DDP" in name for name in items)
+    assert not any("DDP" in name for name in items) and FSDP_UNSYNCED_GRADIENTS not in items
+    # Accumulating micro-batches without a sync keeps every parameter's unsharded fp32 gradient on every GPU.
+    accumulating = memory_plan(cfg.model, cfg.sparsity, "bf16", 1, 4096, fsdp_gpus=8, accumulation=4)
+    assert accumulating.state - fsdp.state == dict(accumulating.items)[FSDP_UNSYNCED_GRADIENTS] == 4 * n
     assert fsdp.total < memory_plan(cfg.model, cfg.sparsity, "bf16", 1, 4096, fsdp_gpus=4).total
 
 
