@@ -3,8 +3,10 @@ replica and under FSDP2 (`fully_shard` in a gloo group of one rank: the same hoo
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterator
 from contextlib import nullcontext
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,6 +32,7 @@ try:
 except ImportError:  # torch < 2.6 (the Cerebras venv's 2.4) has FSDP2 only under a private name
     fully_shard = None
 
+REPO = Path(__file__).resolve().parent.parent
 CONFIG = GPTConfig(
     name="t", n_layer=3, n_embd=128, n_head=4, n_inner=512, n_positions=128, vocab_size=1000, padded_vocab_multiple=64
 )
@@ -193,3 +196,11 @@ def test_info_takes_the_fsdp_gpu_count_as_a_flag(capsys: pytest.CaptureFixture[s
         with pytest.raises(SystemExit) as exited:
             main(["info", "model=tiny", *args])
         assert exited.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_docs_hold_the_fsdp_table_the_plan_gives(monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/gpu.md's what-fits table is `scripts/fsdp_memory_table.py`'s output for the code as it is now."""
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    script = importlib.import_module("fsdp_memory_table")
+    assert script.main(["--check"]) == 0
+    assert "| llama2_7b | static_75 | 1 x 4096 |" in script.table()
