@@ -1,14 +1,17 @@
 """The GPU check in one command: the `cuda` tests, then training steps and 2:4 inference timed, into docs/benchmarks.md.
 
-On a GPU (under 8 minutes for `med` on an H100 / H200; the run prints its own estimate before it starts):
+On a GPU (`med`, then `llama3_1b`: about 9 minutes on an H100 / H200, each model's section written as soon as it is
+done; `--model med` alone under 7; the run prints its own estimate before it starts):
     python bench/gpu.py --write
+On 2 or more GPUs, FSDP2 training runs under torchrun (bench/fsdp.py; on one GPU it writes why nothing ran):
+    python bench/gpu.py --fsdp --write
 On CPU (CI, or a developer without a GPU: checks that the script works; compiled vs eager on CPU):
     python bench/gpu.py --device cpu --model tiny,med2 --write
 On a GPU machine without access to a package registry (it has torch, transformers, ... but not hydra-core,
 omegaconf, antlr4-python3-runtime, datasets, dill, multiprocess): here, `bash scripts/gpu_wheels.sh download`
 (writes .wheels/, git-ignored), carry .wheels/ to the machine, and there run
     bash scripts/gpu_wheels.sh install && python bench/gpu.py --write
-What is measured is in `METHOD`, which also heads the section this writes.
+What is measured is in `METHOD` (and `fsdp.METHOD`), which also heads the sections this writes.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import fsdp
 import torch
 import torch._dynamo
 from common import (
@@ -36,14 +40,15 @@ from common import (
     split_choices,
     time_interleaved,
 )
-from transformers import GPT2LMHeadModel
 
 from modelzoo.backends.masked_dense import MaskedDenseBackend
 from modelzoo.backends.torch_sparse import TorchSparseConverter, kernel_summary
 from modelzoo.config.train import OptimConfig, TrainConfig
-from modelzoo.export.hf import to_hf_config
+from modelzoo.export.hf import TABLES, to_hf_config
 from modelzoo.flops import flop_report
+from modelzoo.memory import DDP_BUCKETS, GIB, memory_plan
 from modelzoo.models.gpt import GPT
+from modelzoo.models.registry import build_model
 from modelzoo.optim import build_optimizer
 from modelzoo.sparsity.config import NMPattern, SparsityConfig
 from modelzoo.sparsity.plugin import MaskedSparsity
@@ -56,21 +61,23 @@ at 1.0 and an AdamW step, as the trainer runs it: the trainer's `build_optimizer
 `modelzoo.train.accel.setup_device`, the masked_dense backend's autocast, and for `compiled` the trainer's
 `prepare_model` (in-place `nn.Module.compile` after the sparsity hooks). Variants, from the same seed, on one
 random batch:
-- HF: `transformers.GPT2LMHeadModel` of the same shape (`to_hf_config`, SDPA attention, its unpadded 50257-row
-  vocabulary), loss as HF computes it (`labels=x`);
-- ours, dense; ours, masked-dense static 75%; ours, RigL 75% on a step without mask update (Cerebras' default
-  parameter selection: the four block matrices). A RigL mask-update step (dense-gradient capture, regrowth) is timed
-  eagerly, and the RigL row also gives the step time amortised at update.freq 100.
+- HF: `transformers.GPT2LMHeadModel` (GPT shapes) or `LlamaForCausalLM` (Llama shapes) of the same shape
+  (`to_hf_config`, SDPA attention, its unpadded vocabulary), loss as HF computes it (`labels=x`);
+- ours, dense; ours, masked-dense static 75% (Cerebras' default parameter selection: GPT's four block matrices,
+  Llama's seven); GPT shapes also: ours, RigL 75% on a step without mask update, a RigL mask-update step
+  (dense-gradient capture, regrowth) timed eagerly, and the RigL step time amortised at update.freq 100. Llama shapes
+  leave RigL and compiled HF out to keep the GPU check short (ours vs HF is then eager only).
 On a GPU each variant is built, warmed up (compiling, for `compiled`) and timed alone, then freed, so that the GPU
 holds one model at a time; on CPU all variants are built first and timed in interleaved rounds (A B C A B C ...).
 Either way: `repeats` rounds of `steps` steps, the device synchronised at the end of each; the sample is the round's
 mean step and tokens/s comes from the median sample. MFU is the model's dense training FLOPs per token
 (`modelzoo.flops`, our padded vocabulary for ours, HF's for HF) times tokens/s over the device's dense peak
-(`modelzoo.train.mfu`); peak memory is `torch.cuda.max_memory_allocated` of the variant. The 2:4 row times a
+(`modelzoo.train.mfu`); peak memory is `torch.cuda.max_memory_allocated` of the variant, beside what
+`modelzoo.memory` plans for ours eager in one process (the DDP plan without its gradient buckets). The 2:4 row times a
 no-grad forward of the same model with 2:4 masks on every block matrix, masked-dense vs the torch_sparse converter's
 `semi_structured` kernels (CUDA only), interleaved.
 """
-SECTION_GPU = "GPU {device}: training step, masked-dense, compile, 2:4 inference (bench/gpu.py)"
+SECTION_GPU = "GPU {device}, {model}: training step, masked-dense, compile, 2:4 inference (bench/gpu.py)"
 SECTION_CPU = "torch.compile on CPU: compiled vs eager training step (bench/gpu.py --device cpu)"
 OPTIM = OptimConfig()
 UPDATE_FREQ = 100
@@ -81,7 +88,7 @@ SPARSITY = {
     "rigl75_update": SparsityConfig(sparsity=0.75, algorithm="rigl", update={"freq": 1}),  # every step updates
 }
 LABELS = {
-    "hf": "HF GPT2LMHeadModel (sdpa), dense",
+    "hf": "HF {hf} (sdpa), dense",
     "dense": "ours, dense",
     "static75": "ours, masked-dense static 75%",
     "rigl75": "ours, RigL 75%, step without mask update",
@@ -93,7 +100,11 @@ SHAPES = {
     "med": Shape(model_size("med"), batch=8, seq=2048, steps=10),
     "med2": Shape(model_size("med", name="med2", n_layer=2), batch=4, seq=256, steps=2),
     "tiny": Shape(model_size("tiny"), batch=8, seq=128, steps=5),
+    "llama3_1b": Shape(model_size("llama3_1b"), batch=4, seq=2048, steps=5),
+    "llama_tiny": Shape(model_size("llama_tiny"), batch=8, seq=128, steps=5),
 }
+GPU_MODELS = "med,llama3_1b"  # --model on CUDA when not given
+CPU_MODELS = "tiny"
 # Rough rates for the estimate printed before a run: achieved fraction of a known GPU peak, CPU FLOP/s, and
 # seconds of compiling one variant (the first; the others hit inductor's graph cache for the most part).
 GPU_ACHIEVED = 0.35
@@ -107,6 +118,7 @@ class Result:
     timing: Timing
     flops_per_token: float
     peak_memory_gib: float | None
+    planned_gib: float | None = None  # modelzoo.memory's plan for ours eager in one process
 
 
 def batch(shape: Shape, device: torch.device, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,7 +136,8 @@ def build_step(
     autocast = MaskedDenseBackend().autocast(device, precision)
     torch.manual_seed(seed)
     if variant == "hf":
-        model = GPT2LMHeadModel(to_hf_config(shape.model)).to(device).train()
+        with device:
+            model = TABLES[shape.model.family].HF_MODEL(to_hf_config(shape.model)).train()
         model.set_attn_implementation("sdpa")
         if compiled:
             model.compile()
@@ -135,7 +148,8 @@ def build_step(
 
         flops = flop_report(dataclasses.replace(shape.model, padded_vocab_multiple=1), shape.seq).dense_per_token
     else:
-        model = GPT(shape.model).to(device).train()
+        with device:
+            model = build_model(shape.model).train()
         sparsity = SPARSITY[variant]
         plugin = MaskedSparsity(sparsity, seed) if sparsity else None
         if plugin:
@@ -188,14 +202,21 @@ def measure_variant(
     memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     if compiled:
         torch._dynamo.reset()  # drop the compiled code that holds this variant's model
-    return Result(timing, flops, memory)
+    planned = None if variant == "hf" or compiled or memory is None else planned_gib(variant, shape, precision)
+    return Result(timing, flops, memory, planned)
+
+
+def planned_gib(variant: str, shape: Shape, precision: str) -> float:
+    """GiB `modelzoo.memory` plans for one process training `variant` of ours eagerly (no DDP buckets: no torchrun)."""
+    plan = memory_plan(shape.model, SPARSITY[variant], precision, shape.batch, shape.seq)
+    return (plan.total - dict(plan.items)[DDP_BUCKETS]) / GIB
 
 
 def measure_interleaved(shape: Shape, device: torch.device, precision: str, args: argparse.Namespace) -> dict:
     """Every variant built at once and timed in interleaved rounds (CPU: memory is no concern, and a shared machine's
     drift then hits every variant alike). Compiled variants compile during their warm-up steps."""
     steps = args.steps or shape.steps
-    built = {(v, c): build_step(v, shape, device, precision, c, args.seed) for v, c in variants()}
+    built = {(v, c): build_step(v, shape, device, precision, c, args.seed) for v, c in variants(shape.model.family)}
     fns = {key: synchronized(step, device, steps) for key, (step, _) in built.items()}
     timings = time_interleaved(fns, warmup=args.warmup, repeats=args.repeats, number=1)
     return {key: Result(Timing(tuple(s / steps for s in timings[key].samples)), built[key][1], None) for key in built}
@@ -206,9 +227,10 @@ def time_2_4_inference(shape: Shape, device: torch.device, args: argparse.Namesp
     if device.type != "cuda":
         return "- 2:4 semi-structured inference: n/a on CPU (torch's semi-structured kernels are CUDA-only)"
     torch.manual_seed(args.seed)
-    model = GPT(shape.model)
+    with device:
+        model = build_model(shape.model)
     MaskedSparsity(SparsityConfig(pattern=NMPattern(2, 4)), args.seed).apply(model)
-    dense = model.to(device, torch.bfloat16).eval()
+    dense = model.to(torch.bfloat16).eval()
     converter = TorchSparseConverter(("semi_structured",))
     sparse = converter.convert(copy.deepcopy(dense), tokens=shape.tokens)
     x, _ = batch(shape, device, args.seed)
@@ -244,10 +266,18 @@ def run_cuda_tests() -> tuple[bool, str]:
     return done.returncode == 0, lines[-1] if lines else f"pytest exited {done.returncode}"
 
 
-def variants() -> list[tuple[str, bool]]:
-    """(variant, compiled) in the order they run; the mask-update step only eagerly."""
+def variants(family: str) -> list[tuple[str, bool]]:
+    """(variant, compiled) in the order they run; the mask-update step only eagerly; RigL and HF compiled on GPT
+    shapes only."""
+    if family != "gpt":  # HF compiled left out too: one compile less
+        return [(v, False) for v in ("hf", "dense", "static75")] + [(v, True) for v in ("dense", "static75")]
     names = ("hf", "dense", "static75", "rigl75")
     return [(v, False) for v in (*names, "rigl75_update")] + [(v, True) for v in names]
+
+
+def label(variant: str, shape: Shape) -> str:
+    """A variant's row label; HF's names the transformers class of the shape's family."""
+    return LABELS[variant].format(hf=TABLES[shape.model.family].HF_MODEL.__name__)
 
 
 def estimate_seconds(shapes: list[Shape], device: torch.device, precision: str, args: argparse.Namespace) -> float:
@@ -258,7 +288,7 @@ def estimate_seconds(shapes: list[Shape], device: torch.device, precision: str, 
     for shape in shapes:
         step_s = flop_report(shape.model, shape.seq).dense_per_token * shape.tokens / rate
         steps = args.warmup + args.repeats * (args.steps or shape.steps)
-        for _, compiled in variants():
+        for _, compiled in variants(shape.model.family):
             total += steps * step_s + (COMPILE_S[device.type] if compiled else 0.0)
         total += 2 * steps * step_s / 3 if device.type == "cuda" else 0.0  # the 2:4 forwards
     return total
@@ -273,19 +303,18 @@ def report(name: str, shape: Shape, results: dict[tuple[str, bool], Result], pea
         dense = tps.get(("dense", compiled))
         rows.append(
             [
-                LABELS[variant],
+                label(variant, shape),
                 "compiled" if compiled else "eager",
                 f"{r.timing.median * 1e3:.1f}",
                 f"{tps[variant, compiled]:,.0f}",
                 format_fraction(mfus[variant, compiled]),
                 "n/a" if r.peak_memory_gib is None else f"{r.peak_memory_gib:.1f}",
+                "" if r.planned_gib is None else f"{r.planned_gib:.1f}",
                 f"{tps[variant, compiled] / dense:.3f}" if dense else "",
             ]
         )
-    table = markdown_table(
-        ["variant", "mode", "ms/step (median)", "tokens/s", "MFU", "peak memory GiB", "tokens/s vs ours dense"],
-        rows,
-    )
+    header = ["variant", "mode", "ms/step (median)", "tokens/s", "MFU", "peak memory GiB", "plan GiB"]
+    table = markdown_table([*header, "tokens/s vs ours dense"], rows)
     lines = [
         f"### {name}: n_layer {m.n_layer}, n_embd {m.n_embd}, n_head {m.n_head}, vocab {m.vocab_size} (ours padded to "
         f"{m.padded_vocab_size}); micro-batch {shape.batch} x seq {shape.seq} = {shape.tokens} tokens/step",
@@ -300,13 +329,20 @@ def report(name: str, shape: Shape, results: dict[tuple[str, bool], Result], pea
             continue
         dense = results["dense", compiled].timing.median
         static = results["static75", compiled].timing.median / dense - 1
-        update = results["rigl75_update", False].timing.median - results["rigl75", False].timing.median
-        rigl = (results["rigl75", compiled].timing.median + update / UPDATE_FREQ) / dense - 1
-        lines += [
-            f"- {mode}: masked-dense static 75% step time vs dense **{static:+.1%}** (target within 3%); RigL 75% at "
-            f"update.freq {UPDATE_FREQ} (the eager mask-update step's extra time amortised) **{rigl:+.1%}**; ours "
-            f"dense / HF tokens/s **{tps['dense', compiled] / tps['hf', compiled]:.2f}x** (target >= 1.2x)",
-        ]
+        rigl = ""
+        if ("rigl75", compiled) in results:
+            update = results["rigl75_update", False].timing.median - results["rigl75", False].timing.median
+            amortised = (results["rigl75", compiled].timing.median + update / UPDATE_FREQ) / dense - 1
+            rigl = (
+                f"; RigL 75% at update.freq {UPDATE_FREQ} (the eager mask-update step's extra time amortised) "
+                f"**{amortised:+.1%}**"
+            )
+        hf = ""
+        if ("hf", compiled) in results:
+            hf = f"; ours dense / HF tokens/s **{tps['dense', compiled] / tps['hf', compiled]:.2f}x** (target >= 1.2x)"
+        lines.append(
+            f"- {mode}: masked-dense static 75% step time vs dense **{static:+.1%}** (target within 3%){rigl}{hf}"
+        )
     if ("dense", True) in results:
         lines.append(
             f"- compiled / eager tokens/s, ours dense: **{tps['dense', True] / tps['dense', False]:.2f}x** (target "
@@ -320,15 +356,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="default: cuda")
     parser.add_argument(
-        "--model", default=None, help=f"comma-separated, out of {sorted(SHAPES)} (cuda: med, cpu: tiny)"
+        "--model",
+        default=None,
+        help=f"comma-separated, out of {sorted(SHAPES)} (cuda: {GPU_MODELS}, cpu: {CPU_MODELS}); with --fsdp: one",
     )
     parser.add_argument("--precision", default=None, choices=("bf16", "fp32"), help="default: bf16 (cuda), fp32 (cpu)")
     parser.add_argument("--steps", type=int, help="timed steps per round (default: per model, 10 for med)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first (default: 2)")
     parser.add_argument("--skip-tests", action="store_true", help="do not run the cuda-marked tests first")
+    parser.add_argument(
+        "--fsdp",
+        action="store_true",
+        help=f"instead: `modelzoo pretrain task.parallelism=fsdp` under torchrun on every GPU (2 gloo ranks on CPU), "
+        f"dense and static 75% (default model: {fsdp.GPU_MODEL} on cuda, {fsdp.CPU_MODEL} on cpu); see bench/fsdp.py",
+    )
     add_common_arguments(parser, repeats=3, seeded="weights, masks and the batch")
     args = parser.parse_args(argv)
-    args.model = split_choices(parser, "--model", args.model or ("med" if args.device == "cuda" else "tiny"), SHAPES)
+    default = (fsdp.GPU_MODEL if args.device == "cuda" else fsdp.CPU_MODEL) if args.fsdp else None
+    default = default or (GPU_MODELS if args.device == "cuda" else CPU_MODELS)
+    args.model = split_choices(parser, "--model", args.model or default, SHAPES)
+    if args.fsdp and len(args.model) != 1:
+        parser.error(f"--fsdp times one model; got --model {','.join(args.model)}")
     args.precision = args.precision or ("bf16" if args.device == "cuda" else "fp32")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible; use --device cpu --model tiny")
@@ -343,32 +391,43 @@ def main(argv: list[str] | None = None) -> int:
         env.update(device=torch.cuda.get_device_name(device), cuda=str(torch.version.cuda))
     env["precision"] = args.precision
     shapes = [SHAPES[name] for name in args.model]
+    if args.fsdp:
+        return fsdp.main(args, shapes[0], env)
     print(
         f"this run should take about {estimate_seconds(shapes, device, args.precision, args) / 60:.1f} min", flush=True
     )
     start = time.perf_counter()
-    parts, passed = [METHOD.strip()], True
+    head, passed = [METHOD.strip()], True
     if device.type == "cuda" and not args.skip_tests:
         passed, summary = run_cuda_tests()
-        parts.append(f"`pytest -m cuda`: {summary}")
+        head.append(f"`pytest -m cuda`: {summary}")
     peak = peak_flops(device, args.precision)
+    parts = []
     for name, shape in zip(args.model, shapes, strict=True):
         if device.type == "cpu":
             results = measure_interleaved(shape, device, args.precision, args)
         else:  # one model at a time on the GPU
             results = {
                 (variant, compiled): measure_variant(variant, shape, device, args.precision, compiled, args)
-                for variant, compiled in variants()
+                for variant, compiled in variants(shape.model.family)
             }
         for (variant, compiled), result in results.items():
             mode = "compiled" if compiled else "eager"
-            print(f"{name} {LABELS[variant]}, {mode}: {result.timing.median * 1e3:.1f} ms/step", flush=True)
-        parts.append(report(name, shape, results, peak, args.steps or shape.steps))
-        parts.append(time_2_4_inference(shape, device, args))
-        print(parts[-2], "\n", parts[-1], "\n", flush=True)
-    env["wall time"] = f"{time.perf_counter() - start:.0f} s"
-    section = SECTION_GPU.format(device=env["device"]) if device.type == "cuda" else SECTION_CPU
-    publish(section, "\n\n".join(parts), env, args.write)
+            print(f"{name} {label(variant, shape)}, {mode}: {result.timing.median * 1e3:.1f} ms/step", flush=True)
+        model_parts = [
+            report(name, shape, results, peak, args.steps or shape.steps),
+            time_2_4_inference(shape, device, args),
+        ]
+        print(*model_parts, "", sep="\n", flush=True)
+        if device.type == "cuda":  # each model's section as soon as it is measured: a run cut short keeps those done
+            done = {**env, "wall time": f"{time.perf_counter() - start:.0f} s"}
+            publish(
+                SECTION_GPU.format(device=env["device"], model=name), "\n\n".join(head + model_parts), done, args.write
+            )
+        parts += model_parts
+    if device.type == "cpu":
+        env["wall time"] = f"{time.perf_counter() - start:.0f} s"
+        publish(SECTION_CPU, "\n\n".join(head + parts), env, args.write)
     return 0 if passed else 1
 
 

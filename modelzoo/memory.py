@@ -53,6 +53,7 @@ from modelzoo.sparsity.plan import plan_groups
 
 GIB = 2**30
 FP32 = 4
+DDP_BUCKETS = "DDP gradient buckets (fp32, torchrun only)"
 # Under FSDP2 the masks are buffers, which `fully_shard` does not shard: every GPU holds all of them.
 FSDP_MASKS = "sparsity masks (bool, whole on every GPU: buffers)"
 FSDP_UNSYNCED_GRADIENTS = "gradients between syncs (fp32, unsharded, all)"
@@ -105,7 +106,7 @@ def ddp_state(n: int) -> list[tuple[str, int]]:
     return [
         ("weights (fp32)", FP32 * n),
         ("gradients (fp32)", FP32 * n),
-        ("DDP gradient buckets (fp32, torchrun only)", FP32 * n),
+        (DDP_BUCKETS, FP32 * n),
         ("AdamW moments (2 x fp32)", 2 * FP32 * n),
     ]
 

@@ -15,7 +15,11 @@ from types import ModuleType
 import pytest
 import torch
 
+from modelzoo.config import load_config, to_object
+from modelzoo.memory import GIB, memory_plan
 from modelzoo.models.gpt import GPTConfig
+from modelzoo.train.loop import SPEED_COLUMNS
+from modelzoo.train.metrics import COLUMNS, MetricsLogger
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
@@ -127,7 +131,7 @@ def test_gpu_bench_runs_every_eager_variant_and_reports(gpu: ModuleType, tiny_co
     shape = gpu.Shape(tiny_config, batch=2, seq=8, steps=1)
     args = gpu.parse_args(["--device", "cpu", "--steps", "1", "--repeats", "2", "--warmup", "0"])
     cpu = torch.device("cpu")
-    results = {(v, c): gpu.measure_variant(v, shape, cpu, "fp32", c, args) for v, c in gpu.variants() if not c}
+    results = {(v, c): gpu.measure_variant(v, shape, cpu, "fp32", c, args) for v, c in gpu.variants("gpt") if not c}
     assert all(len(r.timing.samples) == 2 and r.timing.median > 0 for r in results.values())
     assert results.keys() == {
         ("hf", False),
@@ -140,6 +144,59 @@ def test_gpu_bench_runs_every_eager_variant_and_reports(gpu: ModuleType, tiny_co
     text = gpu.report("test", shape, results, None, 1)
     assert "ours, masked-dense static 75%" in text and "| n/a |" in text and "compiled / eager" not in text
     assert gpu.estimate_seconds([shape], cpu, "fp32", args) > 0
+
+
+def test_gpu_bench_times_llama_against_hf_llama(gpu: ModuleType) -> None:
+    """The Llama rows: ours dense and masked-dense static 75% against HF `LlamaForCausalLM` of the same shape."""
+    shape = gpu.Shape(gpu.SHAPES["llama_tiny"].model, batch=2, seq=8, steps=1)
+    args = gpu.parse_args(
+        ["--device", "cpu", "--model", "llama_tiny", "--steps", "1", "--repeats", "1", "--warmup", "0"]
+    )
+    cpu = torch.device("cpu")
+    eager = [(v, c) for v, c in gpu.variants("llama") if not c]
+    assert eager == [("hf", False), ("dense", False), ("static75", False)]
+    results = {(v, c): gpu.measure_variant(v, shape, cpu, "fp32", c, args) for v, c in eager}
+    assert results["hf", False].flops_per_token == results["dense", False].flops_per_token  # vocab 4096: unpadded
+    text = gpu.report("llama_tiny", shape, results, None, 1)
+    assert "HF LlamaForCausalLM (sdpa), dense" in text and "ours dense / HF tokens/s" in text and "RigL" not in text
+    assert "GPT2" not in text and gpu.estimate_seconds([shape], cpu, "fp32", args) > 0
+
+
+def test_fsdp_bench_runs_the_trainer_under_torchrun_and_reads_its_metrics(common: ModuleType, tmp_path: Path) -> None:
+    """bench/fsdp.py's parts without a run: the torchrun command is `modelzoo pretrain task.parallelism=fsdp`, its
+    overrides compose into a valid config whose FSDP plan is the one reported, and a metrics.csv the trainer's logger
+    writes reads back without its warm-up steps."""
+    fsdp = importlib.import_module("fsdp")
+    shape = common.Shape(common.model_size("llama_tiny"), batch=2, seq=64, steps=1)
+    run_overrides = fsdp.overrides("llama_tiny", "static_75", shape, torch.device("cpu"), "fp32", 2, 4, tmp_path)
+    cmd = fsdp.command(2, run_overrides)
+    assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m"]
+    assert cmd[6:8] == ["modelzoo", "pretrain"] and "task.parallelism=fsdp" in cmd and "task.batch_size=4" in cmd
+    cfg = to_object(load_config(run_overrides))
+    plan = memory_plan(cfg.model, cfg.sparsity, "fp32", 2, 64, fsdp_gpus=2)
+    assert fsdp.planned_gib(run_overrides, 2) == plan.total / GIB and cfg.sparsity.sparsity == 0.75
+
+    logger = MetricsLogger(tmp_path / "static_75", columns=(*COLUMNS, *SPEED_COLUMNS))
+    for step, tps, mem in ((1, 10.0, 9.0), (2, 20.0, 8.0), (3, 30.0, 2.0), (4, 50.0, 3.0)):
+        logger.log(step, tokens_per_s=tps, peak_mem_gib=mem, mfu=tps / 100)
+    assert fsdp.read_metrics(tmp_path / "static_75") == (40.0, 0.4, 3.0)  # steps 3 and 4 only
+    result = fsdp.RunResult(40.0, 0.4, 3.0, 2.5)
+    text = fsdp.report("llama_tiny", shape, 2, 4, {"dense": fsdp.RunResult(50.0, None, None, 2.4), "static_75": result})
+    assert "| static_75 | 40 | 40.0% | 3.0 | 2.5 | 0.800 |" in text and "**-20.0%**" in text
+
+
+@pytest.mark.bench
+def test_gpu_bench_fsdp_completes_on_cpu() -> None:
+    """`python bench/gpu.py --device cpu --fsdp`, shortened: two torchrun jobs of 2 gloo ranks each."""
+    done = subprocess.run(
+        [sys.executable, "gpu.py", "--device", "cpu", "--fsdp", "--steps", "1"],
+        cwd=BENCH,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "task.parallelism=fsdp" in done.stdout and "tokens/s vs dense under FSDP2" in done.stdout
 
 
 @pytest.mark.bench
