@@ -1,6 +1,6 @@
 """The GPU check in one command: the `cuda` tests, then training steps and 2:4 inference timed, into docs/benchmarks.md.
 
-On a GPU (`med`, then `llama3_1b`: about 9 minutes on an H100 / H200, each model's section written as soon as it is
+On a GPU (`med`, then `llama3_1b`: estimated 9 minutes on an H100 / H200, each model's section written as soon as it is
 done; `--model med` alone under 7; the run prints its own estimate before it starts):
     python bench/gpu.py --write
 On 2 or more GPUs, FSDP2 training runs under torchrun (bench/fsdp.py; on one GPU it writes why nothing ran):

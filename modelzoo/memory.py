@@ -19,7 +19,7 @@ one block (fp32, the reduce dtype). With gradient accumulation the loop syncs on
 dtype: 4 bytes a parameter, unsharded, on every GPU (`FSDP_UNSYNCED_GRADIENTS`). Buffers are not sharded by
 `fully_shard`: the bool masks are counted whole on every GPU (`FSDP_MASKS`). RigL's dense gradient is of the sharded
 weight (/ N). With bf16 weights the forward needs no autocast copies, and the embeddings' output, so the residual
-stream, is bf16 (`block_activation_bytes(..., bf16_weights=True)`).
+stream, is bf16 (`block_activation_bytes(..., weights="bf16")`).
 
 Activations are what autograd keeps per token for the backward pass, counted tensor by tensor for each family's block
 with a fused SDPA kernel (flash / memory-efficient on CUDA, flash on CPU: no T x T scores are kept), dropout 0 (the
@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
-from modelzoo.models.common import activation_bytes, residual_bytes
+from modelzoo.models.common import activation_bytes
 from modelzoo.models.registry import CausalLM, ModelConfig, build_model, model_class
 from modelzoo.sparsity.config import SparsityConfig
 from modelzoo.sparsity.plan import plan_groups
@@ -87,17 +87,18 @@ class MemoryPlan:
         return self.state + self.activations_checkpointed
 
 
-def block_activation_bytes(config: ModelConfig, precision: str, bf16_weights: bool = False) -> int:
-    """Bytes one block keeps per token for the backward pass (the family's table, in its model file)."""
-    return model_class(config).block_activation_bytes(config, precision, bf16_weights)
+def block_activation_bytes(config: ModelConfig, precision: str, weights: str = "fp32") -> int:
+    """Bytes one block keeps per token for the backward pass (the family's table, in its model file); `weights`: the
+    dtype the forward's weights have (bf16 under FSDP2's bf16 `param_dtype`)."""
+    return model_class(config).block_activation_bytes(config, precision, weights)
 
 
-def head_activation_bytes(config: ModelConfig, precision: str, bf16_weights: bool = False) -> int:
+def head_activation_bytes(config: ModelConfig, precision: str, weights: str = "fp32") -> int:
     """Bytes per token kept outside the blocks: ids and targets, final norm and LM-head inputs, logits, fp32
     log-softmax."""
     a = activation_bytes(precision)
     ids = 2 * 8
-    norm = model_class(config).final_norm_bytes(config, bf16_weights)
+    norm = model_class(config).final_norm_bytes(config, weights)
     return ids + norm + a * config.n_embd + a * config.padded_vocab_size + FP32 * config.vocab_size
 
 
@@ -168,18 +169,18 @@ def memory_plan(
         per_token += 2 * FP32 * config.n_embd * config.n_layer if teacher_hidden else 0
         items.append(("distillation teacher weights (fp32, frozen)", FP32 * n_teacher))
         items.append(("distillation: teacher outputs kept for the loss", per_token * tokens))
-    bf16_weights = fsdp_gpus is not None and precision == "bf16"
+    weights = "bf16" if fsdp_gpus is not None and precision == "bf16" else "fp32"  # FSDP2's param_dtype
     # bf16 autocast of fp32 weights: a copy of every weight matrix the forward multiplies by (the block matrices and
     # the LM head), cached until the forward leaves autocast and kept by autograd until the backward has used it.
     # With checkpointing too: the cache holds them all at the end of the forward. FSDP2's bf16 weights need none.
     matrices = sum(p.numel() for p in model.blocks.parameters() if p.ndim == 2)
     copies = (
-        2 * (matrices + config.padded_vocab_size * config.n_embd) if precision == "bf16" and not bf16_weights else 0
+        2 * (matrices + config.padded_vocab_size * config.n_embd) if precision == "bf16" and weights == "fp32" else 0
     )
-    block = block_activation_bytes(config, precision, bf16_weights) * tokens
-    head = head_activation_bytes(config, precision, bf16_weights) * tokens
+    block = block_activation_bytes(config, precision, weights) * tokens
+    head = head_activation_bytes(config, precision, weights) * tokens
     activations = config.n_layer * block + head + copies
-    block_input = residual_bytes(bf16_weights) * config.n_embd * tokens
+    block_input = activation_bytes(weights) * config.n_embd * tokens
     checkpointed = config.n_layer * block_input + block + head + copies
     return MemoryPlan(
         config.name,

@@ -134,7 +134,7 @@ def test_fsdp_activation_counts_equal_what_autograd_keeps(
     plan = memory_plan(config, None, precision, batch, seq, fsdp_gpus=1)
     expected = plan.activations
     if checkpointing:  # the block the backward pass recomputes is not held during the forward
-        expected = plan.activations_checkpointed - block_activation_bytes(config, precision, bf16) * batch * seq
+        expected = plan.activations_checkpointed - block_activation_bytes(config, precision, precision) * batch * seq
     # Left out of the plan: GPT's position ids (int64, one row for the batch), Llama's rotary cos/sin tables (in the
     # weights' dtype, one row per position), and a 4-byte scalar of the loss.
     extra = 8 * seq if config.family == "gpt" else 2 * dtype.itemsize * config.head_dim * seq

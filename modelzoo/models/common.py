@@ -95,12 +95,6 @@ def activation_bytes(precision: str) -> int:
     return 2 if precision == "bf16" else 4
 
 
-def residual_bytes(bf16_weights: bool) -> int:
-    """Bytes of one residual-stream value: 4 with fp32 weights (bf16 autocast keeps the stream fp32), 2 when the
-    weights themselves are bf16 (FSDP2's `MixedPrecisionPolicy(param_dtype=bf16)`: the embeddings' output is bf16)."""
-    return 2 if bf16_weights else 4
-
-
 class DecoderShape:
     """The sizes both families' configs derive from their fields (`n_embd`, `n_head`, `vocab_size`,
     `padded_vocab_multiple`): a mixin of `GPTConfig` and `LlamaConfig`."""

@@ -18,15 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelzoo.models.common import (
-    DecoderLM,
-    DecoderShape,
-    KVCache,
-    activation_bytes,
-    causal_attention,
-    check_positions,
-    residual_bytes,
-)
+from modelzoo.models.common import DecoderLM, DecoderShape, KVCache, activation_bytes, causal_attention, check_positions
 
 
 @dataclass
@@ -150,24 +142,24 @@ class GPT(DecoderLM):
         return self.transformer.wte
 
     @staticmethod
-    def block_activation_bytes(config: GPTConfig, precision: str, bf16_weights: bool = False) -> int:
+    def block_activation_bytes(config: GPTConfig, precision: str, weights: str = "fp32") -> int:
         """Bytes one block keeps per token for the backward pass (`modelzoo.memory`).
 
         Activations of a = 2 bytes (bf16) or 4 (fp32), a fused SDPA kernel, dropout 0, and a residual stream of
-        r = 4 bytes (fp32 weights: autocast leaves it fp32) or 2 (`bf16_weights`: FSDP2's bf16 `param_dtype`, so the
+        r = 4 bytes (`weights` fp32: autocast leaves it fp32) or 2 (`weights` bf16: FSDP2's bf16 `param_dtype`, so the
         embeddings' output and every LayerNorm's input, mean and rstd are bf16):
 
             ln_1 input r*h, mean and rstd 2r | c_attn input a*h | q, k, v 3*a*h | SDPA output a*h (also c_proj's
             input: the same storage), log-sum-exp 4*n_head | ln_2 input r*h, mean and rstd 2r | c_fc input a*h |
             GELU input a*f | mlp c_proj input a*f                    = (2r + 6a) h + 2 a f + 4r + 4 n_head
         """
-        a, r = activation_bytes(precision), residual_bytes(bf16_weights)
+        a, r = activation_bytes(precision), activation_bytes(weights)
         return (2 * r + 6 * a) * config.n_embd + 2 * a * config.n_inner + 4 * r + 4 * config.n_head
 
     @staticmethod
-    def final_norm_bytes(config: GPTConfig, bf16_weights: bool = False) -> int:
-        """Bytes per token the final LayerNorm keeps: its input, mean and rstd, fp32 (bf16 under `bf16_weights`)."""
-        r = residual_bytes(bf16_weights)
+    def final_norm_bytes(config: GPTConfig, weights: str = "fp32") -> int:
+        """Bytes per token the final LayerNorm keeps: its input, mean and rstd, in the `weights` dtype."""
+        r = activation_bytes(weights)
         return r * config.n_embd + 2 * r
 
     def reset_parameters(self) -> None:

@@ -27,7 +27,6 @@ from modelzoo.models.common import (
     activation_bytes,
     causal_attention,
     check_positions,
-    residual_bytes,
 )
 
 
@@ -204,11 +203,11 @@ class Llama(DecoderLM):
         return self.model.embed_tokens
 
     @staticmethod
-    def block_activation_bytes(config: LlamaConfig, precision: str, bf16_weights: bool = False) -> int:
+    def block_activation_bytes(config: LlamaConfig, precision: str, weights: str = "fp32") -> int:
         """Bytes one block keeps per token for the backward pass (`modelzoo.memory`).
 
         Activations of a = 2 bytes (bf16) or 4 (fp32), a fused SDPA kernel, a residual stream of r = 4 bytes (fp32
-        weights) or 2 (`bf16_weights`: FSDP2's bf16 `param_dtype`). RMSNorm keeps its input upcast to fp32 (4h),
+        `weights`) or 2 (bf16 `weights`: FSDP2's bf16 `param_dtype`). RMSNorm keeps its input upcast to fp32 (4h),
         rstd and the normalised input (r*h); rotary embeddings keep only their cos/sin tables (2 x head_dim values
         per position once per micro-batch, left out); K and V have n_kv_head heads, kv = n_kv_head x head_dim; the
         SwiGLU keeps gate, SiLU, up and product, a*f each; under bf16 autocast with fp32 weights each of the five
@@ -221,18 +220,18 @@ class Llama(DecoderLM):
         Where SDPA has no grouped-query mode (torch 2.4), K and V are repeated to n_head heads before it, and it
         keeps those copies too: 2*a*(h - kv) more.
         """
-        a, r = activation_bytes(precision), residual_bytes(bf16_weights)
+        a, r = activation_bytes(precision), activation_bytes(weights)
         h, kv = config.n_embd, config.n_kv_head * config.head_dim
-        inputs = 10 * h if precision == "bf16" and not bf16_weights else 2 * a * h
+        inputs = 10 * h if precision == "bf16" and weights == "fp32" else 2 * a * h
         repeated = 0 if SDPA_HAS_GQA or kv == h else 2 * a * (h - kv)
         norms = 2 * ((4 + r) * h + 4)
         return norms + inputs + 2 * a * h + 2 * a * kv + repeated + 4 * config.n_head + 4 * a * config.n_inner
 
     @staticmethod
-    def final_norm_bytes(config: LlamaConfig, bf16_weights: bool = False) -> int:
+    def final_norm_bytes(config: LlamaConfig, weights: str = "fp32") -> int:
         """Bytes per token the final RMSNorm keeps: its input upcast to fp32, rstd and the normalised input (fp32,
-        or bf16 under `bf16_weights`)."""
-        return (4 + residual_bytes(bf16_weights)) * config.n_embd + 4
+        or bf16 under bf16 `weights`)."""
+        return (4 + activation_bytes(weights)) * config.n_embd + 4
 
     def reset_parameters(self) -> None:
         """Truncated normal std `init_std`; residual output projections (o, down) scaled by 1/sqrt(2 n_layer)."""

@@ -74,10 +74,10 @@ class CausalLM(Protocol):
     def num_params(self, non_embedding: bool = True) -> int: ...
 
     @staticmethod
-    def block_activation_bytes(config: Any, precision: str, bf16_weights: bool = False) -> int: ...  # per token
+    def block_activation_bytes(config: Any, precision: str, weights: str = "fp32") -> int: ...  # per token
 
     @staticmethod
-    def final_norm_bytes(config: Any, bf16_weights: bool = False) -> int: ...  # per token, kept by the final norm
+    def final_norm_bytes(config: Any, weights: str = "fp32") -> int: ...  # per token, kept by the final norm
 
 
 # family -> (config schema, module)
