@@ -7,18 +7,19 @@ select with them, keeping no float copy; RigL also keeps a dense fp32 gradient o
 that update masks). Under bf16 autocast the forward casts each weight matrix to bf16 once per micro-batch, and those
 copies live until the backward pass has used them.
 
-FSDP2 (`fully_shard` on each block and on the root, `MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)` under
-bf16, none under fp32), at the start of the backward pass: the fp32 weights, gradients and AdamW moments / N; the root
-module's parameters (embeddings, final norm, LM head), which FSDP2 does not reshard after the root's forward
-(`reshard_after_forward=None` is False for the root: torch's `fully_shard` docs), gathered in the param dtype for the
-whole step, and their unsharded gradients, reduce-scattered only when the backward ends; two blocks' all-gathered
-parameters (the block in compute and the one prefetched, forward and backward; a block's are freed when its forward or
-backward ends); one block's unsharded gradients as autograd makes them (param dtype) and the reduce-scatter's input of
-one block (fp32, the reduce dtype). With gradient accumulation the loop syncs on a step's last micro-batch only
+FSDP2 as `modelzoo.train.parallel` applies it (`fully_shard` on each block, then on the root with
+`reshard_after_forward=False`; `MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)` under bf16, fp32 weights
+otherwise), at the start of the backward pass: the fp32 weights, gradients and AdamW moments / N, and the bool masks / N
+(the loop shards each mask with its weight's rows: `FSDP_MASKS`); the root module's parameters (embeddings, final norm,
+LM head), gathered in the param dtype for the whole step (FSDP2's own default for a root, torch's `fully_shard` docs),
+and their unsharded gradients, reduce-scattered only when the backward ends; two blocks' all-gathered parameters (the
+block in compute and the one prefetched, forward and backward; a block's are freed when its forward or backward ends);
+one block's unsharded gradients as autograd makes them (param dtype) and the reduce-scatter's input of one block (fp32,
+the reduce dtype). With gradient accumulation the loop syncs on a step's last micro-batch only
 (`set_requires_gradient_sync`), and until then FSDP2 keeps every parameter's unsharded gradient, in the fp32 reduce
-dtype: 4 bytes a parameter, unsharded, on every GPU (`FSDP_UNSYNCED_GRADIENTS`). Buffers are not sharded by
-`fully_shard`: the bool masks are counted whole on every GPU (`FSDP_MASKS`). RigL's dense gradient is of the sharded
-weight (/ N). With bf16 weights the forward needs no autocast copies, and the embeddings' output, so the residual
+dtype: 4 bytes a parameter, unsharded, on every GPU (`FSDP_UNSYNCED_GRADIENTS`). RigL's dense gradient is of the sharded
+weight (/ N); its mask update, after the optimizer step (not at the peak), gathers one whole weight, mask and dense
+gradient at a time. With bf16 weights the forward needs no autocast copies, and the embeddings' output, so the residual
 stream, is bf16 (`block_activation_bytes(..., weights="bf16")`).
 
 Activations are what autograd keeps per token for the backward pass, counted tensor by tensor for each family's block
@@ -54,8 +55,8 @@ from modelzoo.sparsity.plan import plan_groups
 GIB = 2**30
 FP32 = 4
 DDP_BUCKETS = "DDP gradient buckets (fp32, torchrun only)"
-# Under FSDP2 the masks are buffers, which `fully_shard` does not shard: every GPU holds all of them.
-FSDP_MASKS = "sparsity masks (bool, whole on every GPU: buffers)"
+# Under FSDP2 the loop shards each mask with its weight's rows (`fully_shard` itself leaves buffers whole).
+FSDP_MASKS = "sparsity masks (bool, sharded like their weights)"
 FSDP_UNSYNCED_GRADIENTS = "gradients between syncs (fp32, unsharded, all)"
 
 
@@ -156,7 +157,7 @@ def memory_plan(
     items = ddp_state(n) if fsdp_gpus is None else fsdp_state(model, fsdp_gpus, precision, accumulation)
     if sparsity is not None and sparsity.enabled:
         n_sparse = sum(params[name].numel() for plan in plan_groups(sparsity, model) for name in plan.names)
-        items.append(("sparsity masks (bool)" if fsdp_gpus is None else FSDP_MASKS, n_sparse))
+        items.append(("sparsity masks (bool)", n_sparse) if fsdp_gpus is None else (FSDP_MASKS, n_sparse // fsdp_gpus))
         if "rigl" in sparsity.algorithms:
             shards = "" if fsdp_gpus is None else f", 1/{fsdp_gpus}"
             items.append((f"RigL dense gradients (mask-update steps{shards})", FP32 * n_sparse // (fsdp_gpus or 1)))

@@ -161,9 +161,9 @@ def test_xl_plan_itemises_state_and_checkpointing_saves_activations() -> None:
     assert "activation_checkpointing" in text and f"{plan.total / GIB:.2f} GiB" in text
 
 
-def test_fsdp_plan_shards_the_state_but_not_the_masks() -> None:
-    """LLaMA-2 7B, 75% static, bf16, on 8 GPUs: every fp32 state item is 1/8 of the replica's, the bool masks are
-    whole (buffers), and what is gathered is the root (embeddings, head, final norm) and whole blocks in bf16."""
+def test_fsdp_plan_shards_the_state_and_masks() -> None:
+    """LLaMA-2 7B, 75% static, bf16, on 8 GPUs: every fp32 state item and the bool masks are 1/8 of the replica's, and
+    what is gathered is the root (embeddings, head, final norm) and whole blocks in bf16."""
     cfg = to_object(load_config(["model=llama2_7b", "sparsity=static_75", "task.parallelism=fsdp"]))
     ddp = dict(memory_plan(cfg.model, cfg.sparsity, "bf16", 1, 4096).items)
     fsdp = memory_plan(cfg.model, cfg.sparsity, "bf16", 1, 4096, fsdp_gpus=8)
@@ -171,7 +171,7 @@ def test_fsdp_plan_shards_the_state_but_not_the_masks() -> None:
     n, root, block = 6_738_415_616, 2 * 32000 * 4096 + 4096, 4 * 4096**2 + 3 * 4096 * 11008 + 2 * 4096  # HF's counts
     assert items["weights (fp32, 1/8)"] == ddp["weights (fp32)"] // 8 == 4 * n // 8
     assert items["AdamW moments (2 x fp32, 1/8)"] == ddp["AdamW moments (2 x fp32)"] // 8
-    assert items[FSDP_MASKS] == ddp["sparsity masks (bool)"]
+    assert items[FSDP_MASKS] == ddp["sparsity masks (bool)"] // 8
     assert items["root params, gathered all step (bf16)"] == items["root gradients until the backward ends (bf16)"]
     assert items["root params, gathered all step (bf16)"] == 2 * root
     assert items["2 blocks' params all-gathered (bf16)"] == 2 * 2 * block
