@@ -15,12 +15,10 @@ LM head), gathered in the param dtype for the whole step (FSDP2's own default fo
 and their unsharded gradients, reduce-scattered only when the backward ends; two blocks' all-gathered parameters (the
 block in compute and the one prefetched, forward and backward; a block's are freed when its forward or backward ends);
 one block's unsharded gradients as autograd makes them (param dtype) and the reduce-scatter's input of one block (fp32,
-the reduce dtype). With gradient accumulation the loop syncs on a step's last micro-batch only
-(`set_requires_gradient_sync`), and until then FSDP2 keeps every parameter's unsharded gradient, in the fp32 reduce
-dtype: 4 bytes a parameter, unsharded, on every GPU (`FSDP_UNSYNCED_GRADIENTS`). RigL's dense gradient is of the sharded
-weight (/ N); its mask update, after the optimizer step (not at the peak), gathers one whole weight, mask and dense
-gradient at a time. With bf16 weights the forward needs no autocast copies, and the embeddings' output, so the residual
-stream, is bf16 (`block_activation_bytes(..., weights="bf16")`).
+the reduce dtype), which the loop reduce-scatters on every micro-batch, so gradient accumulation keeps only sharded
+gradients. RigL's dense gradient is of the sharded weight (/ N); its mask update, after the optimizer step (not at the
+peak), gathers one whole weight, mask and dense gradient at a time. With bf16 weights the forward needs no autocast
+copies, and the embeddings' output, so the residual stream, is bf16 (`block_activation_bytes(..., weights="bf16")`).
 
 Activations are what autograd keeps per token for the backward pass, counted tensor by tensor for each family's block
 with a fused SDPA kernel (flash / memory-efficient on CUDA, flash on CPU: no T x T scores are kept), dropout 0 (the
@@ -57,7 +55,6 @@ FP32 = 4
 DDP_BUCKETS = "DDP gradient buckets (fp32, torchrun only)"
 # Under FSDP2 the loop shards each mask with its weight's rows (`fully_shard` itself leaves buffers whole).
 FSDP_MASKS = "sparsity masks (bool, sharded like their weights)"
-FSDP_UNSYNCED_GRADIENTS = "gradients between syncs (fp32, unsharded, all)"
 
 
 @dataclass(frozen=True)
@@ -73,7 +70,6 @@ class MemoryPlan:
     activations: int
     activations_checkpointed: int
     fsdp_gpus: int | None = None
-    accumulation: int = 1  # micro-batches per optimizer step on each GPU (matters under FSDP2)
 
     @property
     def state(self) -> int:
@@ -113,16 +109,12 @@ def ddp_state(n: int) -> list[tuple[str, int]]:
     ]
 
 
-def fsdp_state(model: CausalLM, gpus: int, precision: str, accumulation: int) -> list[tuple[str, int]]:
-    """One GPU's parameter state under FSDP2 over `gpus`, at the start of the backward pass (module docstring);
-    `accumulation`: micro-batches per optimizer step on each GPU."""
+def fsdp_state(model: CausalLM, gpus: int, precision: str) -> list[tuple[str, int]]:
+    """One GPU's parameter state under FSDP2 over `gpus`, at the start of the backward pass (module docstring)."""
     n = sum(p.numel() for p in model.parameters())
     block = max(sum(p.numel() for p in b.parameters()) for b in model.blocks)
     root = n - sum(p.numel() for p in model.blocks.parameters())
     dtype, gathered = ("bf16", 2) if precision == "bf16" else ("fp32", FP32)
-    # Gradients are reduce-scattered on a step's last micro-batch only (`set_requires_gradient_sync`); before it,
-    # FSDP2 accumulates every parameter's unsharded gradient, upcast to the fp32 reduce dtype.
-    unsynced = [(FSDP_UNSYNCED_GRADIENTS, FP32 * n)] if accumulation > 1 else []
     return [
         (f"weights (fp32, 1/{gpus})", FP32 * n // gpus),
         (f"gradients (fp32, 1/{gpus})", FP32 * n // gpus),
@@ -132,7 +124,6 @@ def fsdp_state(model: CausalLM, gpus: int, precision: str, accumulation: int) ->
         (f"2 blocks' params all-gathered ({dtype})", 2 * gathered * block),
         (f"1 block's unsharded gradients ({dtype})", gathered * block),
         ("1 block's reduce-scatter input (fp32)", FP32 * block),
-        *unsynced,
     ]
 
 
@@ -145,16 +136,15 @@ def memory_plan(
     teacher: ModelConfig | None = None,
     teacher_hidden: bool = False,
     fsdp_gpus: int | None = None,
-    accumulation: int = 1,
 ) -> MemoryPlan:
     """What one GPU holds at the peak of a training step (the start of the backward pass): a DDP replica, or with
-    `fsdp_gpus` one GPU of an FSDP2 job over that many, running `accumulation` micro-batches per step; `teacher`: the
-    config of a distillation teacher, `teacher_hidden`: with the hidden-state term."""
+    `fsdp_gpus` one GPU of an FSDP2 job over that many; `teacher`: the config of a distillation teacher,
+    `teacher_hidden`: with the hidden-state term."""
     with torch.device("meta"):
         model = build_model(config)
     params = dict(model.named_parameters())
     n = sum(p.numel() for p in params.values())
-    items = ddp_state(n) if fsdp_gpus is None else fsdp_state(model, fsdp_gpus, precision, accumulation)
+    items = ddp_state(n) if fsdp_gpus is None else fsdp_state(model, fsdp_gpus, precision)
     if sparsity is not None and sparsity.enabled:
         n_sparse = sum(params[name].numel() for plan in plan_groups(sparsity, model) for name in plan.names)
         items.append(("sparsity masks (bool)", n_sparse) if fsdp_gpus is None else (FSDP_MASKS, n_sparse // fsdp_gpus))
@@ -192,7 +182,6 @@ def memory_plan(
         activations,
         checkpointed,
         fsdp_gpus,
-        accumulation,
     )
 
 
@@ -200,11 +189,10 @@ def format_memory_plan(plan: MemoryPlan) -> str:
     """The plan as a table in GiB, with and without activation checkpointing."""
     ddp = plan.fsdp_gpus is None
     who = "one DDP replica" if ddp else f"one GPU of {plan.fsdp_gpus} under FSDP2 (task.parallelism=fsdp)"
-    steps = "" if ddp else f" ({plan.accumulation} per step)"
     activations = "activations, bf16 weight copies, logits" if ddp else "activations, logits"
     lines = [
         f"training memory of {who}: model {plan.model}, micro-batch {plan.micro_batch_size} x "
-        f"{plan.seq_len} tokens{steps}, {plan.precision} (estimate; modelzoo/memory.py says what is counted)",
+        f"{plan.seq_len} tokens, {plan.precision} (estimate; modelzoo/memory.py says what is counted)",
         *(f"  {name:<52}{b / GIB:>9.2f} GiB" for name, b in plan.items),
         f"  {activations:<52}{plan.activations / GIB:>9.2f} GiB",
         f"  {'  with task.activation_checkpointing=true':<52}{plan.activations_checkpointed / GIB:>9.2f} GiB",

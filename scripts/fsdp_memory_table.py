@@ -4,9 +4,8 @@
     python scripts/fsdp_memory_table.py --check    # exit 1 unless docs/gpu.md holds exactly this table
 
 Each row is `modelzoo info model=M sparsity=S task.parallelism=fsdp task.precision=bf16 --gpus=8` at the row's
-micro-batch, one micro-batch per optimizer step; the accumulating column adds what accumulating several does (the
-loop syncs gradients on a step's last micro-batch only, and FSDP2 keeps them unsharded until then); the last column
-is what one DDP replica needs instead (`task.parallelism=ddp`, no activation checkpointing).
+micro-batch (gradient accumulation adds nothing: the loop reduce-scatters every micro-batch); the last column is what
+one DDP replica needs instead (`task.parallelism=ddp`, no activation checkpointing).
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ import sys
 from pathlib import Path
 
 from modelzoo.config import load_config, to_object
-from modelzoo.memory import FSDP_UNSYNCED_GRADIENTS, GIB, memory_plan
+from modelzoo.memory import GIB, memory_plan
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "gpu.md"
 GPUS = 8
@@ -44,7 +43,6 @@ def table() -> str:
         "micro-batch",
         "GiB per GPU",
         "with activation checkpointing",
-        "accumulating: + unsharded grads",
         *(f"fits {GPUS} x {gb} GB" for gb in CARDS_GB),
         "one DDP replica, GiB",
     ]
@@ -53,8 +51,6 @@ def table() -> str:
         for sparsity in SPARSITIES:
             cfg = to_object(load_config([f"model={model}", f"sparsity={sparsity}", f"data.seq_len={seq}"]))
             plan = memory_plan(cfg.model, cfg.sparsity, PRECISION, micro, seq, fsdp_gpus=GPUS)
-            accumulating = memory_plan(cfg.model, cfg.sparsity, PRECISION, micro, seq, fsdp_gpus=GPUS, accumulation=2)
-            unsynced = dict(accumulating.items)[FSDP_UNSYNCED_GRADIENTS]
             replica = memory_plan(cfg.model, cfg.sparsity, PRECISION, micro, seq)
             rows.append(
                 [
@@ -63,7 +59,6 @@ def table() -> str:
                     f"{micro} x {seq}",
                     f"{plan.total / GIB:.1f}",
                     f"{plan.total_checkpointed / GIB:.1f}",
-                    f"+{unsynced / GIB:.1f}",
                     *(fits(plan.total, plan.total_checkpointed, gb) for gb in CARDS_GB),
                     f"{replica.total / GIB:.1f}",
                 ]

@@ -42,7 +42,6 @@ def info(args: list[str]) -> None:
             "whole replica: add task.parallelism=fsdp, or leave --gpus out"
         )
     fsdp_gpus = (gpus or FSDP_GPUS) if t.parallelism == "fsdp" else None
-    accumulation = max(1, t.batch_size // (t.micro_batch_size * (fsdp_gpus or 1)))
     precision = resolved_precision(t.precision, cfg.cluster.target)
     teacher = teacher_config(t.distill.teacher) if t.distill.enabled else None
     plan = memory_plan(
@@ -54,7 +53,6 @@ def info(args: list[str]) -> None:
         teacher,
         t.distill.hidden_weight != 0,
         fsdp_gpus,
-        accumulation,
     )
     print(format_memory_plan(plan))
 
