@@ -43,7 +43,7 @@ def backend(cstorch):
 def cerebras_named_module(config: GPTConfig) -> nn.Module:
     """A module tree with the parameter names and shapes of the Cerebras Model Zoo GPT of `config`."""
     root = nn.Module()
-    for name, value in to_cerebras_state_dict(GPT(config).state_dict()).items():
+    for name, value in to_cerebras_state_dict(GPT(config).state_dict(), config).items():
         if name == "lm_head.weight":  # tied to the word embeddings
             continue
         *path, leaf = name.split(".")
@@ -90,7 +90,9 @@ def test_a_cstorch_save_checkpoint_imports_with_its_masks(cstorch, backend, tmp_
     torch.manual_seed(0)
     model = GPT(SMALL)
     MaskedSparsity(SparsityConfig(sparsity=0.75), seed=1).apply(model)
-    cstorch.save({"model": to_cerebras_state_dict(model.state_dict()), "global_step": 3}, str(tmp_path / "c.mdl"))
+    cstorch.save(
+        {"model": to_cerebras_state_dict(model.state_dict(), SMALL), "global_step": 3}, str(tmp_path / "c.mdl")
+    )
     state, masks = from_cerebras_state_dict(load_cerebras_state_dict(tmp_path / "c.mdl"), SMALL)
     ours = model.state_dict()
     assert sorted(f"{n}_mask" for n in masks) == sorted(k for k in ours if k.endswith("_mask"))
