@@ -178,8 +178,14 @@ def test_refuses_untied_heads_unknown_tensors_and_hdf5(tmp_path: Path, tiny_conf
         load_cerebras_state_dict(tmp_path / "c.mdl")
 
 
-def test_import_cerebras_command_writes_config_options_that_compose(tmp_path: Path, capsys) -> None:
-    params = Path(__file__).parent / "data" / "cerebras_modelzoo" / "gpt3_125m_rigl75_v22.yaml"
+@pytest.mark.parametrize(
+    ("name", "seq_len", "max_steps", "batch_size"),
+    [("gpt3_125m_rigl75_v22.yaml", 2048, 4778, 256), ("llama_tiny_gqa_llama3_static50.yaml", 128, 100, 8)],
+)
+def test_import_cerebras_command_writes_config_options_that_compose(
+    tmp_path: Path, capsys, name: str, seq_len: int, max_steps: int, batch_size: int
+) -> None:
+    params = Path(__file__).parent / "data" / "cerebras_modelzoo" / name
     main(["import-cerebras", str(params), str(tmp_path / "out")])
     command = capsys.readouterr().out.splitlines()[1].split()
     assert command[:2] == ["modelzoo", "pretrain"]
@@ -190,9 +196,9 @@ def test_import_cerebras_command_writes_config_options_that_compose(tmp_path: Pa
         recipe.model,
         recipe.sparsity,
         recipe.optim,
-        2048,
+        seq_len,
     )
-    assert (cfg.task.max_steps, cfg.task.batch_size) == (4778, 256)
+    assert (cfg.task.max_steps, cfg.task.batch_size) == (max_steps, batch_size)
 
 
 def test_checkpoint_round_trip_through_both_commands(tmp_path: Path, config: ModelConfig, capsys) -> None:
