@@ -42,26 +42,23 @@ from tests.conftest import make_config
 
 # Layer 0 and the model-level keys of a Cerebras Model Zoo 2.1+ GPT-2/GPT-3 state dict (its HF <-> CS converter).
 LAYER = "transformer_decoder.layers.0."
+LAYER_MODULES = (  # both families' (Llama adds the SwiGLU gate, `ffn.ffn.0.linear_layer_for_glu`)
+    "self_attn.proj_q_dense_layer",
+    "self_attn.proj_k_dense_layer",
+    "self_attn.proj_v_dense_layer",
+    "self_attn.proj_output_dense_layer",
+    "norm1",
+    "norm3",
+    "ffn.ffn.0.linear_layer",
+    "ffn.ffn.1.linear_layer",
+)
 EXPECTED = {
     "embedding_layer.word_embeddings.weight",
     "embedding_layer.position_embeddings.embed.weight",
     "transformer_decoder.norm.weight",
     "transformer_decoder.norm.bias",
     "lm_head.weight",
-    *(
-        LAYER + f"{m}.{p}"
-        for m in (
-            "self_attn.proj_q_dense_layer",
-            "self_attn.proj_k_dense_layer",
-            "self_attn.proj_v_dense_layer",
-            "self_attn.proj_output_dense_layer",
-            "norm1",
-            "norm3",
-            "ffn.ffn.0.linear_layer",
-            "ffn.ffn.1.linear_layer",
-        )
-        for p in ("weight", "bias")
-    ),
+    *(LAYER + f"{m}.{p}" for m in LAYER_MODULES for p in ("weight", "bias")),
 }
 STATIC = SparsityConfig(sparsity=0.75, param_filter=["*proj_[qkv]_dense_layer.weight", "*linear_layer.weight"])
 
@@ -250,20 +247,7 @@ LLAMA_EXPECTED = {
     "embedding_layer.word_embeddings.weight",
     "transformer_decoder.norm.weight",
     "lm_head.weight",
-    *(
-        LAYER + f"{m}.weight"
-        for m in (
-            "self_attn.proj_q_dense_layer",
-            "self_attn.proj_k_dense_layer",
-            "self_attn.proj_v_dense_layer",
-            "self_attn.proj_output_dense_layer",
-            "norm1",
-            "norm3",
-            "ffn.ffn.0.linear_layer_for_glu",
-            "ffn.ffn.0.linear_layer",
-            "ffn.ffn.1.linear_layer",
-        )
-    ),
+    *(LAYER + f"{m}.weight" for m in (*LAYER_MODULES, "ffn.ffn.0.linear_layer_for_glu")),
 }
 
 

@@ -80,33 +80,33 @@ MODELZOO_DEFAULTS = {
     "pos_scaling_factor": 1.0,
 }
 # Options a family implements at one value only: (key, that value, what our model does).
+SHARED_FIXED = (
+    ("attention_type", "scaled_dot_product", "our attention scales scores by 1/sqrt(head_dim)"),
+    ("use_bias_in_output", False, "our lm_head has no bias"),
+    ("norm_first", True, "our blocks are pre-norm"),
+    ("fixed_sparse_attention", None, "our attention is dense and causal"),
+)
 GPT_FIXED = (
+    *SHARED_FIXED,
     ("position_embedding_type", "learned", "our GPT has learned absolute position embeddings only"),
     ("use_position_embedding", True, "our GPT always adds position embeddings"),
     ("share_embedding_weights", True, "our lm_head is tied to the token embedding"),
-    ("attention_type", "scaled_dot_product", "our attention scales scores by 1/sqrt(head_dim)"),
     ("use_projection_bias_in_attention", True, "our attention projections have biases"),
     ("use_ffn_bias_in_attention", True, "our attention output projection has a bias"),
     ("use_ffn_bias", True, "our MLP layers have biases"),
-    ("use_bias_in_output", False, "our lm_head has no bias"),
     ("norm_type", "layernorm", "our blocks use LayerNorm"),
     ("embedding_layer_norm", False, "our GPT has no LayerNorm after the embeddings"),
-    ("norm_first", True, "our blocks are pre-LayerNorm"),
-    ("fixed_sparse_attention", None, "our attention is dense and causal"),
     ("attention_module", "aiayn_attention", "our attention is multi-head attention"),
 )
 LLAMA_FIXED = (
+    *SHARED_FIXED,
     ("position_embedding_type", "rotary", "our Llama has rotary position embeddings"),
     ("use_position_embedding", True, "our Llama always rotates queries and keys"),
-    ("attention_type", "scaled_dot_product", "our attention scales scores by 1/sqrt(head_dim)"),
     ("use_projection_bias_in_attention", False, "our attention projections have no biases"),
     ("use_ffn_bias_in_attention", False, "our attention output projection has no bias"),
     ("use_ffn_bias", False, "our MLP layers have no biases"),
-    ("use_bias_in_output", False, "our lm_head has no bias"),
     ("norm_type", "rmsnorm", "our blocks use RMSNorm"),
     ("embedding_layer_norm", False, "our Llama has no norm after the embeddings"),
-    ("norm_first", True, "our blocks are pre-norm"),
-    ("fixed_sparse_attention", None, "our attention is dense and causal"),
     ("nonlinearity", "swiglu", "our MLP is a SwiGLU (silu(gate) * up)"),
 )
 # The keys only the Llama dialect reads, and `pos_scaling_extra_args` of `pos_scaling_type: llama3` with the
