@@ -326,10 +326,10 @@ def test_killed_run_resumes_from_the_closure_checkpoint_bit_for_bit(
 ) -> None:
     """A run SIGKILLed after its checkpoint closure wrote step 4 and resumed from that `cstorch.save` file gives
     the losses, validation losses and final checkpoint of 8 steps in one go, bit for bit, for every algorithm on GPT
-    and for static and RigL on Llama, with warm-up and cosine decay, two training executors and an evaluation and a checkpoint conversion between
-    them (neither may move the CPU generator that SET's regrowth is seeded from): the data position (the loader's
-    state), Adam state, LR schedule, mask update counters and RNG come back from the file. GMP follows a cycling
-    schedule, whose position cstorch's own load_state_dict drops."""
+    and for static and RigL on Llama, with warm-up and cosine decay, two training executors and an evaluation and
+    a checkpoint conversion between them (neither may move the CPU generator that SET's regrowth is seeded from):
+    the data position (the loader's state), Adam state, LR schedule, mask update counters and RNG come back from
+    the file. GMP follows a cycling schedule, whose position cstorch's own load_state_dict drops."""
     model = FAMILIES[family]
     full = resumable_run(tmp_path / "full", cache_dir, algorithm, *model)
     full.fit()
