@@ -49,6 +49,14 @@ class Distributed:
         if self.is_main:
             self.barrier()
 
+    def broadcast(self, value: object) -> object:
+        """Rank 0's `value` (a picklable object), on every rank."""
+        if not self.enabled:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """`tensor` summed over the ranks (in place; returned for chaining)."""
         if self.enabled:
