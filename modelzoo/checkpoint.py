@@ -25,6 +25,7 @@ import hashlib
 import json
 import pickle
 import shutil
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -164,7 +165,9 @@ def read_sharded_model(path: str | Path, keep: Callable[[str], bool] = lambda na
         if name.startswith("model.") and isinstance(meta, TensorStorageMetadata) and keep(name.removeprefix("model."))
     }
     state = {"model": tensors}
-    dcp.load(state, storage_reader=reader)
+    with warnings.catch_warnings():  # that it loads in one process: what this function is for
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        dcp.load(state, storage_reader=reader)
     return state["model"]
 
 

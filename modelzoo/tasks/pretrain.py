@@ -126,7 +126,8 @@ class Pretraining:
             else None
         )
         self.columns = COLUMNS[:3] + (self.distiller.terms if self.distiller else ()) + COLUMNS[3:]
-        prepare_model(self.model, self.task, self.device.type, own_compiler)  # after the sparsity hooks
+        sharded = self.task.parallelism == "fsdp" and self.dist.enabled
+        prepare_model(self.model, self.task, self.device.type, own_compiler, sharded)  # after the sparsity hooks
         self.loader = BlockLoader(
             [source.train for source in self.corpus.sources],
             self.task.micro_batch_size,

@@ -108,6 +108,17 @@ class FullyShardedDP(DataParallel):
         return state if self.dist.is_main else None
 
 
+def fsdp_problem() -> str | None:
+    """Why `task.parallelism=fsdp` cannot run with this torch (None: it can). FSDP2's `fully_shard` is public from
+    torch 2.6; torch 2.4 (the Cerebras venv's) has it only as the private `torch.distributed._composable.fsdp`,
+    which this project does not build on."""
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        return f"torch {torch.__version__} has no torch.distributed.fsdp.fully_shard (public from torch 2.6)"
+    return None
+
+
 def data_parallel(
     parallelism: str, dist: Distributed, precision: str, mask_gradients: Callable[[], None] | None
 ) -> DataParallel:
