@@ -21,12 +21,12 @@ freed once the masks are updated, so other steps cost nothing extra.
 
 Under FSDP2 (`task.parallelism=fsdp`) each parameter is a `DTensor` of which a rank holds dim-0 rows, its gradient
 and AdamW moments likewise, and the hooks above never fire (the sharded parameters replace the hooked ones). The
-masks stay whole bool buffers on every rank (1 byte an element, beside 16 of sharded fp32 state; docs/gpu.md).
+masks are sharded with their weights (`modelzoo.train.parallel` makes each a `DTensor` of the same rows).
 Instead of the hooks, `mask_gradients` masks the sharded gradients after the step's reduce-scatter, before
 clipping: the reduction is elementwise, so a kept position's value is the same sum either way and a pruned one is
 selected to exact zero either way; the unmasked sharded gradient, already averaged over the ranks, is RigL's dense
 gradient. Every other operation works on this rank's rows (`local`, `local_mask`); a mask update gathers one full
-weight (and its dense gradient) at a time, so every rank computes the same new mask as one process would.
+weight, its mask (and its dense gradient) at a time, so every rank computes the same new mask as one process would.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from modelzoo.sparsity.algorithms import Algorithm, make_algorithm
 from modelzoo.sparsity.config import SparsityConfig
 from modelzoo.sparsity.masks import MASK_SUFFIX, attach_mask
 from modelzoo.sparsity.plan import plan_groups
-from modelzoo.sparsity.shards import full, is_sharded, local, local_mask, sum_over_shards
+from modelzoo.sparsity.shards import full, is_sharded, local, local_mask, rows, sum_over_shards
 
 
 @dataclass
@@ -291,15 +291,14 @@ class MaskedSparsity:
         for sp, level in zip(group.params, levels, strict=True):
             if sp.param.grad is None:  # as cstorch: a weight that did not train this step keeps its mask
                 continue
-            mask = sp.mask
-            dense = self._dense_grads.get(sp.name)
+            mask, dense = full(sp.mask), self._dense_grads.get(sp.name)
             new = algorithm.update_mask(
                 full(sp.param.detach()), mask, level, self.step, self.generator, None if dense is None else full(dense)
             )
             unchanged_kept = new & mask
             for tensor in (sp.param, *self._shaped_state(optimizer, sp)):
-                prune_(local(tensor), local_mask(unchanged_kept, tensor))
-            mask.copy_(new)
+                prune_(local(tensor), rows(unchanged_kept, tensor))
+            local(sp.mask).copy_(rows(new, sp.mask))
 
     def _captures_at(self, step: int) -> bool:
         return any(g.algorithm.needs_dense_grad and g.algorithm.is_update_step(step) for g in self.groups)
@@ -310,11 +309,12 @@ class MaskedSparsity:
         if not any(is_sharded(sp.param) for sp in self.params):
             return sparsity_stats([(sp.name, sp.param, sp.mask) for sp in self.params])
         with torch.no_grad():
-            zeros = sum_over_shards(torch.stack([(local(sp.param) == 0).sum() for sp in self.params])).tolist()
+            counts = [(local(sp.param) == 0).sum() for sp in self.params]
+            counts.append(sum((~local_mask(sp.mask, sp.param)).sum() for sp in self.params))
+            *zeros, pruned = sum_over_shards(torch.stack(counts)).tolist()
         per_param = {sp.name: z / sp.param.numel() for sp, z in zip(self.params, zeros, strict=True)}
         numel = sum(sp.param.numel() for sp in self.params)
-        pruned = sum(int((~sp.mask).sum()) for sp in self.params)
-        return SparsityStats(per_param, int(sum(zeros)), numel, pruned)
+        return SparsityStats(per_param, int(sum(zeros)), numel, int(pruned))
 
     def mask_names(self) -> list[str]:
         """State-dict keys of the masks."""

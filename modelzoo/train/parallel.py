@@ -6,7 +6,8 @@ synchronises gradients, what runs after the last backward of a step, and which c
 - `ddp` (`Replicated`): `DistributedDataParallel`; gradients all-reduced once per step, on the last micro-batch.
   Masks are buffers that every rank updates identically (`broadcast_buffers=False`).
 - `fsdp` (`FullyShardedDP`): torch's FSDP2 `fully_shard` on each transformer block, then on the root (torchtitan's
-  `apply_fsdp`); each rank holds dim-0 rows of every parameter, its gradient and its AdamW moments. Gradients are
+  `apply_fsdp`); each rank holds dim-0 rows of every parameter, its mask, its gradient and its AdamW moments
+  (`shard_masks`). Gradients are
   reduce-scattered once per step (on the last micro-batch); then the sparsity plug-in masks the sharded gradients
   (`MaskedSparsity.mask_gradients`) before clipping, which gives the same bits as masking before the reduction,
   since the reduction is elementwise. With `task.precision=bf16` parameters are gathered in bf16 and gradients
@@ -26,6 +27,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.nn.parallel import DistributedDataParallel
 
 from modelzoo.distributed import Distributed
+from modelzoo.sparsity.masks import MASK_SUFFIX
+from modelzoo.sparsity.shards import shard_like
 
 Forward = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
@@ -88,6 +91,7 @@ class FullyShardedDP(DataParallel):
             fully_shard(block, mp_policy=policy)
         # The root (embeddings, final norm, head) is gathered for the whole step: it is used first and last.
         fully_shard(model, mp_policy=policy, reshard_after_forward=False)
+        shard_masks(model)
         self.root = model
         return forward
 
@@ -106,6 +110,16 @@ class FullyShardedDP(DataParallel):
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # rank 0 alone keeps the whole tensors
         state = get_model_state_dict(model, options=options)
         return state if self.dist.is_main else None
+
+
+def shard_masks(model: nn.Module) -> None:
+    """Replace each whole `<param>_mask` buffer by a `DTensor` of the rows this rank holds of its parameter, so masks
+    cost 1/ranks of a byte an element like the state they mask, and checkpoints reshard them with their weights."""
+    for name, mask in list(model.named_buffers()):
+        if name.endswith(MASK_SUFFIX):
+            module_name, _, leaf = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            module.register_buffer(leaf, shard_like(mask, getattr(module, leaf.removesuffix(MASK_SUFFIX))))
 
 
 def fsdp_problem() -> str | None:
