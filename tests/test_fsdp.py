@@ -29,7 +29,7 @@ from modelzoo.errors import ConfigError
 from modelzoo.sparsity.config import SparsityConfig
 from modelzoo.sparsity.plugin import MaskedSparsity
 from modelzoo.sparsity.shards import local
-from modelzoo.train.parallel import fsdp_problem
+from modelzoo.train.parallel import fsdp_problem, shard_masks
 from tests.conftest import SMALL, make_config, run_command, train_losses
 
 pytestmark = pytest.mark.skipif(fsdp_problem() is not None, reason=str(fsdp_problem()))
@@ -202,6 +202,7 @@ def _mask_where_the_gradient_is(rank: int, port: int, out: Path) -> None:
             from torch.distributed.fsdp import fully_shard  # after the skip on torch without it
 
             fully_shard(model)
+            shard_masks(model)  # as task.parallelism=fsdp does: each mask a DTensor of its weight's rows
         loss = model(x).pow(3).sum()
         loss.backward()
         if sharded:
@@ -238,3 +239,14 @@ def test_masking_sharded_gradients_equals_masking_before_the_reduction(tmp_path:
 def test_fsdp_is_refused_on_a_backend_it_cannot_shard(tmp_path: Path, cache_dir: Path) -> None:
     with pytest.raises(ConfigError, match=r"task.parallelism: fsdp .* cerebras .*allowed: masked_dense"):
         make_config(tmp_path, cache_dir, "backend=cerebras", FSDP)
+
+
+def test_fsdp_needs_public_fully_shard(tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A torch without `torch.distributed.fsdp.fully_shard` (torch < 2.6, e.g. the Cerebras venv's 2.4, whose private
+    FSDP2 fails on CPU creating CUDA streams) is refused at config time, naming the key and what works."""
+    monkeypatch.delattr(torch.distributed.fsdp, "fully_shard")
+    with pytest.raises(
+        ConfigError, match=r"task.parallelism: fsdp: torch .* has no torch.distributed.fsdp.fully_shard"
+    ):
+        make_config(tmp_path, cache_dir, FSDP)
+    make_config(tmp_path, cache_dir, "task.parallelism=ddp")

@@ -4,7 +4,8 @@ A task brings what is its own (`LoopTask`: batches, the loss of one micro-batch,
 checkpoints); the loop does the rest, the same for every task:
 
 - one optimizer step (`train_step`): `batch_size / (micro_batch_size x ranks)` micro-batches of forward and
-  backward under autocast (gradients accumulate; under torchrun DDP all-reduces once, on the last one), gradient
+  backward under autocast (gradients accumulate; under torchrun the data-parallel plug-in, `modelzoo.train.parallel`,
+  all-reduces (DDP) or reduce-scatters (FSDP2) them once, on the last one), gradient
   clipping over the trainable parameters, optimizer and schedule step. The backend may wrap it
   (`Backend.wrap_step`: the Cerebras backend traces it) and feeds it (`Backend.batches`);
 - device setup (`modelzoo.train.accel.setup_device`): TF32 matmuls on CUDA;

@@ -43,7 +43,8 @@ class DataParallel:
         return forward
 
     def micro_batch(self, last: bool) -> AbstractContextManager:
-        """Around the forward and backward of one micro-batch; `last`: the step's last, whose gradients sync."""
+        """Around the forward of one micro-batch (its backward follows); `last`: the step's last, whose gradients
+        are reduced over the ranks."""
         return nullcontext()
 
     def after_backward(self) -> None:
@@ -124,8 +125,8 @@ def shard_masks(model: nn.Module) -> None:
 
 def fsdp_problem() -> str | None:
     """Why `task.parallelism=fsdp` cannot run with this torch (None: it can). FSDP2's `fully_shard` is public from
-    torch 2.6; torch 2.4 (the Cerebras venv's) has it only as the private `torch.distributed._composable.fsdp`,
-    which this project does not build on."""
+    torch 2.6; torch 2.4 (the Cerebras venv's) has only the private `torch.distributed._composable.fsdp`, whose first
+    forward fails on CPU creating CUDA streams (docs/gpu.md)."""
     try:
         from torch.distributed.fsdp import fully_shard  # noqa: F401
     except ImportError:
