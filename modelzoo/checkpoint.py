@@ -9,7 +9,7 @@ Layout of one checkpoint, `<run_dir>/checkpoints/step_000100/`:
     manifest.json       format version, step, sha256 and size of every file above (written last)
 `checkpoints/latest` names the newest complete checkpoint.
 
-A sharded checkpoint (`task.parallelism=fsdp`, `save_sharded_checkpoint`) holds `dcp/` in place of
+A sharded checkpoint (`task.parallelism=fsdp`, `save_checkpoint(shards=...)`) holds `dcp/` in place of
 `model.safetensors` and `optimizer.pt`: a `torch.distributed.checkpoint` directory of model state (weights and whole
 masks) and optimizer state, keyed by parameter name, one `.distcp` file written by each rank and a `.metadata`
 index. Any number of ranks can load it (DCP reshards on load), one process included (`read_sharded_model`).
@@ -37,6 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from modelzoo.atomic import atomic_directory, write_text_atomically
 from modelzoo.distributed import Distributed
@@ -84,58 +85,41 @@ def save_checkpoint(
     keep: int,
     protect: tuple[str, ...] = (),
     identity: dict[str, Any] | None = None,
+    shards: Distributed | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically, point `latest` at it and keep the newest `keep` checkpoints (and the
     checkpoints named in `protect`, e.g. the one model selection chose). `identity` (JSON values) is what a
-    resume of the run must keep (`modelzoo.train.identity`)."""
+    resume of the run must keep (`modelzoo.train.identity`).
+
+    `shards`: the ranks of a model sharded with FSDP2 (a sharded checkpoint, module docstring). Every rank calls
+    this with its part of the state (`optimizer_state` keyed by parameter name) and writes it into `dcp/` of rank
+    0's temporary directory; rank 0 writes the rest and renames the directory into place, and every rank returns
+    once it is there.
+    """
     root = checkpoint_dir(run_dir)
     final = root / f"step_{step:06d}"
-    needed = state_bytes(model.state_dict()) + state_bytes(optimizer_state) + state_bytes(trainer_state) + SLACK_BYTES
-    with atomic_directory(final, needed) as tmp:
-        save_model(model, str(tmp / MODEL_FILE))
-        torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
-        torch.save(trainer_state, tmp / TRAINER_FILE)
-        (tmp / CONFIG_FILE).write_text(config_yaml)
-        if identity is not None:
-            (tmp / IDENTITY_FILE).write_text(json.dumps(identity, indent=2, sort_keys=True))
-        _write_manifest(tmp, step)
-    write_text_atomically(root / LATEST, final.name + "\n")
-    _prune(root, keep, protect={final.name, *protect})
-    return final
-
-
-def save_sharded_checkpoint(
-    dist: Distributed,
-    run_dir: str | Path,
-    step: int,
-    model_state: dict[str, Any],
-    optimizer_state: dict[str, Any],
-    trainer_state: dict[str, Any],
-    config_yaml: str,
-    keep: int,
-    protect: tuple[str, ...] = (),
-    identity: dict[str, Any] | None = None,
-) -> Path:
-    """`save_checkpoint` for sharded state, called on every rank: each rank writes its part of `model_state` and
-    `optimizer_state` (`DTensor`s, or whole tensors that DCP writes once) into `dcp/` of the same temporary
-    directory, rank 0 the rest and the manifest, then renames it into place and points `latest` at it; every rank
-    returns once it is in place."""
-    final = checkpoint_dir(run_dir) / f"step_{step:06d}"
-    # The free-space estimate: this rank's share of the state, times the ranks.
-    needed = (state_bytes(model_state) + state_bytes(optimizer_state)) * dist.world_size + SLACK_BYTES
-    with atomic_directory(final, needed) if dist.is_main else _no_directory() as tmp:
-        tmp = Path(dist.broadcast(str(tmp)))
-        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp / DCP_DIR))
-        if dist.is_main:
+    main = shards is None or shards.is_main
+    model_state = model.state_dict() if shards is None else get_model_state_dict(model)
+    ranks = 1 if shards is None else shards.world_size  # each rank's share of the state, times the ranks
+    needed = (state_bytes(model_state) + state_bytes(optimizer_state)) * ranks + state_bytes(trainer_state)
+    with atomic_directory(final, needed + SLACK_BYTES) if main else _no_directory() as tmp:
+        if shards is None:
+            save_model(model, str(tmp / MODEL_FILE))
+            torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
+        else:
+            tmp = Path(shards.broadcast(str(tmp)))
+            dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp / DCP_DIR))
+        if main:
             torch.save(trainer_state, tmp / TRAINER_FILE)
             (tmp / CONFIG_FILE).write_text(config_yaml)
             if identity is not None:
                 (tmp / IDENTITY_FILE).write_text(json.dumps(identity, indent=2, sort_keys=True))
             _write_manifest(tmp, step)
-    if dist.is_main:
-        write_text_atomically(checkpoint_dir(run_dir) / LATEST, final.name + "\n")
-        _prune(checkpoint_dir(run_dir), keep, protect={final.name, *protect})
-    dist.barrier()
+    if main:
+        write_text_atomically(root / LATEST, final.name + "\n")
+        _prune(root, keep, protect={final.name, *protect})
+    if shards is not None:
+        shards.barrier()
     return final
 
 

@@ -461,29 +461,18 @@ class TrainLoop:
 
     def save(self) -> Path:
         self._refuse_nonfinite(f"step {self.step}", "the checkpoint was not written")
-        if self.parallel.sharded_checkpoints:
-            return ckpt.save_sharded_checkpoint(
-                self.dist,
-                self.run_dir,
-                self.step,
-                get_model_state_dict(self.model),
-                get_optimizer_state_dict(self.model, self.optimizer),
-                self.state_dict(),
-                self.config_yaml,
-                keep=self.settings.keep_checkpoints,
-                protect=self.task.protected_checkpoints(),
-                identity=self.identity,
-            )
+        sharded = self.parallel.sharded_checkpoints
         return ckpt.save_checkpoint(
             self.run_dir,
             self.step,
             self.model,
-            self.optimizer.state_dict(),
+            get_optimizer_state_dict(self.model, self.optimizer) if sharded else self.optimizer.state_dict(),
             self.state_dict(),
             self.config_yaml,
             keep=self.settings.keep_checkpoints,
             protect=self.task.protected_checkpoints(),
             identity=self.identity,
+            shards=self.dist if sharded else None,
         )
 
     def resume(self, keys: tuple[str, ...], hint: str) -> None:

@@ -12,7 +12,7 @@ synchronises gradients, what runs after the last backward of a step, and which c
   (`MaskedSparsity.mask_gradients`) before clipping, which gives the same bits as masking before the reduction,
   since the reduction is elementwise. With `task.precision=bf16` parameters are gathered in bf16 and gradients
   reduced in fp32 (`MixedPrecisionPolicy`). Checkpoints are `torch.distributed.checkpoint` directories that any
-  number of ranks can resume (`modelzoo.checkpoint.save_sharded_checkpoint`). In one process (no torchrun) nothing
+  number of ranks can resume (`modelzoo.checkpoint.save_checkpoint` with `shards`). In one process (no torchrun) nothing
   is sharded, but the run writes and reads the same sharded layout, so it can move between 1 and N ranks.
 """
 
