@@ -5,7 +5,7 @@ checkpoints); the loop does the rest, the same for every task:
 
 - one optimizer step (`train_step`): `batch_size / (micro_batch_size x ranks)` micro-batches of forward and
   backward under autocast (gradients accumulate; under torchrun the data-parallel plug-in, `modelzoo.train.parallel`,
-  all-reduces (DDP) or reduce-scatters (FSDP2) them once, on the last one), gradient
+  all-reduces them once, on the last one (DDP), or reduce-scatters each one's into sharded gradients (FSDP2)), gradient
   clipping over the trainable parameters, optimizer and schedule step. The backend may wrap it
   (`Backend.wrap_step`: the Cerebras backend traces it) and feeds it (`Backend.batches`);
 - device setup (`modelzoo.train.accel.setup_device`): TF32 matmuls on CUDA;
@@ -218,7 +218,7 @@ class TrainLoop:
         self.model.train()
         losses = []
         for i in range(self.accumulation):
-            # DDP all-reduces (FSDP reduce-scatters) the gradients once, on the last micro-batch of the step.
+            # DDP all-reduces the gradients once, on the last micro-batch of the step.
             with self.autocast, self.parallel.micro_batch(last=i == self.accumulation - 1):
                 loss = self.task.loss(self.forward, *(t[i] for t in batch))
             scaled = loss / self.accumulation

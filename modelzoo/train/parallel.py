@@ -8,7 +8,10 @@ synchronises gradients, what runs after the last backward of a step, and which c
 - `fsdp` (`FullyShardedDP`): torch's FSDP2 `fully_shard` on each transformer block, then on the root (torchtitan's
   `apply_fsdp`); each rank holds dim-0 rows of every parameter, its mask, its gradient and its AdamW moments
   (`shard_masks`). Gradients are
-  reduce-scattered once per step (on the last micro-batch); then the sparsity plug-in masks the sharded gradients
+  reduce-scattered after every micro-batch's backward and accumulate sharded (as torchtitan does: skipping the
+  reduction until the last micro-batch would keep a whole fp32 gradient of the model on every rank through the
+  accumulation, 4 bytes a parameter, more than all the sharded state at 8 ranks); after the last backward the
+  sparsity plug-in masks the sharded gradients
   (`MaskedSparsity.mask_gradients`) before clipping, which gives the same bits as masking before the reduction,
   since the reduction is elementwise. With `task.precision=bf16` parameters are gathered in bf16 and gradients
   reduced in fp32 (`MixedPrecisionPolicy`). Checkpoints are `torch.distributed.checkpoint` directories that any
@@ -95,11 +98,6 @@ class FullyShardedDP(DataParallel):
         shard_masks(model)
         self.root = model
         return forward
-
-    def micro_batch(self, last: bool) -> AbstractContextManager:
-        if self.root is not None:
-            self.root.set_requires_gradient_sync(last)  # reduce-scatter once, after the last micro-batch
-        return nullcontext()
 
     def after_backward(self) -> None:
         if self.root is not None and self._after_backward is not None:
