@@ -41,6 +41,8 @@ class Capabilities:
     weights_on_host: bool = True
     # Data parallel under torchrun (else the backend scales out on its own cluster).
     torchrun: bool = True
+    # Its model can be sharded over the torchrun ranks with FSDP2 (`task.parallelism=fsdp`).
+    fsdp: bool = True
     # The host sees each step's loss before the update, so task.on_nonfinite=skip can leave an update out.
     host_skips_updates: bool = True
     # Honours the `cluster` node (targets other than `auto`, lowering modes).

@@ -205,6 +205,7 @@ class Shape:
     seq: int
     steps: int
     note: str = ""
+    variants: tuple[str, ...] | None = None  # the script's variants to time; None: all of them
 
     @property
     def tokens(self) -> int:

@@ -9,6 +9,11 @@ Layout of one checkpoint, `<run_dir>/checkpoints/step_000100/`:
     manifest.json       format version, step, sha256 and size of every file above (written last)
 `checkpoints/latest` names the newest complete checkpoint.
 
+A sharded checkpoint (`task.parallelism=fsdp`, `save_checkpoint(shards=...)`) holds `dcp/` in place of
+`model.safetensors` and `optimizer.pt`: a `torch.distributed.checkpoint` directory of model state (weights and whole
+masks) and optimizer state, keyed by parameter name, one `.distcp` file written by each rank and a `.metadata`
+index. Any number of ranks can load it (DCP reshards on load), one process included (`read_sharded_model`).
+
 A checkpoint is written into a temporary directory, every file fsynced, then renamed into place, and only
 then is `latest` switched (write + rename) and older checkpoints pruned: a crash at any moment leaves the
 previous good checkpoint untouched and never a half-written one that looks complete (`modelzoo.atomic`).
@@ -20,15 +25,22 @@ import hashlib
 import json
 import pickle
 import shutil
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from modelzoo.atomic import atomic_directory, write_text_atomically
+from modelzoo.distributed import Distributed
 from modelzoo.errors import CheckpointError, ConfigError
 from modelzoo.sparsity.masks import MASK_SUFFIX
 
@@ -44,6 +56,7 @@ MODEL_FILE, OPTIMIZER_FILE, TRAINER_FILE, CONFIG_FILE, IDENTITY_FILE, MANIFEST_F
 # What export, generate, evaluate and prune read: they verify these alone, so a damaged optimizer state (only a
 # resume reads it) does not block exporting intact weights.
 WEIGHT_FILES = (MODEL_FILE, CONFIG_FILE)
+DCP_DIR = "dcp"  # a sharded checkpoint's model and optimizer state (torch.distributed.checkpoint)
 LATEST = "latest"
 # Room for what the tensors do not count: headers, pickled structure, config, identity, manifest.
 SLACK_BYTES = 1 << 20
@@ -72,24 +85,74 @@ def save_checkpoint(
     keep: int,
     protect: tuple[str, ...] = (),
     identity: dict[str, Any] | None = None,
+    shards: Distributed | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically, point `latest` at it and keep the newest `keep` checkpoints (and the
     checkpoints named in `protect`, e.g. the one model selection chose). `identity` (JSON values) is what a
-    resume of the run must keep (`modelzoo.train.identity`)."""
+    resume of the run must keep (`modelzoo.train.identity`).
+
+    `shards`: the ranks of a model sharded with FSDP2 (a sharded checkpoint, module docstring). Every rank calls
+    this with its part of the state (`optimizer_state` keyed by parameter name) and writes it into `dcp/` of rank
+    0's temporary directory; rank 0 writes the rest and renames the directory into place, and every rank returns
+    once it is there.
+    """
     root = checkpoint_dir(run_dir)
     final = root / f"step_{step:06d}"
-    needed = state_bytes(model.state_dict()) + state_bytes(optimizer_state) + state_bytes(trainer_state) + SLACK_BYTES
-    with atomic_directory(final, needed) as tmp:
-        save_model(model, str(tmp / MODEL_FILE))
-        torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
-        torch.save(trainer_state, tmp / TRAINER_FILE)
-        (tmp / CONFIG_FILE).write_text(config_yaml)
-        if identity is not None:
-            (tmp / IDENTITY_FILE).write_text(json.dumps(identity, indent=2, sort_keys=True))
-        _write_manifest(tmp, step)
-    write_text_atomically(root / LATEST, final.name + "\n")
-    _prune(root, keep, protect={final.name, *protect})
+    main = shards is None or shards.is_main
+    model_state = model.state_dict() if shards is None else get_model_state_dict(model)
+    ranks = 1 if shards is None else shards.world_size  # each rank's share of the state, times the ranks
+    needed = (state_bytes(model_state) + state_bytes(optimizer_state)) * ranks + state_bytes(trainer_state)
+    with atomic_directory(final, needed + SLACK_BYTES) if main else _no_directory() as tmp:
+        if shards is None:
+            save_model(model, str(tmp / MODEL_FILE))
+            torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
+        else:
+            tmp = Path(shards.broadcast(str(tmp)))
+            dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp / DCP_DIR))
+        if main:
+            torch.save(trainer_state, tmp / TRAINER_FILE)
+            (tmp / CONFIG_FILE).write_text(config_yaml)
+            if identity is not None:
+                (tmp / IDENTITY_FILE).write_text(json.dumps(identity, indent=2, sort_keys=True))
+            _write_manifest(tmp, step)
+    if main:
+        write_text_atomically(root / LATEST, final.name + "\n")
+        _prune(root, keep, protect={final.name, *protect})
+    if shards is not None:
+        shards.barrier()
     return final
+
+
+@contextmanager
+def _no_directory() -> Iterator[None]:
+    """What ranks other than 0 hold in place of rank 0's `atomic_directory` (whose path they are sent)."""
+    yield None
+
+
+def is_sharded(path: str | Path) -> bool:
+    """Whether a checkpoint is sharded (`dcp/`) rather than whole (`model.safetensors`)."""
+    return (Path(path) / DCP_DIR).is_dir()
+
+
+def weight_files(path: str | Path) -> tuple[str, ...]:
+    """What a checkpoint's weights are read from (export, generate, evaluate and prune verify these alone)."""
+    return (DCP_DIR, CONFIG_FILE) if is_sharded(path) else WEIGHT_FILES
+
+
+def read_sharded_model(path: str | Path, keep: Callable[[str], bool] = lambda name: True) -> dict[str, torch.Tensor]:
+    """The whole model tensors of a sharded checkpoint whose names `keep` accepts, read in this one process (any
+    number of ranks wrote them)."""
+    reader = dcp.FileSystemReader(str(Path(path) / DCP_DIR))
+    tensors = {
+        name.removeprefix("model."): torch.empty(meta.size, dtype=meta.properties.dtype)
+        for name, meta in reader.read_metadata().state_dict_metadata.items()
+        if name.startswith("model.") and isinstance(meta, TensorStorageMetadata) and keep(name.removeprefix("model."))
+    }
+    state = {"model": tensors}
+    with warnings.catch_warnings():  # that it loads in one process: what this function is for
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        dcp.load(state, storage_reader=reader)
+    return state["model"]
 
 
 def save_weights(run_dir: str | Path, step: int, model: nn.Module, config_yaml: str) -> Path:
@@ -112,7 +175,7 @@ def state_bytes(state: Any) -> int:
 
     def visit(value: Any) -> None:
         if isinstance(value, torch.Tensor):
-            storage = value.untyped_storage()
+            storage = (value.to_local() if hasattr(value, "to_local") else value).untyped_storage()  # a DTensor's shard
             seen[storage.data_ptr()] = storage.nbytes()
         elif isinstance(value, dict):
             for item in value.values():
@@ -126,8 +189,12 @@ def state_bytes(state: Any) -> int:
 
 
 def _write_manifest(directory: Path, step: int) -> None:
-    """The manifest (sha256 and size of every file in `directory`), written last."""
-    files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in sorted(directory.iterdir())}
+    """The manifest (sha256 and size of every file in `directory` and below, by relative path), written last."""
+    files = {
+        p.relative_to(directory).as_posix(): {"sha256": _sha256(p), "bytes": p.stat().st_size}
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
     manifest = {"format_version": FORMAT_VERSION, "step": step, "files": files}
     (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
 
@@ -206,8 +273,8 @@ def check_run_dir(run_dir: str | Path, resume: bool) -> None:
 
 
 def verify_checkpoint(path: str | Path, only: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """Check that every file (or those named in `only`) is present with its recorded size and sha256; return the
-    manifest."""
+    """Check that every file (or those named in `only`, files or directories) is present with its recorded size and
+    sha256; return the manifest."""
     path = Path(path)
     manifest_path = path / MANIFEST_FILE
     if not manifest_path.is_file():
@@ -219,11 +286,15 @@ def verify_checkpoint(path: str | Path, only: tuple[str, ...] | None = None) -> 
         raise CheckpointError(f"{manifest_path} is corrupted ({e})") from e
     if manifest.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format version {manifest.get('format_version')}, expected {FORMAT_VERSION}")
-    missing = sorted(set(only or ()) - files.keys())
+
+    def named(name: str) -> bool:
+        return only is None or any(name == n or name.startswith(n + "/") for n in only)
+
+    missing = [n for n in only or () if not any(f == n or f.startswith(n + "/") for f in files)]
     if missing:
         raise CheckpointError(f"{path}: {MANIFEST_FILE} lists no {missing[0]}")
     for name, meta in files.items():
-        if only is not None and name not in only:
+        if not named(name):
             continue
         f = path / name
         if not f.is_file():
@@ -250,9 +321,24 @@ def read_identity(path: str | Path) -> dict[str, Any] | None:
 def load_model_weights(path: str | Path, model: nn.Module, mask_names: list[str], drop_masks: bool = False) -> None:
     """Load weights and masks into `model`, refusing a checkpoint that lacks a mask the config needs or holds one
     it does not create; `drop_masks` loads the weights alone (the pruned entries are the exact zeros stored)."""
-    file = Path(path) / MODEL_FILE
-    with safe_open(str(file), framework="pt") as f:
-        shapes = {key: list(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118 (no dict)
+    file, unexpected_masks = check_stored_model(path, model, mask_names, drop_masks)
+    if is_sharded(path):
+        stored = read_sharded_model(path, lambda name: not (drop_masks and name in unexpected_masks))
+        missing, unexpected = model.load_state_dict(stored, strict=False)
+    else:
+        missing, unexpected = load_model(model, str(file), strict=False)
+    unexpected = [k for k in unexpected if not (drop_masks and k in unexpected_masks)]
+    if missing or unexpected:
+        raise CheckpointError(f"{file} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+def check_stored_model(
+    path: str | Path, model: nn.Module, mask_names: list[str], drop_masks: bool = False
+) -> tuple[Path, list[str]]:
+    """Refuse a checkpoint whose tensors have other shapes than `model`'s, that lacks a mask of `mask_names` or
+    (unless `drop_masks`) holds another; returns the file (or `dcp/`) they are in and the masks it holds beyond."""
+    file = Path(path) / (DCP_DIR if is_sharded(path) else MODEL_FILE)
+    shapes = _stored_shapes(Path(path))
     keys = set(shapes)
     for name, tensor in model.state_dict().items():
         if name in shapes and shapes[name] != list(tensor.shape):
@@ -274,14 +360,22 @@ def load_model_weights(path: str | Path, model: nn.Module, mask_names: list[str]
             f"{file} holds masks (e.g. {unexpected_masks[0]}) that this config does not create: it was trained "
             "with a different sparsity config"
         )
-    missing, unexpected = load_model(model, str(file), strict=False)
-    unexpected = [k for k in unexpected if not (drop_masks and k in unexpected_masks)]
-    if missing or unexpected:
-        raise CheckpointError(f"{file} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return file, unexpected_masks
+
+
+def _stored_shapes(path: Path) -> dict[str, list[int]]:
+    """The shape of every model tensor a checkpoint stores, by state-dict name."""
+    if is_sharded(path):
+        meta = dcp.FileSystemReader(str(path / DCP_DIR)).read_metadata().state_dict_metadata
+        return {k.removeprefix("model."): list(m.size) for k, m in meta.items() if k.startswith("model.")}
+    with safe_open(str(path / MODEL_FILE), framework="pt") as f:
+        return {key: list(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118 (no dict)
 
 
 def checkpoint_masks(path: str | Path) -> dict[str, torch.Tensor]:
     """The `<param>_mask` tensors stored in a checkpoint, by buffer name."""
+    if is_sharded(path):
+        return read_sharded_model(path, lambda name: name.endswith(MASK_SUFFIX))
     with safe_open(str(Path(path) / MODEL_FILE), framework="pt") as f:
         names = [key for key in f.keys() if key.endswith(MASK_SUFFIX)]  # noqa: SIM118 (safe_open is no dict)
         return {key: f.get_tensor(key) for key in names}
@@ -295,7 +389,12 @@ def load_training_state(path: str | Path) -> tuple[dict, dict]:
             f"{path} holds weights only (no optimizer or trainer state), so it cannot be resumed; export it "
             "(modelzoo export) and start a new run from it with task.init_from=<the export>"
         )
-    return _load_plain(path / OPTIMIZER_FILE), _load_plain(path / TRAINER_FILE)
+    return _load_plain(path / OPTIMIZER_FILE), load_trainer_state(path)
+
+
+def load_trainer_state(path: str | Path) -> dict:
+    """The trainer state of a verified checkpoint (a sharded one keeps its optimizer state in `dcp/`)."""
+    return _load_plain(Path(path) / TRAINER_FILE)
 
 
 def _load_plain(file: Path) -> Any:

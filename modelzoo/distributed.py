@@ -1,7 +1,8 @@
 """Data parallelism under `torchrun`: process group, rank-0-first sections and reductions.
 
 `torchrun --nproc_per_node=N -m modelzoo pretrain ...` starts N processes; each holds a full replica wrapped
-in `DistributedDataParallel` and reads its own shard of every batch (`BlockLoader` takes rank / world_size).
+in `DistributedDataParallel` (or, with `task.parallelism=fsdp`, its shard of the model: `modelzoo.train.parallel`)
+and reads its own shard of every batch (`BlockLoader` takes rank / world_size).
 `task.batch_size` stays the global batch: each rank runs `batch_size / (micro_batch_size x N)` micro-batches
 per step. Without torchrun's environment (`WORLD_SIZE` unset or 1) everything here is a no-op.
 """
@@ -48,6 +49,14 @@ class Distributed:
         yield
         if self.is_main:
             self.barrier()
+
+    def broadcast(self, value: object) -> object:
+        """Rank 0's `value` (a picklable object), on every rank."""
+        if not self.enabled:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """`tensor` summed over the ranks (in place; returned for chaining)."""

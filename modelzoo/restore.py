@@ -80,10 +80,9 @@ def load_tokenizer(checkpoint: Path) -> PreTrainedTokenizerBase | None:
 def restore_model(checkpoint: str | Path, masks: Masks = "config") -> Restored:
     """The model of a verified checkpoint with its weights, and its masks as `masks` says (module docstring)."""
     checkpoint = Path(checkpoint)
-    ckpt.verify_checkpoint(checkpoint, only=ckpt.WEIGHT_FILES)
-    log.info(
-        "%s: verified %s (all that is read here; a resume verifies the rest)", checkpoint, ", ".join(ckpt.WEIGHT_FILES)
-    )
+    weights = ckpt.weight_files(checkpoint)
+    ckpt.verify_checkpoint(checkpoint, only=weights)
+    log.info("%s: verified %s (all that is read here; a resume verifies the rest)", checkpoint, ", ".join(weights))
     cfg = saved_config(checkpoint)
     sparsifier: MaskedSparsity | None = None
     if masks == "config":

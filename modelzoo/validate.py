@@ -48,6 +48,7 @@ from modelzoo.sparsity.plan import check_run, never_updated, plan_groups
 from modelzoo.train.accel import validate_accel
 from modelzoo.train.budget import trained_steps
 from modelzoo.train.distill import check_teacher
+from modelzoo.train.parallel import fsdp_problem
 
 log = logging.getLogger(__name__)
 
@@ -279,6 +280,7 @@ def validate_pretrain(cfg: Config) -> None:
         why = f"skip decides on the host before each update; {backend} runs the update itself"
         raise ConfigError("task.on_nonfinite", why, ["stop"])
     validate_accel(t, cfg.optim, device, capabilities.own_compiler)
+    validate_parallelism(t.parallelism, backend)
     validate_cluster(cfg, backend, device)
     if t.distill.enabled:
         if not capabilities.distillation:
@@ -291,6 +293,18 @@ def validate_pretrain(cfg: Config) -> None:
     backend_class(backend).check_config(cfg, device)  # before check_supports: it names what cstorch lacks too
     for algorithm in cfg.sparsity.algorithms or [None]:
         check_supports(backend, algorithm=algorithm, device=device, dtype=precision)
+
+
+def validate_parallelism(parallelism: str, backend: str) -> None:
+    """`task.parallelism=fsdp` needs a backend whose model torch's FSDP2 can shard, and a torch that has it."""
+    if parallelism != "fsdp":
+        return
+    if not backend_class(backend).capabilities.fsdp:
+        why = f"fsdp shards the model with torch's FSDP2, which {backend} does not train with: use ddp or a backend"
+        raise ConfigError("task.parallelism", why, backends_with(lambda c: c.fsdp))
+    problem = fsdp_problem()
+    if problem:
+        raise ConfigError("task.parallelism", f"fsdp: {problem}; use ddp", ["ddp"])
 
 
 def validate_cluster(cfg: Config, backend: str, device: str) -> None:

@@ -57,7 +57,18 @@ def test_train_step_measures_every_variant(train_step: ModuleType, tiny_config: 
     assert set(timings) == set(train_step.VARIANTS)
     assert all(shape.tokens / t.median > 0 and len(t.samples) == 1 for t in timings.values())
     text = train_step.report("test", shape, timings, steps=1)
-    assert "ours / HF tokens/s" in text and "overhead" in text
+    assert "ours / HF GPT2LMHeadModel tokens/s" in text and "RigL step-time overhead" in text
+
+
+@pytest.mark.bench
+def test_train_step_times_a_llama_against_llama_for_causal_lm(train_step: ModuleType) -> None:
+    config = train_step.model_size("llama_tiny", n_layer=1, n_embd=32, n_head=4, n_kv_head=2, n_inner=64)
+    shape = train_step.Shape(config, batch=2, seq=8, steps=1, variants=train_step.BASE_VARIANTS)
+    timings = train_step.measure(shape, steps=1, warmup=0, repeats=1)
+    assert set(timings) == {"hf", "ours", "ours_masked75"}
+    text = train_step.report("test", shape, timings, steps=1)
+    assert "HF LlamaForCausalLM (sdpa), dense" in text and "n_kv_head 2" in text
+    assert "masked-dense 75% step-time overhead" in text and "RigL" not in text
 
 
 @pytest.mark.bench

@@ -192,9 +192,14 @@ def test_a_teacher_of_another_depth_is_allowed_for_the_logits_alone_and_a_missin
         make_config(tmp_path / "run", cache_dir, f"task.distill.teacher={tmp_path / 'missing'}")
 
 
-def test_cerebras_refuses_distillation_by_capability(trained_run: Path, tmp_path: Path, cache_dir: Path) -> None:
+@pytest.mark.parametrize("student", [(), ("model=llama_tiny", "model.n_kv_head=1")], ids=["gpt", "llama"])
+def test_cerebras_refuses_distillation_by_capability(
+    trained_run: Path, tmp_path: Path, cache_dir: Path, student: tuple[str, ...]
+) -> None:
+    """backend=cerebras has no distillation (`Capabilities.distillation`) for either family's student: refused at
+    config time, naming the key and the backends that have it, before the teacher is read."""
     with pytest.raises(ConfigError, match=r"^task\.distill\.teacher: cerebras .*allowed: masked_dense"):
-        make_config(tmp_path / "run", cache_dir, "backend=cerebras", f"task.distill.teacher={trained_run}")
+        make_config(tmp_path / "run", cache_dir, "backend=cerebras", *student, f"task.distill.teacher={trained_run}")
 
 
 def test_memory_plan_counts_the_frozen_teacher(trained_run: Path) -> None:

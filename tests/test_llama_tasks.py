@@ -4,6 +4,7 @@ prompting (a PEFT adapter that loads on the HF Llama export)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 from dataclasses import replace
@@ -288,14 +289,15 @@ def test_prune_our_llama_checkpoint_with_the_command(dense_llama_run: Path, cach
 def test_prune_hf_llama_then_continue_sparse_pretraining_from_it(
     hf_llama: Path, tmp_path: Path, cache_dir: Path, capsys
 ) -> None:
-    """`modelzoo prune task.hf_dir=DIR`, then the command it prints (`pretrain task.init_from=<pruned>
-    sparsity.init_method=from_weights`): the masks are the pruned zeros and stay zero through training."""
+    """The README's Sparse Llama recipe: `modelzoo prune task.hf_dir=DIR`, then `pretrain task.init_from=<pruned>
+    sparsity.init_method=from_weights task.distill.teacher=DIR`: the masks are the pruned zeros (their level read
+    from the weights) and stay zero through training with distillation from the dense directory."""
     out = tmp_path / "pruned"
     main(["prune", f"task.hf_dir={hf_llama}", f"task.output_dir={out}", f"data.cache_dir={cache_dir}",
           "data.seq_len=64", "task.method=wanda", "task.sparsity=0.5", "task.calibration_samples=4"])  # fmt: skip
     pruned = load_file(out / "model.safetensors")
     run = tmp_path / "continued"
-    main(["pretrain", f"task.init_from={out}", "sparsity.sparsity=0.5", "sparsity.init_method=from_weights",
+    main(["pretrain", f"task.init_from={out}", "sparsity.init_method=from_weights", f"task.distill.teacher={hf_llama}",
           f"run_dir={run}", f"data.cache_dir={cache_dir}", "backend=masked_dense", "task.max_steps=2",
           "task.batch_size=4", "task.micro_batch_size=4", "task.eval_every=2", "task.checkpoint_every=2"])  # fmt: skip
     state = load_file(ckpt.latest_checkpoint(run) / ckpt.MODEL_FILE)
@@ -308,3 +310,5 @@ def test_prune_hf_llama_then_continue_sparse_pretraining_from_it(
         AutoTokenizer.from_pretrained(run / "tokenizer").get_vocab()
         == AutoTokenizer.from_pretrained(hf_llama).get_vocab()
     )
+    with (run / "metrics.csv").open() as f:
+        assert all(float(row["kd_loss"]) > 0 and float(row["hidden_loss"]) > 0 for row in csv.DictReader(f))

@@ -53,6 +53,7 @@ class CerebrasBackend(Backend):
         own_compiler=True,  # cstorch traces the step, brings its AdamW and plans memory on the wafer
         weights_on_host=False,  # on a CS-2 the weights stay on the wafer; they come back in checkpoints
         torchrun=False,  # scales out over cluster.num_csx systems instead
+        fsdp=False,  # the weights live on the wafer (or in cstorch's traced program), not in torch's FSDP2
         host_skips_updates=False,  # the update is in the traced program
         clusters=True,
         distillation=False,  # the traced step holds one model; a teacher would need a program of its own

@@ -1,13 +1,17 @@
-"""Cerebras Model Zoo GPT-2/GPT-3 checkpoints <-> our model and checkpoint format, sparsity masks included.
+"""Cerebras Model Zoo GPT-2/GPT-3 and Llama checkpoints <-> our models and checkpoint format, masks included.
 
-Names follow the Cerebras Model Zoo's own HF <-> CS GPT-2 converter (`modelzoo.sparsity.names`): q, k and v are
-separate `proj_{q,k,v}_dense_layer`s there and one fused `c_attn` here (concatenated along the output dimension);
-both sides store linear weights as `nn.Linear` (out, in), so nothing is transposed. Differences between releases,
-all read: 1.7-1.9 prefix every key with `model.`; 1.7 keeps a copy of the final norm as `ln_f`; 2.1+ moved the
-position embeddings to `embedding_layer.position_embeddings.embed.weight`; `lm_head.weight` is the tied token
-embedding. Sparsity comes as cstorch's `<name>_mask` bool buffers or, from 1.x sideband training, as NaN at
-every pruned weight (what Cerebras' `finalize_cs2_sparsity` turns into zeros). Written back in the 2.1+ layout
-with `*_mask` buffers and the pruned weights at exact zero.
+Names follow the Cerebras Model Zoo's own HF <-> CS GPT-2 and Llama converters (`modelzoo.sparsity.names`): GPT's
+q, k and v are separate `proj_{q,k,v}_dense_layer`s there and one fused `c_attn` here (concatenated along the
+output dimension); both sides store linear weights as `nn.Linear` (out, in), so nothing is transposed. Their
+Llama rotates adjacent entries of a head (`rotate_every_two`), ours (HF's `rotate_half`) entries i and
+i + head_dim / 2, so the rows of each head of q_proj and k_proj are interleaved on the way there and
+de-interleaved on the way back, as their converter does; everything else is a rename. Differences between
+releases, all read: 1.7-1.9 prefix every key with `model.`; 1.7 keeps a copy of the final norm as `ln_f`; 2.1+
+moved the position embeddings to `embedding_layer.position_embeddings.embed.weight`; `lm_head.weight` is the
+token embedding where the model ties them (GPT always, Llama with `share_embedding_weights`). Sparsity comes as
+cstorch's `<name>_mask` bool buffers or, from 1.x sideband training, as NaN at every pruned weight (what
+Cerebras' `finalize_cs2_sparsity` turns into zeros). Written back in the 2.1+ layout with `*_mask` buffers and
+the pruned weights at exact zero.
 
 Files: a `torch.save` dict (the state dict, or `{"model": state_dict, ...}` as Model Zoo checkpoints hold it),
 safetensors, or a `cstorch.save` HDF5 file, which only `cstorch.load` reads (so only in the Cerebras venv).
@@ -18,6 +22,7 @@ convert our checkpoint directories to and from them.
 from __future__ import annotations
 
 import pickle
+import re
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from types import ModuleType
@@ -44,13 +49,12 @@ from modelzoo.config import Config
 from modelzoo.config.train import TrainConfig
 from modelzoo.data.config import DataConfig
 from modelzoo.errors import CheckpointError
-from modelzoo.models.gpt import GPT, GPTConfig
-from modelzoo.models.registry import unpad_vocab
+from modelzoo.models.registry import CausalLM, ModelConfig, model_class, unpad_vocab
 from modelzoo.restore import build_model, config_from_yaml, restore_model
 from modelzoo.sparsity.masks import MASK_SUFFIX
 from modelzoo.sparsity.names import cerebras_names
 
-TIED = ("lm_head.weight", "transformer.wte.weight")
+HEAD = "lm_head.weight"
 # Other spellings of a Cerebras name in some releases (2.1+ position embeddings, 1.7's copy of the final norm).
 ALIASES = {
     "embedding_layer.position_embeddings.weight": ("embedding_layer.position_embeddings.embed.weight",),
@@ -58,6 +62,34 @@ ALIASES = {
     "transformer_decoder.norm.bias": ("ln_f.bias",),
 }
 WRITTEN = {"embedding_layer.position_embeddings.weight": "embedding_layer.position_embeddings.embed.weight"}
+# Our Llama's rotated projections, whose rows the Model Zoo orders differently within each head.
+ROTATED = re.compile(r"model\.layers\.\d+\.self_attn\.([qk])_proj\.weight")
+
+
+def tied_embedding(model: CausalLM) -> str | None:
+    """Our name of the token embedding where `model`'s head is that same tensor (GPT; Llama when tied), else None."""
+    if model.get_parameter(HEAD) is not model.embedding.weight:
+        return None
+    return next(n for n, p in model.named_parameters() if p is model.embedding.weight)
+
+
+def _parameters(config: ModelConfig) -> tuple[list[str], str | None]:
+    """Our parameter names of `config`'s model (a tied head once, as the embedding) and its tied embedding."""
+    with torch.device("meta"):
+        model = model_class(config)(config)
+    return [n for n, _ in model.named_parameters()], tied_embedding(model)
+
+
+def rotary_rows(name: str, config: ModelConfig) -> torch.Tensor | None:
+    """The rows of our `name` in the Model Zoo's order (theirs = ours[rows]) where it is a Llama q_proj or k_proj
+    weight, else None: within each head, rows i and i + head_dim / 2 (a `rotate_half` pair) become rows 2i and
+    2i + 1 (a `rotate_every_two` pair), the HF -> CS interleaving of their Llama converter."""
+    m = ROTATED.fullmatch(name)
+    if m is None:
+        return None
+    heads = config.n_head if m.group(1) == "q" else config.n_kv_head
+    within = torch.arange(config.head_dim).view(2, -1).t().reshape(-1)  # [0, hs/2, 1, hs/2 + 1, ...]
+    return (torch.arange(heads)[:, None] * config.head_dim + within).reshape(-1)
 
 
 def load_cerebras_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -157,12 +189,13 @@ def checkpoint_to_cstorch(checkpoint: str | Path, path: str | Path) -> Path:
     verify_checkpoint(checkpoint)
     optimizer_state, trainer_state = load_training_state(checkpoint)
     config_yaml = read_config(checkpoint)
+    cfg = config_from_yaml(config_yaml)
     state = {
         "model": load_file(str(checkpoint / MODEL_FILE)),
         "optimizer": optimizer_state,
         "global_step": trainer_state["step"],
         "modelzoo_config": config_yaml,
-        "__metadata__": modelzoo_metadata(config_from_yaml(config_yaml), GPT.__name__, _cstorch(path).__version__),
+        "__metadata__": modelzoo_metadata(cfg, model_class(cfg.model).__name__, _cstorch(path).__version__),
     }
     return save_cstorch(path, state)
 
@@ -184,7 +217,7 @@ def cstorch_to_checkpoint(path: str | Path, run_dir: str | Path) -> Path:
     )
 
 
-def _model(state: dict[str, Any], path: Path, cfg: Config) -> GPT:
+def _model(state: dict[str, Any], path: Path, cfg: Config) -> CausalLM:
     """The model of `cfg` holding the weights and masks of `state["model"]`.
 
     It is initialised on a fork of torch's CPU generator, so a conversion moves no random state of the caller: a
@@ -193,7 +226,9 @@ def _model(state: dict[str, Any], path: Path, cfg: Config) -> GPT:
     with torch.random.fork_rng(devices=[]):
         model, _ = build_model(cfg)
     missing, unexpected = model.load_state_dict(state["model"], strict=False)
-    if unexpected or len(missing) > 1 or not set(missing) <= set(TIED):  # one tensor, stored under one of its names
+    tied = tied_embedding(model)
+    # A tied head and embedding are one tensor, stored under one of its names.
+    if unexpected or len(missing) > 1 or not set(missing) <= ({HEAD, tied} if tied else set()):
         raise CheckpointError(
             f"{path} does not match its config's model: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
@@ -251,12 +286,13 @@ def run_checkpoint_to_checkpoint(path: str | Path, run_dir: str | Path, keep: in
 
 
 def from_cerebras_state_dict(
-    state: dict[str, torch.Tensor], config: GPTConfig
+    state: dict[str, torch.Tensor], config: ModelConfig
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(our state dict, masks by our parameter name) from a Cerebras GPT state dict.
+    """(our state dict, masks by our parameter name) from a Cerebras GPT or Llama state dict of `config`'s shape.
 
     Pruned weights come back as exact zeros. A mask of c_attn is the concatenation of q, k and v's masks (True
-    where one of them has none). Keys left over, missing weights and an untied `lm_head` raise `CheckpointError`.
+    where one of them has none); Llama q/k rows and their masks are de-interleaved (`rotary_rows`). Keys left
+    over, missing weights and a head that differs from the embeddings of a tied model raise `CheckpointError`.
     """
     if state and all(k.startswith("model.") for k in state):
         state = {k.removeprefix("model."): v for k, v in state.items()}
@@ -282,43 +318,52 @@ def from_cerebras_state_dict(
         used.update(present)
         return present[0]
 
-    with torch.device("meta"):
-        names = [n for n, _ in GPT(config).named_parameters()]
+    names, tied = _parameters(config)
     ours_state, ours_masks = {}, {}
     for ours in names:
         keys = [take(n, ours) for n in cerebras_names(ours)]
-        ours_state[ours] = torch.cat([values[k] for k in keys]) if len(keys) > 1 else values[keys[0]]
-        parts = [masks.get(k) for k in keys]
-        if any(p is not None for p in parts):
-            ones = [
-                torch.ones_like(values[k], dtype=torch.bool) if p is None else p
-                for k, p in zip(keys, parts, strict=True)
-            ]
-            ours_masks[ours] = torch.cat(ones) if len(ones) > 1 else ones[0]
+        ours_state[ours] = torch.cat([values[k] for k in keys])
+        if any(k in masks for k in keys):
+            ours_masks[ours] = torch.cat([masks.get(k, torch.ones_like(values[k], dtype=torch.bool)) for k in keys])
             used.update(k for k in keys if k in masks)
-    head = values.get(TIED[0])
-    if head is not None:
-        if not torch.equal(head, ours_state[TIED[1]]):
-            raise CheckpointError(f"{TIED[0]} differs from the word embeddings: untied heads cannot be imported")
-        used.add(TIED[0])
-    ours_state[TIED[0]] = ours_state[TIED[1]]
+        rows = rotary_rows(ours, config)
+        if rows is not None:
+            back = torch.argsort(rows)
+            ours_state[ours] = ours_state[ours][back]
+            if ours in ours_masks:
+                ours_masks[ours] = ours_masks[ours][back]
+    if tied is not None:
+        head = values.get(HEAD)
+        if head is not None:
+            if not torch.equal(head, ours_state[tied]):
+                raise CheckpointError(
+                    f"{HEAD} differs from the word embeddings, which this model ties (share_embedding_weights): "
+                    "untied heads cannot be imported into it"
+                )
+            used.add(HEAD)
+        ours_state[HEAD] = ours_state[tied]
     left = sorted(set(values) - used) + sorted(f"{k}{MASK_SUFFIX}" for k in set(masks) - used - set(values))
     if left:
         raise CheckpointError(
-            f"the Cerebras state dict holds {len(left)} tensors this GPT has no place for: {left[:5]}"
+            f"the Cerebras state dict holds {len(left)} tensors this {config.family} has no place for: {left[:5]}"
         )
     return ours_state, ours_masks
 
 
-def to_cerebras_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our state dict (with `<param>_mask` buffers) in Cerebras Model Zoo 2.1+ names, pruned weights at zero."""
+def to_cerebras_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our state dict of `config`'s model (with `<param>_mask` buffers) in Cerebras Model Zoo 2.1+ names, pruned
+    weights at zero, Llama q/k rows interleaved (`rotary_rows`)."""
+    tied = _parameters(config)[1]
     out: dict[str, torch.Tensor] = {}
     for ours, value in state.items():
-        if ours.endswith(MASK_SUFFIX) or ours == TIED[0]:
+        if ours.endswith(MASK_SUFFIX) or (tied and ours == HEAD):
             continue
         mask = state.get(ours + MASK_SUFFIX)
         if mask is not None:
             value = value.masked_fill(~mask, 0)
+        rows = rotary_rows(ours, config)
+        if rows is not None:
+            value, mask = value[rows], None if mask is None else mask[rows]
         theirs = [WRITTEN.get(n, n) for n in cerebras_names(ours)]
         if not theirs:
             raise CheckpointError(f"{ours} has no Cerebras Model Zoo name")
@@ -331,12 +376,13 @@ def to_cerebras_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Te
             out[name] = part.clone()
             if part_mask is not None:
                 out[name + MASK_SUFFIX] = part_mask.clone()
-    out[TIED[0]] = out[cerebras_names(TIED[1])[0]]
+    if tied:
+        out[HEAD] = out[cerebras_names(tied)[0]]
     return out
 
 
 def import_cerebras(params: str | Path, checkpoint: str | Path, run_dir: str | Path, seed: int = 1234) -> Path:
-    """Write a Cerebras GPT checkpoint (with its params YAML) as checkpoint `step_000000` of our run `run_dir`.
+    """Write a Cerebras GPT or Llama checkpoint (with its params YAML) as checkpoint `step_000000` of `run_dir`.
 
     The params file decides which weights are sparse; the checkpoint must hold a mask (or NaN entries) for
     exactly those, unless the params are dense, in which case its masks are baked in as zeros. The result holds
@@ -379,6 +425,6 @@ def export_cerebras(checkpoint: str | Path, output_dir: str | Path) -> tuple[Pat
     output_dir = Path(output_dir)
     with atomic_directory(output_dir) as directory:
         write_params(recipe_of(cfg), directory / "params.yaml")
-        state = to_cerebras_state_dict(unpad_vocab(model.state_dict(), model.config))
+        state = to_cerebras_state_dict(unpad_vocab(model.state_dict(), model.config), model.config)
         torch.save({"model": state}, directory / "model.mdl")
     return output_dir / "params.yaml", output_dir / "model.mdl"

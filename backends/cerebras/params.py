@@ -1,5 +1,11 @@
 """Cerebras Model Zoo params YAML <-> our configs (model, optimizer and schedule, batch, steps, sparsity).
 
+The model block's `name` picks the family: `gpt2`/`gpt3` (or none, as in 2.0 files) our GPT, `llama` our Llama
+(their `GPT2LMHeadModel` configured with `norm_type: rmsnorm`, `nonlinearity: swiglu`, rotary embeddings,
+`multiquery_attention` for grouped-query heads and `pos_scaling_type: llama3`). One reader serves both: the
+shape keys are shared, and each family's table (`FAMILIES`) lists the options it has at one value only and the
+keys it reads and writes.
+
 Read dialects (the sections are found wherever the release puts them):
 - 2.0-2.2 "runconfig" files: `model`, `optimizer` (`optimizer_type`, `learning_rate` as a number or a list of
   `{scheduler: Linear|CosineDecay|Constant, ...}` phases), `train_input`, `runconfig.max_steps`, `sparsity`;
@@ -14,7 +20,7 @@ Cerebras spelling of every parameter of the model the file describes and turned 
 globs that already select the same parameters are kept unchanged, so a 2.2 recipe round-trips by copy.
 
 Written back as a 2.2 runconfig-style file (`algorithm`, `update`, `param_filter` in Cerebras names), which this
-module reads to the same configs. Anything our GPT or trainer cannot represent is refused with one sentence
+module reads to the same configs. Anything our models or trainer cannot represent is refused with one sentence
 naming the file and the key, never approximated silently.
 """
 
@@ -23,7 +29,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
@@ -34,12 +40,16 @@ import yaml
 from modelzoo.config import model_option_yaml
 from modelzoo.config.train import OptimConfig, TrainConfig
 from modelzoo.errors import ConfigError
-from modelzoo.models.gpt import ACTIVATIONS, GPT, GPTConfig
+from modelzoo.models.gpt import ACTIVATIONS, GPTConfig
+from modelzoo.models.llama import LlamaConfig, RopeScaling
+from modelzoo.models.registry import build_model
 from modelzoo.sparsity.config import SparsityConfig, SparsityGroupConfig
 from modelzoo.sparsity.names import cerebras_names, select_parameters
 from modelzoo.sparsity.plan import plan_groups
 
-# Cerebras key -> our GPTConfig field.
+ModelConfig = GPTConfig | LlamaConfig
+
+# Cerebras key -> our config field, the same in both families (HF GPT-2's names).
 MODEL_KEYS = {
     "hidden_size": "n_embd",
     "num_hidden_layers": "n_layer",
@@ -48,25 +58,72 @@ MODEL_KEYS = {
     "max_position_embeddings": "n_positions",
     "vocab_size": "vocab_size",
 }
-# Options our GPT implements at one value only: (key, that value, what our GPT does).
-FIXED_MODEL_OPTIONS = (
+# The Model Zoo's value of each option below where a file leaves it out (its `GPT2LMHeadModelConfig`, which its
+# Llama configures): a Llama file that omits `norm_type` gets LayerNorm.
+MODELZOO_DEFAULTS = {
+    "position_embedding_type": "learned",
+    "use_position_embedding": True,
+    "share_embedding_weights": True,
+    "attention_type": "scaled_dot_product",
+    "use_projection_bias_in_attention": True,
+    "use_ffn_bias_in_attention": True,
+    "use_ffn_bias": True,
+    "use_bias_in_output": False,
+    "norm_type": "layernorm",
+    "embedding_layer_norm": False,
+    "norm_first": True,
+    "fixed_sparse_attention": None,
+    "attention_module": "aiayn_attention",
+    "nonlinearity": "gelu",
+    "rope_theta": 10000.0,
+    "pos_scaling_type": "linear",
+    "pos_scaling_factor": 1.0,
+}
+# Options a family implements at one value only: (key, that value, what our model does).
+SHARED_FIXED = (
+    ("attention_type", "scaled_dot_product", "our attention scales scores by 1/sqrt(head_dim)"),
+    ("use_bias_in_output", False, "our lm_head has no bias"),
+    ("norm_first", True, "our blocks are pre-norm"),
+    ("fixed_sparse_attention", None, "our attention is dense and causal"),
+)
+GPT_FIXED = (
+    *SHARED_FIXED,
     ("position_embedding_type", "learned", "our GPT has learned absolute position embeddings only"),
     ("use_position_embedding", True, "our GPT always adds position embeddings"),
     ("share_embedding_weights", True, "our lm_head is tied to the token embedding"),
-    ("attention_type", "scaled_dot_product", "our attention scales scores by 1/sqrt(head_dim)"),
     ("use_projection_bias_in_attention", True, "our attention projections have biases"),
     ("use_ffn_bias_in_attention", True, "our attention output projection has a bias"),
     ("use_ffn_bias", True, "our MLP layers have biases"),
-    ("use_bias_in_output", False, "our lm_head has no bias"),
     ("norm_type", "layernorm", "our blocks use LayerNorm"),
     ("embedding_layer_norm", False, "our GPT has no LayerNorm after the embeddings"),
-    ("norm_first", True, "our blocks are pre-LayerNorm"),
-    ("fixed_sparse_attention", None, "our attention is dense and causal"),
     ("attention_module", "aiayn_attention", "our attention is multi-head attention"),
 )
+LLAMA_FIXED = (
+    *SHARED_FIXED,
+    ("position_embedding_type", "rotary", "our Llama has rotary position embeddings"),
+    ("use_position_embedding", True, "our Llama always rotates queries and keys"),
+    ("use_projection_bias_in_attention", False, "our attention projections have no biases"),
+    ("use_ffn_bias_in_attention", False, "our attention output projection has no bias"),
+    ("use_ffn_bias", False, "our MLP layers have no biases"),
+    ("norm_type", "rmsnorm", "our blocks use RMSNorm"),
+    ("embedding_layer_norm", False, "our Llama has no norm after the embeddings"),
+    ("nonlinearity", "swiglu", "our MLP is a SwiGLU (silu(gate) * up)"),
+)
+# The keys only the Llama dialect reads, and `pos_scaling_extra_args` of `pos_scaling_type: llama3` with the
+# defaults the Model Zoo's `_llama_3_update_inv_freq` gives the ones a file leaves out.
+LLAMA_KEYS = (
+    "rotary_dim",
+    "rope_theta",
+    "share_embedding_weights",
+    "attention_module",
+    "extra_attention_params",
+    "pos_scaling_type",
+    "pos_scaling_factor",
+    "pos_scaling_extra_args",
+)
+LLAMA3_SCALING_ARGS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 # Keys that do not change the network (initialisers other than `initializer.std`, loss scaling, CS-2 numerics).
 IGNORED_MODEL_KEYS = {
-    "name",
     "embedding_initializer",
     "output_layer_initializer",
     "loss_scaling",
@@ -91,7 +148,7 @@ ADAMW_DEFAULTS = {"betas": [0.9, 0.999], "eps": 1e-6, "weight_decay": 0.0}
 class CerebrasRecipe:
     """What a params file sets, as our configs: the network, sparsity, optimizer, and the loop's length and batch."""
 
-    model: GPTConfig
+    model: ModelConfig
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -138,7 +195,7 @@ class _Reader:
 
 
 def read_params(path: str | Path) -> CerebrasRecipe:
-    """Our configs from a Cerebras Model Zoo GPT-2/GPT-3 params YAML; raises `ConfigError` naming file and key."""
+    """Our configs from a Cerebras Model Zoo GPT-2/GPT-3 or Llama params YAML; a `ConfigError` names file and key."""
     path = Path(path)
     with path.open() as f:
         raw = yaml.safe_load(f)
@@ -202,40 +259,176 @@ def _sections(r: _Reader, raw: dict) -> _Sections:
 
 
 # ---- model ----------------------------------------------------------------------------------------------------
-def _read_model(r: _Reader, key: str, block: Any, name: str) -> GPTConfig:
+@dataclass(frozen=True)
+class _Family:
+    """How the params files spell one of our model families beyond the shape keys they share."""
+
+    names: tuple[str, ...]  # the model block's `name`s that mean this family; the first is written
+    config: type
+    fixed: tuple[tuple[str, Any, str], ...]  # options at one value only (key, that value, what our model does)
+    keys: tuple[str, ...]  # what `read` reads besides the shape, dropouts, norm epsilon and initializer
+    read: Callable[[_Reader, str, dict, dict], dict]  # (reader, block key, block, shape) -> config fields
+    write: Callable[[Any], dict]  # config -> block keys beyond the shape, fixed options and initializer
+
+
+def _read_model(r: _Reader, key: str, block: Any, name: str) -> ModelConfig:
     m = r.mapping(key, block)
-    handled = {*MODEL_KEYS, *(k for k, _, _ in FIXED_MODEL_OPTIONS), *DROPOUT_KEYS, "nonlinearity", "initializer"}
-    handled |= {"layer_norm_epsilon"}
+    family = _family(r, key, m)
+    fixed = {k for k, _, _ in family.fixed}
+    handled = {*MODEL_KEYS, *fixed, *family.keys, *DROPOUT_KEYS, "name", "nonlinearity", "layer_norm_epsilon"}
+    handled |= {"initializer", "initializer_range"}
     unknown = sorted(k for k in m if k not in handled | IGNORED_MODEL_KEYS)
     if unknown:
         raise r.error(f"{key}.{unknown[0]}", "is not understood by this importer, so the model cannot be guaranteed")
-    for option, supported, ours in FIXED_MODEL_OPTIONS:
-        if option in m and m[option] != supported:
-            raise r.error(f"{key}.{option}", f"{m[option]!r} cannot be imported: {ours}", [supported])
+    for option, supported, ours in family.fixed:
+        value = m.get(option, MODELZOO_DEFAULTS[option])
+        if value != supported:
+            said = repr(value) if option in m else f"absent, so the Model Zoo default {value!r} applies, which"
+            raise r.error(f"{key}.{option}", f"{said} cannot be imported: {ours}", [supported])
     shape = {}
     for theirs, ours in MODEL_KEYS.items():
         if theirs not in m:
             raise r.error(f"{key}.{theirs}", "is missing; the model's shape needs it")
         shape[ours] = r.number(f"{key}.{theirs}", m[theirs], int)
+    init = m.get("initializer")
+    if isinstance(init, Mapping) and "std" in init:
+        init_std = r.number(f"{key}.initializer.std", init["std"])
+    else:
+        init_std = r.number(f"{key}.initializer_range", m.get("initializer_range", 0.02))
+    return family.config(name=name, **shape, init_std=init_std, **family.read(r, key, m, shape))
+
+
+def _family(r: _Reader, key: str, m: dict) -> _Family:
+    """The family the block's `name` means (a file without one, as 2.0's, is a GPT)."""
+    name = m.get("name", FAMILIES["gpt"].names[0])
+    for family in FAMILIES.values():
+        if name in family.names:
+            return family
+    raise r.error(f"{key}.name", f"{name!r} is not a model we have", [n for f in FAMILIES.values() for n in f.names])
+
+
+def _dropouts(r: _Reader, key: str, m: dict) -> dict[str, float]:
     if "dropout_rate" not in m:
         raise r.error(f"{key}.dropout_rate", "is missing; give it explicitly (release defaults differ)")
-    dropouts = {k: r.number(f"{key}.{k}", m.get(k, m["dropout_rate"])) for k in DROPOUT_KEYS}
+    return {k: r.number(f"{key}.{k}", m.get(k, m["dropout_rate"])) for k in DROPOUT_KEYS}
+
+
+def _read_gpt(r: _Reader, key: str, m: dict, shape: dict) -> dict:
+    dropouts = _dropouts(r, key, m)
     if len(set(dropouts.values())) > 1:
         raise r.error(
             f"{key}.{'/'.join(DROPOUT_KEYS)}", f"{dropouts} differ; our GPT has one dropout rate for all three"
         )
-    activation = m.get("nonlinearity", "gelu")
+    activation = m.get("nonlinearity", MODELZOO_DEFAULTS["nonlinearity"])
     if activation not in ACTIVATIONS:
         raise r.error(f"{key}.nonlinearity", f"{activation!r} is not implemented", sorted(ACTIVATIONS))
-    init = m.get("initializer") or {}
-    return GPTConfig(
-        name=name,
-        **shape,
+    return dict(
         activation=activation,
         layer_norm_epsilon=r.number(f"{key}.layer_norm_epsilon", m.get("layer_norm_epsilon", 1e-5)),
         dropout=dropouts["dropout_rate"],
-        init_std=r.number(f"{key}.initializer.std", init.get("std", 0.02)) if isinstance(init, Mapping) else 0.02,
     )
+
+
+def _write_gpt(c: GPTConfig) -> dict:
+    return {"dropout_rate": c.dropout, "layer_norm_epsilon": c.layer_norm_epsilon, "nonlinearity": c.activation}
+
+
+def _read_llama(r: _Reader, key: str, m: dict, shape: dict) -> dict:
+    for k, rate in _dropouts(r, key, m).items():
+        if rate:
+            raise r.error(f"{key}.{k}", f"{rate} cannot be imported: our Llama has no dropout", [0.0])
+    head_dim = shape["n_embd"] // shape["n_head"]
+    if "rotary_dim" not in m:
+        raise r.error(
+            f"{key}.rotary_dim",
+            f"is missing, so the Model Zoo rotates a quarter of each head; our Llama rotates all of it: give "
+            f"rotary_dim: {head_dim}",
+        )
+    rotary_dim = r.number(f"{key}.rotary_dim", m["rotary_dim"], int)
+    if rotary_dim != head_dim:
+        raise r.error(
+            f"{key}.rotary_dim", f"{rotary_dim} cannot be imported: our Llama rotates whole heads", [head_dim]
+        )
+    tied = m.get("share_embedding_weights", MODELZOO_DEFAULTS["share_embedding_weights"])
+    if not isinstance(tied, bool):
+        raise r.error(f"{key}.share_embedding_weights", f"must be true or false, got {tied!r}")
+    return dict(
+        n_kv_head=_kv_heads(r, key, m, shape["n_head"]),
+        rope_theta=r.number(f"{key}.rope_theta", m.get("rope_theta", MODELZOO_DEFAULTS["rope_theta"])),
+        rope_scaling=_rope_scaling(r, key, m),
+        rms_norm_eps=r.number(f"{key}.layer_norm_epsilon", m.get("layer_norm_epsilon", 1e-5)),
+        tie_word_embeddings=tied,
+    )
+
+
+def _kv_heads(r: _Reader, key: str, m: dict, n_head: int) -> int:
+    """Key/value heads: `num_heads` under `aiayn_attention`, `extra_attention_params.num_kv_groups` (the Model Zoo's
+    default 1) under `multiquery_attention`; their groups repeat each key/value head for consecutive query heads,
+    as HF's `repeat_kv` does."""
+    at = f"{key}.extra_attention_params"
+    extra = r.mapping(at, m.get("extra_attention_params") or {})
+    others = sorted(k for k in extra if k != "num_kv_groups")
+    if others:
+        raise r.error(f"{at}.{others[0]}", "cannot be imported", ["num_kv_groups"])
+    module = m.get("attention_module", MODELZOO_DEFAULTS["attention_module"])
+    if module == "aiayn_attention":
+        if "num_kv_groups" in extra:
+            raise r.error(f"{at}.num_kv_groups", "needs attention_module: multiquery_attention")
+        return n_head
+    if module != "multiquery_attention":
+        raise r.error(
+            f"{key}.attention_module",
+            f"{module!r} cannot be imported: our Llama has multi-head or grouped-query attention",
+            ["aiayn_attention", "multiquery_attention"],
+        )
+    groups = r.number(f"{at}.num_kv_groups", extra.get("num_kv_groups", 1), int)
+    if groups < 1 or n_head % groups:
+        raise r.error(f"{at}.num_kv_groups", f"{groups} does not divide num_heads={n_head}")
+    return groups
+
+
+def _rope_scaling(r: _Reader, key: str, m: dict) -> RopeScaling | None:
+    """`pos_scaling_type: llama3` as our `RopeScaling`; None for `linear` at factor 1 (no scaling)."""
+    kind = m.get("pos_scaling_type", MODELZOO_DEFAULTS["pos_scaling_type"])
+    factor = r.number(f"{key}.pos_scaling_factor", m.get("pos_scaling_factor", MODELZOO_DEFAULTS["pos_scaling_factor"]))
+    if str(kind).lower() == "linear" and factor == 1.0:
+        return None
+    if str(kind).lower() != "llama3":
+        raise r.error(
+            f"{key}.pos_scaling_type",
+            f"{kind!r} with pos_scaling_factor {factor} cannot be imported: our Llama implements Llama-3 frequency "
+            "scaling only",
+            ["llama3", "linear (at factor 1.0)"],
+        )
+    at = f"{key}.pos_scaling_extra_args"
+    extra = r.mapping(at, m.get("pos_scaling_extra_args") or {})
+    unknown = sorted(set(extra) - set(LLAMA3_SCALING_ARGS))
+    if unknown:
+        raise r.error(f"{at}.{unknown[0]}", "is not an argument of llama3 scaling", sorted(LLAMA3_SCALING_ARGS))
+    args = {k: r.number(f"{at}.{k}", extra.get(k, d), type(d)) for k, d in LLAMA3_SCALING_ARGS.items()}
+    return RopeScaling(factor=factor, **args)
+
+
+def _write_llama(c: LlamaConfig) -> dict:
+    out: dict[str, Any] = {
+        "rotary_dim": c.head_dim,
+        "rope_theta": c.rope_theta,
+        "share_embedding_weights": c.tie_word_embeddings,
+        "dropout_rate": 0.0,
+        "layer_norm_epsilon": c.rms_norm_eps,
+    }
+    if c.n_kv_head != c.n_head:
+        out.update(attention_module="multiquery_attention", extra_attention_params={"num_kv_groups": c.n_kv_head})
+    if c.rope_scaling is not None:
+        s = asdict(c.rope_scaling)
+        out.update(pos_scaling_type="llama3", pos_scaling_factor=s.pop("factor"), pos_scaling_extra_args=s)
+    return out
+
+
+FAMILIES = {
+    "gpt": _Family(("gpt2", "gpt3"), GPTConfig, GPT_FIXED, (), _read_gpt, _write_gpt),
+    "llama": _Family(("llama", "LlamaModel"), LlamaConfig, LLAMA_FIXED, LLAMA_KEYS, _read_llama, _write_llama),
+}
 
 
 # ---- optimizer and learning-rate schedule ------------------------------------------------------------------------
@@ -250,7 +443,8 @@ def _read_optim(r: _Reader, s: _Sections, max_steps: int | None) -> tuple[OptimC
     else:
         raise r.error(key, "names no optimizer (expected optimizer_type or one {AdamW: {...}} entry)")
     if str(kind).lower() != "adamw":
-        raise r.error(f"{key}.optimizer_type", f"{kind!r} cannot be imported: our trainer uses AdamW", ["AdamW"])
+        at = f"{key}.optimizer_type" if args_key == key else args_key
+        raise r.error(at, f"{kind!r} cannot be imported: our trainer uses AdamW (decoupled weight decay)", ["AdamW"])
     if args.get("correct_bias", True) is not True:
         raise r.error(f"{args_key}.correct_bias", "False cannot be imported: our AdamW corrects its bias", [True])
     betas = list(args.get("betas", ADAMW_DEFAULTS["betas"]))
@@ -308,7 +502,7 @@ def _read_schedule(r: _Reader, key: str, spec: Any, optimizer_lr: Any) -> tuple[
     """(peak lr, warm-up steps, decay, floor ratio, total steps or None) from a file's learning-rate phases.
 
     Our schedule is an optional linear warm-up from 0 followed by one cosine or linear decay to a floor that
-    ends at the last step, or a constant: exactly the shape of every Cerebras GPT-3 recipe.
+    ends at the last step, or a constant: exactly the shape of every Cerebras GPT-3 and Llama recipe.
     """
     if isinstance(spec, (int, float)) and not isinstance(spec, bool):
         return float(spec), 0, "constant", 1.0, None
@@ -327,14 +521,15 @@ def _read_schedule(r: _Reader, key: str, spec: Any, optimizer_lr: Any) -> tuple[
         )
 
     warmup, peak_lr = 0, None
-    if len(phases) == 2:
-        at, kind, args = phases[0]
-        if kind != "linear" or float(args.get("initial_learning_rate", -1)) != 0.0:
-            raise unsupported()
+    at, kind, args = phases[0]
+    warms_up = kind == "linear" and float(args.get("initial_learning_rate", -1)) == 0.0
+    if len(phases) > 2 or (len(phases) == 2 and not warms_up):
+        raise unsupported()
+    if warms_up:
         warmup = r.number(f"{at}.total_iters", args.get("total_iters"), int)
         peak_lr = r.number(f"{at}.end_learning_rate", args.get("end_learning_rate"))
-    elif len(phases) != 1:
-        raise unsupported()
+        if len(phases) == 1:  # a warm-up alone (the Llama 3.1 recipes): it lasts the whole run
+            return peak_lr, warmup, "constant", 1.0, warmup
     at, kind, args = phases[-1]
     if kind == "constant":
         lr = r.number(f"{at}.learning_rate", args.get("learning_rate", peak_lr))
@@ -446,9 +641,9 @@ def compact_globs(selected: list[str], universe: list[str]) -> list[str]:
     return globs
 
 
-def _read_sparsity(r: _Reader, key: str, spec: Any, model: GPTConfig) -> SparsityConfig:
+def _read_sparsity(r: _Reader, key: str, spec: Any, model: ModelConfig) -> SparsityConfig:
     with torch.device("meta"):
-        gpt = GPT(model)
+        gpt = build_model(model)
     params = dict(gpt.named_parameters())
     names = list(params)
     groups, taken = [], set()
@@ -506,14 +701,13 @@ def _sparsity_config(groups: list[dict]) -> SparsityConfig:
 def to_params(recipe: CerebrasRecipe) -> dict:
     """A Cerebras Model Zoo 2.2 params dict (runconfig style) for `recipe`; `read_params` reads it back."""
     m, o, t = recipe.model, recipe.optim, recipe.train
-    model = {theirs: getattr(m, ours) for theirs, ours in MODEL_KEYS.items()}
-    model.update(
-        {k: v for k, v, _ in FIXED_MODEL_OPTIONS if k in ("position_embedding_type", "share_embedding_weights")}
+    family = FAMILIES[m.family]
+    model = {"name": family.names[0], **{theirs: getattr(m, ours) for theirs, ours in MODEL_KEYS.items()}}
+    model.update(  # the options whose Model Zoo default differs from ours, and the position embedding's kind
+        (k, v) for k, v, _ in family.fixed if k == "position_embedding_type" or MODELZOO_DEFAULTS[k] != v
     )
+    model.update(family.write(m))
     model.update(
-        dropout_rate=m.dropout,
-        layer_norm_epsilon=m.layer_norm_epsilon,
-        nonlinearity=m.activation,
         initializer={
             "name": "truncated_normal",
             "mean": 0.0,
@@ -574,9 +768,9 @@ def _lr_phases(o: OptimConfig, max_steps: int) -> float | list[dict]:
     return phases
 
 
-def _sparsity_block(config: SparsityConfig, model: GPTConfig) -> dict | list[dict]:
+def _sparsity_block(config: SparsityConfig, model: ModelConfig) -> dict | list[dict]:
     with torch.device("meta"):
-        gpt = GPT(model)
+        gpt = build_model(model)
     universe = [s for n in dict(gpt.named_parameters()) for s in cerebras_names(n)]
     blocks = []
     for plan in plan_groups(config, gpt):

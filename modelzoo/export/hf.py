@@ -42,6 +42,11 @@ def hf_table(hf_config: PretrainedConfig, where: str | os.PathLike) -> ModuleTyp
     return table
 
 
+def hf_model_class(config: ModelConfig) -> type[PreTrainedModel]:
+    """The Hugging Face causal LM class of `config`'s family (`GPT2LMHeadModel`, `LlamaForCausalLM`)."""
+    return TABLES[config.family].HF_MODEL
+
+
 def to_hf_config(
     config: ModelConfig, bos_token_id: int | None = None, eos_token_id: int | None = None
 ) -> PretrainedConfig:
@@ -102,7 +107,7 @@ def _build_hf_model(
             "model.vocab_size",
             f"{config.vocab_size} < the tokenizer's {len(tokenizer)} tokens; pass the model's own tokenizer",
         )
-    hf_class = TABLES[config.family].HF_MODEL
+    hf_class = hf_model_class(config)
     hf_model = hf_class(to_hf_config(config, bos, eos)).to(next(iter(hf_state.values())).dtype)
     result = hf_model.load_state_dict(hf_state, strict=False)
     tied = {TIED_KEY} if hf_model.config.tie_word_embeddings else set()

@@ -50,6 +50,7 @@ CEREBRAS_NAMES: list[tuple[str, tuple[str, ...]]] = [
         for x, cs in (("gate", "0.linear_layer_for_glu"), ("up", "0.linear_layer"), ("down", "1.linear_layer"))
     ),
     (r"model\.norm\.(\w+)", ("transformer_decoder.norm.{0}",)),
+    (r"lm_head\.(\w+)", ("lm_head.{0}",)),  # a head of its own (untied Llama); GPT's is the word embedding
 ]
 
 # Cerebras' default filter: >1-D parameters whose names contain none of these.

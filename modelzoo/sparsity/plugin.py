@@ -18,6 +18,15 @@ RigL regrows where the dense gradient is largest, which the masked gradient no l
 backward passes of an update step, each RigL weight's gradient hook adds the unmasked gradient to a buffer
 before masking it; over the micro-batches of a step this is the accumulated dense gradient. The buffers are
 freed once the masks are updated, so other steps cost nothing extra.
+
+Under FSDP2 (`task.parallelism=fsdp`) each parameter is a `DTensor` of which a rank holds dim-0 rows, its gradient
+and AdamW moments likewise, and the hooks above never fire (the sharded parameters replace the hooked ones). The
+masks are sharded with their weights (`modelzoo.train.parallel` makes each a `DTensor` of the same rows).
+Instead of the hooks, `mask_gradients` masks the sharded gradients after the step's reduce-scatter, before
+clipping: the reduction is elementwise, so a kept position's value is the same sum either way and a pruned one is
+selected to exact zero either way; the unmasked sharded gradient, already averaged over the ranks, is RigL's dense
+gradient. Every other operation works on this rank's rows (`local`, `local_mask`); a mask update gathers one full
+weight, its mask (and its dense gradient) at a time, so every rank computes the same new mask as one process would.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from modelzoo.sparsity.algorithms import Algorithm, make_algorithm
 from modelzoo.sparsity.config import SparsityConfig
 from modelzoo.sparsity.masks import MASK_SUFFIX, attach_mask
 from modelzoo.sparsity.plan import plan_groups
+from modelzoo.sparsity.shards import full, is_sharded, local, local_mask, rows, sum_over_shards
 
 
 @dataclass
@@ -133,6 +143,7 @@ class MaskedSparsity:
         self.step = 0  # optimizer steps taken
         self.generator = torch.Generator().manual_seed(seed)
         self._dense_grads: dict[str, torch.Tensor] = {}
+        self._dense_names: set[str] = set()  # the weights whose algorithm regrows by the dense gradient (RigL)
         self._capture = False  # whether gradient hooks keep RigL's dense gradients (during an update step)
 
     def apply(self, model: nn.Module) -> None:
@@ -159,6 +170,8 @@ class MaskedSparsity:
                 if group.algorithm.needs_dense_grad
                 else lambda grad, sp=sp: masked(grad, sp.mask)
             )
+            if group.algorithm.needs_dense_grad:
+                self._dense_names.add(name)
             self.params.append(sp)
             group.params.append(sp)
         for group in self.groups:
@@ -213,7 +226,19 @@ class MaskedSparsity:
     @torch.no_grad()
     def prune_weights(self) -> None:
         for sp in self.params:
-            prune_(sp.param, sp.mask)
+            prune_(local(sp.param), local_mask(sp.mask, sp.param))
+
+    @torch.no_grad()
+    def mask_gradients(self) -> None:
+        """Under FSDP2, after the step's reduce-scatter: keep RigL's dense gradient on its update steps, and zero the
+        sharded gradients at pruned positions, as the gradient hooks do for whole parameters (module docstring)."""
+        for sp in self.params:
+            grad = sp.param.grad
+            if grad is None or not is_sharded(grad):
+                continue
+            if self._capture and sp.name in self._dense_names:
+                self._dense_grads[sp.name] = grad.detach().clone()  # already summed over micro-batches and ranks
+            prune_(local(grad), local_mask(sp.mask, sp.param))
 
     @staticmethod
     def _shaped_state(optimizer: torch.optim.Optimizer, sp: SparseParam) -> list[torch.Tensor]:
@@ -225,7 +250,7 @@ class MaskedSparsity:
     def _prune_state(self, optimizer: torch.optim.Optimizer) -> None:
         for sp in self.params:
             for value in self._shaped_state(optimizer, sp):
-                prune_(value, sp.mask)
+                prune_(local(value), local_mask(sp.mask, value))
 
     @torch.no_grad()
     def _after_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -237,8 +262,8 @@ class MaskedSparsity:
             return
         due = [g.algorithm.is_update_step(self.step) for g in dynamic]
         # Under DDP each rank holds the dense gradient of its own micro-batches; the mean over ranks is the
-        # batch's, and every rank then picks the same regrowth.
-        average_across_ranks(list(self._dense_grads.values()))
+        # batch's, and every rank then picks the same regrowth. FSDP's reduce-scatter has averaged them already.
+        average_across_ranks([g for g in self._dense_grads.values() if not is_sharded(g)])
         finite = not any(due) or self._grads_finite(optimizer)
         for group, is_due in zip(dynamic, due, strict=True):
             if is_due and finite:
@@ -248,10 +273,16 @@ class MaskedSparsity:
         self._capture = self._captures_at(self.step + 1)
 
     def _grads_finite(self, optimizer: torch.optim.Optimizer) -> bool:
-        """Whether every gradient of the step (and every kept dense gradient) is finite, in one device sync."""
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        grads += self._dense_grads.values()
-        return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        """Whether every gradient of the step (and every kept dense gradient) is finite, in one device sync (and,
+        with sharded gradients, one all-reduce: each rank sees its rows only)."""
+        grads = [local(p.grad) for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        grads += [local(g) for g in self._dense_grads.values()]
+        if not grads:
+            return True
+        infinite = torch.stack([~torch.isfinite(g).all() for g in grads]).sum().reshape(1)
+        if any(is_sharded(p) for p in (sp.param for sp in self.params)):
+            infinite = sum_over_shards(infinite)
+        return not bool(infinite)
 
     def _update_masks(self, group: SparseGroup, optimizer: torch.optim.Optimizer) -> None:
         """New masks for `group`; weights and optimizer state are zeroed where a mask changed."""
@@ -260,21 +291,30 @@ class MaskedSparsity:
         for sp, level in zip(group.params, levels, strict=True):
             if sp.param.grad is None:  # as cstorch: a weight that did not train this step keeps its mask
                 continue
-            mask = sp.mask
+            mask, dense = full(sp.mask), self._dense_grads.get(sp.name)
             new = algorithm.update_mask(
-                sp.param.detach(), mask, level, self.step, self.generator, self._dense_grads.get(sp.name)
+                full(sp.param.detach()), mask, level, self.step, self.generator, None if dense is None else full(dense)
             )
             unchanged_kept = new & mask
             for tensor in (sp.param, *self._shaped_state(optimizer, sp)):
-                prune_(tensor, unchanged_kept)
-            mask.copy_(new)
+                prune_(local(tensor), rows(unchanged_kept, tensor))
+            local(sp.mask).copy_(rows(new, sp.mask))
 
     def _captures_at(self, step: int) -> bool:
         return any(g.algorithm.needs_dense_grad and g.algorithm.is_update_step(step) for g in self.groups)
 
     def stats(self) -> SparsityStats:
-        """Achieved sparsity (exact zeros in each targeted weight and over all of them) and mask sparsity."""
-        return sparsity_stats([(sp.name, sp.param, sp.mask) for sp in self.params])
+        """Achieved sparsity (exact zeros in each targeted weight and over all of them) and mask sparsity; with
+        sharded weights, each rank counts its rows and the counts are summed (a collective: call it on every rank)."""
+        if not any(is_sharded(sp.param) for sp in self.params):
+            return sparsity_stats([(sp.name, sp.param, sp.mask) for sp in self.params])
+        with torch.no_grad():
+            counts = [(local(sp.param) == 0).sum() for sp in self.params]
+            counts.append(sum((~local_mask(sp.mask, sp.param)).sum() for sp in self.params))
+            *zeros, pruned = sum_over_shards(torch.stack(counts)).tolist()
+        per_param = {sp.name: z / sp.param.numel() for sp, z in zip(self.params, zeros, strict=True)}
+        numel = sum(sp.param.numel() for sp in self.params)
+        return SparsityStats(per_param, int(sum(zeros)), numel, int(pruned))
 
     def mask_names(self) -> list[str]:
         """State-dict keys of the masks."""

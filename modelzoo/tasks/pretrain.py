@@ -42,6 +42,7 @@ from modelzoo.export.hf import export_hf, load_hf
 from modelzoo.flops import flop_report, format_flops
 from modelzoo.init_from import with_init_from
 from modelzoo.models.registry import CausalLM, build_model
+from modelzoo.restore import build_model as build_restored
 from modelzoo.restore import restore_model
 from modelzoo.train.accel import fuses_adamw, prepare_model
 from modelzoo.train.assemble import assemble_loop, open_run
@@ -125,7 +126,8 @@ class Pretraining:
             else None
         )
         self.columns = COLUMNS[:3] + (self.distiller.terms if self.distiller else ()) + COLUMNS[3:]
-        prepare_model(self.model, self.task, self.device.type, own_compiler)  # after the sparsity hooks
+        sharded = self.task.parallelism == "fsdp" and self.dist.enabled
+        prepare_model(self.model, self.task, self.device.type, own_compiler, sharded)  # after the sparsity hooks
         self.loader = BlockLoader(
             [source.train for source in self.corpus.sources],
             self.task.micro_batch_size,
@@ -152,6 +154,7 @@ class Pretraining:
             resume=(RESUME_KEYS, "start a new run_dir") if self.task.resume else None,
             fused=fuses_adamw(cfg.optim, self.device.type, own_compiler),
             identity=run_identity(cfg, self.tokenizer),
+            parallelism=self.task.parallelism,
         )
 
     def _build_model(self) -> CausalLM:
@@ -300,7 +303,11 @@ class Pretraining:
         stats = sparsifier.stats() if sparsifier else None
         flops = flop_report(self.cfg.model, self.cfg.data.seq_len, self.cfg.sparsity, steps=self.step)
         export_dir = None
+        whole = self.loop.parallel.whole_state(model) if self.task.export else None  # FSDP: gathered on rank 0
         if self.task.export and self.dist.is_main:
+            if whole is not None:
+                model = build_restored(self.cfg)[0]
+                model.load_state_dict(whole)
             info = self.cfg.sparsity.summary() if self.cfg.sparsity.enabled else {}
             export_dir = str(export_hf(model, self.run_dir / "hf", self.tokenizer, {**info, "step": self.step}))
         summary = RunSummary(

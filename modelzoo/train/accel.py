@@ -120,9 +120,14 @@ def _checkpointed(forward: Callable[..., torch.Tensor]) -> Callable[..., torch.T
     return run
 
 
-def prepare_model(model: CausalLM, task: TrainConfig, device_type: str, own_compiler: bool = False) -> None:
-    """Activation checkpointing and torch.compile as `task` asks, after the sparsity plug-in's hooks are on."""
+def prepare_model(
+    model: CausalLM, task: TrainConfig, device_type: str, own_compiler: bool = False, sharded: bool = False
+) -> None:
+    """Activation checkpointing and torch.compile as `task` asks, after the sparsity plug-in's hooks are on.
+    `sharded` (FSDP2 will shard each block): each block is compiled on its own, as torchtitan does, so that FSDP's
+    gathers and reduce-scatters run between the compiled blocks, not inside one graph of the whole model."""
     if task.activation_checkpointing:
         checkpoint_blocks(model)
     if compiles(task, device_type, own_compiler):
-        model.compile()
+        for module in model.blocks if sharded else [model]:
+            module.compile()

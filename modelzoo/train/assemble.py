@@ -23,6 +23,7 @@ from modelzoo.config import Config
 from modelzoo.config.train import OptimConfig, resolved_device
 from modelzoo.distributed import Distributed, init_distributed
 from modelzoo.train.loop import Forward, LoopSettings, LoopTask, TrainLoop, build_optimization
+from modelzoo.train.parallel import data_parallel
 
 
 @dataclass(frozen=True)
@@ -81,10 +82,14 @@ def assemble_loop(
     resume: tuple[tuple[str, ...], str] | None,
     fused: bool = False,
     identity: dict | None = None,
+    parallelism: str = "ddp",
 ) -> TrainLoop:
     """The loop of a run: AdamW and its schedule (the backend's), masked by `sparsifier`; `config` recorded in every
     checkpoint. A new run saves `tokenizer` under `<run_dir>/tokenizer`; `resume` (the keys a checkpoint must share
-    with `config`, and how to start afresh instead) continues the newest checkpoint exactly."""
+    with `config`, and how to start afresh instead) continues the newest checkpoint exactly. Under torchrun the model
+    is replicated or sharded as `parallelism` (`task.parallelism`) says, before its optimizer is built."""
+    parallel = data_parallel(parallelism, place.dist, settings.precision, getattr(sparsifier, "mask_gradients", None))
+    forward = parallel.wrap(model, forward)
     optimizer, scheduler = build_optimization(model, optim, settings.max_steps, backend, sparsifier, fused)
     loop = TrainLoop(
         task=task,
@@ -101,6 +106,7 @@ def assemble_loop(
         config_yaml=OmegaConf.to_yaml(OmegaConf.structured(config)),
         mask_names=mask_names,
         identity=identity,
+        parallel=parallel,
     )
     if resume:
         loop.resume(*resume)

@@ -22,6 +22,7 @@ from torch import nn
 
 from modelzoo.distributed import Distributed
 from modelzoo.errors import TrainingDiverged
+from modelzoo.sparsity.shards import local
 
 log = logging.getLogger(__name__)
 ADVICE = (
@@ -103,9 +104,10 @@ class NonFiniteGuard:
 
 
 def training_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> Iterator[tuple[str, torch.Tensor]]:
-    """The model's state dict and the optimizer's state, named by parameter (what a checkpoint holds)."""
-    yield from model.state_dict().items()
+    """The model's state dict and the optimizer's state, named by parameter (what a checkpoint holds); of sharded
+    tensors this rank's rows."""
+    yield from ((name, local(value)) for name, value in model.state_dict().items())
     names = {id(p): n for n, p in model.named_parameters()}
     for param, state in optimizer.state.items():
         for key, value in state.items():
-            yield f"optimizer {key} of {names.get(id(param), 'an unnamed parameter')}", value
+            yield f"optimizer {key} of {names.get(id(param), 'an unnamed parameter')}", local(value)

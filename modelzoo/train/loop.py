@@ -4,7 +4,8 @@ A task brings what is its own (`LoopTask`: batches, the loss of one micro-batch,
 checkpoints); the loop does the rest, the same for every task:
 
 - one optimizer step (`train_step`): `batch_size / (micro_batch_size x ranks)` micro-batches of forward and
-  backward under autocast (gradients accumulate; under torchrun DDP all-reduces once, on the last one), gradient
+  backward under autocast (gradients accumulate; under torchrun the data-parallel plug-in, `modelzoo.train.parallel`,
+  all-reduces them once, on the last one (DDP), or reduce-scatters each one's into sharded gradients (FSDP2)), gradient
   clipping over the trainable parameters, optimizer and schedule step. The backend may wrap it
   (`Backend.wrap_step`: the Cerebras backend traces it) and feeds it (`Backend.batches`);
 - device setup (`modelzoo.train.accel.setup_device`): TF32 matmuls on CUDA;
@@ -25,15 +26,21 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Protocol
 
 import torch
+import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from tqdm.auto import tqdm
 
 from modelzoo import checkpoint as ckpt
@@ -41,14 +48,16 @@ from modelzoo.backends.base import Backend, Sparsifier
 from modelzoo.config.train import OptimConfig
 from modelzoo.distributed import Distributed
 from modelzoo.errors import CheckpointError
-from modelzoo.finite import refuse_nonfinite
+from modelzoo.finite import nonfinite_tensors, refuse_nonfinite
 from modelzoo.optim import build_optimizer
 from modelzoo.sparsity.masks import MASK_SUFFIX
+from modelzoo.sparsity.shards import full
 from modelzoo.train.accel import setup_device
 from modelzoo.train.guards import NonFiniteGuard, training_tensors
 from modelzoo.train.identity import apply_optimizer_config, check_identity, first_difference, log_optimizer_changes
 from modelzoo.train.metrics import MetricsLogger
 from modelzoo.train.mfu import format_fraction, format_gib, mfu, peak_flops, take_peak_memory
+from modelzoo.train.parallel import DataParallel
 from modelzoo.train.rng import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -176,15 +185,16 @@ class TrainLoop:
         config_yaml: str,
         mask_names: list[str],
         identity: dict | None = None,
+        parallel: DataParallel | None = None,
     ) -> None:
-        """`identity`: what a resume must keep beyond the config (`modelzoo.train.identity`), None to check none."""
+        """`identity`: what a resume must keep beyond the config (`modelzoo.train.identity`), None to check none;
+        `parallel`: the data-parallel plug-in that already wrapped `model` into `forward` (None: one process)."""
         self.task, self.model, self.optimizer, self.scheduler = task, model, optimizer, scheduler
         self.backend, self.sparsifier, self.settings, self.dist = backend, sparsifier, settings, dist
         self.device, self.run_dir, self.config_yaml, self.mask_names = device, run_dir, config_yaml, mask_names
         self.accumulation = settings.batch_size // (settings.micro_batch_size * dist.world_size)
-        # Gradients are averaged over ranks by DDP; masks are buffers that every rank updates identically.
-        self.replica = DistributedDataParallel(model, broadcast_buffers=False) if dist.enabled else None
-        self.forward = self.replica or forward
+        self.parallel = parallel or DataParallel()
+        self.forward = forward
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.sizes = {name: p.numel() for name, p in model.named_parameters()}  # elements of each parameter
         self.autocast = backend.autocast(device, settings.precision)
@@ -209,15 +219,15 @@ class TrainLoop:
         losses = []
         for i in range(self.accumulation):
             # DDP all-reduces the gradients once, on the last micro-batch of the step.
-            last = i == self.accumulation - 1
-            with self.autocast, nullcontext() if self.replica is None or last else self.replica.no_sync():
+            with self.autocast, self.parallel.micro_batch(last=i == self.accumulation - 1):
                 loss = self.task.loss(self.forward, *(t[i] for t in batch))
             scaled = loss / self.accumulation
             (scaled if self.scaler is None else self.scaler.scale(scaled)).backward()
             losses.append(loss.detach())
+        self.parallel.after_backward()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.settings.grad_clip)
+        grad_norm = full(torch.nn.utils.clip_grad_norm_(self.trainable, self.settings.grad_clip))
         loss = torch.stack(losses).sum() / self.accumulation
         update = self.guard.allows_update(self.step + 1, loss, grad_norm)
         if update:
@@ -276,8 +286,10 @@ class TrainLoop:
         return self.step % self.settings.eval_every == 0 or self.step == self.settings.max_steps
 
     def save_due(self) -> bool:
+        """Whether this rank writes a checkpoint now (rank 0; every rank its part of a sharded one)."""
         s = self.settings
-        return self.dist.is_main and (self.step % s.checkpoint_every == 0 or self.step == s.max_steps)
+        writes = self.dist.is_main or self.parallel.sharded_checkpoints
+        return writes and (self.step % s.checkpoint_every == 0 or self.step == s.max_steps)
 
     def train_row(
         self,
@@ -317,10 +329,12 @@ class TrainLoop:
     def record_evaluation(self, metrics: dict[str, float]) -> dict[str, float]:
         """Keep and print this step's evaluation; per-weight sparsity as scalars where the weights are on the host."""
         self.last_eval = metrics
+        # On every rank: with sharded weights the counts are summed over the ranks.
+        host = self.sparsifier and self.backend.capabilities.weights_on_host
+        per_param = self.sparsifier.stats().per_param if host else {}
         if self.metrics:
             self._bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-            if self.sparsifier and self.backend.capabilities.weights_on_host:
-                self.log_sparsity(self.sparsifier.stats().per_param)
+            self.log_sparsity(per_param)
         return metrics
 
     def log_evaluation(self, metrics: dict[str, float]) -> None:
@@ -446,19 +460,19 @@ class TrainLoop:
         return {"state": self.state_dict(), "config_yaml": self.config_yaml, "identity": self.identity}
 
     def save(self) -> Path:
-        refuse_nonfinite(
-            training_tensors(self.model, self.optimizer), f"step {self.step}", "the checkpoint was not written"
-        )
+        self._refuse_nonfinite(f"step {self.step}", "the checkpoint was not written")
+        sharded = self.parallel.sharded_checkpoints
         return ckpt.save_checkpoint(
             self.run_dir,
             self.step,
             self.model,
-            self.optimizer.state_dict(),
+            get_optimizer_state_dict(self.model, self.optimizer) if sharded else self.optimizer.state_dict(),
             self.state_dict(),
             self.config_yaml,
             keep=self.settings.keep_checkpoints,
             protect=self.task.protected_checkpoints(),
             identity=self.identity,
+            shards=self.dist if sharded else None,
         )
 
     def resume(self, keys: tuple[str, ...], hint: str) -> None:
@@ -479,21 +493,24 @@ class TrainLoop:
                 )
         if self.identity is not None:
             check_identity(path, ckpt.read_identity(path), self.identity)
-        ckpt.load_model_weights(path, self.model, self.mask_names)
-        optimizer_state, state = ckpt.load_training_state(path)
         fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         lambda_lr = isinstance(self.scheduler, torch.optim.lr_scheduler.LambdaLR)
         fresh_base_lrs = list(self.scheduler.base_lrs) if lambda_lr else []
-        self.optimizer.load_state_dict(optimizer_state)
+        if ckpt.is_sharded(path):
+            state = self._load_sharded(path)
+        else:
+            if self.parallel.sharded_checkpoints:
+                raise CheckpointError(
+                    f"{path} is a whole-model checkpoint (task.parallelism=ddp); resume it with task.parallelism=ddp"
+                )
+            ckpt.load_model_weights(path, self.model, self.mask_names)
+            optimizer_state, state = ckpt.load_training_state(path)
+            self.optimizer.load_state_dict(optimizer_state)
         self.scheduler.load_state_dict(state["scheduler"])
         if lambda_lr:  # cstorch's schedulers (backend=cerebras) restore their saved settings with their state
             apply_optimizer_config(self.optimizer, self.scheduler, fresh, fresh_base_lrs)
         log_optimizer_changes(path, _plain(saved.optim), _plain(current.optim))
-        refuse_nonfinite(
-            training_tensors(self.model, self.optimizer),
-            path,
-            "point checkpoints/latest at an earlier step_* directory or start afresh",
-        )
+        self._refuse_nonfinite(path, "point checkpoints/latest at an earlier step_* directory or start afresh")
         self.task.load_state_dict(state["task"])
         if self.sparsifier:
             self.sparsifier.load_state_dict(state["sparsity"])
@@ -509,6 +526,29 @@ class TrainLoop:
                 "task.max_steps to train further"
             )
         log.info("resumed from %s at step %d", path, self.step)
+
+    def _load_sharded(self, path: Path) -> dict:
+        """Model and optimizer state of a sharded checkpoint, this rank's part of it (any number of ranks, or one
+        process, wrote it); returns the trainer state. Masks are checked as `ckpt.load_model_weights` checks them."""
+        ckpt.check_stored_model(path, self.model, self.mask_names)
+        # A fresh AdamW has no state to load into: DCP's helper makes it with one zero step of lr 0, whose
+        # sparsity post-hook (step count, perhaps a mask update) the loaded model and sparsity state then undo.
+        optimizer_state = get_optimizer_state_dict(self.model, self.optimizer)
+        model_state = get_model_state_dict(self.model)
+        dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(path / ckpt.DCP_DIR))
+        set_model_state_dict(self.model, model_state)
+        set_optimizer_state_dict(self.model, self.optimizer, optimizer_state)
+        return ckpt.load_trainer_state(path)
+
+    def _refuse_nonfinite(self, source: object, advice: str) -> None:
+        """Refuse NaN or Inf in the model or optimizer state (`refuse_nonfinite`); with sharded state every rank
+        checks its rows and all refuse together."""
+        named = list(training_tensors(self.model, self.optimizer))
+        if self.parallel.sharded_checkpoints and self.dist.enabled:
+            here = len(nonfinite_tensors(named))
+            if int(self.dist.sum(torch.tensor([here], device=self.device))) and not here:
+                raise CheckpointError(f"{source}: another rank's shard holds NaN or Inf values (diverged); {advice}")
+        refuse_nonfinite(named, source, advice)
 
 
 def _plain(value: object) -> object:
