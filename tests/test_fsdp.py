@@ -7,6 +7,7 @@ that CI stage (`pytest -m distributed`), not in the default suite.
 
 from __future__ import annotations
 
+import csv
 import os
 import random
 import shutil
@@ -119,6 +120,16 @@ def test_fsdp_two_ranks_train_like_one_process(
     assert [float(b) for _, b in fsdp] == pytest.approx([float(a) for _, a in single], abs=1e-5)
     assert (ckpt.checkpoint_dir(tmp_path / "fsdp") / f"step_{step:06d}" / ckpt.DCP_DIR / "__1_0.distcp").is_file()
     _assert_same_model(_weights(tmp_path / "single", step), _weights(tmp_path / "fsdp", step), rtol=1e-4)
+
+
+@pytest.mark.distributed
+def test_fsdp_evaluates_batches_that_do_not_divide_among_the_ranks(tmp_path: Path, cache_dir: Path) -> None:
+    """One validation batch on 2 ranks: rank 1 has none of its own but must join rank 0's forward (FSDP's
+    all-gathers are collectives); before, such a run hung at its first evaluation."""
+    _pretrain(tmp_path / "run", cache_dir, 2, FSDP, "task.export=false", "task.eval_batches=1")
+    with (tmp_path / "run" / "metrics.csv").open(newline="") as f:
+        evaluated = [row["step"] for row in csv.DictReader(f) if row["val_loss"]]
+    assert evaluated == ["3", "6"]
 
 
 def _steps_logged(run_dir: Path) -> int:

@@ -192,12 +192,20 @@ class Pretraining:
         self.model.eval()
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss x tokens, tokens
         batches = iter_eval(self.corpus.validation, self.task.micro_batch_size, self.task.eval_batches)
+        first, seen, mine = None, 0, 0
         for i, (x, y) in enumerate(batches):
+            first, seen = first or (x, y), i + 1
             if i % self.dist.world_size != self.dist.rank:
                 continue
             with self.loop.autocast:
                 _, loss = self.model(x.to(self.device), y.to(self.device))
             sums += torch.tensor([float(loss) * y.numel(), y.numel()], dtype=torch.float64, device=self.device)
+            mine += 1
+        # Under FSDP every forward is a collective (its all-gathers): a rank with a batch fewer than the others runs one
+        # more, on the first batch, and discards it; otherwise the ranks deadlock when the batches do not divide evenly.
+        for _ in range(-(-seen // self.dist.world_size) - mine):
+            with self.loop.autocast:
+                self.model(first[0].to(self.device), first[1].to(self.device))
         total, count = self.dist.sum(sums).tolist()
         return {"val_loss": total / count, "val_ppl": perplexity(total / count)}
 
