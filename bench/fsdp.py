@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -45,7 +46,7 @@ CPU_MODEL = "llama_tiny"
 SPARSITIES = ("dense", "static_75")
 CPU_RANKS = 2
 WARMUP_STEPS = 2  # logged steps left out of the medians (first all-gathers, allocator growth)
-RUN_TIMEOUT_S = 900
+RUN_TIMEOUT_S = 600
 
 
 @dataclass(frozen=True)
@@ -121,11 +122,19 @@ def planned_gib(run_overrides: list[str], n: int) -> float:
 def run(run_overrides: list[str], n: int) -> RunResult:
     """One torchrun job; its failure raises with the tail of its output."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run(
-        command(n, run_overrides), cwd=REPO, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"torchrun exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    # Its own session, so that a timeout stops torchrun and its ranks together (killing torchrun alone orphans them).
+    job = subprocess.Popen(
+        command(n, run_overrides), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        stdout, stderr = job.communicate(timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)
+        stdout, stderr = job.communicate()
+        raise RuntimeError(f"torchrun still running after {RUN_TIMEOUT_S} s, killed:\n{stderr[-3000:]}") from None
+    if job.returncode != 0:
+        raise RuntimeError(f"torchrun exited {job.returncode}:\n{stdout[-3000:]}\n{stderr[-3000:]}")
     run_dir = Path(next(o.split("=", 1)[1] for o in run_overrides if o.startswith("run_dir=")))
     return RunResult(*read_metrics(run_dir), planned_gib(run_overrides, n))
 
