@@ -122,7 +122,8 @@ def planned_gib(run_overrides: list[str], n: int) -> float:
 def run(run_overrides: list[str], n: int) -> RunResult:
     """One torchrun job; its failure raises with the tail of its output."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    # Its own session, so that a timeout stops torchrun and its ranks together (killing torchrun alone orphans them).
+    # Its own session; on a timeout torchrun is asked to stop (SIGTERM: it stops its ranks, which run in sessions of
+    # their own), then killed with anything left in its session.
     job = subprocess.Popen(
         command(n, run_overrides), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,
@@ -130,8 +131,12 @@ def run(run_overrides: list[str], n: int) -> RunResult:
     try:
         stdout, stderr = job.communicate(timeout=RUN_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        os.killpg(job.pid, signal.SIGKILL)
-        stdout, stderr = job.communicate()
+        os.killpg(job.pid, signal.SIGTERM)
+        try:
+            stdout, stderr = job.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(job.pid, signal.SIGKILL)
+            stdout, stderr = job.communicate()
         raise RuntimeError(f"torchrun still running after {RUN_TIMEOUT_S} s, killed:\n{stderr[-3000:]}") from None
     if job.returncode != 0:
         raise RuntimeError(f"torchrun exited {job.returncode}:\n{stdout[-3000:]}\n{stderr[-3000:]}")
