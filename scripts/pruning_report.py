@@ -1,19 +1,27 @@
 """One-shot pruning of a dense run, then sparse continued pre-training: validation perplexity in `docs/pruning.md`.
 
     python scripts/pruning_report.py runs/tiny-dense-1200/checkpoints/step_001200 --steps 200 --write
+    python scripts/pruning_report.py runs/llama_tiny-dense-300/checkpoints/step_000300 --steps 40 --warmup 4 \
+        --val-blocks 128 --seeds 1 2 3 --distill --work runs/pruning-llama-300 --write
 
 1. Restores the dense checkpoint (verified) with its config, tokenizer and corpus, and draws the calibration
-   blocks from the corpus's training split, as `modelzoo prune` does.
-2. Measures validation perplexity of the dense model, then of a copy pruned by each method (SparseGPT, Wanda,
-   magnitude) at each target (50% and 70% unstructured, 2:4), all in this one process on the same blocks.
-3. Continues pre-training the SparseGPT 50% and 70% models sparse, as a user would: the pruned Hugging Face
-   directory as `task.init_from`, `sparsity.init_method=from_weights` (masks = the pruned model's nonzeros,
-   held by the static algorithm), the dense run's model, data and optimizer config otherwise, `--steps` steps
-   at `--lr`. A dense control continues the unpruned model with the same schedule, so the recovery is not
-   mistaken for what the extra tokens alone give.
+   blocks from the corpus's training split, as `modelzoo prune` does. The model family (GPT-2, Llama) is the
+   checkpoint's; the pruned matrices are the default `param_filter`'s.
+2. Measures validation perplexity (all held-out blocks, or the first `--val-blocks`) of the dense model, then of a
+   copy pruned by each method (SparseGPT, Wanda, magnitude) at each target (50% and 70% unstructured, 2:4), all in
+   this one process on the same blocks.
+3. Continues pre-training the SparseGPT models of the `--recover` targets (50% and 70%) sparse, as a user would:
+   the pruned Hugging Face directory as `task.init_from`, `sparsity.init_method=from_weights` (masks = the pruned
+   model's nonzeros, held by the static algorithm), the dense run's model, data and optimizer config otherwise,
+   `--steps` steps at `--lr`; with `--distill` each also once distilled from the dense model
+   (`task.distill.teacher`, SquareHead defaults) on the same steps. A dense control continues the unpruned model
+   with the same schedule, so the recovery is not mistaken for what the extra tokens alone give. With `--seeds`
+   every continued run (control included) is repeated per training seed; the page shows mean ± sample std, each
+   seed's gap taken against the control of the same seed.
 
-The measurements go to `<work>/results.json`; `--render A/results.json B/results.json` rewrites the document from
-several of them, one section per dense model.
+The measurements go to `<work>/results.json` (after each seed, the continued runs so far to `<work>/partial.json`).
+`--render A/results.json B/results.json` rewrites the document's parts of the families these results belong to, one
+section per dense model, and keeps the parts of the other families (each part sits between marker comments).
 """
 
 from __future__ import annotations
