@@ -19,7 +19,7 @@
    every continued run (control included) is repeated per training seed; the page shows mean ± sample std, each
    seed's gap taken against the control of the same seed.
 
-The measurements go to `<work>/results.json` (after each seed, the continued runs so far to `<work>/partial.json`).
+The measurements go to `<work>/results.json`, rewritten after every continued run.
 `--render A/results.json B/results.json` rewrites the document's parts of the families these results belong to, one
 section per dense model, and keeps the parts of the other families (each part sits between marker comments).
 """
@@ -63,6 +63,7 @@ TARGETS = {"50%": {"sparsity": 0.5}, "70%": {"sparsity": 0.7}, "2:4": {"n_m": [2
 RECOVER = ("50%", "70%")  # SparseGPT models continued sparse by default
 GPT_LAYERS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # what results saved before "layers" pruned
 FAMILY_NAMES = {"gpt": "GPT-2 family", "llama": "Llama family"}  # the order of the parts of the page
+POOLED_KEYS = ("family", "samples", "steps", "lr", "warmup", "validation_blocks")  # equal in results pooled
 VARIANT_LABELS = {"lm": "", "distill": ", distilled"}  # continued with the LM loss alone, or distilled
 
 
@@ -153,24 +154,9 @@ def measure(args: argparse.Namespace) -> dict:
             if method == "sparsegpt" and target in args.recover:
                 saved[target] = save_pruned(model, args.work / config.tag, tokenizer, result.masks, config.summary())
     dense_dir = export_hf(dense_model, args.work / "dense", tokenizer)
-    variants = {"lm": None, **({"distill": dense_dir} if args.distill else {})}
-    recovered: dict[str, dict[str, list[dict]]] = {target: {v: [] for v in variants} for target in saved}
-    control: list[dict] = []
-    seeds = args.seeds or [cfg.seed]
-    for seed in seeds:  # seed by seed, so that an interrupted measurement leaves whole seeds in the partial file
-        control.append(
-            continue_pretraining(cfg, dense_dir, args.work / f"continued-dense-{seed}", None, seed, None, args)
-        )
-        for target, path in saved.items():
-            for variant, teacher in variants.items():
-                run_dir = args.work / f"continued-{path.name}-{variant}-{seed}"
-                run = continue_pretraining(cfg, path, run_dir, config_level(target), seed, teacher, args)
-                recovered[target][variant].append(run)
-                print(f"{target} {variant} seed {seed}: ppl {run['ppl']:.2f}", flush=True)
-        partial = {"recovered": recovered, "control": control}
-        (args.work / "partial.json").write_text(json.dumps(partial, indent=2) + "\n")
     m = cfg.model
-    return {
+    variants = {"lm": None, **({"distill": dense_dir} if args.distill else {})}
+    r = {
         "command": command(args),
         "date": time.strftime("%Y-%m-%d"),
         "torch": torch.__version__,
@@ -196,9 +182,29 @@ def measure(args: argparse.Namespace) -> dict:
         "dense": dense,
         "feature_norm_spread": spread,
         "pruned": pruned,
-        "recovered": recovered,
-        "control": control,
+        "recovered": {target: {variant: [] for variant in variants} for target in saved},
+        "control": [],
+        "results_file": str(args.work / "results.json"),
     }
+    # the file is rewritten after every run (control first, then each target plain and distilled, seed by seed), so an
+    # interrupted measurement leaves a file that renders the runs done so far
+    for seed in args.seeds or [cfg.seed]:
+        r["control"].append(
+            continue_pretraining(cfg, dense_dir, args.work / f"continued-dense-{seed}", None, seed, None, args)
+        )
+        save(r)
+        for target, path in saved.items():
+            for variant, teacher in variants.items():
+                run_dir = args.work / f"continued-{path.name}-{variant}-{seed}"
+                run = continue_pretraining(cfg, path, run_dir, config_level(target), seed, teacher, args)
+                r["recovered"][target][variant].append(run)
+                print(f"{target} {variant} seed {seed}: ppl {run['ppl']:.2f}", flush=True)
+                save(r)
+    return r
+
+
+def save(r: dict) -> None:
+    Path(r["results_file"]).write_text(json.dumps(r, indent=2) + "\n")
 
 
 def command(args: argparse.Namespace) -> str:
@@ -244,6 +250,39 @@ def normalized(r: dict) -> dict:
     return r
 
 
+def pooled(results: list[dict]) -> list[dict]:
+    """One result per dense checkpoint: the continued runs of results measured on the same checkpoint with the same
+    settings (seeds run as parallel processes) are pooled; their one-shot perplexities must agree."""
+    merged: dict[str, dict] = {}
+    for r in results:
+        first = merged.setdefault(r["checkpoint"], copy.deepcopy(r))
+        if first is r or first["results_file"] == r["results_file"]:
+            continue
+        for key in POOLED_KEYS:
+            if first[key] != r[key]:
+                raise ValueError(f"{r['results_file']}: {key} {r[key]} differs from {first['results_file']}'s")
+        ours, theirs = one_shot_ppl(first), one_shot_ppl(r)
+        if any(not math.isclose(ours[key], ppl, rel_tol=1e-6) for key, ppl in theirs.items()):
+            raise ValueError(f"{r['results_file']}: its one-shot perplexities differ from {first['results_file']}'s")
+        if {run["seed"] for run in first["control"]} & {run["seed"] for run in r["control"]}:
+            raise ValueError(f"{r['results_file']}: a seed of it is also in {first['results_file']}")
+        first["control"] += r["control"]
+        for target, variants in r["recovered"].items():
+            for variant, runs in variants.items():
+                first["recovered"][target][variant] += runs
+        first["command"] += "\n" + r["command"]
+        first["results_file"] += " " + r["results_file"]
+    return list(merged.values())
+
+
+def one_shot_ppl(r: dict) -> dict[str, float]:
+    """The dense model's and every pruned model's validation perplexity, by `target method` ('dense' for dense)."""
+    return {
+        "dense": r["dense"],
+        **{f"{t} {m}": cell["ppl"] for t, row in r["pruned"].items() for m, cell in row.items()},
+    }
+
+
 def mean_std(values: list[float]) -> tuple[float, float | None]:
     """The mean and the sample standard deviation (None for one value)."""
     mean = sum(values) / len(values)
@@ -277,7 +316,7 @@ def ppls(runs: list[dict]) -> list[float]:
 def render(results: list[dict], page: str = "") -> str:
     """`docs/pruning.md` from the results of `measure`: `page` with the part of each family in `results` rewritten,
     one section per dense model, and the parts of the other families kept."""
-    results = [normalized(r) for r in results]
+    results = pooled([normalized(r) for r in results])
     blocks = {}
     for r in results:
         blocks.setdefault(r["family"], []).append(r)
@@ -610,9 +649,7 @@ def main(argv: list[str] | None = None) -> None:
         results = [json.loads(path.read_text()) for path in args.render]
     else:
         args.work.mkdir(parents=True, exist_ok=True)
-        path = args.work / "results.json"
-        results = [{**measure(args), "results_file": str(path)}]
-        path.write_text(json.dumps(results[0], indent=2) + "\n")
+        results = [measure(args)]
     text = render(results, DOC.read_text() if DOC.exists() else "")
     print(text)
     if args.write or args.render:

@@ -96,3 +96,22 @@ def test_one_seed_results_of_the_first_layout_render_without_std(report):
     assert "±" not in part and ", distilled" not in part and "seeds" not in part
     assert "`modelzoo pretrain sparsity=dense task.max_steps=300`" in page
     assert "attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj of every block" in page and "all 421 blocks" in page
+
+
+def test_seeds_measured_by_separate_processes_pool(report):
+    def one_seed(seed: int, plain: float, distilled: float, control: float) -> dict:
+        recovered = {"50%": {"lm": [run(seed, plain)], "distill": [run(seed, distilled, 15.0)]}}
+        r = results("llama", [run(seed, control)], recovered)
+        return {**r, "results_file": f"runs/seed{seed}/results.json", "command": f"measure --seeds {seed}"}
+
+    both = report.render([one_seed(1, 105.0, 103.0, 101.0), one_seed(2, 107.0, 107.0, 103.0)])
+    assert "| SparseGPT 50%, distilled | 50.0% | 110.00 | 105.00 ± 2.83 | +10.00 | +3.00 ± 1.41 | 70% ± 14% |" in both
+    assert "measure --seeds 1\nmeasure --seeds 2\n" in both
+    assert "--render runs/seed1/results.json runs/seed2/results.json" in both
+
+    other = one_seed(2, 107.0, 107.0, 103.0)
+    other["pruned"]["70%"]["wanda"]["ppl"] = 121.0  # not the same one-shot measurement
+    with pytest.raises(ValueError, match=r"seed2/results\.json: its one-shot perplexities differ"):
+        report.render([one_seed(1, 105.0, 103.0, 101.0), other])
+    with pytest.raises(ValueError, match="a seed of it is also in"):
+        report.render([one_seed(1, 105.0, 103.0, 101.0), {**one_seed(1, 1.0, 1.0, 1.0), "results_file": "b.json"}])
