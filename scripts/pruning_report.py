@@ -275,6 +275,12 @@ def pooled(results: list[dict]) -> list[dict]:
     return list(merged.values())
 
 
+def without_missing_runs(r: dict) -> dict:
+    """`r` without the continued variants that an interrupted measurement has no run of yet."""
+    recovered = {t: {v: runs for v, runs in variants.items() if runs} for t, variants in r["recovered"].items()}
+    return {**r, "recovered": {t: variants for t, variants in recovered.items() if "lm" in variants}}
+
+
 def one_shot_ppl(r: dict) -> dict[str, float]:
     """The dense model's and every pruned model's validation perplexity, by `target method` ('dense' for dense)."""
     return {
@@ -316,7 +322,7 @@ def ppls(runs: list[dict]) -> list[float]:
 def render(results: list[dict], page: str = "") -> str:
     """`docs/pruning.md` from the results of `measure`: `page` with the part of each family in `results` rewritten,
     one section per dense model, and the parts of the other families kept."""
-    results = pooled([normalized(r) for r in results])
+    results = [without_missing_runs(r) for r in pooled([normalized(r) for r in results])]
     blocks = {}
     for r in results:
         blocks.setdefault(r["family"], []).append(r)
@@ -482,8 +488,11 @@ def section(r: dict) -> list[str]:
 
 def step_cost(r: dict) -> float:
     """Mean training wall time of the distilled runs over that of the plain sparse runs."""
-    runs = {v: [run["seconds"] for t in r["recovered"] for run in r["recovered"][t][v]] for v in VARIANT_LABELS}
-    return mean_std(runs["distill"])[0] / mean_std(runs["lm"])[0]
+    seconds = {
+        v: [run["seconds"] for variants in r["recovered"].values() for run in variants.get(v, [])]
+        for v in VARIANT_LABELS
+    }
+    return mean_std(seconds["distill"])[0] / mean_std(seconds["lm"])[0]
 
 
 def findings(r: dict) -> list[str]:
@@ -542,7 +551,8 @@ def distillation(r: dict) -> str:
     """What distilling from the dense model changed, per target, seed by seed at equal tokens."""
     effects = []
     lower = {}
-    for target, variants in r["recovered"].items():
+    distilled = {t: variants for t, variants in r["recovered"].items() if "distill" in variants}
+    for target, variants in distilled.items():
         plain = {run["seed"]: run["ppl"] for run in variants["lm"]}
         diffs = [run["ppl"] - plain[run["seed"]] for run in variants["distill"]]
         lower[target] = sum(d < 0 for d in diffs)
@@ -551,8 +561,8 @@ def distillation(r: dict) -> str:
             f"without (difference {fmt(diffs, '+.2f')}, lower in {lower[target]} of {len(diffs)} seeds; gap closed "
             f"{fmt(gap_closed(r, target, 'distill'), '.0%')} vs {fmt(gap_closed(r, target), '.0%')})"
         )
-    counts = {len(v["distill"]) for v in r["recovered"].values()}
-    if all(lower[t] == len(r["recovered"][t]["distill"]) for t in lower):
+    counts = {len(v["distill"]) for v in distilled.values()}
+    if all(lower[t] == len(distilled[t]["distill"]) for t in lower):
         verdict = "Distillation from the dense model helps at every target, in every seed"
     elif not any(lower.values()):
         verdict = (

@@ -115,3 +115,11 @@ def test_seeds_measured_by_separate_processes_pool(report):
         report.render([one_seed(1, 105.0, 103.0, 101.0), other])
     with pytest.raises(ValueError, match="a seed of it is also in"):
         report.render([one_seed(1, 105.0, 103.0, 101.0), {**one_seed(1, 1.0, 1.0, 1.0), "results_file": "b.json"}])
+
+
+def test_an_interrupted_measurement_renders_the_runs_done(report):
+    recovered = {"50%": {"lm": [run(1, 105.0)], "distill": [run(1, 103.0, 15.0)]}, "70%": {"lm": [], "distill": []}}
+    page = report.render([results("llama", [run(1, 101.0)], recovered)])
+
+    assert "| SparseGPT 50%, distilled |" in page and "SparseGPT 70% |" not in page
+    assert "closes 60% of the SparseGPT 50% model's gap" in page and "lower in 1 of 1 seeds" in page
