@@ -51,7 +51,7 @@ from modelzoo.prune.hessian import InputStats
 from modelzoo.prune.io import save_pruned
 from modelzoo.prune.layers import select_layers
 from modelzoo.prune.sequential import prune_model
-from modelzoo.restore import restore_model
+from modelzoo.restore import Restored, restore_model
 from modelzoo.sparsity.config import SparsityConfig
 from modelzoo.tasks.pretrain import Pretraining
 from modelzoo.validate import validate
@@ -128,6 +128,45 @@ def continue_pretraining(
 def measure(args: argparse.Namespace) -> dict:
     """Every number of the document, as plain data."""
     run = restore_model(args.checkpoint)
+    if args.one_shot_from:
+        r, source = reused_one_shot(args), args.one_shot_from.parent
+        saved = {t: source / sparsegpt_config(t, args.samples).tag for t in args.recover}
+        dense_dir = source / "dense"
+    else:
+        r, saved, dense_dir = one_shot(args, run)
+    cfg = run.config
+    variants = {"lm": None, **({"distill": dense_dir} if args.distill else {})}
+    r.update(
+        command=command(args),
+        date=time.strftime("%Y-%m-%d"),
+        torch=torch.__version__,
+        steps=args.steps,
+        lr=args.lr,
+        warmup=args.warmup,
+        recovered={target: {variant: [] for variant in variants} for target in saved},
+        control=[],
+        results_file=str(args.work / "results.json"),
+    )
+    # the file is rewritten after every run (control first, then each target plain and distilled, seed by seed), so an
+    # interrupted measurement leaves a file that renders the runs done so far
+    for seed in args.seeds or [cfg.seed]:
+        r["control"].append(
+            continue_pretraining(cfg, dense_dir, args.work / f"continued-dense-{seed}", None, seed, None, args)
+        )
+        save(r)
+        for target, path in saved.items():
+            for variant, teacher in variants.items():
+                run_dir = args.work / f"continued-{path.name}-{variant}-{seed}"
+                done = continue_pretraining(cfg, path, run_dir, config_level(target), seed, teacher, args)
+                r["recovered"][target][variant].append(done)
+                print(f"{target} {variant} seed {seed}: ppl {done['ppl']:.2f}", flush=True)
+                save(r)
+    return r
+
+
+def one_shot(args: argparse.Namespace, run: Restored) -> tuple[dict, dict[str, Path], Path]:
+    """The one-shot measurements, the SparseGPT models of the `--recover` targets saved as HF directories, and the
+    dense model exported as one (the control's start and the teacher)."""
     dense_model, cfg, tokenizer = run.model, run.config, run.tokenizer
     corpus = load_corpus(cfg.data, tokenizer)
     tokens = calibration_tokens(corpus.train, args.samples, cfg.seed, ", ".join(cfg.data.train_files))
@@ -155,11 +194,7 @@ def measure(args: argparse.Namespace) -> dict:
                 saved[target] = save_pruned(model, args.work / config.tag, tokenizer, result.masks, config.summary())
     dense_dir = export_hf(dense_model, args.work / "dense", tokenizer)
     m = cfg.model
-    variants = {"lm": None, **({"distill": dense_dir} if args.distill else {})}
     r = {
-        "command": command(args),
-        "date": time.strftime("%Y-%m-%d"),
-        "torch": torch.__version__,
         "checkpoint": str(args.checkpoint),
         "model": f"{m.name} ({m.n_layer} layers, d_model {m.n_embd}, ffn {m.n_inner}, vocab {m.vocab_size})",
         "family": m.family,
@@ -176,30 +211,20 @@ def measure(args: argparse.Namespace) -> dict:
         "samples": args.samples,
         "validation_blocks": len(validation),
         "validation_total": len(corpus.validation),
-        "steps": args.steps,
-        "lr": args.lr,
-        "warmup": args.warmup,
         "dense": dense,
         "feature_norm_spread": spread,
         "pruned": pruned,
-        "recovered": {target: {variant: [] for variant in variants} for target in saved},
-        "control": [],
-        "results_file": str(args.work / "results.json"),
     }
-    # the file is rewritten after every run (control first, then each target plain and distilled, seed by seed), so an
-    # interrupted measurement leaves a file that renders the runs done so far
-    for seed in args.seeds or [cfg.seed]:
-        r["control"].append(
-            continue_pretraining(cfg, dense_dir, args.work / f"continued-dense-{seed}", None, seed, None, args)
-        )
-        save(r)
-        for target, path in saved.items():
-            for variant, teacher in variants.items():
-                run_dir = args.work / f"continued-{path.name}-{variant}-{seed}"
-                run = continue_pretraining(cfg, path, run_dir, config_level(target), seed, teacher, args)
-                r["recovered"][target][variant].append(run)
-                print(f"{target} {variant} seed {seed}: ppl {run['ppl']:.2f}", flush=True)
-                save(r)
+    return r, saved, dense_dir
+
+
+def reused_one_shot(args: argparse.Namespace) -> dict:
+    """The one-shot measurements of an earlier `results.json` whose work directory holds its pruned models."""
+    r = normalized(json.loads(args.one_shot_from.read_text()))
+    blocks = r["validation_total"] if args.val_blocks is None else args.val_blocks
+    for key, ours in (("checkpoint", str(args.checkpoint)), ("samples", args.samples), ("validation_blocks", blocks)):
+        if r[key] != ours:
+            raise SystemExit(f"--one-shot-from {args.one_shot_from}: its {key} is {r[key]}, not {ours}")
     return r
 
 
@@ -217,9 +242,15 @@ def command(args: argparse.Namespace) -> str:
         text += " --recover " + " ".join(args.recover)
     if args.val_blocks is not None:
         text += f" --val-blocks {args.val_blocks}"
+    if args.one_shot_from:
+        text += f" --one-shot-from {args.one_shot_from}"
     if args.seeds:
         text += " --seeds " + " ".join(map(str, args.seeds))
     return text + (" --distill" if args.distill else "")
+
+
+def sparsegpt_config(target: str, samples: int) -> PruneConfig:
+    return PruneConfig(method="sparsegpt", calibration_samples=samples, **TARGETS[target])
 
 
 def config_level(target: str) -> float:
@@ -643,6 +674,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--val-blocks",
         type=int,
         help="validate on the first N held-out blocks, a multiple of the micro-batch (default: all)",
+    )
+    parser.add_argument(
+        "--one-shot-from", type=Path, help="reuse this results.json's one-shot measurements and pruned models"
     )
     parser.add_argument("--work", type=Path, default=Path("runs/pruning"), help="pruned models, runs, results")
     parser.add_argument("--render", type=Path, nargs="+", help="only rewrite the document from results.json files")
