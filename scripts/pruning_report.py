@@ -128,6 +128,9 @@ def continue_pretraining(
 def measure(args: argparse.Namespace) -> dict:
     """Every number of the document, as plain data."""
     run = restore_model(args.checkpoint)
+    micro = run.config.task["micro_batch_size"]
+    if args.val_blocks is not None and args.val_blocks % micro:
+        raise SystemExit(f"--val-blocks {args.val_blocks}: not a multiple of task.micro_batch_size={micro}")
     if args.one_shot_from:
         r, source = reused_one_shot(args), args.one_shot_from.parent
         saved = {t: source / sparsegpt_config(t, args.samples).tag for t in args.recover}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,18 @@ def test_an_interrupted_measurement_renders_the_runs_done(report):
 
     assert "| SparseGPT 50%, distilled |" in page and "SparseGPT 70% |" not in page
     assert "closes 60% of the SparseGPT 50% model's gap" in page and "lower in 1 of 1 seeds" in page
+
+
+def test_one_shot_reuse_refuses_other_settings(report, tmp_path):
+    source = tmp_path / "results.json"
+    source.write_text(json.dumps(results("llama", [run(1, 101.0)], {"50%": {"lm": [run(1, 105.0)]}})))
+    ckpt = "runs/x/checkpoints/step_000300"
+    same = report.parse_args([ckpt, "--samples", "128", "--val-blocks", "128", "--one-shot-from", str(source)])
+    assert report.reused_one_shot(same)["pruned"]["50%"]["sparsegpt"]["ppl"] == 110.0
+    for argv, key in (
+        (["--samples", "64", "--val-blocks", "128"], "samples"),
+        (["--samples", "128"], "validation_blocks"),
+    ):
+        args = report.parse_args([ckpt, *argv, "--one-shot-from", str(source)])
+        with pytest.raises(SystemExit, match=f"its {key} is"):
+            report.reused_one_shot(args)
