@@ -574,11 +574,30 @@ def findings(r: dict) -> list[str]:
             f"{t}: {pruned[t]['sparsegpt']['ppl']:.2f} -> {fmt(ppls(v['lm']), '.2f')}"
             for t, v in r["recovered"].items()
         )
-        + f"; dense {dense:.2f} -> {fmt(ppls(r['control']), '.2f')}).",
+        + f"; dense {dense:.2f} -> {fmt(ppls(r['control']), '.2f')})."
+        + noise(r),
     ]
     if any("distill" in variants for variants in r["recovered"].values()):
         lines.append(distillation(r))
     return lines
+
+
+def noise(r: dict) -> str:
+    """A warning where a one-shot gap is within twice the seed-to-seed standard deviation of the gap after."""
+    spread = {t: mean_std(gaps_after(r, t))[1] for t in r["recovered"]}
+    dense = r["dense"]
+    small = [t for t, std in spread.items() if std and r["pruned"][t]["sparsegpt"]["ppl"] - dense < 2 * std]
+    if not small:
+        return ""
+    return (
+        " **Within the noise** at "
+        + ", ".join(small)
+        + ": the one-shot gap ("
+        + ", ".join(f"{r['pruned'][t]['sparsegpt']['ppl'] - dense:+.2f}" for t in small)
+        + ") is below twice the seed-to-seed standard deviation of the gap after ("
+        + ", ".join(f"{spread[t]:.2f}" for t in small)
+        + "), so its share closed says little."
+    )
 
 
 def distillation(r: dict) -> str:

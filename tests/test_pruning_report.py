@@ -139,3 +139,12 @@ def test_one_shot_reuse_refuses_other_settings(report, tmp_path):
         args = report.parse_args([ckpt, *argv, "--one-shot-from", str(source)])
         with pytest.raises(SystemExit, match=f"its {key} is"):
             report.reused_one_shot(args)
+
+
+def test_a_gap_within_the_seed_noise_is_flagged(report):
+    quiet = results("llama", [run(1, 101.0), run(2, 103.0)], {"50%": {"lm": [run(1, 105.0), run(2, 107.0)]}})
+    noisy = results("llama", [run(1, 101.0), run(2, 103.0)], {"50%": {"lm": [run(1, 105.0), run(2, 117.0)]}})
+    assert "Within the noise" not in report.render([quiet])  # gaps after 4 and 4: no spread
+    assert "the one-shot gap (+10.00) is below twice the seed-to-seed standard deviation of the gap after (7.07)" in (
+        report.render([noisy])  # gaps after 4 and 14
+    )
