@@ -624,6 +624,16 @@ def distillation(r: dict) -> str:
         )
     else:
         verdict = "Distillation from the dense model has **no consistent effect** at this scale"
+    below = [t for t in distilled if mean_std(gaps_after(r, t, "distill"))[0] < 0]
+    if below:
+        effects[-1] += (
+            ". The distilled "
+            + ", ".join(below)
+            + " model ends below the dense control ("
+            + ", ".join(fmt(gaps_after(r, t, "distill"), "+.2f") for t in below)
+            + f"), which moved {r['dense']:.2f} -> {fmt(ppls(r['control']), '.2f')} on the same tokens: the teacher's "
+            "terms hold the student at the dense model's predictions where these extra tokens alone do little"
+        )
     return f"- {verdict} (equal tokens, {max(counts)} seeds): " + "; ".join(effects) + "."
 
 

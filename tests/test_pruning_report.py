@@ -148,3 +148,10 @@ def test_a_gap_within_the_seed_noise_is_flagged(report):
     assert "the one-shot gap (+10.00) is below twice the seed-to-seed standard deviation of the gap after (7.07)" in (
         report.render([noisy])  # gaps after 4 and 14
     )
+
+
+def test_a_distilled_model_below_the_dense_control_is_said(report):
+    recovered = {"50%": {"lm": [run(1, 105.0), run(2, 107.0)], "distill": [run(1, 100.0), run(2, 102.0)]}}
+    page = report.render([results("llama", [run(1, 101.0), run(2, 103.0)], recovered)])
+    assert "helps at every target, in every seed" in page
+    assert "The distilled 50% model ends below the dense control (-1.00 ± 0.00), which moved 100.00 -> 102.00" in page
