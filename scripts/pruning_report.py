@@ -232,6 +232,7 @@ def reused_one_shot(args: argparse.Namespace) -> dict:
 
 
 def save(r: dict) -> None:
+    """Write `r` to its results file."""
     Path(r["results_file"]).write_text(json.dumps(r, indent=2) + "\n")
 
 
@@ -253,6 +254,7 @@ def command(args: argparse.Namespace) -> str:
 
 
 def sparsegpt_config(target: str, samples: int) -> PruneConfig:
+    """The SparseGPT prune of `target`, whose tag names the directory its model is saved to."""
     return PruneConfig(method="sparsegpt", calibration_samples=samples, **TARGETS[target])
 
 
@@ -350,6 +352,7 @@ def gap_closed(r: dict, target: str, variant: str = "lm") -> list[float]:
 
 
 def ppls(runs: list[dict]) -> list[float]:
+    """The validation perplexities of `runs`."""
     return [run["ppl"] for run in runs]
 
 
@@ -366,10 +369,12 @@ def render(results: list[dict], page: str = "") -> str:
 
 
 def family_order(family: str) -> int:
+    """Where a family's part goes on the page (known families first, in `FAMILY_NAMES` order)."""
     return list(FAMILY_NAMES).index(family) if family in FAMILY_NAMES else len(FAMILY_NAMES)
 
 
 def markers(family: str) -> tuple[str, str]:
+    """The comments that open and close a family's part of the page."""
     return f"<!-- scripts/pruning_report.py: {family} begin -->", f"<!-- scripts/pruning_report.py: {family} end -->"
 
 
@@ -383,6 +388,7 @@ def parts(page: str) -> dict[str, str]:
 
 
 def header() -> list[str]:
+    """The page's title and introduction, above the families' parts."""
     return [
         "# One-shot pruning and sparse continued pre-training (the Sparse Llama recipe)",
         "",
@@ -398,6 +404,7 @@ def header() -> list[str]:
 
 
 def family_part(family: str, results: list[dict]) -> list[str]:
+    """One family's part of the page, between its markers: setup, one section per dense model, and a summary."""
     first = results[0]
     begin, end = markers(family)
     norms = "RMSNorms" if family == "llama" else "LayerNorms"
