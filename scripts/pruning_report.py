@@ -150,8 +150,9 @@ def measure(args: argparse.Namespace) -> dict:
         control=[],
         results_file=str(args.work / "results.json"),
     )
-    # the file is rewritten after every run (control first, then each target plain and distilled, seed by seed), so an
-    # interrupted measurement leaves a file that renders the runs done so far
+    # the file is written after the one-shot part and rewritten after every run (control first, then each target plain
+    # and distilled, seed by seed), so an interrupted measurement leaves a file that renders the runs done so far
+    save(r)
     for seed in args.seeds or [cfg.seed]:
         r["control"].append(
             continue_pretraining(cfg, dense_dir, args.work / f"continued-dense-{seed}", None, seed, None, args)
@@ -288,7 +289,8 @@ def normalized(r: dict) -> dict:
 
 def pooled(results: list[dict]) -> list[dict]:
     """One result per dense checkpoint: the continued runs of results measured on the same checkpoint with the same
-    settings (seeds run as parallel processes) are pooled; their one-shot perplexities must agree."""
+    settings (seeds or targets run as parallel processes) are pooled; their one-shot perplexities, and the dense
+    controls of a seed that both ran, must agree."""
     merged: dict[str, dict] = {}
     for r in results:
         first = merged.setdefault(r["checkpoint"], copy.deepcopy(r))
@@ -300,12 +302,22 @@ def pooled(results: list[dict]) -> list[dict]:
         ours, theirs = one_shot_ppl(first), one_shot_ppl(r)
         if any(not math.isclose(ours[key], ppl, rel_tol=1e-6) for key, ppl in theirs.items()):
             raise ValueError(f"{r['results_file']}: its one-shot perplexities differ from {first['results_file']}'s")
-        if {run["seed"] for run in first["control"]} & {run["seed"] for run in r["control"]}:
-            raise ValueError(f"{r['results_file']}: a seed of it is also in {first['results_file']}")
-        first["control"] += r["control"]
+        controls = {run["seed"]: run["ppl"] for run in first["control"]}
+        for run in r["control"]:  # a seed in both (other targets continued) ran the same, deterministic control
+            if run["seed"] not in controls:
+                first["control"].append(run)
+            elif not math.isclose(controls[run["seed"]], run["ppl"], rel_tol=1e-6):
+                raise ValueError(
+                    f"{r['results_file']}: its seed {run['seed']} control differs from {first['results_file']}'s"
+                )
         for target, variants in r["recovered"].items():
+            ours = first["recovered"].setdefault(target, {})
             for variant, runs in variants.items():
-                first["recovered"][target][variant] += runs
+                if {run["seed"] for run in ours.get(variant, [])} & {run["seed"] for run in runs}:
+                    raise ValueError(
+                        f"{r['results_file']}: a seed of its {target} runs is also in {first['results_file']}"
+                    )
+                ours.setdefault(variant, []).extend(runs)
         first["command"] += "\n" + r["command"]
         first["results_file"] += " " + r["results_file"]
     return list(merged.values())

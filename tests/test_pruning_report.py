@@ -114,8 +114,15 @@ def test_seeds_measured_by_separate_processes_pool(report):
     other["pruned"]["70%"]["wanda"]["ppl"] = 121.0  # not the same one-shot measurement
     with pytest.raises(ValueError, match=r"seed2/results\.json: its one-shot perplexities differ"):
         report.render([one_seed(1, 105.0, 103.0, 101.0), other])
-    with pytest.raises(ValueError, match="a seed of it is also in"):
+    with pytest.raises(ValueError, match="its seed 1 control differs"):
         report.render([one_seed(1, 105.0, 103.0, 101.0), {**one_seed(1, 1.0, 1.0, 1.0), "results_file": "b.json"}])
+    with pytest.raises(ValueError, match="a seed of its 50% runs is also in"):
+        report.render([one_seed(1, 105.0, 103.0, 101.0), {**one_seed(1, 1.0, 1.0, 101.0), "results_file": "b.json"}])
+
+    other_target = {**one_seed(1, 105.0, 103.0, 101.0), "results_file": "b.json"}  # 2:4 continued by another process
+    other_target["recovered"] = {"2:4": other_target["recovered"].pop("50%")}
+    page = report.render([one_seed(1, 105.0, 103.0, 101.0), other_target])
+    assert "| SparseGPT 2:4, distilled |" in page and "| dense control | dense | 100.00 | 101.00 |" in page
 
 
 def test_an_interrupted_measurement_renders_the_runs_done(report):
