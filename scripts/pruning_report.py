@@ -649,7 +649,8 @@ def distillation(r: dict) -> str:
         effects[-1] += (
             ". The distilled "
             + ", ".join(below)
-            + " model ends below the dense control ("
+            + (" model ends" if len(below) == 1 else " models end")
+            + " below the dense control ("
             + ", ".join(fmt(gaps_after(r, t, "distill"), "+.2f") for t in below)
             + f"), which moved {r['dense']:.2f} -> {fmt(ppls(r['control']), '.2f')} on the same tokens: the teacher's "
             "terms hold the student at the dense model's predictions where these extra tokens alone do little"
