@@ -84,7 +84,8 @@ def lm_output(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logits (B, T, padded vocab) cut to `vocab_size` (padded rows are never predicted) and, given `targets`
     (B, T; -100 where no loss is taken), the mean cross-entropy loss in fp32."""
-    logits = logits[..., :vocab_size]
+    if logits.size(-1) != vocab_size:  # a padded vocabulary (no view otherwise: FSDP2 warns of views it returns)
+        logits = logits[..., :vocab_size]
     if targets is None:
         return logits, None
     return logits, F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.view(-1))
