@@ -385,7 +385,7 @@ def test_step_closures_read_no_weights_and_run_no_model(
         trainer.model.transformer.wte.weight.sum()
     monkeypatch.setattr(cstorch, "step_closure", guarded)
     per_weight: list[dict[str, float]] = []
-    monkeypatch.setattr(TrainLoop, "log_sparsity", lambda loop, values: per_weight.append(values))
+    monkeypatch.setattr(TrainLoop, "log_sparsity", lambda loop, values: values and per_weight.append(values))
     summary = trainer.fit()
     # Each weight's sparsity, handed to the closure as tensors, is logged (TensorBoard `sparsity/<name>`).
     assert per_weight and sorted(per_weight[-1]) == sorted(summary.sparsity_per_param)
