@@ -44,7 +44,7 @@ from common import (
 from modelzoo.backends.masked_dense import MaskedDenseBackend
 from modelzoo.backends.torch_sparse import TorchSparseConverter, kernel_summary
 from modelzoo.config.train import OptimConfig, TrainConfig
-from modelzoo.export.hf import TABLES, to_hf_config
+from modelzoo.export.hf import hf_model_class, to_hf_config
 from modelzoo.flops import flop_report
 from modelzoo.memory import DDP_BUCKETS, GIB, memory_plan
 from modelzoo.models.gpt import GPT
@@ -137,7 +137,7 @@ def build_step(
     torch.manual_seed(seed)
     if variant == "hf":
         with device:
-            model = TABLES[shape.model.family].HF_MODEL(to_hf_config(shape.model)).train()
+            model = hf_model_class(shape.model)(to_hf_config(shape.model)).train()
         model.set_attn_implementation("sdpa")
         if compiled:
             model.compile()
@@ -277,7 +277,7 @@ def variants(family: str) -> list[tuple[str, bool]]:
 
 def label(variant: str, shape: Shape) -> str:
     """A variant's row label; HF's names the transformers class of the shape's family."""
-    return LABELS[variant].format(hf=TABLES[shape.model.family].HF_MODEL.__name__)
+    return LABELS[variant].format(hf=hf_model_class(shape.model).__name__)
 
 
 def estimate_seconds(shapes: list[Shape], device: torch.device, precision: str, args: argparse.Namespace) -> float:

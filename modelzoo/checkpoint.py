@@ -134,6 +134,11 @@ def is_sharded(path: str | Path) -> bool:
     return (Path(path) / DCP_DIR).is_dir()
 
 
+def weights_path(path: str | Path) -> Path:
+    """Where a checkpoint's model tensors are: `dcp/` of a sharded checkpoint, else `model.safetensors`."""
+    return Path(path) / (DCP_DIR if is_sharded(path) else MODEL_FILE)
+
+
 def weight_files(path: str | Path) -> tuple[str, ...]:
     """What a checkpoint's weights are read from (export, generate, evaluate and prune verify these alone)."""
     return (DCP_DIR, CONFIG_FILE) if is_sharded(path) else WEIGHT_FILES
@@ -286,15 +291,11 @@ def verify_checkpoint(path: str | Path, only: tuple[str, ...] | None = None) -> 
         raise CheckpointError(f"{manifest_path} is corrupted ({e})") from e
     if manifest.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format version {manifest.get('format_version')}, expected {FORMAT_VERSION}")
-
-    def named(name: str) -> bool:
-        return only is None or any(name == n or name.startswith(n + "/") for n in only)
-
-    missing = [n for n in only or () if not any(f == n or f.startswith(n + "/") for f in files)]
+    missing = [n for n in only or () if not any(_within(f, n) for f in files)]
     if missing:
         raise CheckpointError(f"{path}: {MANIFEST_FILE} lists no {missing[0]}")
     for name, meta in files.items():
-        if not named(name):
+        if only is not None and not any(_within(name, n) for n in only):
             continue
         f = path / name
         if not f.is_file():
@@ -306,6 +307,11 @@ def verify_checkpoint(path: str | Path, only: tuple[str, ...] | None = None) -> 
         if _sha256(f) != meta["sha256"]:
             raise CheckpointError(f"{f} is corrupted: its sha256 does not match the manifest")
     return manifest
+
+
+def _within(file: str, entry: str) -> bool:
+    """Whether the manifest's `file` is the checkpoint entry `entry` or lies in that directory."""
+    return file == entry or file.startswith(entry + "/")
 
 
 def read_config(path: str | Path) -> str:
@@ -337,7 +343,7 @@ def check_stored_model(
 ) -> tuple[Path, list[str]]:
     """Refuse a checkpoint whose tensors have other shapes than `model`'s, that lacks a mask of `mask_names` or
     (unless `drop_masks`) holds another; returns the file (or `dcp/`) they are in and the masks it holds beyond."""
-    file = Path(path) / (DCP_DIR if is_sharded(path) else MODEL_FILE)
+    file = weights_path(path)
     shapes = _stored_shapes(Path(path))
     keys = set(shapes)
     for name, tensor in model.state_dict().items():
@@ -384,6 +390,11 @@ def checkpoint_masks(path: str | Path) -> dict[str, torch.Tensor]:
 def load_training_state(path: str | Path) -> tuple[dict, dict]:
     """(optimizer state, trainer state) of a verified checkpoint."""
     path = Path(path)
+    if is_sharded(path):
+        raise CheckpointError(
+            f"{path} is sharded (task.parallelism=fsdp): its optimizer state is in {DCP_DIR}/, which "
+            "torch.distributed.checkpoint reads (task.resume=true does); modelzoo export writes its weights"
+        )
     if not (path / OPTIMIZER_FILE).is_file():
         raise CheckpointError(
             f"{path} holds weights only (no optimizer or trainer state), so it cannot be resumed; export it "

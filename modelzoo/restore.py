@@ -98,7 +98,7 @@ def restore_model(checkpoint: str | Path, masks: Masks = "config") -> Restored:
         ckpt.load_model_weights(checkpoint, model, [], drop_masks=True)
     refuse_nonfinite(
         model.state_dict().items(),
-        checkpoint / ckpt.MODEL_FILE,
+        ckpt.weights_path(checkpoint),
         "use an earlier checkpoint (task.checkpoint=<its step_* dir>)",
     )
     return Restored(model, cfg, load_tokenizer(checkpoint), sparsifier, checkpoint)

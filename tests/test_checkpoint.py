@@ -9,6 +9,7 @@ import torch
 
 from modelzoo import checkpoint as ckpt
 from modelzoo.config.train import OptimConfig
+from modelzoo.distributed import Distributed
 from modelzoo.errors import CheckpointError
 from modelzoo.models.gpt import GPT
 from modelzoo.optim import build_optimizer
@@ -116,3 +117,14 @@ def test_sparse_checkpoint_refused_for_dense_config(tmp_path: Path, tiny_model: 
     path = save(tmp_path, 1, tiny_model, optimizer)
     with pytest.raises(CheckpointError, match="different sparsity config"):
         ckpt.load_model_weights(path, GPT(tiny_config), [])
+
+
+def test_a_sharded_checkpoint_is_read_from_its_dcp_directory(tmp_path: Path, tiny_model: GPT) -> None:
+    """A sharded checkpoint (`dcp/`, here written by one process) has no optimizer.pt: reading its training state as
+    a whole checkpoint's is refused naming `dcp/` (it said "holds weights only"), and its weights are located there."""
+    path = ckpt.save_checkpoint(tmp_path, 1, tiny_model, {}, {"step": 1}, "{}\n", keep=1, shards=Distributed())
+    assert ckpt.weights_path(path) == path / ckpt.DCP_DIR
+    whole = save(tmp_path / "whole", 1, tiny_model, torch.optim.AdamW(tiny_model.parameters()))
+    assert ckpt.weights_path(whole) == whole / ckpt.MODEL_FILE
+    with pytest.raises(CheckpointError, match=r"step_000001 is sharded \(task.parallelism=fsdp\): .* dcp/"):
+        ckpt.load_training_state(path)

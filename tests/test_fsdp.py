@@ -30,8 +30,9 @@ from modelzoo.errors import ConfigError
 from modelzoo.sparsity.config import SparsityConfig
 from modelzoo.sparsity.plugin import MaskedSparsity
 from modelzoo.sparsity.shards import local
+from modelzoo.tasks.pretrain import Pretraining
 from modelzoo.train.parallel import fsdp_problem, shard_masks
-from tests.conftest import SMALL, make_config, run_command, train_losses
+from tests.conftest import SMALL, killed_at_step, make_config, run_command, train_losses
 
 pytestmark = pytest.mark.skipif(fsdp_problem() is not None, reason=str(fsdp_problem()))
 
@@ -245,6 +246,24 @@ def test_masking_sharded_gradients_equals_masking_before_the_reduction(tmp_path:
         assert any(bool((g == 0).any()) for g in grads[True])  # the masks pruned something here
         for before, after in zip(grads[False], grads[True], strict=True):
             assert torch.equal(before, after)
+
+
+def test_sharded_resume_keeps_the_zero_step_that_makes_optimizer_state_out_of_the_sparsity_schedule(
+    tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sharded checkpoint (here written by one process under `task.parallelism=fsdp`) loads into optimizer state
+    that DCP's `get_optimizer_state_dict` first creates with a zero step of lr 0. The sparsity plug-in must not count
+    that step: with RigL updating every step it took it for step 1's update and raised for want of a dense
+    gradient (no backward ran). The resumed run equals the uninterrupted one."""
+    steps = ("sparsity=rigl_75", "sparsity.update.freq=1", "task.max_steps=4", "task.checkpoint_every=2", FSDP)
+    Pretraining(make_config(tmp_path / "whole", cache_dir, *steps)).fit()
+    with killed_at_step(monkeypatch, 3):
+        Pretraining(make_config(tmp_path / "resumed", cache_dir, *steps)).fit()
+    assert ckpt.is_sharded(ckpt.latest_checkpoint(tmp_path / "resumed"))
+    Pretraining(make_config(tmp_path / "resumed", cache_dir, *steps, "task.resume=true")).fit()
+    assert train_losses(tmp_path / "resumed") == train_losses(tmp_path / "whole")
+    whole, resumed = _weights(tmp_path / "whole", 4), _weights(tmp_path / "resumed", 4)
+    assert all(torch.equal(whole[key], resumed[key]) for key in whole)
 
 
 def test_fsdp_is_refused_on_a_backend_it_cannot_shard(tmp_path: Path, cache_dir: Path) -> None:

@@ -31,7 +31,8 @@ weight, its mask (and its dense gradient) at a time, so every rank computes the 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -145,6 +146,7 @@ class MaskedSparsity:
         self._dense_grads: dict[str, torch.Tensor] = {}
         self._dense_names: set[str] = set()  # the weights whose algorithm regrows by the dense gradient (RigL)
         self._capture = False  # whether gradient hooks keep RigL's dense gradients (during an update step)
+        self._scheduled = True  # whether optimizer steps are training steps (`outside_schedule`)
 
     def apply(self, model: nn.Module) -> None:
         """Create masks (deterministic in `seed`), zero the pruned weights and register gradient hooks.
@@ -220,8 +222,19 @@ class MaskedSparsity:
 
     def apply_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Mask optimizer state before each step; after it, re-prune the weights and update dynamic masks."""
-        optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._prune_state(opt))
-        optimizer.register_step_post_hook(lambda opt, args, kwargs: self._after_step(opt))
+        optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._prune_state(opt) if self._scheduled else None)
+        optimizer.register_step_post_hook(lambda opt, args, kwargs: self._after_step(opt) if self._scheduled else None)
+
+    @contextmanager
+    def outside_schedule(self) -> Iterator[None]:
+        """Optimizer steps inside are no training steps: the hooks neither mask, count nor update masks. For the zero
+        step of lr 0 with which `torch.distributed.checkpoint` creates the optimizer state a sharded checkpoint loads
+        into: counted, a RigL update due at step 1 would look for a dense gradient no backward pass made."""
+        self._scheduled = False
+        try:
+            yield
+        finally:
+            self._scheduled = True
 
     @torch.no_grad()
     def prune_weights(self) -> None:

@@ -11,6 +11,7 @@ from torch.distributed._tensor import DTensor  # the public `torch.distributed.t
 
 
 def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is a `DTensor` (of which this rank holds some rows)."""
     return isinstance(tensor, DTensor)
 
 

@@ -26,7 +26,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Protocol
@@ -531,9 +531,10 @@ class TrainLoop:
         """Model and optimizer state of a sharded checkpoint, this rank's part of it (any number of ranks, or one
         process, wrote it); returns the trainer state. Masks are checked as `ckpt.load_model_weights` checks them."""
         ckpt.check_stored_model(path, self.model, self.mask_names)
-        # A fresh AdamW has no state to load into: DCP's helper makes it with one zero step of lr 0, whose
-        # sparsity post-hook (step count, perhaps a mask update) the loaded model and sparsity state then undo.
-        optimizer_state = get_optimizer_state_dict(self.model, self.optimizer)
+        # A fresh AdamW has no state to load into: DCP's helper makes it with one zero step of lr 0, which is no
+        # training step for the sparsity plug-in (sharded checkpoints come from backends with `fsdp`: MaskedSparsity).
+        with self.sparsifier.outside_schedule() if self.sparsifier else nullcontext():
+            optimizer_state = get_optimizer_state_dict(self.model, self.optimizer)
         model_state = get_model_state_dict(self.model)
         dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(path / ckpt.DCP_DIR))
         set_model_state_dict(self.model, model_state)
