@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -176,6 +177,23 @@ def test_two_rank_fsdp_checkpoint_resumes_in_one_process(tmp_path: Path, cache_d
         [float(two[str(s)]) for s in range(3, 7)], abs=1e-5
     )
     _assert_same_model(_weights(fsdp_run, 6), _weights(run_dir, 6), rtol=1e-4)
+
+
+@pytest.mark.distributed
+def test_a_corrupted_shard_stops_every_rank_naming_the_file(tmp_path: Path, cache_dir: Path, fsdp_run: Path) -> None:
+    """Rank 0 alone checks the checkpoint against its manifest and every rank stops with its error (no rank left
+    waiting in a collective): exit code 2 on each rank, the corrupted `.distcp` file named."""
+    run_dir = tmp_path / "corrupted"
+    shutil.copytree(fsdp_run, run_dir)
+    shard = sorted((ckpt.latest_checkpoint(run_dir) / "dcp").glob("*.distcp"))[-1]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    command = _command(run_dir, cache_dir, 2, *RIGL, FSDP, "task.max_steps=8", "task.resume=true")
+    done = run_command(command, timeout=300, env=ENV)
+    assert done.returncode != 0
+    assert re.findall(r"exitcode +: (-?\d+)", done.stderr) == ["2", "2"], done.stderr[-3000:]
+    assert f"{shard.name} is corrupted: its sha256 does not match" in done.stderr, done.stderr[-3000:]
 
 
 @pytest.mark.distributed

@@ -479,7 +479,7 @@ class TrainLoop:
         """Continue exactly from the run's newest checkpoint, refusing one whose config differs from this run's at
         any of `keys` (what fixes the meaning of the saved state); `hint` says how to start afresh instead."""
         path = ckpt.latest_checkpoint(self.run_dir)
-        ckpt.verify_checkpoint(path)
+        self._verify(path)
         saved, current = OmegaConf.create(ckpt.read_config(path)), OmegaConf.create(self.config_yaml)
         for key in keys:
             changed = first_difference(
@@ -526,6 +526,19 @@ class TrainLoop:
                 "task.max_steps to train further"
             )
         log.info("resumed from %s at step %d", path, self.step)
+
+    def _verify(self, path: Path) -> None:
+        """Check `path` against its checksum manifest once, on rank 0 (every file of a 7B checkpoint hashed by each of
+        8 ranks would read it 8 times), and raise the same `CheckpointError` on every rank if it fails."""
+        problem = None
+        if self.dist.is_main:
+            try:
+                ckpt.verify_checkpoint(path)
+            except CheckpointError as error:
+                problem = str(error)
+        problem = self.dist.broadcast(problem)
+        if problem is not None:
+            raise CheckpointError(problem)
 
     def _load_sharded(self, path: Path) -> dict:
         """Model and optimizer state of a sharded checkpoint, this rank's part of it (any number of ranks, or one
