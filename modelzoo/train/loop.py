@@ -57,7 +57,7 @@ from modelzoo.train.guards import NonFiniteGuard, training_tensors
 from modelzoo.train.identity import apply_optimizer_config, check_identity, first_difference, log_optimizer_changes
 from modelzoo.train.metrics import MetricsLogger
 from modelzoo.train.mfu import format_fraction, format_gib, mfu, peak_flops, take_peak_memory
-from modelzoo.train.parallel import DataParallel
+from modelzoo.train.parallel import Parallelism
 from modelzoo.train.rng import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -185,7 +185,7 @@ class TrainLoop:
         config_yaml: str,
         mask_names: list[str],
         identity: dict | None = None,
-        parallel: DataParallel | None = None,
+        parallel: Parallelism | None = None,
     ) -> None:
         """`identity`: what a resume must keep beyond the config (`modelzoo.train.identity`), None to check none;
         `parallel`: the data-parallel plug-in that already wrapped `model` into `forward` (None: one process)."""
@@ -193,7 +193,7 @@ class TrainLoop:
         self.backend, self.sparsifier, self.settings, self.dist = backend, sparsifier, settings, dist
         self.device, self.run_dir, self.config_yaml, self.mask_names = device, run_dir, config_yaml, mask_names
         self.accumulation = settings.batch_size // (settings.micro_batch_size * dist.world_size)
-        self.parallel = parallel or DataParallel()
+        self.parallel = parallel or Parallelism()
         self.forward = forward
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.sizes = {name: p.numel() for name, p in model.named_parameters()}  # elements of each parameter

@@ -1,6 +1,6 @@
 """Data parallelism plug-ins, chosen by `task.parallelism`: whole replicas (DDP) or sharded ones (FSDP2).
 
-The loop sees one small interface (`DataParallel`): the forward it calls, whether a micro-batch's backward
+The loop sees one small interface (`Parallelism`): the forward it calls, whether a micro-batch's backward
 synchronises gradients, what runs after the last backward of a step, and which checkpoint layout the run writes.
 
 - `ddp` (`Replicated`): `DistributedDataParallel`; gradients all-reduced once per step, on the last micro-batch.
@@ -36,8 +36,9 @@ from modelzoo.sparsity.shards import shard_like
 Forward = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
-class DataParallel:
-    """One process alone: the model's own forward, nothing to synchronise, whole-model checkpoints."""
+class Parallelism:
+    """How the loop runs data-parallel; this base is one process alone: the model's own forward, nothing to
+    synchronise, whole-model checkpoints."""
 
     sharded_checkpoints = False  # checkpoints written with torch.distributed.checkpoint (each rank its part)
 
@@ -59,7 +60,7 @@ class DataParallel:
         return None
 
 
-class Replicated(DataParallel):
+class Replicated(Parallelism):
     """DDP: a whole replica on each rank, gradients all-reduced on the step's last micro-batch."""
 
     def __init__(self) -> None:
@@ -74,7 +75,7 @@ class Replicated(DataParallel):
         return nullcontext() if last else self.replica.no_sync()
 
 
-class FullyShardedDP(DataParallel):
+class FullyShardedDP(Parallelism):
     """FSDP2 (module docstring); `after_backward` is given the sparsity plug-in's sharded-gradient masking."""
 
     sharded_checkpoints = True
@@ -134,9 +135,9 @@ def fsdp_problem() -> str | None:
 
 def data_parallel(
     parallelism: str, dist: Distributed, precision: str, mask_gradients: Callable[[], None] | None
-) -> DataParallel:
+) -> Parallelism:
     """The plug-in `task.parallelism` names (`ddp` or `fsdp`; `mask_gradients`: the sparsity plug-in's masking of
     sharded gradients); without torchrun `ddp` is one plain process."""
     if parallelism == "fsdp":
         return FullyShardedDP(dist, precision, mask_gradients)
-    return Replicated() if dist.enabled else DataParallel()
+    return Replicated() if dist.enabled else Parallelism()
