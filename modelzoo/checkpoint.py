@@ -108,7 +108,8 @@ def save_checkpoint(
             torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
         else:
             tmp = Path(shards.broadcast(str(tmp)))
-            dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp / DCP_DIR))
+            with one_process_dcp():
+                dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp / DCP_DIR))
         if main:
             torch.save(trainer_state, tmp / TRAINER_FILE)
             (tmp / CONFIG_FILE).write_text(config_yaml)
@@ -144,6 +145,15 @@ def weight_files(path: str | Path) -> tuple[str, ...]:
     return (DCP_DIR, CONFIG_FILE) if is_sharded(path) else WEIGHT_FILES
 
 
+@contextmanager
+def one_process_dcp() -> Iterator[None]:
+    """Silence DCP's notice that it saves or loads in one process (torch 2.4 has no `no_dist=`): a sharded run
+    without torchrun, and reading a sharded checkpoint whole, are meant to."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        yield
+
+
 def read_sharded_model(path: str | Path, keep: Callable[[str], bool] = lambda name: True) -> dict[str, torch.Tensor]:
     """The whole model tensors of a sharded checkpoint whose names `keep` accepts, read in this one process (any
     number of ranks wrote them)."""
@@ -154,8 +164,7 @@ def read_sharded_model(path: str | Path, keep: Callable[[str], bool] = lambda na
         if name.startswith("model.") and isinstance(meta, TensorStorageMetadata) and keep(name.removeprefix("model."))
     }
     state = {"model": tensors}
-    with warnings.catch_warnings():  # that it loads in one process: what this function is for
-        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+    with one_process_dcp():
         dcp.load(state, storage_reader=reader)
     return state["model"]
 

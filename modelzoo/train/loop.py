@@ -549,7 +549,8 @@ class TrainLoop:
         with self.sparsifier.outside_schedule() if self.sparsifier else nullcontext():
             optimizer_state = get_optimizer_state_dict(self.model, self.optimizer)
         model_state = get_model_state_dict(self.model)
-        dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(path / ckpt.DCP_DIR))
+        with ckpt.one_process_dcp():
+            dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(path / ckpt.DCP_DIR))
         set_model_state_dict(self.model, model_state)
         set_optimizer_state_dict(self.model, self.optimizer, optimizer_state)
         return ckpt.load_trainer_state(path)
